@@ -1,0 +1,197 @@
+"""Every record that crosses a process boundary, and nothing else.
+
+A wire message is a multipart frame list: frame 0 is one of the tagged structs below,
+msgpack-encoded (msgspec); frames 1..n are tensor bytes that ``Inline`` refs point at by
+index. One message carries every request or reply that was ready for one peer when its
+sender woke (see DESIGN.md, "The hot path"), so the batch records hold lists.
+
+Rules: add fields at the end with defaults; bump ``PROTOCOL_VERSION`` when a peer of the
+old version could not understand a message; structs are ``array_like`` so headers stay
+small and cheap to encode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+ParamValue = bool | int | float | str
+
+
+# --- tensor references ------------------------------------------------------------
+
+
+class Inline(msgspec.Struct, tag="i", array_like=True):
+    """The tensor's bytes are frame ``frame`` of the same message."""
+
+    frame: int
+
+
+class Shm(msgspec.Struct, tag="s", array_like=True):
+    """The tensor's bytes are in the system shared-memory object ``key`` (a name under
+    /dev/shm), at ``offset``, ``size`` bytes long."""
+
+    key: str
+    offset: int
+    size: int
+
+
+TensorRef = Inline | Shm
+
+
+class Tensor(msgspec.Struct, array_like=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    ref: TensorRef
+
+
+class Error(msgspec.Struct, array_like=True):
+    code: str  # errors.Code value
+    message: str
+
+
+# --- requests and replies -----------------------------------------------------------
+
+
+class Infer(msgspec.Struct, array_like=True):
+    """One inference request. ``rid`` is its sending frontend's id for it; the scheduler
+    fills ``sid`` (its own id, unique while in flight) and ``reply_to`` (the frontend's
+    reply endpoint) before handing it to a backend host."""
+
+    rid: int
+    model: str
+    version: str
+    inputs: list[Tensor]
+    outputs: list[str]
+    parameters: dict[str, ParamValue]
+    request_id: str = ""
+    sid: int = 0
+    reply_to: str = ""
+
+
+class InferReply(msgspec.Struct, array_like=True):
+    rid: int
+    model: str = ""
+    version: str = ""
+    outputs: list[Tensor] = []
+    error: Error | None = None
+
+
+# --- frontend <-> scheduler -------------------------------------------------------------
+
+
+class FrontendHello(msgspec.Struct, tag="fe_hello", array_like=True):
+    protocol: int
+    reply_endpoint: str  # where backend hosts send this frontend's replies
+
+
+class InferBatch(msgspec.Struct, tag="infer", array_like=True):
+    reply_to: str  # the sending frontend's reply endpoint
+    requests: list[Infer]
+
+
+QueryKind = Literal[
+    "server_ready",
+    "model_ready",
+    "model_metadata",
+    "model_config",
+    "repository_index",
+]
+
+
+class Query(msgspec.Struct, tag="query", array_like=True):
+    """A control-plane question to the scheduler; answered by one ``QueryReply``."""
+
+    qid: int
+    kind: QueryKind
+    model: str = ""
+    version: str = ""
+
+
+class QueryReply(msgspec.Struct, tag="query_reply", array_like=True):
+    qid: int
+    body: bytes = b""  # JSON document, as the protocol returns it
+    error: Error | None = None
+
+
+class ReplyBatch(msgspec.Struct, tag="replies", array_like=True):
+    """Replies for one frontend: from the backend host that ran them, or from the
+    scheduler for requests it refused or that died with their host."""
+
+    replies: list[InferReply]
+
+
+# --- scheduler <-> backend host -----------------------------------------------------------
+
+
+class HostHello(msgspec.Struct, tag="host_hello", array_like=True):
+    protocol: int
+    host_id: str
+    framework: str
+    pid: int
+    # Set by a Python instance process: the one instance it runs ("model", "version", index)
+    # and, if initialize() failed, why.
+    instance_of: tuple[str, str, int] | None = None
+    load_error: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag="hb", array_like=True):
+    host_id: str
+
+
+class LoadModel(msgspec.Struct, tag="load", array_like=True):
+    model: str
+    version: str
+    model_dir: str
+    config: bytes  # ModelConfig, serialized protobuf
+    instances: list[int]  # instance indexes this host must create
+
+
+class UnloadModel(msgspec.Struct, tag="unload", array_like=True):
+    model: str
+    version: str
+
+
+class LoadResult(msgspec.Struct, tag="load_result", array_like=True):
+    model: str
+    version: str
+    instances: list[int]  # indexes now running here (instances of other processes report themselves)
+    error: str = ""
+
+
+class Execution(msgspec.Struct, array_like=True):
+    """One batch for one model instance."""
+
+    model: str
+    version: str
+    instance: int
+    requests: list[Infer]
+
+
+class ExecuteBatch(msgspec.Struct, tag="exec", array_like=True):
+    executions: list[Execution]
+
+
+class Completion(msgspec.Struct, tag="done", array_like=True):
+    """The host finished these executions (replies already went to the frontends)."""
+
+    host_id: str
+    done: list[tuple[str, str, int, list[int]]]  # (model, version, instance, [sid...])
+
+
+SchedulerInbound = FrontendHello | InferBatch | Query | HostHello | Heartbeat | LoadResult | Completion
+FrontendInbound = ReplyBatch | QueryReply
+HostInbound = LoadModel | UnloadModel | ExecuteBatch
+
+
+def encoder() -> msgspec.msgpack.Encoder:
+    return msgspec.msgpack.Encoder()
+
+
+def decoder(kind: object) -> msgspec.msgpack.Decoder:
+    """One decoder per socket, typed with the union of what that socket may receive."""
+    return msgspec.msgpack.Decoder(kind)

@@ -1,0 +1,241 @@
+"""config.pbtxt -> ``ModelConfig`` protobuf (Triton's own schema), defaults, validation,
+and Triton's JSON renderings of config and metadata.
+
+The proto is the source of truth: parsed once with ``google.protobuf.text_format`` into
+``tritonclient.grpc.model_config_pb2.ModelConfig``, completed with Triton's defaults,
+then treated as frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from google.protobuf import descriptor, json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from despina.common import dtypes
+from despina.common.errors import invalid_arg
+
+ModelConfig = mc.ModelConfig
+
+# platform / backend spellings -> the framework of the backend host that runs them
+_PLATFORMS = {
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorrt_plan": "tensorrt",
+    "python": "python",
+}
+_BACKENDS = {"onnxruntime": "onnxruntime", "pytorch": "pytorch", "tensorrt": "tensorrt", "python": "python"}
+_DEFAULT_FILENAMES = {
+    "onnxruntime": "model.onnx",
+    "pytorch": "model.pt",
+    "tensorrt": "model.plan",
+    "python": "model.py",
+}
+_CANONICAL_PLATFORM = {
+    "onnxruntime": "onnxruntime_onnx",
+    "pytorch": "pytorch_libtorch",
+    "tensorrt": "tensorrt_plan",
+}
+FRAMEWORKS: tuple[str, ...] = tuple(_DEFAULT_FILENAMES)
+
+
+def parse_text(text: str, source: str = "config.pbtxt") -> ModelConfig:
+    config = ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise invalid_arg(f"failed to parse {source}: {exc}") from None
+    return config
+
+
+def load(model_dir: Path) -> ModelConfig:
+    """Read and complete ``<model_dir>/config.pbtxt``. Raises INVALID_ARG saying why."""
+    path = model_dir / "config.pbtxt"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise invalid_arg(
+            f"model '{model_dir.name}' has no config.pbtxt (auto-completing a missing "
+            "configuration is not supported yet)"
+        ) from None
+    config = parse_text(text, str(path))
+    complete(config, model_dir)
+    validate(config)
+    return config
+
+
+def framework_of(config: ModelConfig, model_dir: Path | None = None) -> str:
+    if config.backend:
+        try:
+            return _BACKENDS[config.backend]
+        except KeyError:
+            raise invalid_arg(
+                f"model '{config.name}': backend '{config.backend}' is not supported "
+                f"(supported: {', '.join(_BACKENDS)})"
+            ) from None
+    if config.platform:
+        try:
+            return _PLATFORMS[config.platform]
+        except KeyError:
+            raise invalid_arg(
+                f"model '{config.name}': platform '{config.platform}' is not supported "
+                f"(supported: {', '.join(_PLATFORMS)})"
+            ) from None
+    if model_dir is not None:
+        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            for framework, filename in _DEFAULT_FILENAMES.items():
+                if (version_dir / filename).exists():
+                    return framework
+    raise invalid_arg(
+        f"model '{config.name}': config.pbtxt names no backend or platform and no model "
+        "file tells which framework runs it"
+    )
+
+
+def complete(config: ModelConfig, model_dir: Path) -> None:
+    """Fill what Triton fills when a field is left out."""
+    if not config.name:
+        config.name = model_dir.name
+    elif config.name != model_dir.name:
+        raise invalid_arg(
+            f"model name '{config.name}' in config.pbtxt does not match its folder "
+            f"'{model_dir.name}'"
+        )
+    framework = framework_of(config, model_dir)
+    if framework == "python":
+        config.backend = "python"
+    else:
+        if not config.platform:
+            config.platform = _CANONICAL_PLATFORM[framework]
+        if not config.backend:
+            config.backend = framework
+    if not config.default_model_filename:
+        config.default_model_filename = _DEFAULT_FILENAMES[framework]
+    if not config.instance_group:
+        config.instance_group.add()
+    for i, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = f"{config.name}_{i}" if len(config.instance_group) > 1 else config.name
+        if group.count < 1:
+            group.count = 1
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+            group.kind = mc.ModelInstanceGroup.KIND_CPU
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+
+
+def validate(config: ModelConfig) -> None:
+    if config.max_batch_size < 0:
+        raise invalid_arg(f"model '{config.name}': max_batch_size must be >= 0")
+    seen: set[str] = set()
+    for io in list(config.input) + list(config.output):
+        if not io.name:
+            raise invalid_arg(f"model '{config.name}': an input or output has no name")
+        if io.data_type == mc.TYPE_INVALID:
+            raise invalid_arg(f"model '{config.name}': '{io.name}' has no data_type")
+        if any(d < -1 or d == 0 for d in io.dims) and not io.dims == [0]:
+            raise invalid_arg(
+                f"model '{config.name}': '{io.name}' has an invalid dimension in {list(io.dims)}"
+            )
+    for io in config.input:
+        if io.name in seen:
+            raise invalid_arg(f"model '{config.name}': input '{io.name}' is declared twice")
+        seen.add(io.name)
+
+
+def datatype(io: mc.ModelInput | mc.ModelOutput) -> str:
+    """Triton's protocol data type name (``FP32``) of a config input or output."""
+    return dtypes.from_config_type(mc.DataType.Name(io.data_type))
+
+
+def instance_count(config: ModelConfig) -> int:
+    return sum(group.count for group in config.instance_group)
+
+
+def available_versions(config: ModelConfig, model_dir: Path) -> list[str]:
+    """Version folders the version policy selects, as strings, newest first."""
+    versions = sorted(
+        (int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
+        reverse=True,
+    )
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        chosen = versions
+    elif which == "specific":
+        wanted = set(policy.specific.versions)
+        chosen = [v for v in versions if v in wanted]
+    else:
+        chosen = versions[: max(policy.latest.num_versions, 1)]
+    return [str(v) for v in chosen]
+
+
+# --- JSON renderings ---------------------------------------------------------------------
+
+_INT64_TYPES = {
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _ints_as_numbers(value: object, desc: descriptor.Descriptor) -> object:
+    """json_format writes 64-bit integers as strings; Triton writes numbers."""
+    if not isinstance(value, dict):
+        return value
+    for key, item in value.items():
+        field = desc.fields_by_name.get(key)
+        if field is None:
+            continue
+        if field.message_type is not None:
+            if field.message_type.GetOptions().map_entry:
+                value_field = field.message_type.fields_by_name["value"]
+                if value_field.message_type is not None:
+                    for k in item:
+                        item[k] = _ints_as_numbers(item[k], value_field.message_type)
+            elif isinstance(item, list):
+                value[key] = [_ints_as_numbers(x, field.message_type) for x in item]
+            else:
+                value[key] = _ints_as_numbers(item, field.message_type)
+        elif field.type in _INT64_TYPES:
+            value[key] = [int(x) for x in item] if isinstance(item, list) else int(item)
+    return value
+
+
+def to_json_dict(config: ModelConfig) -> dict:
+    raw = json_format.MessageToDict(
+        config,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    return _ints_as_numbers(raw, config.DESCRIPTOR)  # type: ignore[return-value]
+
+
+def config_json(config: ModelConfig) -> bytes:
+    return orjson.dumps(to_json_dict(config))
+
+
+def metadata_json(config: ModelConfig, versions: list[str]) -> bytes:
+    """The KServe v2 model metadata document (``GET /v2/models/{name}``)."""
+    batch = [-1] if config.max_batch_size > 0 else []
+
+    def tensors(items: object) -> list[dict]:
+        return [
+            {"name": io.name, "datatype": datatype(io), "shape": batch + [int(d) for d in io.dims]}
+            for io in items  # type: ignore[attr-defined]
+        ]
+
+    platform = config.platform or config.backend
+    return orjson.dumps(
+        {
+            "name": config.name,
+            "versions": versions,
+            "platform": platform,
+            "inputs": tensors(config.input),
+            "outputs": tensors(config.output),
+        }
+    )

@@ -1,0 +1,185 @@
+"""ZeroMQ sockets driven from the asyncio event loop, with no ``await`` per message.
+
+``SocketDriver`` registers the socket's file descriptor with ``loop.add_reader``; on each
+wake it drains every ready message with ``NOBLOCK`` and hands the whole burst to one
+callback. ZeroMQ's FD is edge-triggered and a send can consume the edge, so after every
+send (and after each burst) ``EVENTS`` is checked again and a drain re-scheduled if input
+is waiting. ``Outbox`` gathers what a wake produced and flushes it once per loop
+iteration, so each peer gets one message per wake (DESIGN.md, "The hot path").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+Frames = list  # list of bytes | memoryview | zmq.Frame
+
+# Large frames are sent without a copy; below this a copy is cheaper than the
+# bookkeeping (measured in DESIGN.md: copy=False pays only above ~64 KiB).
+ZERO_COPY_THRESHOLD = 64 * 1024
+
+HEARTBEAT_OPTIONS = {
+    # libzmq's own heartbeats run on its I/O thread, so they keep flowing while Python is
+    # busy; they drop a TCP connection to a peer that vanished without closing it.
+    zmq.HEARTBEAT_IVL: 1000,
+    zmq.HEARTBEAT_TIMEOUT: 5000,
+}
+
+
+def make_context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def configure(sock: zmq.Socket) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    for opt, value in HEARTBEAT_OPTIONS.items():
+        sock.setsockopt(opt, value)
+    return sock
+
+
+class SocketDriver:
+    """Owns one socket's reading side on the loop; sends go through ``send``.
+
+    ``on_burst`` receives a list of multipart messages (each a list of frames) and must
+    not block for long. Not thread-safe: use from the loop's thread only.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_burst: Callable[[list[list]], None] | None,
+        *,
+        copy: bool = True,
+        max_burst: int = 1024,
+    ) -> None:
+        self.sock = sock
+        self._on_burst = on_burst
+        self._copy = copy
+        self._max_burst = max_burst
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self._closed = False
+        if on_burst is not None:
+            self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+            # Messages may already be queued before the reader was added.
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        if self._closed or self._on_burst is None:
+            return
+        sock = self.sock
+        burst: list[list] = []
+        try:
+            while len(burst) < self._max_burst:
+                burst.append(sock.recv_multipart(zmq.NOBLOCK, copy=self._copy))
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM or self._closed:
+                return
+            raise
+        if burst:
+            try:
+                self._on_burst(burst)
+            except Exception:
+                log.exception("handler failed on a burst of %d messages", len(burst))
+        self._recheck()
+
+    def _recheck(self) -> None:
+        if self._on_burst is not None and not self._closed:
+            try:
+                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._schedule()
+            except zmq.ZMQError:
+                pass
+
+    def send(self, frames: Frames) -> bool:
+        """Send one multipart message without blocking; False when it could not be queued
+        (peer gone or high-water mark reached): the caller decides what that means."""
+        copy = all(
+            not isinstance(f, memoryview) or f.nbytes < ZERO_COPY_THRESHOLD for f in frames
+        )
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("send failed: %s", exc)
+            return False
+        finally:
+            self._recheck()
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._on_burst is not None:
+            try:
+                self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            except Exception:
+                pass
+        self.sock.close(linger=linger_ms)
+
+
+class FrameList:
+    """Builds the frame list of one outgoing message: frame 0 is the header, added last."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: list = [b""]
+
+    def add(self, buf: bytes | memoryview) -> int:
+        self.frames.append(buf)
+        return len(self.frames) - 1
+
+    def finish(self, header: bytes) -> list:
+        self.frames[0] = header
+        return self.frames
+
+
+class Outbox:
+    """Collects items per peer during one loop iteration and flushes them together.
+
+    ``flush`` is called with ``{peer: [items...]}`` once, soon after the first ``put``.
+    """
+
+    def __init__(self, flush: Callable[[dict], None]) -> None:
+        self._flush_cb = flush
+        self._pending: dict = {}
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+
+    def put(self, peer: object, item: object) -> None:
+        items = self._pending.get(peer)
+        if items is None:
+            self._pending[peer] = [item]
+        else:
+            items.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        if pending:
+            try:
+                self._flush_cb(pending)
+            except Exception:
+                log.exception("outbox flush failed")

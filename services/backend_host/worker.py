@@ -1,0 +1,399 @@
+"""The backend host's loop: batches in -> numpy views -> instance.execute -> outputs out.
+
+A backend host connects a DEALER socket to the scheduler, receives ``ExecuteBatch``
+messages, runs each execution on its model instance and sends the replies straight to
+the frontends that asked (one message per frontend per wake), then reports completions
+to the scheduler in one message. A heartbeat thread with its own socket keeps the host
+known to be alive while a long execution holds the loop.
+
+Instances run on the loop's thread when the host has a single instance (no thread hop),
+otherwise each instance has a thread of its own so instances run side by side (ONNX
+Runtime and PyTorch release the GIL while they compute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import zmq
+from tritonclient.grpc import model_config_pb2 as mc
+
+from despina.common import dtypes, transport
+from despina.common import messages as m
+from despina.common.errors import Code, ServerError, internal
+from despina.common.shm.arena import ShmMapper
+from despina.services.backend_host.backend import (
+    Backend,
+    ExecRequest,
+    ExecResponse,
+    InstanceSpec,
+    ModelInstance,
+)
+
+log = logging.getLogger("despina.backend_host")
+
+HEARTBEAT_INTERVAL_S = 0.2
+
+
+@dataclass(eq=False)
+class LoadedInstance:
+    instance: ModelInstance
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
+    """One spec per instance index, with the kind and device of its instance group."""
+    config = mc.ModelConfig()
+    config.ParseFromString(load.config)
+    placements: list[tuple[str, int]] = []
+    for group in config.instance_group:
+        kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+        gpus = list(group.gpus) or [0]
+        for i in range(group.count):
+            placements.append((kind, gpus[i % len(gpus)]))
+    return [
+        InstanceSpec(
+            model_name=load.model,
+            version=load.version,
+            model_dir=Path(load.model_dir),
+            config=config,
+            instance_index=index,
+            kind=placements[index][0] if index < len(placements) else "KIND_CPU",
+            device_id=placements[index][1] if index < len(placements) else 0,
+        )
+        for index in load.instances
+    ]
+
+
+class HeartbeatThread(threading.Thread):
+    """Tells the scheduler this host lives, from its own socket and thread."""
+
+    def __init__(self, endpoint: str, host_id: str, watch_parent: int | None = None) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.endpoint = endpoint
+        self.host_id = host_id
+        self.watch_parent = watch_parent
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        ctx = transport.make_context()
+        sock = transport.configure(ctx.socket(zmq.DEALER))
+        sock.setsockopt(zmq.IDENTITY, f"{self.host_id}/hb".encode())
+        sock.connect(self.endpoint)
+        payload = m.encoder().encode(m.Heartbeat(self.host_id))
+        try:
+            while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
+                if self.watch_parent is not None and os.getppid() != self.watch_parent:
+                    log.error("parent process is gone; exiting")
+                    os._exit(1)
+                try:
+                    sock.send(payload, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            sock.close(linger=0)
+
+
+class BackendHost:
+    """Runs model instances for one framework. All methods run on the loop's thread
+    except the instance executions handed to executors."""
+
+    def __init__(
+        self,
+        scheduler_endpoint: str,
+        framework: str,
+        backend: Backend | None,
+        *,
+        host_id: str | None = None,
+        instance_of: tuple[str, str, int] | None = None,
+        watch_parent: int | None = None,
+    ) -> None:
+        self.scheduler_endpoint = scheduler_endpoint
+        self.framework = framework
+        self.backend = backend
+        self.host_id = host_id or f"{framework}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.instance_of = instance_of
+        self.instances: dict[tuple[str, str, int], LoadedInstance] = {}
+        self.mapper = ShmMapper(capacity=16)
+        self._encode = m.encoder().encode
+        self._decode = m.decoder(m.HostInbound).decode
+        self._ctx = transport.make_context()
+        self._reply_sockets: dict[str, transport.SocketDriver] = {}
+        self._heartbeat = HeartbeatThread(scheduler_endpoint, self.host_id, watch_parent)
+        self._stopping = asyncio.Event()
+        self._inflight = 0
+        self._driver: transport.SocketDriver | None = None
+        self._outbox: transport.Outbox | None = None
+        # Extra control handlers (the Python launcher overrides loading).
+        self.on_load: Callable[[m.LoadModel], None] | None = None
+        self.on_unload: Callable[[m.UnloadModel], None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, load_error: str = "") -> None:
+        sock = transport.configure(self._ctx.socket(zmq.DEALER))
+        sock.setsockopt(zmq.IDENTITY, self.host_id.encode())
+        sock.connect(self.scheduler_endpoint)
+        self._driver = transport.SocketDriver(sock, self._on_burst)
+        self._outbox = transport.Outbox(self._flush)
+        self._heartbeat.start()
+        self._driver.send(
+            [
+                self._encode(
+                    m.HostHello(
+                        m.PROTOCOL_VERSION,
+                        self.host_id,
+                        self.framework,
+                        os.getpid(),
+                        self.instance_of,
+                        load_error,
+                    )
+                )
+            ]
+        )
+        log.info("backend host %s (%s) connected to %s", self.host_id, self.framework, self.scheduler_endpoint)
+        await self._stopping.wait()
+        await self._drain()
+        self._heartbeat.stopped.set()
+        for key in list(self.instances):
+            self._unload_instance(key)
+        for driver in self._reply_sockets.values():
+            driver.close(linger_ms=500)
+        # Let the last messages (a load error, final completions) reach the scheduler.
+        self._driver.close(linger_ms=500)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _drain(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # --- inbound ------------------------------------------------------------------------
+
+    def _on_burst(self, burst: list[list]) -> None:
+        for frames in burst:
+            try:
+                msg = self._decode(frames[0])
+            except msgspec.DecodeError as exc:
+                log.warning("dropping an undecodable message: %s", exc)
+                continue
+            if isinstance(msg, m.ExecuteBatch):
+                for execution in msg.executions:
+                    self._start(execution, frames)
+            elif isinstance(msg, m.LoadModel):
+                if self.on_load is not None:
+                    self.on_load(msg)
+                else:
+                    asyncio.get_running_loop().create_task(self._load(msg))
+            elif isinstance(msg, m.UnloadModel):
+                if self.on_unload is not None:
+                    self.on_unload(msg)
+                for key in [k for k in self.instances if k[:2] == (msg.model, msg.version)]:
+                    self._unload_instance(key)
+
+    # --- loading ----------------------------------------------------------------------------
+
+    async def _load(self, msg: m.LoadModel) -> None:
+        assert self.backend is not None
+        loop = asyncio.get_running_loop()
+        loaded: list[int] = []
+        error = ""
+        try:
+            for spec in instance_specs(msg):
+                instance = await loop.run_in_executor(None, self.backend.load, spec)
+                self.instances[(msg.model, msg.version, spec.instance_index)] = LoadedInstance(instance)
+                loaded.append(spec.instance_index)
+        except ServerError as exc:
+            error = exc.message
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("loading '%s' failed:\n%s", msg.model, traceback.format_exc())
+        if error:
+            for index in loaded:
+                self._unload_instance((msg.model, msg.version, index))
+            loaded = []
+        self._rebalance_threads()
+        assert self._driver is not None
+        self._driver.send([self._encode(m.LoadResult(msg.model, msg.version, loaded, error))])
+        if not error:
+            log.info("loaded '%s' version %s: %d instance(s)", msg.model, msg.version, len(loaded))
+
+    def add_instance(self, key: tuple[str, str, int], instance: ModelInstance) -> None:
+        self.instances[key] = LoadedInstance(instance)
+        self._rebalance_threads()
+
+    def _rebalance_threads(self) -> None:
+        """A lone instance runs on the loop; several get one thread each."""
+        threaded = len(self.instances) > 1
+        for key, li in self.instances.items():
+            if threaded and li.executor is None:
+                li.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{key[0]}_{key[2]}")
+            elif not threaded and li.executor is not None:
+                li.executor.shutdown(wait=False)
+                li.executor = None
+
+    def _unload_instance(self, key: tuple[str, str, int]) -> None:
+        li = self.instances.pop(key, None)
+        if li is None:
+            return
+        try:
+            li.instance.unload()
+        except Exception:
+            log.exception("unloading %s failed", key)
+        if li.executor is not None:
+            li.executor.shutdown(wait=False)
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def _start(self, execution: m.Execution, frames: list) -> None:
+        li = self.instances.get((execution.model, execution.version, execution.instance))
+        if li is None:
+            self._finish(
+                execution,
+                None,
+                ServerError(Code.UNAVAILABLE, f"model '{execution.model}' instance {execution.instance} is not loaded on this host"),
+            )
+            return
+        try:
+            requests = [self._exec_request(req, frames) for req in execution.requests]
+        except ServerError as exc:
+            self._finish(execution, None, exc)
+            return
+        self._inflight += 1
+        if li.executor is None:
+            self._finish(execution, *_run(li.instance, requests), started=True)
+        else:
+            future = asyncio.get_running_loop().run_in_executor(li.executor, _run, li.instance, requests)
+            future.add_done_callback(lambda f: self._finish(execution, *f.result(), started=True))
+
+    def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
+        inputs = {}
+        for tensor in req.inputs:
+            ref = tensor.ref
+            if isinstance(ref, m.Inline):
+                buf = frames[ref.frame]
+            else:
+                buf = self.mapper.view(ref.key, ref.offset, ref.size)
+            inputs[tensor.name] = to_array(tensor.datatype, tensor.shape, buf)
+        return ExecRequest(req.request_id, inputs, req.outputs, dict(req.parameters))
+
+    def _finish(
+        self,
+        execution: m.Execution,
+        responses: list[ExecResponse] | None,
+        batch_error: ServerError | None,
+        started: bool = False,
+    ) -> None:
+        if started:
+            self._inflight -= 1
+        assert self._outbox is not None
+        for i, req in enumerate(execution.requests):
+            if batch_error is not None:
+                reply = (m.InferReply(req.rid, req.model, req.version, [], m.Error(batch_error.code.value, batch_error.message)), [])
+            else:
+                assert responses is not None
+                reply = encode_response(req, responses[i])
+            self._outbox.put(req.reply_to, reply)
+        self._outbox.put(
+            None,
+            (execution.model, execution.version, execution.instance, [r.sid for r in execution.requests]),
+        )
+
+    def _flush(self, pending: dict) -> None:
+        assert self._driver is not None
+        done = pending.pop(None, None)
+        for endpoint, replies in pending.items():
+            frames = transport.FrameList()
+            records = []
+            for reply, buffers in replies:
+                for tensor, buf in zip(reply.outputs, buffers):
+                    tensor.ref = m.Inline(frames.add(buf))
+                records.append(reply)
+            driver = self._reply_socket(endpoint)
+            if not driver.send(frames.finish(self._encode(m.ReplyBatch(records)))):
+                log.warning("could not send %d replies to %s", len(records), endpoint)
+        if done:
+            self._driver.send([self._encode(m.Completion(self.host_id, done))])
+
+    def _reply_socket(self, endpoint: str) -> transport.SocketDriver:
+        driver = self._reply_sockets.get(endpoint)
+        if driver is None:
+            sock = transport.configure(self._ctx.socket(zmq.PUSH))
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.connect(endpoint)
+            driver = transport.SocketDriver(sock, None)
+            self._reply_sockets[endpoint] = driver
+        return driver
+
+
+def _run(instance: ModelInstance, requests: list[ExecRequest]) -> tuple[list[ExecResponse] | None, ServerError | None]:
+    """Execute one batch; any failure becomes data for the replies."""
+    try:
+        responses = instance.execute(requests)
+    except ServerError as exc:
+        return None, exc
+    except Exception as exc:
+        log.error("execution failed:\n%s", traceback.format_exc())
+        return None, internal(f"{type(exc).__name__}: {exc}")
+    if len(responses) != len(requests):
+        return None, internal(
+            f"the model returned {len(responses)} responses for {len(requests)} requests"
+        )
+    return responses, None
+
+
+def to_array(datatype: str, shape: list[int], buf: bytes | memoryview) -> np.ndarray:
+    """A numpy view over tensor bytes (a parsed copy for BYTES)."""
+    if datatype == "BYTES":
+        return dtypes.deserialize_bytes(buf, dtypes.element_count(shape)).reshape(shape)
+    return np.frombuffer(buf, dtype=dtypes.to_numpy(datatype)).reshape(shape)
+
+
+def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply, list]:
+    if response.error is not None:
+        err = response.error
+        return m.InferReply(req.rid, req.model, req.version, [], m.Error(err.code.value, err.message)), []
+    tensors: list[m.Tensor] = []
+    buffers: list = []
+    wanted = req.outputs
+    try:
+        for name, value in response.outputs.items():
+            if wanted and name not in wanted:
+                continue
+            arr = np.asarray(value)
+            datatype = dtypes.from_numpy(arr.dtype)
+            if datatype == "BYTES":
+                buf: bytes | memoryview = dtypes.serialize_bytes(arr)
+            else:
+                buf = memoryview(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+            tensors.append(m.Tensor(name, datatype, [int(d) for d in arr.shape], m.Inline(0)))
+            buffers.append(buf)
+    except ServerError as exc:
+        return m.InferReply(req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)), []
+    missing = [n for n in wanted if n not in response.outputs]
+    if missing:
+        return (
+            m.InferReply(
+                req.rid,
+                req.model,
+                req.version,
+                [],
+                m.Error(Code.INTERNAL.value, f"the model did not produce requested output(s) {missing}"),
+            ),
+            [],
+        )
+    return m.InferReply(req.rid, req.model, req.version, tensors), buffers

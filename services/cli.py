@@ -1,0 +1,63 @@
+"""The ``despina`` command: ``serve`` (everything on one machine) or one service alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: despina <command> [flags]
+
+commands:
+  serve          start the scheduler, a frontend and the backend hosts the model
+                 repository needs (tritonserver's flags; the embedded default)
+  scheduler      run the scheduler service alone
+  frontend       run one HTTP frontend alone
+  backend-host   run one backend host alone (--framework onnxruntime|pytorch|python|tensorrt)
+
+'despina <command> --help' describes each command's flags.
+"""
+
+
+def serve(argv: list[str]) -> int:
+    from despina.common.logs import setup_logging
+    from despina.services.flags import add_triton_flags, report_ignored
+    from despina.services.supervisor import Supervisor
+
+    parser = argparse.ArgumentParser(
+        prog="despina serve",
+        description="Serve a Triton model repository. Takes tritonserver's flags.",
+        allow_abbrev=False,
+    )
+    add_triton_flags(parser)
+    group = parser.add_argument_group("Despina flags")
+    group.add_argument("--frontends", type=int, default=1, help="number of HTTP frontend processes")
+    args = parser.parse_args(argv)
+    setup_logging("serve", args.log_verbose)
+    report_ignored(args)
+    import uvloop
+
+    return uvloop.run(Supervisor(args).run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        sys.exit(serve(rest))
+    if command == "scheduler":
+        from despina.services.scheduler.__main__ import main as run
+    elif command == "frontend":
+        from despina.services.frontend.__main__ import main as run
+    elif command == "backend-host":
+        from despina.services.backend_host.__main__ import main as run
+    else:
+        print(f"despina: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    run(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``despina frontend``: run one protocol frontend (compose, or under ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from despina.common.logs import setup_logging
+from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.http.app import build_app
+from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD, SchedulerClient
+
+log = logging.getLogger("despina.frontend")
+
+EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint")
+    parser.add_argument(
+        "--reply-endpoint",
+        default="tcp://0.0.0.0:8011",
+        help="ZeroMQ endpoint this frontend binds for replies from backend hosts",
+    )
+    parser.add_argument(
+        "--advertise-endpoint",
+        default=None,
+        help="the reply endpoint as backend hosts reach it (default: --reply-endpoint)",
+    )
+    parser.add_argument("--http-address", default="0.0.0.0")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--reuse-port", action="store_true", help="share the HTTP port with sibling frontends")
+    parser.add_argument("--inline-threshold", type=int, default=DEFAULT_INLINE_THRESHOLD)
+    parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    client = SchedulerClient(
+        args.scheduler,
+        args.reply_endpoint,
+        inline_threshold=args.inline_threshold,
+    )
+    if args.advertise_endpoint:
+        client.reply_endpoint = args.advertise_endpoint
+    try:
+        await client.start()
+    except Exception as exc:
+        log.error("could not set up the scheduler connection: %s", exc)
+        return EXIT_CONFIG
+    plane = DataPlane(client)
+    runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("could not listen for HTTP on %s:%d: %s", args.http_address, args.http_port, exc)
+        client.close()
+        return EXIT_CONFIG
+    log.info("Started HTTPService at %s:%d", args.http_address, args.http_port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    # Drain: stop taking connections, let in-flight requests finish, then close.
+    await site.stop()
+    deadline = time.monotonic() + args.exit_timeout_secs
+    while client.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if client.inflight:
+        log.warning("exit timeout reached with %d request(s) in flight", client.inflight)
+    await runner.cleanup()
+    client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="despina frontend", allow_abbrev=False)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging("frontend", args.log_verbose)
+    import uvloop
+
+    sys.exit(uvloop.run(amain(args)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

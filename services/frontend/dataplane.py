@@ -1,0 +1,62 @@
+"""Protocol-neutral operations that both the HTTP and gRPC frontends call.
+
+Handlers decode their protocol into ``inference`` records, call one method here, and
+encode what comes back; errors are ``ServerError`` and are mapped to a status only at
+the protocol edge.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from despina.common.errors import ServerError
+from despina.services.frontend.inference import InferenceRequest, InferenceResult
+from despina.services.frontend.scheduler_client import SchedulerClient
+
+SERVER_NAME = "despina"
+SERVER_VERSION = "0.1.0"
+# Triton protocol extensions that work today; the list grows with each feature.
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters", "model_repository"]
+
+
+class DataPlane:
+    def __init__(self, client: SchedulerClient) -> None:
+        self.client = client
+        self._server_metadata = orjson.dumps(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        )
+
+    @staticmethod
+    def live() -> bool:
+        return True
+
+    async def ready(self) -> bool:
+        try:
+            await self.client.query("server_ready")
+        except ServerError:
+            return False
+        return True
+
+    def server_metadata(self) -> bytes:
+        return self._server_metadata
+
+    async def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            await self.client.query("model_ready", model, version)
+        except ServerError:
+            return False
+        return True
+
+    async def model_metadata(self, model: str, version: str = "") -> bytes:
+        return await self.client.query("model_metadata", model, version)
+
+    async def model_config(self, model: str, version: str = "") -> bytes:
+        return await self.client.query("model_config", model, version)
+
+    async def repository_index(self) -> bytes:
+        return await self.client.query("repository_index")
+
+    async def infer(self, request: InferenceRequest) -> InferenceResult:
+        result: InferenceResult = await self.client.infer(request)
+        result.id = request.id
+        return result

@@ -1,0 +1,691 @@
+"""KServe v2 JSON and Triton's binary tensor extension <-> the protocol-neutral records.
+
+Pure functions, no I/O and no aiohttp: the routes hand over the request body and the
+``Inference-Header-Content-Length`` header, and get back an ``InferenceRequest``; they
+hand over an ``InferenceResult`` and get back the response body and that header. Every
+malformed request raises ``ServerError(INVALID_ARG)`` naming the input or field to fix
+(recoverable: only that request fails); an inconsistent result from a backend raises
+``ServerError(INTERNAL)``. All functions are stateless and safe across tasks and threads.
+
+Where Triton's behaviour and its protocol document disagree, this module follows
+Triton's ``http_server.cc``, which is what ``tritonclient`` is tested against:
+
+- The request parameter ``binary_data_output`` applies only to outputs the request did
+  not list (all of them when it lists none); a listed output is binary only when its own
+  ``binary_data`` says so.
+- ``Inference-Header-Content-Length: 0`` asks Triton for a "raw binary" request (the
+  whole body is the one input's bytes); Despina does not support it and says so.
+
+Deliberately more lenient than Triton: FP16 and BF16 tensors may travel as JSON numbers
+(Triton refuses both ways); BF16 is rounded to nearest even from the float32 value.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+
+from despina.common import dtypes
+from despina.common.errors import Code, ServerError, internal, invalid_arg
+from despina.services.frontend.inference import (
+    InferenceRequest,
+    InferenceResult,
+    InputTensor,
+    OutputRequest,
+    ParamValue,
+)
+
+HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
+
+_LEN = struct.Struct("<I")
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+# datatype -> (numpy dtype, item size); BYTES has item size 0 and an object dtype.
+_TYPES: dict[str, tuple[np.dtype, int]] = {
+    name: (dtypes.to_numpy(name), dtypes.item_size(name)) for name in dtypes.TRITON_TYPES
+}
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max))
+    for name, (dt, _) in _TYPES.items()
+    if dt.kind in "iu" and name != "BF16"
+}
+_FLOAT32 = np.dtype(np.float32)
+_UINT16 = np.dtype(np.uint16)
+_UINT32 = np.dtype(np.uint32)
+_BOOL = np.dtype(np.bool_)
+
+# Request parameters whose JSON type Triton checks at the HTTP edge.
+_SEQUENCE_FLAGS = ("sequence_start", "sequence_end")
+_UINT_REQUEST_PARAMS = ("priority", "timeout")
+_SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
+
+
+# -- request ------------------------------------------------------------------------
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as an int, None when absent.
+
+    Raises INVALID_ARG when the value is not a non-negative decimal integer.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise invalid_arg(
+            f"unable to parse {HEADER_LENGTH_HEADER}, got: '{value}'; it must be the "
+            "byte length of the JSON part of the body as a non-negative integer"
+        )
+    return int(text)
+
+
+def decode_infer_request(
+    body: bytes | bytearray | memoryview, header_length: int | None, model: str, version: str
+) -> InferenceRequest:
+    """Decode an inference request body into an ``InferenceRequest``.
+
+    ``header_length`` is the parsed ``Inference-Header-Content-Length`` (None when the
+    header is absent and the whole body is JSON). Binary input data stays a zero-copy
+    ``memoryview`` slice of ``body``, so the caller keeps ``body`` alive and unmodified
+    for as long as the request is in use. JSON input data is converted to raw
+    little-endian bytes (BYTES to the length-prefixed form).
+
+    Raises INVALID_ARG for anything malformed, UNSUPPORTED for a raw binary request
+    (header length 0). Only that request fails.
+    """
+    total = len(body)
+    if header_length is None:
+        json_part: bytes | bytearray | memoryview = body
+        view = None
+    else:
+        if header_length == 0:
+            raise ServerError(
+                Code.UNSUPPORTED,
+                f"raw binary requests ({HEADER_LENGTH_HEADER}: 0) are not supported; "
+                "send a JSON header and give each binary input a 'binary_data_size'",
+            )
+        if header_length < 0 or header_length > total:
+            raise invalid_arg(
+                f"inference header size should be in range (0, {total}], got: "
+                f"{header_length}; {HEADER_LENGTH_HEADER} must not exceed the body length"
+            )
+        view = memoryview(body)
+        json_part = view[:header_length] if header_length < total else body
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as e:
+        raise invalid_arg(f"failed to parse the request JSON buffer: {e.msg} at {e.pos}") from None
+    if type(doc) is not dict:
+        raise invalid_arg(
+            f"the request JSON must be an object with an 'inputs' array, got {_json_type(doc)}"
+        )
+
+    request_id = doc.get("id", "")
+    if type(request_id) is not str:
+        raise invalid_arg(
+            f"unable to parse 'id': it must be a string, got {_json_type(request_id)}"
+        )
+
+    parameters: dict[str, ParamValue] = {}
+    binary_output = False
+    params_json = doc.get("parameters")
+    if params_json is not None:
+        parameters, binary_output = _request_parameters(params_json)
+
+    inputs_json = doc.get("inputs")
+    if type(inputs_json) is not list:
+        raise invalid_arg(
+            "unable to parse 'inputs': the request needs an 'inputs' array, "
+            f"got {_json_type(inputs_json) if 'inputs' in doc else 'none'}"
+        )
+    offset = total if header_length is None else header_length
+    inputs: list[InputTensor] = []
+    seen: set[str] = set()
+    for index, item in enumerate(inputs_json):
+        tensor, size = _decode_input(item, index, view, offset, total)
+        if tensor.name in seen:
+            raise invalid_arg(f"input '{tensor.name}' is given more than once")
+        seen.add(tensor.name)
+        offset += size
+        inputs.append(tensor)
+    if offset != total:
+        raise invalid_arg(
+            f"unexpected additional input data for model '{model}': {total - offset} bytes "
+            "follow the last binary input; each binary input's 'binary_data_size' must "
+            "cover exactly its bytes"
+        )
+
+    outputs_json = doc.get("outputs")
+    outputs = [] if outputs_json is None else _decode_outputs(outputs_json)
+
+    return InferenceRequest(
+        model=model,
+        version=version,
+        id=request_id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=parameters,
+        binary_output=binary_output,
+    )
+
+
+def _decode_input(
+    item: object, index: int, view: memoryview | None, offset: int, total: int
+) -> tuple[InputTensor, int]:
+    """One entry of 'inputs' -> (tensor, bytes of binary data it consumed at ``offset``)."""
+    if type(item) is not dict:
+        raise invalid_arg(
+            f"unable to parse input {index}: it must be an object, got {_json_type(item)}"
+        )
+    name = item.get("name")
+    if type(name) is not str:
+        raise invalid_arg(f"unable to parse 'name' of input {index}: it needs a 'name' string")
+    datatype = item.get("datatype")
+    if type(datatype) is not str:
+        raise invalid_arg(
+            f"unable to parse 'datatype' of input '{name}': it needs a 'datatype' string"
+        )
+    spec = _TYPES.get(datatype)
+    if spec is None:
+        raise invalid_arg(
+            f"input '{name}' has unknown datatype '{datatype}'; expected one of "
+            + ", ".join(dtypes.TRITON_TYPES)
+        )
+    shape = item.get("shape")
+    if type(shape) is not list:
+        raise invalid_arg(f"unable to parse 'shape' of input '{name}': it needs a 'shape' array")
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise invalid_arg(
+                f"unable to parse 'shape' of input '{name}': dimensions must be "
+                f"non-negative integers, got {_show(shape)}"
+            )
+        count *= dim
+
+    params_json = item.get("parameters")
+    if params_json is None:
+        parameters: dict[str, ParamValue] = {}
+        binary_size = None
+    else:
+        parameters, binary_size = _input_parameters(params_json, name)
+    has_data = "data" in item
+    has_region = "shared_memory_region" in parameters
+    if has_data + (binary_size is not None) + has_region != 1:
+        given = [
+            label
+            for label, present in (
+                ("'data'", has_data),
+                ("'binary_data_size'", binary_size is not None),
+                ("'shared_memory_region'", has_region),
+            )
+            if present
+        ]
+        raise invalid_arg(
+            f"input '{name}' must set exactly one of 'data', 'binary_data_size' in "
+            "'parameters' or 'shared_memory_region' in 'parameters', but "
+            + ("sets none" if not given else "sets " + " and ".join(given))
+        )
+
+    data: bytes | memoryview | None = None
+    size = 0
+    item_size = spec[1]
+    if binary_size is not None:
+        if view is None:
+            raise invalid_arg(
+                f"input '{name}' sets 'binary_data_size' but the request has no "
+                f"{HEADER_LENGTH_HEADER} header; binary inputs need it to find where "
+                "the JSON ends"
+            )
+        if item_size and binary_size != count * item_size:
+            raise invalid_arg(
+                f"unexpected total byte size {binary_size} for input '{name}', expecting "
+                f"{count * item_size} ({count} {datatype} elements of shape {_show(shape)})"
+            )
+        end = offset + binary_size
+        if end > total:
+            raise invalid_arg(
+                f"unexpected size for input '{name}': 'binary_data_size' is {binary_size} "
+                f"but only {total - offset} bytes of binary data remain in the body"
+            )
+        data = view[offset:end]
+        size = binary_size
+        if not item_size:
+            _check_bytes_elements(data, count, name, shape)
+    elif has_data:
+        data = _json_data_to_bytes(item["data"], datatype, spec[0], count, name, shape)
+    return InputTensor(name, datatype, shape, data, parameters), size
+
+
+def _request_parameters(params_json: object) -> tuple[dict[str, ParamValue], bool]:
+    """Request 'parameters' -> (pass-through parameters, binary_data_output)."""
+    if type(params_json) is not dict:
+        raise invalid_arg(
+            f"unable to parse 'parameters': it must be an object, got {_json_type(params_json)}"
+        )
+    binary_output = False
+    out: dict[str, ParamValue] = {}
+    for key, value in params_json.items():
+        if key == "binary_data_output":
+            if type(value) is not bool:
+                raise invalid_arg(
+                    f"unable to parse 'binary_data_output': it must be true or false, got {_show(value)}"
+                )
+            binary_output = value
+            continue
+        if key.startswith("triton_"):
+            raise invalid_arg(
+                f"parameter '{key}': keys starting with 'triton_' are reserved for Triton "
+                "usage and should not be specified"
+            )
+        if key == "sequence_id":
+            if not (type(value) is str or (type(value) is int and value >= 0)):
+                raise invalid_arg(
+                    "unable to parse 'sequence_id': it must be a non-negative integer or a "
+                    f"string, got {_show(value)}"
+                )
+        elif key in _SEQUENCE_FLAGS:
+            if type(value) is not bool:
+                raise invalid_arg(
+                    f"unable to parse '{key}': it must be true or false, got {_show(value)}"
+                )
+        elif key in _UINT_REQUEST_PARAMS:
+            if type(value) is not int or value < 0:
+                raise invalid_arg(
+                    f"unable to parse '{key}': it must be a non-negative integer, got {_show(value)}"
+                )
+        elif not _is_scalar(value):
+            raise invalid_arg(
+                f"parameter '{key}' has invalid type {_json_type(value)}; it should be an "
+                "int, float, bool or string"
+            )
+        out[key] = value
+    return out, binary_output
+
+
+def _input_parameters(params_json: object, name: str) -> tuple[dict[str, ParamValue], int | None]:
+    """An input's 'parameters' -> (parameters without binary_data_size, binary_data_size)."""
+    if type(params_json) is not dict:
+        raise invalid_arg(
+            f"unable to parse 'parameters' of input '{name}': it must be an object, "
+            f"got {_json_type(params_json)}"
+        )
+    binary_size = None
+    out: dict[str, ParamValue] = {}
+    for key, value in params_json.items():
+        if key == "binary_data_size":
+            if type(value) is not int or value < 0:
+                raise invalid_arg(
+                    f"unable to parse 'binary_data_size' of input '{name}': it must be a "
+                    f"non-negative integer, got {_show(value)}"
+                )
+            binary_size = value
+            continue
+        _check_io_parameter(key, value, "input", name)
+        out[key] = value
+    return out, binary_size
+
+
+def _decode_outputs(outputs_json: object) -> list[OutputRequest]:
+    if type(outputs_json) is not list:
+        raise invalid_arg(
+            f"unable to parse 'outputs': it must be an array, got {_json_type(outputs_json)}"
+        )
+    outputs = []
+    for index, item in enumerate(outputs_json):
+        if type(item) is not dict:
+            raise invalid_arg(
+                f"unable to parse output {index}: it must be an object, got {_json_type(item)}"
+            )
+        name = item.get("name")
+        if type(name) is not str:
+            raise invalid_arg(f"unable to parse 'name' of output {index}: it needs a 'name' string")
+        binary = False
+        parameters: dict[str, ParamValue] = {}
+        params_json = item.get("parameters")
+        if params_json is not None:
+            if type(params_json) is not dict:
+                raise invalid_arg(
+                    f"unable to parse 'parameters' of output '{name}': it must be an object, "
+                    f"got {_json_type(params_json)}"
+                )
+            for key, value in params_json.items():
+                if key == "binary_data":
+                    if type(value) is not bool:
+                        raise invalid_arg(
+                            f"unable to parse 'binary_data' of output '{name}': it must be "
+                            f"true or false, got {_show(value)}"
+                        )
+                    binary = value
+                    continue
+                if key == "classification":
+                    if type(value) is not int or value < 0:
+                        raise invalid_arg(
+                            f"unable to parse 'classification' of output '{name}': it must be "
+                            f"a non-negative integer, got {_show(value)}"
+                        )
+                else:
+                    _check_io_parameter(key, value, "output", name)
+                parameters[key] = value
+            if "shared_memory_region" in parameters:
+                if "classification" in parameters:
+                    raise invalid_arg(
+                        f"output '{name}' can't set both 'shared_memory_region' and "
+                        "'classification'"
+                    )
+                if binary:
+                    raise invalid_arg(
+                        f"output '{name}' can't set both 'shared_memory_region' and 'binary_data'"
+                    )
+        outputs.append(OutputRequest(name, binary, parameters))
+    return outputs
+
+
+def _check_io_parameter(key: str, value: object, role: str, name: str) -> None:
+    if key == "shared_memory_region":
+        if type(value) is not str:
+            raise invalid_arg(
+                f"unable to parse 'shared_memory_region' of {role} '{name}': it must be a "
+                f"string, got {_show(value)}"
+            )
+    elif key in _SHM_UINT_PARAMS:
+        if type(value) is not int or value < 0:
+            raise invalid_arg(
+                f"unable to parse '{key}' of {role} '{name}': it must be a non-negative "
+                f"integer, got {_show(value)}"
+            )
+    elif not _is_scalar(value):
+        raise invalid_arg(
+            f"parameter '{key}' of {role} '{name}' has invalid type {_json_type(value)}; it "
+            "should be an int, float, bool or string"
+        )
+
+
+def _json_data_to_bytes(
+    data: object, datatype: str, dtype: np.dtype, count: int, name: str, shape: list[int]
+) -> bytes:
+    """JSON 'data' (flat or nested, any nesting) -> raw element bytes."""
+    if type(data) is not list:
+        raise invalid_arg(
+            f"unable to parse 'data' of input '{name}': it must be an array, got {_json_type(data)}"
+        )
+    if datatype == "BYTES":
+        return _json_strings_to_bytes(data, count, name, shape)
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError):
+        # Ragged nesting: Triton only counts elements, whatever the nesting.
+        array = np.asarray(_flatten(data))
+    if array.size != count:
+        raise _count_error(name, count, shape, array.size)
+    if count == 0:
+        return b""
+    kind = array.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b":
+            raise _values_error(name, datatype, "true or false")
+        return array.tobytes()
+    limits = _INT_RANGES.get(datatype)
+    if limits is not None:
+        if kind not in "iu":
+            # numpy infers float64 or object for ints beyond int64 mixed with others.
+            return _python_ints_to_bytes(data, datatype, dtype, limits, name)
+        if array.dtype != dtype:
+            if int(array.min()) < limits[0] or int(array.max()) > limits[1]:
+                raise _values_error(name, datatype, f"integers from {limits[0]} to {limits[1]}")
+            array = array.astype(dtype)
+        return array.tobytes()
+    if kind not in "iuf":
+        raise _values_error(name, datatype, "numbers")
+    # Finite JSON numbers beyond FP16/FP32 range become inf, as a C cast would make them.
+    with np.errstate(over="ignore"):
+        if datatype == "BF16":
+            return _float_to_bf16(array.astype(_FLOAT32)).tobytes()
+        return array.astype(dtype, copy=False).tobytes()
+
+
+def _python_ints_to_bytes(
+    data: list, datatype: str, dtype: np.dtype, limits: tuple[int, int], name: str
+) -> bytes:
+    """Slow path for integer data numpy could not infer as integers."""
+    flat = _flatten(data)
+    if not all(type(x) is int for x in flat) or min(flat) < limits[0] or max(flat) > limits[1]:
+        raise _values_error(name, datatype, f"integers from {limits[0]} to {limits[1]}")
+    return np.array(flat, dtype=dtype).tobytes()
+
+
+def _json_strings_to_bytes(data: list, count: int, name: str, shape: list[int]) -> bytes:
+    flat = _flatten(data) if any(type(x) is list for x in data) else data
+    if len(flat) != count:
+        raise _count_error(name, count, shape, len(flat))
+    for element in flat:
+        if type(element) is not str:
+            raise invalid_arg(
+                f"unable to parse 'data' of input '{name}': BYTES elements must be JSON "
+                f"strings, got {_json_type(element)}; send raw bytes as binary data"
+            )
+    array = np.empty(count, dtype=np.object_)
+    array[:] = flat
+    return dtypes.serialize_bytes(array)
+
+
+def _check_bytes_elements(data: memoryview, count: int, name: str, shape: list[int]) -> None:
+    """Walk the length prefixes of a binary BYTES input: it must hold exactly ``count``."""
+    pos, end, found = 0, len(data), 0
+    while pos < end:
+        if pos + 4 > end:
+            raise invalid_arg(
+                f"malformed BYTES data for input '{name}': the length of element {found} is "
+                "cut off; each element is a 4-byte little-endian length, then its bytes"
+            )
+        (length,) = _LEN.unpack_from(data, pos)
+        pos += 4 + length
+        if pos > end:
+            raise invalid_arg(
+                f"malformed BYTES data for input '{name}': element {found} declares {length} "
+                f"bytes, past the end of the input's {end} bytes"
+            )
+        found += 1
+    if found != count:
+        raise invalid_arg(
+            f"unexpected number of string elements {found} for input '{name}', expecting "
+            f"{count} for shape {_show(shape)}"
+        )
+
+
+def _float_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounding to nearest even (JSON holds no NaN)."""
+    bits = values.view(_UINT32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(_UINT16)
+
+
+def _flatten(data: list) -> list:
+    """Elements of arbitrarily nested lists in row-major order (no recursion limit)."""
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for element in stack[-1]:
+            if type(element) is list:
+                stack.append(iter(element))
+                break
+            out.append(element)
+        else:
+            stack.pop()
+    return out
+
+
+def _count_error(name: str, expected: int, shape: list[int], got: int) -> ServerError:
+    return invalid_arg(
+        f"unexpected number of elements for input '{name}': expected {expected} "
+        f"(shape {_show(shape)}), got {got} in 'data'"
+    )
+
+
+def _values_error(name: str, datatype: str, wanted: str) -> ServerError:
+    return invalid_arg(
+        f"unable to parse 'data' of input '{name}': {datatype} elements must be {wanted}"
+    )
+
+
+def _is_scalar(value: object) -> bool:
+    return type(value) in (str, int, float, bool)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is bool:
+        return "a boolean"
+    if type(value) in (int, float):
+        return "a number"
+    if type(value) is str:
+        return "a string"
+    if type(value) is list:
+        return "an array"
+    return "an object"
+
+
+def _show(value: object) -> str:
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- response -----------------------------------------------------------------------
+
+
+def encode_infer_response(
+    result: InferenceResult, request: InferenceRequest
+) -> tuple[bytes, int | None]:
+    """Encode a result as (body, Inference-Header-Content-Length or None).
+
+    The header length is None when every output travels as JSON. An output is binary
+    when its ``OutputRequest`` says ``binary``, or, if the request did not list it,
+    when the request asked for ``binary_output``. Binary outputs follow the JSON in
+    output order, copied once into the body. An output requested into a shared-memory
+    region carries neither data nor size: the data plane has already written it.
+
+    BYTES elements are returned as JSON strings when they are valid UTF-8; an output
+    holding any element that is not is sent as binary data instead (with its
+    ``binary_data_size``), since a JSON string cannot carry it losslessly and clients
+    such as tritonclient read either form.
+
+    Raises INTERNAL when an output's bytes do not match its shape and datatype.
+    """
+    requested = {o.name: o for o in request.outputs} if request.outputs else None
+    outputs_json = []
+    blobs: list[bytes | memoryview] = []
+    any_binary = False
+    for output in result.outputs:
+        wanted = requested.get(output.name) if requested is not None else None
+        if wanted is None:
+            binary, in_shm = request.binary_output, False
+        else:
+            binary, in_shm = wanted.binary, "shared_memory_region" in wanted.parameters
+        entry: dict[str, object] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": output.shape,
+        }
+        if not in_shm:
+            if not binary:
+                values = _output_json_data(output.name, output.datatype, output.shape, output.data)
+                if values is None:
+                    binary = True
+                else:
+                    entry["data"] = values
+            if binary:
+                size = _nbytes(output.data)
+                _check_output_size(output.name, output.datatype, output.shape, size)
+                entry["parameters"] = {"binary_data_size": size}
+                any_binary = True
+                if size:
+                    blobs.append(output.data)
+        outputs_json.append(entry)
+
+    doc: dict[str, object] = {"model_name": result.model, "model_version": result.version}
+    if request.id:
+        doc["id"] = request.id
+    if result.parameters:
+        doc["parameters"] = result.parameters
+    doc["outputs"] = outputs_json
+    try:
+        header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    except orjson.JSONEncodeError as e:
+        raise internal(
+            f"failed to encode the response JSON for model '{result.model}': {e}"
+        ) from None
+    if not any_binary:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _output_json_data(
+    name: str, datatype: str, shape: list[int], data: bytes | memoryview
+) -> np.ndarray | list[str] | None:
+    """Flat JSON-ready values of one output; None for BYTES that are not valid UTF-8."""
+    spec = _TYPES.get(datatype)
+    if spec is None:
+        raise internal(f"output '{name}' has unknown datatype '{datatype}'")
+    if datatype == "BYTES":
+        return _bytes_to_strings(name, shape, data)
+    _check_output_size(name, datatype, shape, _nbytes(data))
+    if datatype == "BF16":
+        widened = np.frombuffer(data, dtype=_UINT16).astype(_UINT32) << 16
+        return widened.view(_FLOAT32)
+    return np.frombuffer(data, dtype=spec[0])
+
+
+def _bytes_to_strings(name: str, shape: list[int], data: bytes | memoryview) -> list[str] | None:
+    count = dtypes.element_count(shape)
+    view = data.cast("B") if type(data) is memoryview else data
+    strings: list[str] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        if pos + 4 > end:
+            raise _bytes_output_error(name, shape, count, end)
+        (length,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + length > end:
+            raise _bytes_output_error(name, shape, count, end)
+        try:
+            strings.append(str(view[pos : pos + length], "utf-8"))
+        except UnicodeDecodeError:
+            return None
+        pos += length
+    if len(strings) != count:
+        raise _bytes_output_error(name, shape, count, end)
+    return strings
+
+
+def _bytes_output_error(name: str, shape: list[int], count: int, size: int) -> ServerError:
+    return internal(
+        f"output tensor shape does not match size of output for '{name}': shape "
+        f"{_show(shape)} needs {count} length-prefixed BYTES elements, which its {size} "
+        "bytes do not hold"
+    )
+
+
+def _check_output_size(name: str, datatype: str, shape: list[int], size: int) -> None:
+    spec = _TYPES.get(datatype)
+    if spec is None:
+        raise internal(f"output '{name}' has unknown datatype '{datatype}'")
+    if spec[1] and size != spec[1] * dtypes.element_count(shape):
+        raise internal(
+            f"output tensor shape does not match size of output for '{name}': shape "
+            f"{_show(shape)} of {datatype} needs {spec[1] * dtypes.element_count(shape)} "
+            f"bytes, got {size}"
+        )
+
+
+def _nbytes(data: bytes | bytearray | memoryview) -> int:
+    return data.nbytes if type(data) is memoryview else len(data)
+
+
+def encode_error(message: str) -> bytes:
+    """The HTTP error body Triton sends and tritonclient reads: ``{"error": message}``."""
+    return orjson.dumps({"error": message})

@@ -1,0 +1,60 @@
+"""The protocol-neutral inference request and result that both frontends speak.
+
+The HTTP and gRPC adapters decode into these records and encode from them; the data
+plane (``dataplane.py``) and the scheduler client know nothing of either protocol.
+Tensor bytes are raw little-endian element bytes; BYTES tensors hold their
+length-prefixed serialized form (``common.dtypes.serialize_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ParamValue = bool | int | float | str
+
+
+@dataclass(slots=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    # Raw bytes (None when the tensor lives in a client shared-memory region named in
+    # ``parameters``: shared_memory_region / _offset / _byte_size).
+    data: bytes | memoryview | None
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutputRequest:
+    name: str
+    binary: bool = False  # HTTP binary_data; ignored by gRPC (always raw)
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    model: str
+    version: str  # "" lets the version policy choose
+    id: str
+    inputs: list[InputTensor]
+    # Empty means "every output of the model", each encoded with ``binary_output``.
+    outputs: list[OutputRequest]
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    binary_output: bool = False  # HTTP "binary_data_output" request parameter
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: bytes | memoryview
+
+
+@dataclass(slots=True)
+class InferenceResult:
+    model: str
+    version: str
+    id: str
+    outputs: list[OutputTensor]
+    parameters: dict[str, ParamValue] = field(default_factory=dict)

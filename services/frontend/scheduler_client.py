@@ -1,0 +1,221 @@
+"""The frontend's one client of the scheduler: requests out, replies in.
+
+Requests go to the scheduler over a DEALER socket, gathered into one ``InferBatch`` per
+loop iteration. Replies come straight from the backend hosts to this frontend's PULL
+socket (and from the scheduler for refused requests). Each pending request is a future
+keyed by a frontend-local id. Input tensors at or above ``inline_threshold`` bytes are
+written once into this frontend's shared-memory arena and sent as ``Shm`` refs; the
+arena block is released when the request's reply (or error) arrives, which is after the
+backend host is done reading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+import msgspec
+import zmq
+
+from despina.common import messages as m
+from despina.common import transport
+from despina.common.errors import Code, ServerError, unavailable
+from despina.common.shm.arena import ShmArena
+from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
+
+log = logging.getLogger("despina.frontend")
+
+DEFAULT_INLINE_THRESHOLD = 64 * 1024
+QUERY_TIMEOUT_S = 10.0
+
+
+class SchedulerClient:
+    """Not thread-safe: one per frontend process, used from its loop."""
+
+    def __init__(
+        self,
+        scheduler_endpoint: str,
+        reply_endpoint: str,
+        *,
+        inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
+        arena_segment_size: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.scheduler_endpoint = scheduler_endpoint
+        self.reply_endpoint = reply_endpoint
+        self.inline_threshold = inline_threshold
+        self.arena = ShmArena(f"despina_fe_{os.getpid()}_{uuid.uuid4().hex[:6]}", arena_segment_size)
+        self._pending: dict[int, tuple[asyncio.Future, list[tuple[str, int]]]] = {}
+        self._queries: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self._encode = m.encoder().encode
+        self._decode = m.decoder(m.FrontendInbound).decode
+        self._to_scheduler: transport.SocketDriver | None = None
+        self._replies: transport.SocketDriver | None = None
+        self._outbox: transport.Outbox | None = None
+
+    async def start(self) -> None:
+        ctx = transport.make_context()
+        dealer = transport.configure(ctx.socket(zmq.DEALER))
+        dealer.connect(self.scheduler_endpoint)
+        pull = transport.configure(ctx.socket(zmq.PULL))
+        pull.bind(self.reply_endpoint)
+        self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
+        self._replies = transport.SocketDriver(pull, self._on_burst, copy=False)
+        self._outbox = transport.Outbox(self._flush)
+        self._to_scheduler.send([self._encode(m.FrontendHello(m.PROTOCOL_VERSION, self.reply_endpoint))])
+
+    def close(self) -> None:
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(unavailable("the frontend is shutting down"))
+        self._pending.clear()
+        if self._to_scheduler is not None:
+            self._to_scheduler.close()
+        if self._replies is not None:
+            self._replies.close()
+        self.arena.close()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def infer(self, request: InferenceRequest) -> asyncio.Future:
+        """Queue ``request``; the future resolves to an ``InferenceResult`` or raises
+        ``ServerError``. Raises ServerError at once for what can be refused here."""
+        rid = self._next_id
+        self._next_id += 1
+        tensors: list[m.Tensor] = []
+        buffers: list = []
+        blocks: list[tuple[str, int]] = []
+        try:
+            for tensor in request.inputs:
+                data = tensor.data
+                if data is None:
+                    raise ServerError(
+                        Code.UNSUPPORTED,
+                        f"input '{tensor.name}' names a shared-memory region; client shared "
+                        "memory is not supported yet",
+                    )
+                size = len(data) if isinstance(data, bytes) else data.nbytes
+                if size >= self.inline_threshold:
+                    key, offset, view = self.arena.allocate(size)
+                    blocks.append((key, offset))
+                    view[:size] = data
+                    ref: m.TensorRef = m.Shm(key, offset, size)
+                    buffers.append(None)
+                else:
+                    ref = m.Inline(0)
+                    buffers.append(data)
+                tensors.append(m.Tensor(tensor.name, tensor.datatype, tensor.shape, ref))
+        except BaseException:
+            for key, offset in blocks:
+                self.arena.release(key, offset)
+            raise
+        wire = m.Infer(
+            rid,
+            request.model,
+            request.version,
+            tensors,
+            [o.name for o in request.outputs],
+            request.parameters,
+            request.id,
+        )
+        # A client that goes away cancels this future; the entry stays until the reply
+        # comes, so the arena blocks are released only once the backend is done with them.
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, blocks)
+        assert self._outbox is not None
+        self._outbox.put(None, (wire, buffers))
+        return fut
+
+    async def query(self, kind: m.QueryKind, model: str = "", version: str = "") -> bytes:
+        qid = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._queries[qid] = fut
+        assert self._to_scheduler is not None
+        self._to_scheduler.send([self._encode(m.Query(qid, kind, model, version))])
+        try:
+            return await asyncio.wait_for(fut, QUERY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise unavailable("the scheduler did not answer in time") from None
+        finally:
+            self._queries.pop(qid, None)
+
+    # --- wire -----------------------------------------------------------------------------
+
+    def _flush(self, pending: dict) -> None:
+        items = pending[None]
+        frames = transport.FrameList()
+        requests = []
+        for wire, buffers in items:
+            for tensor, buf in zip(wire.inputs, buffers):
+                if buf is not None:
+                    tensor.ref = m.Inline(frames.add(buf))
+            requests.append(wire)
+        assert self._to_scheduler is not None
+        header = self._encode(m.InferBatch(self.reply_endpoint, requests))
+        if not self._to_scheduler.send(frames.finish(header)):
+            for wire in requests:
+                self._resolve_error(wire.rid, unavailable("the scheduler is not reachable"))
+
+    def _on_burst(self, burst: list[list]) -> None:
+        for frames in burst:
+            head = frames[0]
+            try:
+                msg = self._decode(head if isinstance(head, bytes) else head.buffer)
+            except msgspec.DecodeError as exc:
+                log.warning("dropping an undecodable message: %s", exc)
+                continue
+            if isinstance(msg, m.ReplyBatch):
+                for reply in msg.replies:
+                    self._on_reply(reply, frames)
+            elif isinstance(msg, m.QueryReply):
+                fut = self._queries.get(msg.qid)
+                if fut is not None and not fut.done():
+                    if msg.error is None:
+                        fut.set_result(msg.body)
+                    else:
+                        fut.set_exception(ServerError(Code(msg.error.code), msg.error.message))
+
+    def _on_reply(self, reply: m.InferReply, frames: list) -> None:
+        entry = self._pending.pop(reply.rid, None)
+        if entry is None:
+            return
+        fut, blocks = entry
+        for key, offset in blocks:
+            self.arena.release(key, offset)
+        if fut.done():
+            return
+        if reply.error is not None:
+            fut.set_exception(ServerError(Code(reply.error.code), reply.error.message))
+            return
+        outputs = []
+        for t in reply.outputs:
+            ref = t.ref
+            if isinstance(ref, m.Inline):
+                frame = frames[ref.frame]
+                data = frame if isinstance(frame, bytes) else (
+                    frame.bytes if len(frame) < transport.ZERO_COPY_THRESHOLD else frame.buffer
+                )
+            else:
+                fut.set_exception(
+                    ServerError(Code.INTERNAL, f"output '{t.name}' came back in shared memory, which this frontend does not map yet")
+                )
+                return
+            outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))
+        fut.set_result(InferenceResult(reply.model, reply.version, "", outputs))
+
+    def _resolve_error(self, rid: int, exc: ServerError) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        fut, blocks = entry
+        for key, offset in blocks:
+            self.arena.release(key, offset)
+        if not fut.done():
+            fut.set_exception(exc)

@@ -1,0 +1,50 @@
+"""``despina scheduler``: run the scheduler service alone (compose, or under ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from despina.common.errors import ServerError
+from despina.common.logs import setup_logging
+from despina.services.scheduler.server import SchedulerServer
+
+log = logging.getLogger("despina.scheduler")
+EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", "--model-store", dest="model_repository", action="append", required=True)
+    parser.add_argument("--endpoint", default="tcp://0.0.0.0:8010", help="ZeroMQ endpoint to bind")
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    try:
+        server = SchedulerServer(args.endpoint, [Path(p) for p in args.model_repository])
+    except ServerError as exc:
+        log.error("%s", exc.message)
+        return EXIT_CONFIG
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    await server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="despina scheduler", allow_abbrev=False)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging("scheduler", args.log_verbose)
+    import uvloop
+
+    sys.exit(uvloop.run(amain(args)))
+
+
+if __name__ == "__main__":
+    main()

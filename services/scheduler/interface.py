@@ -1,0 +1,51 @@
+"""The small protocol every per-model scheduler satisfies (default, dynamic batcher,
+sequence batcher, ensemble), and the records they pass around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from despina.common import messages as m
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One model instance on one backend host. ``busy`` counts requests in flight on it."""
+
+    host_identity: bytes
+    model: str
+    version: str
+    index: int
+    busy: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A request the scheduler holds: where it came from and its inline tensor bytes
+    (aligned with ``request.inputs``; None for shared-memory refs)."""
+
+    frontend: bytes
+    request: m.Infer
+    buffers: list = field(default_factory=list)
+
+
+class ModelScheduler(Protocol):
+    def enqueue(self, pending: Pending) -> None: ...
+
+    def next_batches(self) -> list[tuple[Slot, list[Pending]]]:
+        """Pair queued requests with free instances; the caller sends them."""
+        ...
+
+    def completed(self, slot: Slot, count: int) -> None: ...
+
+    def add_slot(self, slot: Slot) -> None: ...
+
+    def remove_slots(self, host_identity: bytes) -> list[Slot]: ...
+
+    def drain_queue(self) -> list[Pending]:
+        """Take every queued request out (to fail them)."""
+        ...
+
+    @property
+    def slot_count(self) -> int: ...

@@ -1,0 +1,209 @@
+"""``despina serve``: the embedded default. One command starts the scheduler, the
+frontend(s) and one backend host per framework the repository needs, supervises them
+(restarting any that dies), and on SIGINT/SIGTERM drains in-flight requests and stops
+every child.
+
+The children talk over ``ipc://`` sockets in a private runtime folder; each is the same
+program compose runs as a container (``despina scheduler|frontend|backend-host``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from despina.common import model_config
+from despina.common.errors import ServerError
+
+log = logging.getLogger("despina.serve")
+
+EXIT_CONFIG = 78
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in each child before exec: the kernel sends SIGTERM if the supervisor dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass(eq=False)
+class Child:
+    name: str
+    argv: list[str]
+    order: int  # stop order: lower stops first
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+
+def frameworks_needed(repositories: list[Path]) -> list[str]:
+    """Frameworks of the models in the repositories; a model whose config is broken is
+    skipped here (the scheduler reports it)."""
+    found: set[str] = set()
+    for root in repositories:
+        if not root.is_dir():
+            continue
+        for path in root.iterdir():
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            try:
+                config = model_config.load(path)
+                found.add(model_config.framework_of(config, path))
+            except (ServerError, OSError):
+                continue
+    return sorted(found)
+
+
+class Supervisor:
+    def __init__(self, args) -> None:  # args: the parsed ``serve`` namespace
+        self.args = args
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="despina-"))
+        self.children: list[Child] = []
+        self.stopping = False
+        self.exit_code = 0
+
+    def plan(self) -> None:
+        args = self.args
+        py = [sys.executable, "-m"]
+        verbose = ["--log-verbose", str(args.log_verbose)]
+        scheduler = f"ipc://{self.runtime_dir}/scheduler"
+        repos: list[str] = []
+        for repo in args.model_repository:
+            repos += ["--model-repository", str(Path(repo).resolve())]
+        self.children.append(
+            Child("scheduler", py + ["despina.services.scheduler", "--endpoint", scheduler, *repos, *verbose], order=2)
+        )
+        for framework in frameworks_needed([Path(p) for p in args.model_repository]):
+            self.children.append(
+                Child(
+                    f"backend-{framework}",
+                    py + ["despina.services.backend_host", "--framework", framework, "--scheduler", scheduler, *verbose],
+                    order=1,
+                )
+            )
+        if args.allow_http:
+            for i in range(args.frontends):
+                self.children.append(
+                    Child(
+                        f"frontend-{i}",
+                        py
+                        + [
+                            "despina.services.frontend",
+                            "--scheduler", scheduler,
+                            "--reply-endpoint", f"ipc://{self.runtime_dir}/frontend-{i}",
+                            "--http-address", args.http_address,
+                            "--http-port", str(args.http_port),
+                            "--exit-timeout-secs", str(args.exit_timeout_secs),
+                            *(["--reuse-port"] if args.frontends > 1 else []),
+                            *verbose,
+                        ],
+                        order=0,
+                    )
+                )
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    async def run(self) -> int:
+        self.plan()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop)
+        for child in self.children:
+            self._spawn(child)
+        announce = asyncio.create_task(self._announce_when_ready())
+        try:
+            while not self.stopping:
+                await asyncio.sleep(0.1)
+                self._check_children()
+        finally:
+            announce.cancel()
+            await self._stop_all()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return self.exit_code
+
+    def _request_stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping: draining in-flight requests (up to %.0fs)", self.args.exit_timeout_secs)
+        self.stopping = True
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code = child.proc.returncode
+            if code == EXIT_CONFIG:
+                log.error("%s cannot start with these settings (see its log above); stopping", child.name)
+                self.exit_code = 1
+                self.stopping = True
+                return
+            now = time.monotonic()
+            child.history = [t for t in child.history if now - t < 30] + [now]
+            if len(child.history) > 5:
+                log.error("%s keeps exiting (%d times in 30s); stopping", child.name, len(child.history))
+                self.exit_code = 1
+                self.stopping = True
+                return
+            log.error("%s (pid %d) exited with %s; restarting it", child.name, child.proc.pid, code)
+            child.restarts += 1
+            self._spawn(child)
+
+    async def _announce_when_ready(self) -> None:
+        if not self.args.allow_http:
+            return
+        host = "127.0.0.1" if self.args.http_address in ("0.0.0.0", "::") else self.args.http_address
+        url = f"http://{host}:{self.args.http_port}/v2/health/ready"
+        while True:
+            await asyncio.sleep(0.05)
+            try:
+                status = await asyncio.to_thread(_http_status, url)
+            except OSError:
+                continue
+            if status == 200:
+                print(
+                    f"Despina is ready: HTTP on {self.args.http_address}:{self.args.http_port}, "
+                    f"model repository {', '.join(self.args.model_repository)}",
+                    flush=True,
+                )
+                return
+
+    async def _stop_all(self) -> None:
+        """Frontends first (they drain), then backend hosts, then the scheduler."""
+        deadline = time.monotonic() + self.args.exit_timeout_secs + 5
+        for order in sorted({c.order for c in self.children}):
+            group = [c for c in self.children if c.order == order and c.proc and c.proc.poll() is None]
+            for child in group:
+                child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            for child in group:
+                while child.proc.poll() is None and time.monotonic() < deadline:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.02)
+                if child.proc.poll() is None:  # type: ignore[union-attr]
+                    log.warning("%s did not stop in time; killing it", child.name)
+                    child.proc.kill()  # type: ignore[union-attr]
+                    child.proc.wait()  # type: ignore[union-attr]
+        log.info("all services stopped")
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
