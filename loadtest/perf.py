@@ -244,7 +244,7 @@ def build_body(
         }
         return _dumps(doc), {"Content-Type": "application/json"}
     raws = [_raw_bytes(s, a) for s, a in tensors]
-    doc = {
+    header_doc: dict[str, list[dict[str, object]]] = {
         "inputs": [
             {
                 "name": s.name,
@@ -256,7 +256,7 @@ def build_body(
         ],
         "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in output_names],
     }
-    header = _dumps(doc)
+    header = _dumps(header_doc)
     headers = {
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
@@ -343,6 +343,7 @@ class _Worker:
         self.first_error: str | None = None
         self.fatal: asyncio.Future[str] = loop.create_future()
         self.conns: list[_Connection] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks only weakly
 
     def grow(self) -> None:
         self.lat.extend(array("q", bytes(8 * len(self.lat))))
@@ -369,7 +370,14 @@ class _Worker:
         self.conns.append(conn)
         return conn
 
-    async def reconnect(self) -> None:
+    def replace(self, lost: _Connection) -> None:
+        """Swap a lost connection for a new one (retrying every 100 ms until stopped)."""
+        self.conns.remove(lost)
+        task = self.loop.create_task(self._reconnect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self) -> None:
         while not self.stopped:
             try:
                 conn = await self.connect()
@@ -460,9 +468,8 @@ class _Connection(asyncio.Protocol):
         w = self._w
         if w.stopped:
             return
-        w.conns.remove(self)
         w.note_error(f"connection lost: {exc or 'closed by server'}")
-        w.loop.create_task(w.reconnect())
+        w.replace(self)
 
 
 async def _drive(pipe, target: Target, request: bytes, nconn: int, warmup_ns: int, dur_ns: int):

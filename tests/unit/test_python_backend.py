@@ -575,7 +575,9 @@ def test_default_model_filename_and_sibling_imports(tmp_path, load):
         "helper_abs.py": "def scale(x):\n    return x * 10\n",
         "helper_rel.py": "OFFSET = 1\n",
     }
-    instance = load(write_model(tmp_path, "siblings", model, config, filename="scaler.py", extra=extra))
+    instance = load(
+        write_model(tmp_path, "siblings", model, config, filename="scaler.py", extra=extra)
+    )
 
     (response,) = instance.execute([request({"IN": fp32(1, 2)})])
 
@@ -584,7 +586,12 @@ def test_default_model_filename_and_sibling_imports(tmp_path, load):
 
 def test_finalize_runs_on_unload(tmp_path):
     marker = tmp_path / "finalized.txt"
-    config = SIMPLE_CONFIG + 'parameters {{ key: "marker" value {{ string_value: "' + str(marker) + '" }} }}\n'
+    config = (
+        SIMPLE_CONFIG
+        + 'parameters {{ key: "marker" value {{ string_value: "'
+        + str(marker)
+        + '" }} }}\n'
+    )
     model = """
     import json
 
@@ -767,7 +774,10 @@ def test_bytes_codec_round_trip():
 
     encoded = pb_utils.serialize_byte_tensor(array)
 
-    assert encoded == b"\x01\x00\x00\x00a\x00\x00\x00\x00\x03\x00\x00\x00\x00bc\x03\x00\x00\x00d\xc3\xa9"
+    assert (
+        encoded
+        == b"\x01\x00\x00\x00a\x00\x00\x00\x00\x03\x00\x00\x00\x00bc\x03\x00\x00\x00d\xc3\xa9"
+    )
     decoded = pb_utils.deserialize_bytes_tensor(encoded)
     assert decoded.dtype == np.object_
     assert decoded.tolist() == [b"a", b"", b"\x00bc", "d\u00e9".encode()]

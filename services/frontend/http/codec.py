@@ -54,7 +54,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 _FLOAT32 = np.dtype(np.float32)
 _UINT16 = np.dtype(np.uint16)
 _UINT32 = np.dtype(np.uint32)
-_BOOL = np.dtype(np.bool_)
+_FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64", "BF16"))
 
 # Request parameters whose JSON type Triton checks at the HTTP edge.
 _SEQUENCE_FLAGS = ("sequence_start", "sequence_end")
@@ -420,13 +420,20 @@ def _json_data_to_bytes(
         array = np.asarray(_flatten(data))
     if array.size != count:
         raise _count_error(name, count, shape, array.size)
+    kind = array.dtype.kind
+    if datatype in _FLOAT_TYPES:
+        if kind not in "fiu" and count:
+            raise _values_error(name, datatype, "numbers")
+        try:
+            if datatype == "BF16":
+                return _float_to_bf16(array.astype(_FLOAT32)).tobytes()
+            return array.astype(dtype, copy=False).tobytes()
+        except RuntimeWarning:
+            # Only when warnings are errors: numpy otherwise makes the value +-inf, as a
+            # C cast would, and warns once.
+            raise _values_error(name, datatype, "numbers within its range") from None
     if count == 0:
         return b""
-    kind = array.dtype.kind
-    if datatype == "BOOL":
-        if kind != "b":
-            raise _values_error(name, datatype, "true or false")
-        return array.tobytes()
     limits = _INT_RANGES.get(datatype)
     if limits is not None:
         if kind not in "iu":
@@ -437,13 +444,9 @@ def _json_data_to_bytes(
                 raise _values_error(name, datatype, f"integers from {limits[0]} to {limits[1]}")
             array = array.astype(dtype)
         return array.tobytes()
-    if kind not in "iuf":
-        raise _values_error(name, datatype, "numbers")
-    # Finite JSON numbers beyond FP16/FP32 range become inf, as a C cast would make them.
-    with np.errstate(over="ignore"):
-        if datatype == "BF16":
-            return _float_to_bf16(array.astype(_FLOAT32)).tobytes()
-        return array.astype(dtype, copy=False).tobytes()
+    if kind != "b":  # BOOL
+        raise _values_error(name, datatype, "true or false")
+    return array.tobytes()
 
 
 def _python_ints_to_bytes(
@@ -581,31 +584,48 @@ def encode_infer_response(
     blobs: list[bytes | memoryview] = []
     any_binary = False
     for output in result.outputs:
-        wanted = requested.get(output.name) if requested is not None else None
+        name, datatype, shape, data = output.name, output.datatype, output.shape, output.data
+        wanted = requested.get(name) if requested is not None else None
         if wanted is None:
-            binary, in_shm = request.binary_output, False
+            binary = request.binary_output
+        elif "shared_memory_region" in wanted.parameters:
+            outputs_json.append({"name": name, "datatype": datatype, "shape": shape})
+            continue
         else:
-            binary, in_shm = wanted.binary, "shared_memory_region" in wanted.parameters
-        entry: dict[str, object] = {
-            "name": output.name,
-            "datatype": output.datatype,
-            "shape": output.shape,
-        }
-        if not in_shm:
-            if not binary:
-                values = _output_json_data(output.name, output.datatype, output.shape, output.data)
-                if values is None:
-                    binary = True
-                else:
-                    entry["data"] = values
-            if binary:
-                size = _nbytes(output.data)
-                _check_output_size(output.name, output.datatype, output.shape, size)
-                entry["parameters"] = {"binary_data_size": size}
-                any_binary = True
-                if size:
-                    blobs.append(output.data)
-        outputs_json.append(entry)
+            binary = wanted.binary
+        spec = _TYPES.get(datatype)
+        if spec is None:
+            raise internal(f"output '{name}' has unknown datatype '{datatype}'")
+        size = data.nbytes if type(data) is memoryview else len(data)
+        if spec[1] and size != spec[1] * dtypes.element_count(shape):
+            raise internal(
+                f"output tensor shape does not match size of output for '{name}': shape "
+                f"{_show(shape)} of {datatype} needs {spec[1] * dtypes.element_count(shape)} "
+                f"bytes, got {size}"
+            )
+        if not binary:
+            if datatype == "BYTES":
+                values = _bytes_to_strings(name, shape, data)
+            elif datatype == "BF16":
+                values = (np.frombuffer(data, _UINT16).astype(_UINT32) << 16).view(_FLOAT32)
+            else:
+                values = np.frombuffer(data, spec[0])
+            if values is not None:
+                outputs_json.append(
+                    {"name": name, "datatype": datatype, "shape": shape, "data": values}
+                )
+                continue
+        outputs_json.append(
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": shape,
+                "parameters": {"binary_data_size": size},
+            }
+        )
+        any_binary = True
+        if size:
+            blobs.append(data)
 
     doc: dict[str, object] = {"model_name": result.model, "model_version": result.version}
     if request.id:
@@ -622,22 +642,6 @@ def encode_infer_response(
     if not any_binary:
         return header, None
     return b"".join([header, *blobs]), len(header)
-
-
-def _output_json_data(
-    name: str, datatype: str, shape: list[int], data: bytes | memoryview
-) -> np.ndarray | list[str] | None:
-    """Flat JSON-ready values of one output; None for BYTES that are not valid UTF-8."""
-    spec = _TYPES.get(datatype)
-    if spec is None:
-        raise internal(f"output '{name}' has unknown datatype '{datatype}'")
-    if datatype == "BYTES":
-        return _bytes_to_strings(name, shape, data)
-    _check_output_size(name, datatype, shape, _nbytes(data))
-    if datatype == "BF16":
-        widened = np.frombuffer(data, dtype=_UINT16).astype(_UINT32) << 16
-        return widened.view(_FLOAT32)
-    return np.frombuffer(data, dtype=spec[0])
 
 
 def _bytes_to_strings(name: str, shape: list[int], data: bytes | memoryview) -> list[str] | None:
@@ -668,22 +672,6 @@ def _bytes_output_error(name: str, shape: list[int], count: int, size: int) -> S
         f"{_show(shape)} needs {count} length-prefixed BYTES elements, which its {size} "
         "bytes do not hold"
     )
-
-
-def _check_output_size(name: str, datatype: str, shape: list[int], size: int) -> None:
-    spec = _TYPES.get(datatype)
-    if spec is None:
-        raise internal(f"output '{name}' has unknown datatype '{datatype}'")
-    if spec[1] and size != spec[1] * dtypes.element_count(shape):
-        raise internal(
-            f"output tensor shape does not match size of output for '{name}': shape "
-            f"{_show(shape)} of {datatype} needs {spec[1] * dtypes.element_count(shape)} "
-            f"bytes, got {size}"
-        )
-
-
-def _nbytes(data: bytes | bytearray | memoryview) -> int:
-    return data.nbytes if type(data) is memoryview else len(data)
 
 
 def encode_error(message: str) -> bytes:

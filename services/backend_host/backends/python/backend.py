@@ -216,7 +216,9 @@ class PythonModelInstance:
         """
         pb_requests = [self._wrap(r) for r in requests]
         try:
-            result = self._resolve(self._model.execute(pb_requests))
+            result = self._model.execute(pb_requests)
+            if type(result) is not list and inspect.isawaitable(result):
+                result = self._resolve(result)
         except (Exception, SystemExit) as exc:
             raise self._batch_error(requests, describe_exception(exc)) from exc
 
@@ -231,21 +233,20 @@ class PythonModelInstance:
                 f"InferenceRequest objects. InferenceRequest(s) size is:{len(requests)}, "
                 f"and InferenceResponse(s) size is:{len(result)}\n",
             )
-        for response in result:
-            if response is not None and not isinstance(response, pb_utils.InferenceResponse):
-                raise self._batch_error(
-                    requests,
-                    "Expected an 'InferenceResponse' object in the execute function return "
-                    f"list, found type '{type(response)}'.",
-                )
+        # Converting has no side effects, so converting while checking each element is
+        # the same as Triton's check-all-then-send.
         return [self._convert(req, resp) for req, resp in zip(requests, result, strict=True)]
 
     def _wrap(self, request: ExecRequest) -> pb_utils.InferenceRequest:
         bf16 = self._bf16_inputs
-        inputs = [
-            pb_utils.Tensor._wrap(name, array, pb_utils.TYPE_BF16 if name in bf16 else 0)
-            for name, array in request.inputs.items()
-        ]
+        wrap = pb_utils.Tensor._wrap
+        if bf16:
+            inputs = [
+                wrap(name, array, pb_utils.TYPE_BF16 if name in bf16 else 0)
+                for name, array in request.inputs.items()
+            ]
+        else:
+            inputs = [wrap(name, array) for name, array in request.inputs.items()]
         parameters = request.parameters
         correlation_id: int | str = 0
         flags = 0
@@ -271,18 +272,25 @@ class PythonModelInstance:
             timeout,
         )
 
-    def _convert(
-        self, request: ExecRequest, response: pb_utils.InferenceResponse | None
-    ) -> ExecResponse:
-        if response is None:
-            return ExecResponse(
-                error=internal(
-                    f"Python model instance '{self._name}' returned None for a request; "
-                    "sending responses through a response sender is not supported by "
-                    "Despina yet"
+    def _convert(self, request: ExecRequest, response: object) -> ExecResponse:
+        """One model response -> ExecResponse. Raises the batch error when ``response``
+        is neither an InferenceResponse nor None (Triton fails the batch for that)."""
+        if not isinstance(response, pb_utils.InferenceResponse):
+            if response is None:
+                return ExecResponse(
+                    error=internal(
+                        f"Python model instance '{self._name}' returned None for a request; "
+                        "sending responses through a response sender is not supported by "
+                        "Despina yet"
+                    )
                 )
+            raise self._batch_error(
+                [request],
+                "Expected an 'InferenceResponse' object in the execute function return "
+                f"list, found type '{type(response)}'.",
             )
-        error = response.error()
+        # Hot path: read the response's slots directly (same package).
+        error = response._error
         if error is not None:
             return ExecResponse(
                 error=ServerError(_ERROR_CODES.get(error.code(), Code.INTERNAL), error.message())
@@ -291,7 +299,7 @@ class PythonModelInstance:
         # output in the config (and for everything when the config lists none).
         wanted: Sequence[str] = request.requested_outputs or self._outputs
         outputs = {}
-        for tensor in response.output_tensors():
+        for tensor in response._output_tensors:
             if not isinstance(tensor, pb_utils.Tensor):
                 return ExecResponse(
                     error=internal(
@@ -299,11 +307,11 @@ class PythonModelInstance:
                         f"a pb_utils.Tensor: {type(tensor)}"
                     )
                 )
-            name = tensor.name()
+            name = tensor._name
             if wanted and name not in wanted:
                 continue
-            outputs[name] = tensor.as_numpy()
-        return ExecResponse(outputs=outputs)
+            outputs[name] = tensor._array
+        return ExecResponse(outputs)
 
     def _batch_error(self, requests: list[ExecRequest], message: str) -> ServerError:
         text = (

@@ -145,10 +145,9 @@ def serialize_byte_tensor(input_tensor: np.ndarray) -> bytes | None:
     return b"".join(parts)
 
 
-def deserialize_bytes_tensor(
-    encoded_tensor: bytes | bytearray | memoryview | np.ndarray,
-) -> np.ndarray:
-    """Parse length-prefixed bytes into a 1-D object array of ``bytes``.
+def deserialize_bytes_tensor(encoded_tensor: Any) -> np.ndarray:
+    """Parse length-prefixed bytes (``bytes``, or any buffer such as a uint8 array) into
+    a 1-D object array of ``bytes``.
 
     Raises TritonModelException when the buffer is truncated.
     """
@@ -251,6 +250,9 @@ class Tensor:
     """
 
     __slots__ = ("_name", "_array", "_dtype")
+    _name: str
+    _array: np.ndarray
+    _dtype: int
 
     def __init__(self, name: str, numpy_array: Any) -> None:
         if not isinstance(name, str) or name == "":
@@ -601,7 +603,7 @@ class LogLevel(enum.IntEnum):
     VERBOSE = 3
 
 
-_TO_LOGGING = {
+_TO_LOGGING: dict[int, int] = {
     LogLevel.INFO: logging.INFO,
     LogLevel.WARNING: logging.WARNING,
     LogLevel.ERROR: logging.ERROR,
@@ -620,7 +622,7 @@ class Logger:
     VERBOSE = LogLevel.VERBOSE
 
     @staticmethod
-    def log(message: str, level: LogLevel = LogLevel.INFO) -> None:
+    def log(message: str, level: int = LogLevel.INFO) -> None:
         _LOGGER.log(_TO_LOGGING.get(level, logging.INFO), message, stacklevel=2)
 
     @staticmethod

@@ -1,0 +1,163 @@
+"""Fixtures that start real Despina processes on free loopback ports and always stop
+them (process group killed, runtime folders and /dev/shm segments removed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_REPOSITORY = ROOT / "model_repository"
+
+
+def load_generator():
+    """``model_repository/generate.py``, imported by path: the builders of test models."""
+    spec = importlib.util.spec_from_file_location("despina_model_generator", SHIPPED_REPOSITORY / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+class DespinaServer:
+    """``despina serve`` as a user runs it, on free ports, logging to a file."""
+
+    def __init__(self, repository: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
+        self.repository = repository
+        self.http_port = free_port()
+        self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60.0, wait_ready: bool = True) -> DespinaServer:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "despina.services.cli", "serve",
+                f"--model-repository={self.repository}",
+                "--http-port", str(self.http_port),
+                "--exit-timeout-secs", "5",
+                *self.extra_args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"despina serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if http_status(f"http://{self.url}/v2/health/ready") == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"despina did not become ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def child_pids(self, needle: str) -> list[int]:
+        """PIDs of this server's processes whose command line contains ``needle``."""
+        assert self.proc is not None
+        pgid = os.getpgid(self.proc.pid)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) != pgid:
+                    continue
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ProcessLookupError):
+                continue
+            if needle in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def generator():
+    return load_generator()
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, generator) -> Path:
+    """The shipped models plus the test-only ones, in a fresh repository."""
+    root = tmp_path_factory.mktemp("repo")
+    for model in ("simple", "simple_string", "identity_fp32", "add_sub"):
+        shutil.copytree(SHIPPED_REPOSITORY / model, root / model)
+    generator.identity_all_types(root)
+    generator.python_slow(root)
+    generator.python_error(root)
+    generator.broken(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    srv = DespinaServer(repository, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def http_client(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.url, network_timeout=60)
+    yield client
+    client.close()
