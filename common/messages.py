@@ -176,6 +176,11 @@ class ExecuteBatch(msgspec.Struct, tag="exec", array_like=True):
     executions: list[Execution]
 
 
+class Rejoin(msgspec.Struct, tag="rejoin", array_like=True):
+    """The scheduler does not know this host (it restarted, or took the host for dead):
+    the host drops its instances and says hello again."""
+
+
 class Completion(msgspec.Struct, tag="done", array_like=True):
     """The host finished these executions (replies already went to the frontends)."""
 
@@ -185,7 +190,7 @@ class Completion(msgspec.Struct, tag="done", array_like=True):
 
 SchedulerInbound = FrontendHello | InferBatch | Query | HostHello | Heartbeat | LoadResult | Completion
 FrontendInbound = ReplyBatch | QueryReply
-HostInbound = LoadModel | UnloadModel | ExecuteBatch
+HostInbound = LoadModel | UnloadModel | ExecuteBatch | Rejoin
 
 
 def encoder() -> msgspec.msgpack.Encoder:

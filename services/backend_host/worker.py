@@ -139,6 +139,7 @@ class BackendHost:
         # Extra control handlers (the Python launcher overrides loading).
         self.on_load: Callable[[m.LoadModel], None] | None = None
         self.on_unload: Callable[[m.UnloadModel], None] | None = None
+        self.on_rejoin: Callable[[], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -149,20 +150,8 @@ class BackendHost:
         self._driver = transport.SocketDriver(sock, self._on_burst)
         self._outbox = transport.Outbox(self._flush)
         self._heartbeat.start()
-        self._driver.send(
-            [
-                self._encode(
-                    m.HostHello(
-                        m.PROTOCOL_VERSION,
-                        self.host_id,
-                        self.framework,
-                        os.getpid(),
-                        self.instance_of,
-                        load_error,
-                    )
-                )
-            ]
-        )
+        self._load_error = load_error
+        self._hello()
         log.info("backend host %s (%s) connected to %s", self.host_id, self.framework, self.scheduler_endpoint)
         await self._stopping.wait()
         await self._drain()
@@ -176,6 +165,24 @@ class BackendHost:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _hello(self) -> None:
+        assert self._driver is not None
+        hello = m.HostHello(
+            m.PROTOCOL_VERSION, self.host_id, self.framework, os.getpid(), self.instance_of, self._load_error
+        )
+        self._driver.send([self._encode(hello)])
+
+    def _rejoin(self) -> None:
+        """The scheduler lost track of this host: start over with a clean slate, except
+        for a Python instance process, whose one instance is what it announces."""
+        log.warning("the scheduler asked this host to join again")
+        if self.instance_of is None:
+            for key in list(self.instances):
+                self._unload_instance(key)
+            if self.on_rejoin is not None:
+                self.on_rejoin()
+        self._hello()
 
     async def _drain(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -199,6 +206,8 @@ class BackendHost:
                     self.on_load(msg)
                 else:
                     asyncio.get_running_loop().create_task(self._load(msg))
+            elif isinstance(msg, m.Rejoin):
+                self._rejoin()
             elif isinstance(msg, m.UnloadModel):
                 if self.on_unload is not None:
                     self.on_unload(msg)

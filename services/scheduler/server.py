@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import orjson
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from despina.common import messages as m
 from despina.common import transport
@@ -45,6 +46,7 @@ class Host:
     last_seen: float
     instance_of: tuple[str, str, int] | None = None
     loads: set[tuple[str, str]] = field(default_factory=set)
+    fd: int = -1  # the scheduler-side connection's file descriptor (for disconnect events)
 
 
 @dataclass(slots=True)
@@ -84,7 +86,11 @@ class SchedulerServer:
         ctx = transport.make_context()
         sock = transport.configure(ctx.socket(zmq.ROUTER))
         sock.bind(self.endpoint)
-        self._driver = transport.SocketDriver(sock, self._on_burst)
+        # A peer's death closes its connection at once (ipc or tcp); the monitor says
+        # which connection closed, and the SRCFD recorded at hello says whose it was.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = transport.SocketDriver(monitor, self._on_monitor)
+        self._driver = transport.SocketDriver(sock, self._on_burst, copy=False)
         self._outbox = transport.Outbox(self._flush)
         log.info(
             "scheduler listening at %s with %d model(s) in %s",
@@ -97,6 +103,7 @@ class SchedulerServer:
             await self._stopping.wait()
         finally:
             watchdog.cancel()
+            self._monitor.close()
             self._driver.close()
 
     def stop(self) -> None:
@@ -108,9 +115,9 @@ class SchedulerServer:
         touched: set[tuple[str, str]] = set()
         now = time.monotonic()
         for frames in burst:
-            identity = frames[0]
+            identity = frames[0].bytes
             try:
-                msg = self._decode(frames[1])
+                msg = self._decode(frames[1].buffer)
             except (msgspec.DecodeError, IndexError) as exc:
                 log.warning("dropping an undecodable message: %s", exc)
                 continue
@@ -125,10 +132,12 @@ class SchedulerServer:
                 hb_host = self.hosts_by_id.get(msg.host_id)
                 if hb_host is not None:
                     hb_host.last_seen = now
+                else:
+                    self._send(msg.host_id.encode(), m.Rejoin())
             elif isinstance(msg, m.Query):
-                self._send_query_reply(identity, self._answer(msg))
+                self._send(identity, self._answer(msg))
             elif isinstance(msg, m.HostHello):
-                self._on_host_hello(identity, msg, now, touched)
+                self._on_host_hello(identity, msg, now, touched, frames[1].get(zmq.SRCFD))
             elif isinstance(msg, m.LoadResult):
                 self._on_load_result(identity, msg, touched)
             elif isinstance(msg, m.FrontendHello):
@@ -228,10 +237,6 @@ class SchedulerServer:
             m.InferReply(req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)),
         )
 
-    def _send_query_reply(self, identity: bytes, reply: m.QueryReply) -> None:
-        assert self._driver is not None
-        self._driver.send([identity, self._encode(reply)])
-
     # --- control plane --------------------------------------------------------------------
 
     def _answer(self, q: m.Query) -> m.QueryReply:
@@ -281,7 +286,19 @@ class SchedulerServer:
 
     # --- backend hosts and placement ----------------------------------------------------------
 
-    def _on_host_hello(self, identity: bytes, hello: m.HostHello, now: float, touched: set) -> None:
+    def _on_monitor(self, burst: list[list]) -> None:
+        for frames in burst:
+            event = zmq_monitor.parse_monitor_message(frames)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            for host in [h for h in self.hosts.values() if h.fd == event["value"]]:
+                self._host_gone(host, "its connection closed")
+
+    def _send(self, identity: bytes, msg: msgspec.Struct) -> None:
+        assert self._driver is not None
+        self._driver.send([identity, self._encode(msg)])
+
+    def _on_host_hello(self, identity: bytes, hello: m.HostHello, now: float, touched: set, fd: int) -> None:
         if hello.protocol != m.PROTOCOL_VERSION:
             log.error(
                 "backend host %s speaks protocol %d, this scheduler %d: ignoring it",
@@ -293,7 +310,7 @@ class SchedulerServer:
         old = self.hosts_by_id.get(hello.host_id)
         if old is not None and old.identity != identity:
             self._host_gone(old, "it re-registered")
-        host = Host(identity, hello.host_id, hello.framework, hello.pid, now, hello.instance_of)
+        host = Host(identity, hello.host_id, hello.framework, hello.pid, now, hello.instance_of, fd=fd)
         self.hosts[identity] = host
         self.hosts_by_id[hello.host_id] = host
         if hello.instance_of is None:
@@ -337,7 +354,7 @@ class SchedulerServer:
         for host in self.hosts.values():
             if (mv.name, mv.version) in host.loads:
                 host.loads.discard((mv.name, mv.version))
-                self._send_control(host.identity, m.UnloadModel(mv.name, mv.version))
+                self._send(host.identity, m.UnloadModel(mv.name, mv.version))
 
     def _version(self, model: str, version: str) -> ModelVersion | None:
         entry = self.models.get(model)
@@ -362,7 +379,7 @@ class SchedulerServer:
                 host = min(candidates, key=lambda h: len(h.loads))
                 host.loads.add((mv.name, mv.version))
                 mv.state = State.LOADING
-                self._send_control(
+                self._send(
                     host.identity,
                     m.LoadModel(
                         model.name,
@@ -372,10 +389,6 @@ class SchedulerServer:
                         list(range(instance_count(model.config))),
                     ),
                 )
-
-    def _send_control(self, identity: bytes, msg: m.LoadModel | m.UnloadModel) -> None:
-        assert self._driver is not None
-        self._driver.send([identity, self._encode(msg)])
 
     async def _watch_hosts(self) -> None:
         while True:

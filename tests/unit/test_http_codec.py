@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 import orjson
@@ -183,6 +184,27 @@ def test_bf16_json_input_rounds_to_nearest_even():
     # 1 + 2**-8 sits exactly between two bfloat16 values; ties go to the even one (1.0).
     (tensor,) = decode(one_input("BF16", [2], data=[1 + 2**-8, 1 + 3 * 2**-8])).inputs
     assert np.frombuffer(tensor.data, np.uint16).tolist() == [0x3F80, 0x3F82]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "BF16"])
+def test_json_floats_beyond_range_become_inf(datatype):
+    doc = one_input(datatype, [2], data=[1e39, -1e39])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (tensor,) = decode(doc).inputs
+    expected = {
+        "FP16": [0x7C00, 0xFC00],
+        "FP32": [0x7F800000, 0xFF800000],
+        "BF16": [0x7F80, 0xFF80],
+    }
+    bits = np.frombuffer(tensor.data, np.uint32 if datatype == "FP32" else np.uint16)
+    assert bits.tolist() == expected[datatype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ServerError) as err:
+            decode(doc)
+    assert err.value.code is Code.INVALID_ARG
+    assert "'INPUT0'" in err.value.message
 
 
 # -- requests: binary layout, parameters, outputs ---------------------------------------

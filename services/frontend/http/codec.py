@@ -18,6 +18,9 @@ Triton's ``http_server.cc``, which is what ``tritonclient`` is tested against:
 
 Deliberately more lenient than Triton: FP16 and BF16 tensors may travel as JSON numbers
 (Triton refuses both ways); BF16 is rounded to nearest even from the float32 value.
+JSON numbers beyond the range of FP16, FP32 or BF16 become +-inf, as Triton's C cast
+makes them (numpy notes it with a RuntimeWarning, once; where warnings are errors the
+request fails with INVALID_ARG instead).
 """
 
 from __future__ import annotations

@@ -233,9 +233,18 @@ class PythonModelInstance:
                 f"InferenceRequest objects. InferenceRequest(s) size is:{len(requests)}, "
                 f"and InferenceResponse(s) size is:{len(result)}\n",
             )
-        # Converting has no side effects, so converting while checking each element is
+        # Converting has no side effects, so checking each element as it is converted is
         # the same as Triton's check-all-then-send.
-        return [self._convert(req, resp) for req, resp in zip(requests, result, strict=True)]
+        responses = []
+        for req, resp in zip(requests, result, strict=True):
+            if resp is not None and not isinstance(resp, pb_utils.InferenceResponse):
+                raise self._batch_error(
+                    requests,
+                    "Expected an 'InferenceResponse' object in the execute function return "
+                    f"list, found type '{type(resp)}'.",
+                )
+            responses.append(self._convert(req, resp))
+        return responses
 
     def _wrap(self, request: ExecRequest) -> pb_utils.InferenceRequest:
         bf16 = self._bf16_inputs
@@ -272,22 +281,16 @@ class PythonModelInstance:
             timeout,
         )
 
-    def _convert(self, request: ExecRequest, response: object) -> ExecResponse:
-        """One model response -> ExecResponse. Raises the batch error when ``response``
-        is neither an InferenceResponse nor None (Triton fails the batch for that)."""
-        if not isinstance(response, pb_utils.InferenceResponse):
-            if response is None:
-                return ExecResponse(
-                    error=internal(
-                        f"Python model instance '{self._name}' returned None for a request; "
-                        "sending responses through a response sender is not supported by "
-                        "Despina yet"
-                    )
+    def _convert(
+        self, request: ExecRequest, response: pb_utils.InferenceResponse | None
+    ) -> ExecResponse:
+        if response is None:
+            return ExecResponse(
+                error=internal(
+                    f"Python model instance '{self._name}' returned None for a request; "
+                    "sending responses through a response sender is not supported by "
+                    "Despina yet"
                 )
-            raise self._batch_error(
-                [request],
-                "Expected an 'InferenceResponse' object in the execute function return "
-                f"list, found type '{type(response)}'.",
             )
         # Hot path: read the response's slots directly (same package).
         error = response._error

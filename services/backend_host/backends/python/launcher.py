@@ -48,6 +48,7 @@ class PythonLauncher:
         self.children: list[Child] = []
         host.on_load = self.load
         host.on_unload = self.unload
+        host.on_rejoin = self.stop_all
 
     def load(self, msg: m.LoadModel) -> None:
         error = ""
@@ -132,11 +133,12 @@ class PythonLauncher:
                 asyncio.get_running_loop().call_later(delay, self._spawn, child)
 
     def stop_all(self, timeout: float = 10.0) -> None:
-        for child in self.children:
+        children, self.children = self.children, []
+        for child in children:
             child.wanted = False
             self._terminate(child)
         deadline = time.monotonic() + timeout
-        for child in self.children:
+        for child in children:
             if child.proc is None:
                 continue
             try:

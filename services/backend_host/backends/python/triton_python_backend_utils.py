@@ -262,7 +262,7 @@ class Tensor:
             encoded = np.empty(array.shape, dtype=np.object_)
             encoded.reshape(-1)[:] = [s.encode("utf-8") for s in array.reshape(-1).tolist()]
             array = encoded
-        code = numpy_to_triton_type(array.dtype)
+        code = _NUMPY_TO_CODE.get(array.dtype) or numpy_to_triton_type(array.dtype)
         if code is None:
             raise TritonModelException(
                 f"Tensor '{name}': numpy dtype {array.dtype} is not supported by the Python "
