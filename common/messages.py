@@ -159,7 +159,9 @@ class UnloadModel(msgspec.Struct, tag="unload", array_like=True):
 class LoadResult(msgspec.Struct, tag="load_result", array_like=True):
     model: str
     version: str
-    instances: list[int]  # indexes now running here (instances of other processes report themselves)
+    instances: list[
+        int
+    ]  # indexes now running here (instances of other processes report themselves)
     error: str = ""
 
 
@@ -188,7 +190,9 @@ class Completion(msgspec.Struct, tag="done", array_like=True):
     done: list[tuple[str, str, int, list[int]]]  # (model, version, instance, [sid...])
 
 
-SchedulerInbound = FrontendHello | InferBatch | Query | HostHello | Heartbeat | LoadResult | Completion
+SchedulerInbound = (
+    FrontendHello | InferBatch | Query | HostHello | Heartbeat | LoadResult | Completion
+)
 FrontendInbound = ReplyBatch | QueryReply
 HostInbound = LoadModel | UnloadModel | ExecuteBatch | Rejoin
 

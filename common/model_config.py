@@ -26,7 +26,12 @@ _PLATFORMS = {
     "tensorrt_plan": "tensorrt",
     "python": "python",
 }
-_BACKENDS = {"onnxruntime": "onnxruntime", "pytorch": "pytorch", "tensorrt": "tensorrt", "python": "python"}
+_BACKENDS = {
+    "onnxruntime": "onnxruntime",
+    "pytorch": "pytorch",
+    "tensorrt": "tensorrt",
+    "python": "python",
+}
 _DEFAULT_FILENAMES = {
     "onnxruntime": "model.onnx",
     "pytorch": "model.pt",
@@ -117,7 +122,7 @@ def complete(config: ModelConfig, model_dir: Path) -> None:
         config.instance_group.add()
     for i, group in enumerate(config.instance_group):
         if not group.name:
-            group.name = f"{config.name}_{i}" if len(config.instance_group) > 1 else config.name
+            group.name = f"{config.name}_{i}"
         if group.count < 1:
             group.count = 1
         if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
@@ -157,7 +162,11 @@ def instance_count(config: ModelConfig) -> int:
 def available_versions(config: ModelConfig, model_dir: Path) -> list[str]:
     """Version folders the version policy selects, as strings, newest first."""
     versions = sorted(
-        (int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0),
+        (
+            int(p.name)
+            for p in model_dir.iterdir()
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        ),
         reverse=True,
     )
     policy = config.version_policy

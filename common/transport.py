@@ -110,9 +110,7 @@ class SocketDriver:
     def send(self, frames: Frames) -> bool:
         """Send one multipart message without blocking; False when it could not be queued
         (peer gone or high-water mark reached): the caller decides what that means."""
-        copy = all(
-            not isinstance(f, memoryview) or f.nbytes < ZERO_COPY_THRESHOLD for f in frames
-        )
+        copy = all(not isinstance(f, memoryview) or f.nbytes < ZERO_COPY_THRESHOLD for f in frames)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
             return True

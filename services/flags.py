@@ -93,9 +93,18 @@ NOT_YET = (
     "--enable-peer-access",
 )
 
-_REPEATABLE = {"--load-model", "--backend-config", "--rate-limit-resource", "--host-policy",
-               "--trace-config", "--cache-config", "--metrics-config", "--cuda-memory-pool-byte-size",
-               "--http-restricted-api", "--grpc-restricted-protocol"}
+_REPEATABLE = {
+    "--load-model",
+    "--backend-config",
+    "--rate-limit-resource",
+    "--host-policy",
+    "--trace-config",
+    "--cache-config",
+    "--metrics-config",
+    "--cuda-memory-pool-byte-size",
+    "--http-restricted-api",
+    "--grpc-restricted-protocol",
+}
 
 
 def add_triton_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,8 +119,12 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--http-address", default="0.0.0.0")
     g.add_argument("--http-port", type=int, default=8000)
-    g.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (the gRPC frontend is not built yet)")
-    g.add_argument("--metrics-port", type=int, default=8002, help="metrics port (metrics are not served yet)")
+    g.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port (the gRPC frontend is not built yet)"
+    )
+    g.add_argument(
+        "--metrics-port", type=int, default=8002, help="metrics port (metrics are not served yet)"
+    )
     g.add_argument("--allow-http", type=parse_bool, nargs="?", const=True, default=True)
     g.add_argument("--log-verbose", type=int, default=0)
     g.add_argument("--exit-timeout-secs", type=float, default=30.0)
@@ -127,9 +140,13 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     for flag in NOT_YET:
         dest = "ignored_" + flag[2:].replace("-", "_")
         if flag in _REPEATABLE:
-            later.add_argument(flag, dest=dest, action="append", default=None, help=argparse.SUPPRESS)
+            later.add_argument(
+                flag, dest=dest, action="append", default=None, help=argparse.SUPPRESS
+            )
         else:
-            later.add_argument(flag, dest=dest, nargs="?", const="true", default=None, help=argparse.SUPPRESS)
+            later.add_argument(
+                flag, dest=dest, nargs="?", const="true", default=None, help=argparse.SUPPRESS
+            )
 
 
 def report_ignored(args: argparse.Namespace) -> list[str]:
@@ -139,5 +156,8 @@ def report_ignored(args: argparse.Namespace) -> list[str]:
         if key.startswith("ignored_") and value is not None:
             flag = "--" + key[len("ignored_") :].replace("_", "-")
             given.append(flag)
-            log.warning("%s is accepted for compatibility with tritonserver but not supported yet; ignoring it", flag)
+            log.warning(
+                "%s is accepted for compatibility with tritonserver but not supported yet; ignoring it",
+                flag,
+            )
     return given

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -86,13 +85,25 @@ class Supervisor:
         for repo in args.model_repository:
             repos += ["--model-repository", str(Path(repo).resolve())]
         self.children.append(
-            Child("scheduler", py + ["despina.services.scheduler", "--endpoint", scheduler, *repos, *verbose], order=2)
+            Child(
+                "scheduler",
+                py + ["despina.services.scheduler", "--endpoint", scheduler, *repos, *verbose],
+                order=2,
+            )
         )
         for framework in frameworks_needed([Path(p) for p in args.model_repository]):
             self.children.append(
                 Child(
                     f"backend-{framework}",
-                    py + ["despina.services.backend_host", "--framework", framework, "--scheduler", scheduler, *verbose],
+                    py
+                    + [
+                        "despina.services.backend_host",
+                        "--framework",
+                        framework,
+                        "--scheduler",
+                        scheduler,
+                        *verbose,
+                    ],
                     order=1,
                 )
             )
@@ -104,11 +115,16 @@ class Supervisor:
                         py
                         + [
                             "despina.services.frontend",
-                            "--scheduler", scheduler,
-                            "--reply-endpoint", f"ipc://{self.runtime_dir}/frontend-{i}",
-                            "--http-address", args.http_address,
-                            "--http-port", str(args.http_port),
-                            "--exit-timeout-secs", str(args.exit_timeout_secs),
+                            "--scheduler",
+                            scheduler,
+                            "--reply-endpoint",
+                            f"ipc://{self.runtime_dir}/frontend-{i}",
+                            "--http-address",
+                            args.http_address,
+                            "--http-port",
+                            str(args.http_port),
+                            "--exit-timeout-secs",
+                            str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),
                             *verbose,
                         ],
@@ -141,7 +157,9 @@ class Supervisor:
 
     def _request_stop(self) -> None:
         if not self.stopping:
-            log.info("stopping: draining in-flight requests (up to %.0fs)", self.args.exit_timeout_secs)
+            log.info(
+                "stopping: draining in-flight requests (up to %.0fs)", self.args.exit_timeout_secs
+            )
         self.stopping = True
 
     def _check_children(self) -> None:
@@ -150,14 +168,18 @@ class Supervisor:
                 continue
             code = child.proc.returncode
             if code == EXIT_CONFIG:
-                log.error("%s cannot start with these settings (see its log above); stopping", child.name)
+                log.error(
+                    "%s cannot start with these settings (see its log above); stopping", child.name
+                )
                 self.exit_code = 1
                 self.stopping = True
                 return
             now = time.monotonic()
             child.history = [t for t in child.history if now - t < 30] + [now]
             if len(child.history) > 5:
-                log.error("%s keeps exiting (%d times in 30s); stopping", child.name, len(child.history))
+                log.error(
+                    "%s keeps exiting (%d times in 30s); stopping", child.name, len(child.history)
+                )
                 self.exit_code = 1
                 self.stopping = True
                 return
@@ -168,7 +190,9 @@ class Supervisor:
     async def _announce_when_ready(self) -> None:
         if not self.args.allow_http:
             return
-        host = "127.0.0.1" if self.args.http_address in ("0.0.0.0", "::") else self.args.http_address
+        host = (
+            "127.0.0.1" if self.args.http_address in ("0.0.0.0", "::") else self.args.http_address
+        )
         url = f"http://{host}:{self.args.http_port}/v2/health/ready"
         while True:
             await asyncio.sleep(0.05)
@@ -188,7 +212,9 @@ class Supervisor:
         """Frontends first (they drain), then backend hosts, then the scheduler."""
         deadline = time.monotonic() + self.args.exit_timeout_secs + 5
         for order in sorted({c.order for c in self.children}):
-            group = [c for c in self.children if c.order == order and c.proc and c.proc.poll() is None]
+            group = [
+                c for c in self.children if c.order == order and c.proc and c.proc.poll() is None
+            ]
             for child in group:
                 child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             for child in group:

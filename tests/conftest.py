@@ -23,7 +23,9 @@ SHIPPED_REPOSITORY = ROOT / "model_repository"
 
 def load_generator():
     """``model_repository/generate.py``, imported by path: the builders of test models."""
-    spec = importlib.util.spec_from_file_location("despina_model_generator", SHIPPED_REPOSITORY / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "despina_model_generator", SHIPPED_REPOSITORY / "generate.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -48,7 +50,9 @@ def http_status(url: str, timeout: float = 2.0) -> int:
 class DespinaServer:
     """``despina serve`` as a user runs it, on free ports, logging to a file."""
 
-    def __init__(self, repository: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, repository: Path, log_path: Path, extra_args: list[str] | None = None
+    ) -> None:
         self.repository = repository
         self.http_port = free_port()
         self.log_path = log_path
@@ -63,10 +67,15 @@ class DespinaServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "despina.services.cli", "serve",
+                sys.executable,
+                "-m",
+                "despina.services.cli",
+                "serve",
                 f"--model-repository={self.repository}",
-                "--http-port", str(self.http_port),
-                "--exit-timeout-secs", "5",
+                "--http-port",
+                str(self.http_port),
+                "--exit-timeout-secs",
+                "5",
                 *self.extra_args,
             ],
             stdout=self._log,
@@ -82,7 +91,9 @@ class DespinaServer:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"despina serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"despina serve exited with {self.proc.returncode}:\n{self.log()}"
+                )
             try:
                 if http_status(f"http://{self.url}/v2/health/ready") == 200:
                     return

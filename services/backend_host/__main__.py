@@ -28,7 +28,9 @@ log = logging.getLogger("despina.backend_host")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--framework", required=True, choices=FRAMEWORKS)
-    parser.add_argument("--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint")
+    parser.add_argument(
+        "--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint"
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
     # A Python instance process (started by the Python launcher).
@@ -57,7 +59,9 @@ async def run_instance(args: argparse.Namespace) -> int:
     model, version, index = args.instance_of.rsplit(":", 2)
     config = mc.ModelConfig()
     config.ParseFromString(base64.b64decode(os.environ[CONFIG_ENV]))
-    spec = InstanceSpec(model, version, Path(args.model_dir), config, int(index), args.instance_kind, args.device_id)
+    spec = InstanceSpec(
+        model, version, Path(args.model_dir), config, int(index), args.instance_kind, args.device_id
+    )
     host = BackendHost(
         args.scheduler,
         "python",

@@ -152,7 +152,12 @@ class BackendHost:
         self._heartbeat.start()
         self._load_error = load_error
         self._hello()
-        log.info("backend host %s (%s) connected to %s", self.host_id, self.framework, self.scheduler_endpoint)
+        log.info(
+            "backend host %s (%s) connected to %s",
+            self.host_id,
+            self.framework,
+            self.scheduler_endpoint,
+        )
         await self._stopping.wait()
         await self._drain()
         self._heartbeat.stopped.set()
@@ -169,7 +174,12 @@ class BackendHost:
     def _hello(self) -> None:
         assert self._driver is not None
         hello = m.HostHello(
-            m.PROTOCOL_VERSION, self.host_id, self.framework, os.getpid(), self.instance_of, self._load_error
+            m.PROTOCOL_VERSION,
+            self.host_id,
+            self.framework,
+            os.getpid(),
+            self.instance_of,
+            self._load_error,
         )
         self._driver.send([self._encode(hello)])
 
@@ -224,7 +234,9 @@ class BackendHost:
         try:
             for spec in instance_specs(msg):
                 instance = await loop.run_in_executor(None, self.backend.load, spec)
-                self.instances[(msg.model, msg.version, spec.instance_index)] = LoadedInstance(instance)
+                self.instances[(msg.model, msg.version, spec.instance_index)] = LoadedInstance(
+                    instance
+                )
                 loaded.append(spec.instance_index)
         except ServerError as exc:
             error = exc.message
@@ -250,7 +262,9 @@ class BackendHost:
         threaded = len(self.instances) > 1
         for key, li in self.instances.items():
             if threaded and li.executor is None:
-                li.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{key[0]}_{key[2]}")
+                li.executor = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix=f"{key[0]}_{key[2]}"
+                )
             elif not threaded and li.executor is not None:
                 li.executor.shutdown(wait=False)
                 li.executor = None
@@ -274,7 +288,10 @@ class BackendHost:
             self._finish(
                 execution,
                 None,
-                ServerError(Code.UNAVAILABLE, f"model '{execution.model}' instance {execution.instance} is not loaded on this host"),
+                ServerError(
+                    Code.UNAVAILABLE,
+                    f"model '{execution.model}' instance {execution.instance} is not loaded on this host",
+                ),
             )
             return
         try:
@@ -286,7 +303,9 @@ class BackendHost:
         if li.executor is None:
             self._finish(execution, *_run(li.instance, requests), started=True)
         else:
-            future = asyncio.get_running_loop().run_in_executor(li.executor, _run, li.instance, requests)
+            future = asyncio.get_running_loop().run_in_executor(
+                li.executor, _run, li.instance, requests
+            )
             future.add_done_callback(lambda f: self._finish(execution, *f.result(), started=True))
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
@@ -312,14 +331,28 @@ class BackendHost:
         assert self._outbox is not None
         for i, req in enumerate(execution.requests):
             if batch_error is not None:
-                reply = (m.InferReply(req.rid, req.model, req.version, [], m.Error(batch_error.code.value, batch_error.message)), [])
+                reply = (
+                    m.InferReply(
+                        req.rid,
+                        req.model,
+                        req.version,
+                        [],
+                        m.Error(batch_error.code.value, batch_error.message),
+                    ),
+                    [],
+                )
             else:
                 assert responses is not None
                 reply = encode_response(req, responses[i])
             self._outbox.put(req.reply_to, reply)
         self._outbox.put(
             None,
-            (execution.model, execution.version, execution.instance, [r.sid for r in execution.requests]),
+            (
+                execution.model,
+                execution.version,
+                execution.instance,
+                [r.sid for r in execution.requests],
+            ),
         )
 
     def _flush(self, pending: dict) -> None:
@@ -349,7 +382,9 @@ class BackendHost:
         return driver
 
 
-def _run(instance: ModelInstance, requests: list[ExecRequest]) -> tuple[list[ExecResponse] | None, ServerError | None]:
+def _run(
+    instance: ModelInstance, requests: list[ExecRequest]
+) -> tuple[list[ExecResponse] | None, ServerError | None]:
     """Execute one batch; any failure becomes data for the replies."""
     try:
         responses = instance.execute(requests)
@@ -375,7 +410,9 @@ def to_array(datatype: str, shape: list[int], buf: bytes | memoryview) -> np.nda
 def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply, list]:
     if response.error is not None:
         err = response.error
-        return m.InferReply(req.rid, req.model, req.version, [], m.Error(err.code.value, err.message)), []
+        return m.InferReply(
+            req.rid, req.model, req.version, [], m.Error(err.code.value, err.message)
+        ), []
     tensors: list[m.Tensor] = []
     buffers: list = []
     wanted = req.outputs
@@ -392,7 +429,9 @@ def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply,
             tensors.append(m.Tensor(name, datatype, [int(d) for d in arr.shape], m.Inline(0)))
             buffers.append(buf)
     except ServerError as exc:
-        return m.InferReply(req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)), []
+        return m.InferReply(
+            req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)
+        ), []
     missing = [n for n in wanted if n not in response.outputs]
     if missing:
         return (
@@ -401,7 +440,9 @@ def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply,
                 req.model,
                 req.version,
                 [],
-                m.Error(Code.INTERNAL.value, f"the model did not produce requested output(s) {missing}"),
+                m.Error(
+                    Code.INTERNAL.value, f"the model did not produce requested output(s) {missing}"
+                ),
             ),
             [],
         )

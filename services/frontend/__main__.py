@@ -23,7 +23,9 @@ EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint")
+    parser.add_argument(
+        "--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint"
+    )
     parser.add_argument(
         "--reply-endpoint",
         default="tcp://0.0.0.0:8011",
@@ -36,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--http-address", default="0.0.0.0")
     parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--reuse-port", action="store_true", help="share the HTTP port with sibling frontends")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="share the HTTP port with sibling frontends"
+    )
     parser.add_argument("--inline-threshold", type=int, default=DEFAULT_INLINE_THRESHOLD)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
@@ -58,7 +62,9 @@ async def amain(args: argparse.Namespace) -> int:
     plane = DataPlane(client)
     runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None)
+    site = web.TCPSite(
+        runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None
+    )
     try:
         await site.start()
     except OSError as exc:

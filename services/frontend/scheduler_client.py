@@ -45,7 +45,9 @@ class SchedulerClient:
         self.scheduler_endpoint = scheduler_endpoint
         self.reply_endpoint = reply_endpoint
         self.inline_threshold = inline_threshold
-        self.arena = ShmArena(f"despina_fe_{os.getpid()}_{uuid.uuid4().hex[:6]}", arena_segment_size)
+        self.arena = ShmArena(
+            f"despina_fe_{os.getpid()}_{uuid.uuid4().hex[:6]}", arena_segment_size
+        )
         self._pending: dict[int, tuple[asyncio.Future, list[tuple[str, int]]]] = {}
         self._queries: dict[int, asyncio.Future] = {}
         self._next_id = 1
@@ -64,7 +66,9 @@ class SchedulerClient:
         self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
         self._replies = transport.SocketDriver(pull, self._on_burst, copy=False)
         self._outbox = transport.Outbox(self._flush)
-        self._to_scheduler.send([self._encode(m.FrontendHello(m.PROTOCOL_VERSION, self.reply_endpoint))])
+        self._to_scheduler.send(
+            [self._encode(m.FrontendHello(m.PROTOCOL_VERSION, self.reply_endpoint))]
+        )
 
     def close(self) -> None:
         for fut, _ in self._pending.values():
@@ -199,12 +203,19 @@ class SchedulerClient:
             ref = t.ref
             if isinstance(ref, m.Inline):
                 frame = frames[ref.frame]
-                data = frame if isinstance(frame, bytes) else (
-                    frame.bytes if len(frame) < transport.ZERO_COPY_THRESHOLD else frame.buffer
+                data = (
+                    frame
+                    if isinstance(frame, bytes)
+                    else (
+                        frame.bytes if len(frame) < transport.ZERO_COPY_THRESHOLD else frame.buffer
+                    )
                 )
             else:
                 fut.set_exception(
-                    ServerError(Code.INTERNAL, f"output '{t.name}' came back in shared memory, which this frontend does not map yet")
+                    ServerError(
+                        Code.INTERNAL,
+                        f"output '{t.name}' came back in shared memory, which this frontend does not map yet",
+                    )
                 )
                 return
             outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))

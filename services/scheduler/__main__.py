@@ -18,7 +18,13 @@ EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", "--model-store", dest="model_repository", action="append", required=True)
+    parser.add_argument(
+        "--model-repository",
+        "--model-store",
+        dest="model_repository",
+        action="append",
+        required=True,
+    )
     parser.add_argument("--endpoint", default="tcp://0.0.0.0:8010", help="ZeroMQ endpoint to bind")
     parser.add_argument("--log-verbose", type=int, default=0)
 

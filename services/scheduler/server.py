@@ -148,8 +148,7 @@ class SchedulerServer:
     def _on_infer(self, identity: bytes, batch: m.InferBatch, frames: list, touched: set) -> None:
         for req in batch.requests:
             buffers = [
-                frames[t.ref.frame + 1] if isinstance(t.ref, m.Inline) else None
-                for t in req.inputs
+                frames[t.ref.frame + 1] if isinstance(t.ref, m.Inline) else None for t in req.inputs
             ]
             try:
                 model = self.models.get(req.model)
@@ -252,7 +251,8 @@ class SchedulerServer:
                 f"{mv.name}:{mv.version}"
                 for model in self.models.values()
                 for mv in model.versions.values()
-                if mv.state is State.LOADING or (mv.state is State.UNAVAILABLE and not mv.reason.startswith("load failed"))
+                if mv.state is State.LOADING
+                or (mv.state is State.UNAVAILABLE and not mv.reason.startswith("load failed"))
             ]
             if waiting:
                 raise unavailable(f"models not ready yet: {', '.join(waiting)}")
@@ -277,10 +277,17 @@ class SchedulerServer:
         entries: list[dict] = []
         for model in self.models.values():
             if not model.versions:
-                entries.append({"name": model.name, "state": State.UNAVAILABLE.value, "reason": model.error})
+                entries.append(
+                    {"name": model.name, "state": State.UNAVAILABLE.value, "reason": model.error}
+                )
             for mv in model.versions.values():
                 entries.append(
-                    {"name": model.name, "version": mv.version, "state": mv.state.value, "reason": mv.reason}
+                    {
+                        "name": model.name,
+                        "version": mv.version,
+                        "state": mv.state.value,
+                        "reason": mv.reason,
+                    }
                 )
         return entries
 
@@ -298,7 +305,9 @@ class SchedulerServer:
         assert self._driver is not None
         self._driver.send([identity, self._encode(msg)])
 
-    def _on_host_hello(self, identity: bytes, hello: m.HostHello, now: float, touched: set, fd: int) -> None:
+    def _on_host_hello(
+        self, identity: bytes, hello: m.HostHello, now: float, touched: set, fd: int
+    ) -> None:
         if hello.protocol != m.PROTOCOL_VERSION:
             log.error(
                 "backend host %s speaks protocol %d, this scheduler %d: ignoring it",
@@ -310,11 +319,15 @@ class SchedulerServer:
         old = self.hosts_by_id.get(hello.host_id)
         if old is not None and old.identity != identity:
             self._host_gone(old, "it re-registered")
-        host = Host(identity, hello.host_id, hello.framework, hello.pid, now, hello.instance_of, fd=fd)
+        host = Host(
+            identity, hello.host_id, hello.framework, hello.pid, now, hello.instance_of, fd=fd
+        )
         self.hosts[identity] = host
         self.hosts_by_id[hello.host_id] = host
         if hello.instance_of is None:
-            log.info("backend host %s (%s, pid %d) joined", hello.host_id, hello.framework, hello.pid)
+            log.info(
+                "backend host %s (%s, pid %d) joined", hello.host_id, hello.framework, hello.pid
+            )
             self._place()
             return
         model_name, version, index = hello.instance_of
@@ -336,7 +349,9 @@ class SchedulerServer:
         if res.instances:
             self._add_slots(mv, identity, res.instances, touched)
 
-    def _add_slots(self, mv: ModelVersion, identity: bytes, indexes: list[int], touched: set) -> None:
+    def _add_slots(
+        self, mv: ModelVersion, identity: bytes, indexes: list[int], touched: set
+    ) -> None:
         key = (mv.name, mv.version)
         sched = self.schedulers[key]
         for index in indexes:
@@ -367,7 +382,9 @@ class SchedulerServer:
             if model.config is None:
                 continue
             candidates = [
-                h for h in self.hosts.values() if h.framework == model.framework and h.instance_of is None
+                h
+                for h in self.hosts.values()
+                if h.framework == model.framework and h.instance_of is None
             ]
             if not candidates:
                 continue
@@ -402,7 +419,9 @@ class SchedulerServer:
         self.hosts.pop(host.identity, None)
         if self.hosts_by_id.get(host.host_id) is host:
             del self.hosts_by_id[host.host_id]
-        log.error("backend host %s (%s, pid %d) is gone: %s", host.host_id, host.framework, host.pid, why)
+        log.error(
+            "backend host %s (%s, pid %d) is gone: %s", host.host_id, host.framework, host.pid, why
+        )
         message = (
             f"the backend host running the model ({host.framework}, pid {host.pid}) exited "
             "while the request was in flight"
@@ -413,7 +432,13 @@ class SchedulerServer:
                 assert self._outbox is not None
                 self._outbox.put(
                     entry.frontend,
-                    m.InferReply(entry.rid, entry.slot.model, entry.slot.version, [], m.Error(Code.UNAVAILABLE.value, message)),
+                    m.InferReply(
+                        entry.rid,
+                        entry.slot.model,
+                        entry.slot.version,
+                        [],
+                        m.Error(Code.UNAVAILABLE.value, message),
+                    ),
                 )
         for key, sched in self.schedulers.items():
             if not sched.remove_slots(host.identity):
@@ -421,7 +446,15 @@ class SchedulerServer:
             mv = self._version(*key)
             if mv is None or sched.slot_count > 0:
                 continue
-            mv.state, mv.reason = State.UNAVAILABLE, f"its backend host ({host.framework}, pid {host.pid}) exited"
+            mv.state, mv.reason = (
+                State.UNAVAILABLE,
+                f"its backend host ({host.framework}, pid {host.pid}) exited",
+            )
             for p in sched.drain_queue():
-                self._reply_error(p.frontend, p.request.reply_to, p.request, unavailable(f"model '{key[0]}' lost its instances: {mv.reason}"))
+                self._reply_error(
+                    p.frontend,
+                    p.request.reply_to,
+                    p.request,
+                    unavailable(f"model '{key[0]}' lost its instances: {mv.reason}"),
+                )
         self._place()

@@ -35,9 +35,11 @@ def check_request(model: Model, req: m.Infer, buffers: list) -> None:
             )
         shape = tensor.shape
         expected = ([-1] if max_batch > 0 else []) + list(dims)
-        if len(shape) != len(expected) or any(
-            e != -1 and e != s for e, s in zip(expected, shape)
-        ) or any(s < 0 for s in shape):
+        if (
+            len(shape) != len(expected)
+            or any(e != -1 and e != s for e, s in zip(expected, shape))
+            or any(s < 0 for s in shape)
+        ):
             raise invalid_arg(
                 f"unexpected shape for input '{tensor.name}' for model '{name}'. Expected "
                 f"{_shape_str(expected)}, got {_shape_str(shape)}. NOTE: Setting a non-zero "
@@ -69,9 +71,7 @@ def check_request(model: Model, req: m.Infer, buffers: list) -> None:
                 f"input byte size mismatch for input '{tensor.name}' for model '{name}'. "
                 f"Expected {expected_bytes}, got {actual}"
             )
-    if len(seen) != len(model.required_inputs) or any(
-        r not in seen for r in model.required_inputs
-    ):
+    if len(seen) != len(model.required_inputs) or any(r not in seen for r in model.required_inputs):
         missing = [r for r in model.required_inputs if r not in seen]
         if missing:
             raise invalid_arg(
@@ -89,8 +89,7 @@ def resolve_version(model: Model, version: str) -> str:
     if model.config is None:
         raise ServerError(
             Code.UNAVAILABLE,
-            f"Request for unknown model: '{model.name}' has no available versions "
-            f"({model.error})",
+            f"Request for unknown model: '{model.name}' has no available versions ({model.error})",
         )
     if not version:
         v = model.default_version()

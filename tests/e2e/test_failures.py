@@ -12,9 +12,8 @@ import time
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
-
 from conftest import SHIPPED_REPOSITORY, DespinaServer
+from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture()
@@ -89,7 +88,9 @@ def test_onnxruntime_host_killed_is_restarted(fresh_server):
     np.testing.assert_array_equal(infer().as_numpy("OUTPUT1"), 0 * a)
     new_pids = fresh_server.child_pids("--framework onnxruntime")
     assert len(new_pids) == 1 and new_pids != pids
-    assert "backend-onnxruntime (pid" in fresh_server.log() and "restarting it" in fresh_server.log()
+    assert (
+        "backend-onnxruntime (pid" in fresh_server.log() and "restarting it" in fresh_server.log()
+    )
     client.close()
 
 

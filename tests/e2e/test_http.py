@@ -12,7 +12,9 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 
 def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://{server.url}{path}", data=body, method="POST", headers=headers or {})
+    req = urllib.request.Request(
+        f"http://{server.url}{path}", data=body, method="POST", headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -100,9 +102,14 @@ def test_add_sub_models(http_client, model, dtype, binary_in, binary_out):
     rng = np.random.default_rng(0)
     a = rng.integers(-100, 100, size=(3, 16)).astype(dtype)
     b = rng.integers(-100, 100, size=(3, 16)).astype(dtype)
-    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary_out) for n in ("OUTPUT0", "OUTPUT1")]
+    outputs = [
+        httpclient.InferRequestedOutput(n, binary_data=binary_out) for n in ("OUTPUT0", "OUTPUT1")
+    ]
     result = http_client.infer(
-        model, make_inputs([("INPUT0", a), ("INPUT1", b)], binary_in), outputs=outputs, request_id="req-42"
+        model,
+        make_inputs([("INPUT0", a), ("INPUT1", b)], binary_in),
+        outputs=outputs,
+        request_id="req-42",
     )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
@@ -115,7 +122,9 @@ def test_add_sub_models(http_client, model, dtype, binary_in, binary_out):
 def test_requested_output_subset(http_client):
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     outputs = [httpclient.InferRequestedOutput("OUTPUT1")]
-    result = http_client.infer("simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), outputs=outputs)
+    result = http_client.infer(
+        "simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), outputs=outputs
+    )
     assert [o["name"] for o in result.get_response()["outputs"]] == ["OUTPUT1"]
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((1, 16), np.int32))
     assert result.as_numpy("OUTPUT0") is None
@@ -126,10 +135,12 @@ def test_nested_and_flat_json_data(server):
     nested = [list(range(16))]
     for data in (flat, nested):
         body = json.dumps(
-            {"inputs": [
-                {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "data": data},
-                {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": data},
-            ]}
+            {
+                "inputs": [
+                    {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "data": data},
+                    {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": data},
+                ]
+            }
         ).encode()
         status, response = post(server, "/v2/models/simple/infer", body)
         assert status == 200, response
@@ -137,9 +148,18 @@ def test_nested_and_flat_json_data(server):
 
 
 ALL_TYPES = [
-    ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32),
-    ("UINT64", np.uint64), ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32),
-    ("INT64", np.int64), ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64),
+    ("BOOL", np.bool_),
+    ("UINT8", np.uint8),
+    ("UINT16", np.uint16),
+    ("UINT32", np.uint32),
+    ("UINT64", np.uint64),
+    ("INT8", np.int8),
+    ("INT16", np.int16),
+    ("INT32", np.int32),
+    ("INT64", np.int64),
+    ("FP16", np.float16),
+    ("FP32", np.float32),
+    ("FP64", np.float64),
 ]
 
 
@@ -157,12 +177,25 @@ def random_tensor(np_type, shape, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("binary_out", [False, True])
 def test_every_data_type(http_client, binary_in, binary_out):
     """One request carries a tensor of every type the ONNX model accepts, extremes included."""
-    tensors = [(f"INPUT_{t}", random_tensor(np_type, (2, 5), i)) for i, (t, np_type) in enumerate(ALL_TYPES)]
-    tensors.append(("INPUT_BYTES", np.array([[b"a", b"bc", b"", "h\u00e9llo w\u00f6rld".encode(), b"z"]] * 2, dtype=object)))
+    tensors = [
+        (f"INPUT_{t}", random_tensor(np_type, (2, 5), i))
+        for i, (t, np_type) in enumerate(ALL_TYPES)
+    ]
+    tensors.append(
+        (
+            "INPUT_BYTES",
+            np.array(
+                [[b"a", b"bc", b"", "h\u00e9llo w\u00f6rld".encode(), b"z"]] * 2, dtype=object
+            ),
+        )
+    )
     result = http_client.infer(
         "identity_all",
         make_inputs(tensors, binary_in),
-        outputs=[httpclient.InferRequestedOutput(n.replace("INPUT", "OUTPUT"), binary_data=binary_out) for n, _ in tensors],
+        outputs=[
+            httpclient.InferRequestedOutput(n.replace("INPUT", "OUTPUT"), binary_data=binary_out)
+            for n, _ in tensors
+        ],
     )
     for name, data in tensors[:-1]:
         out = result.as_numpy(name.replace("INPUT", "OUTPUT"))
@@ -178,13 +211,16 @@ def test_every_data_type(http_client, binary_in, binary_out):
 def test_bytes_tensors(http_client, binary):
     a = np.array([[str(i) for i in range(16)]], dtype=object)
     b = np.array([["1"] * 16], dtype=object)
-    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("OUTPUT0", "OUTPUT1")]
-    result = http_client.infer("simple_string", make_inputs([("INPUT0", a), ("INPUT1", b)], binary), outputs=outputs)
+    outputs = [
+        httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("OUTPUT0", "OUTPUT1")
+    ]
+    result = http_client.infer(
+        "simple_string", make_inputs([("INPUT0", a), ("INPUT1", b)], binary), outputs=outputs
+    )
     sums = [int(x) for x in result.as_numpy("OUTPUT0").reshape(-1)]
     diffs = [int(x) for x in result.as_numpy("OUTPUT1").reshape(-1)]
     assert sums == [i + 1 for i in range(16)]
     assert diffs == [i - 1 for i in range(16)]
-
 
 
 def test_variable_dims_and_large_tensor(http_client):
@@ -201,14 +237,18 @@ def test_variable_dims_and_large_tensor(http_client):
 
 def test_version_in_url(http_client):
     a = np.ones((1, 16), np.int32)
-    result = http_client.infer("simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), model_version="1")
+    result = http_client.infer(
+        "simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), model_version="1"
+    )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
 
 
 def test_parameters_pass_through(http_client):
     a = np.ones((1, 16), np.int32)
     result = http_client.infer(
-        "simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), parameters={"my_key": "v", "n": 3}
+        "simple",
+        make_inputs([("INPUT0", a), ("INPUT1", a)], True),
+        parameters={"my_key": "v", "n": 3},
     )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), 0 * a)
 
@@ -238,7 +278,9 @@ def test_unknown_model(http_client):
 
 def test_unknown_version(http_client):
     a = np.ones((1, 16), np.int32)
-    err = infer_error(http_client, "simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), model_version="9")
+    err = infer_error(
+        http_client, "simple", make_inputs([("INPUT0", a), ("INPUT1", a)], True), model_version="9"
+    )
     assert err.status() == "404"
     assert "version 9" in err.message()
 
@@ -252,12 +294,16 @@ def test_wrong_shape(http_client, model):
     assert "unexpected shape for input 'INPUT0'" in err.message()
     assert "Expected [-1,16], got [1,15]" in err.message()
     too_big = np.ones((9, 16), dtype)
-    err = infer_error(http_client, model, make_inputs([("INPUT0", too_big), ("INPUT1", too_big)], True))
+    err = infer_error(
+        http_client, model, make_inputs([("INPUT0", too_big), ("INPUT1", too_big)], True)
+    )
     assert "batch-size must be <= 8" in err.message()
     assert_still_serving(http_client)
 
 
-@pytest.mark.parametrize("model,right,wrong", [("simple", "INT32", np.float32), ("add_sub", "FP32", np.int32)])
+@pytest.mark.parametrize(
+    "model,right,wrong", [("simple", "INT32", np.float32), ("add_sub", "FP32", np.int32)]
+)
 def test_wrong_dtype(http_client, model, right, wrong):
     a = np.ones((1, 16), wrong)
     err = infer_error(http_client, model, make_inputs([("INPUT0", a), ("INPUT1", a)], True))
@@ -278,7 +324,9 @@ def test_missing_input(http_client, model, dtype):
 
 def test_unexpected_input_and_output(http_client):
     a = np.ones((1, 16), np.int32)
-    err = infer_error(http_client, "simple", make_inputs([("INPUT0", a), ("INPUT1", a), ("EXTRA", a)], True))
+    err = infer_error(
+        http_client, "simple", make_inputs([("INPUT0", a), ("INPUT1", a), ("EXTRA", a)], True)
+    )
     assert "unexpected inference input 'EXTRA'" in err.message()
     err = infer_error(
         http_client,
@@ -301,10 +349,22 @@ def test_malformed_json(server, http_client):
 
 def test_bad_binary_header(server, http_client):
     header = json.dumps(
-        {"inputs": [
-            {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "parameters": {"binary_data_size": 64}},
-            {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "parameters": {"binary_data_size": 64}},
-        ]}
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "shape": [1, 16],
+                    "datatype": "INT32",
+                    "parameters": {"binary_data_size": 64},
+                },
+                {
+                    "name": "INPUT1",
+                    "shape": [1, 16],
+                    "datatype": "INT32",
+                    "parameters": {"binary_data_size": 64},
+                },
+            ]
+        }
     ).encode()
     data = np.ones(32, np.int32).tobytes()
     cases = [
@@ -317,7 +377,12 @@ def test_bad_binary_header(server, http_client):
         status, response = post(server, "/v2/models/simple/infer", body, headers)
         assert status == 400, (headers, response)
         assert response["error"]
-    status, response = post(server, "/v2/models/simple/infer", header + data, {"Inference-Header-Content-Length": str(len(header))})
+    status, response = post(
+        server,
+        "/v2/models/simple/infer",
+        header + data,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
     assert status == 200, response
     assert response["outputs"][0]["data"] == [2] * 16
     assert_still_serving(http_client)

@@ -36,7 +36,10 @@ class OnnxRuntimeInstance:
                     f"instance '{spec.instance_name}' asks for KIND_GPU but onnxruntime has no "
                     "CUDA execution provider on this machine",
                 )
-            providers = [("CUDAExecutionProvider", {"device_id": spec.device_id}), "CPUExecutionProvider"]
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": spec.device_id}),
+                "CPUExecutionProvider",
+            ]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -54,7 +57,10 @@ class OnnxRuntimeInstance:
             if name in self.string_inputs:
                 # onnxruntime takes strings as Python str objects; bytes are misread.
                 arr = np.array(
-                    [x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in arr.reshape(-1)],
+                    [
+                        x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+                        for x in arr.reshape(-1)
+                    ],
                     dtype=object,
                 ).reshape(arr.shape)
             feed[name] = arr
@@ -69,7 +75,9 @@ class OnnxRuntimeInstance:
         out = {}
         for name, value in zip(names, results):
             if value.dtype == object:
-                value = np.array([str(x).encode() for x in value.reshape(-1)], dtype=object).reshape(value.shape)
+                value = np.array(
+                    [str(x).encode() for x in value.reshape(-1)], dtype=object
+                ).reshape(value.shape)
             out[name] = value
         return out
 

@@ -22,7 +22,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def error_response(exc: ServerError) -> web.Response:
     return web.Response(
-        status=HTTP_STATUS.get(exc.code, 400), body=codec.encode_error(exc.message), content_type=JSON
+        status=HTTP_STATUS.get(exc.code, 400),
+        body=codec.encode_error(exc.message),
+        content_type=JSON,
     )
 
 
@@ -78,7 +80,9 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
         try:
             header_length = codec.parse_header_length(request.headers.get(HEADER_LENGTH))
             body = await request.read()
-            inference = codec.decode_infer_request(body, header_length, info["model"], info.get("version", ""))
+            inference = codec.decode_infer_request(
+                body, header_length, info["model"], info.get("version", "")
+            )
             result = await plane.infer(inference)
             payload, json_length = codec.encode_infer_response(result, inference)
         except ServerError as exc:

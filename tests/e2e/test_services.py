@@ -1,0 +1,154 @@
+"""Each service started on its own with TCP endpoints (what compose runs), the
+tritonserver flag syntax, and the packaging of the ``despina`` import package."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_status
+
+
+def spawn(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "despina.services.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_services_started_separately_over_tcp(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for model in ("simple", "add_sub"):
+        shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
+    sched_port, reply_port, http_port = free_port(), free_port(), free_port()
+    scheduler = f"tcp://127.0.0.1:{sched_port}"
+    log = open(tmp_path / "services.log", "wb")
+    procs = [
+        spawn(["scheduler", f"--model-repository={repo}", "--endpoint", scheduler], log),
+        spawn(["backend-host", "--framework", "onnxruntime", "--scheduler", scheduler], log),
+        spawn(["backend-host", "--framework=python", f"--scheduler={scheduler}"], log),
+        spawn(
+            [
+                "frontend",
+                "--scheduler", scheduler,
+                "--reply-endpoint", f"tcp://127.0.0.1:{reply_port}",
+                "--http-address", "127.0.0.1",
+                "--http-port", str(http_port),
+            ],
+            log,
+        ),
+    ]
+    try:
+        url = f"127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http_status(f"http://{url}/v2/health/ready") == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail((tmp_path / "services.log").read_text())
+        client = httpclient.InferenceServerClient(url)
+        for model, dtype in (("simple", np.int32), ("add_sub", np.float32)):
+            a = np.arange(16, dtype=dtype).reshape(1, 16)
+            inputs = []
+            for name in ("INPUT0", "INPUT1"):
+                inp = httpclient.InferInput(name, [1, 16], "INT32" if dtype is np.int32 else "FP32")
+                inp.set_data_from_numpy(a, binary_data=True)
+                inputs.append(inp)
+            result = client.infer(model, inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+        client.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def test_tritonserver_flags_are_accepted(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
+    srv = DespinaServer(
+        repo,
+        tmp_path / "serve.log",
+        [
+            "--log-verbose=1",
+            "--strict-model-config=false",
+            "--model-control-mode", "none",
+            "--backend-config=python,shm-default-byte-size=1048576",
+            f"--grpc-port={free_port()}",
+            f"--metrics-port={free_port()}",
+            "--allow-client-shm",
+            "--exit-timeout-secs=5",
+        ],
+    ).start()
+    try:
+        assert http_status(f"http://{srv.url}/v2/models/simple/ready") == 200
+        log = srv.log()
+        assert "--strict-model-config is accepted for compatibility with tritonserver but not supported yet" in log
+        assert "--model-control-mode is accepted" in log
+        assert "Started HTTPService at 0.0.0.0:" in log
+        assert "Despina is ready" in log
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_flag_and_missing_repository_fail_clearly(tmp_path):
+    bad = subprocess.run(
+        [sys.executable, "-m", "despina.services.cli", "serve", "--model-repository", str(tmp_path), "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in bad.stderr
+    srv = DespinaServer(tmp_path / "does-not-exist", tmp_path / "serve.log").start(wait_ready=False)
+    try:
+        assert srv.proc.wait(30) == 1
+        assert "does not exist or is not a folder" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_port_in_use_fails_clearly(tmp_path, server):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
+    srv = DespinaServer(repo, tmp_path / "serve.log")
+    srv.http_port = server.http_port
+    srv.start(wait_ready=False)
+    try:
+        assert srv.proc.wait(30) == 1
+        assert "could not listen for HTTP" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_wheel_installs_one_import_package(tmp_path):
+    """The wheel holds ``despina/...`` only: no top-level ``common`` or ``services``."""
+    out = tmp_path / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("despina-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.startswith("despina-")}
+    assert tops == {"despina"}, tops
+    assert "despina/services/cli.py" in names
+    assert "despina/common/messages.py" in names
+    assert "despina/services/backend_host/backends/python/triton_python_backend_utils.py" in names
