@@ -9,6 +9,7 @@ then treated as frozen.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf import descriptor, json_format, text_format
@@ -17,7 +18,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from despina.common import dtypes
 from despina.common.errors import invalid_arg
 
-ModelConfig = mc.ModelConfig
+if TYPE_CHECKING:
+    ModelConfig = Any  # the generated protobuf classes carry no type information
+else:
+    ModelConfig = mc.ModelConfig
 
 # platform / backend spellings -> the framework of the backend host that runs them
 _PLATFORMS = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import zmq
 
@@ -67,8 +68,9 @@ class SocketDriver:
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
         self._closed = False
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
         if on_burst is not None:
-            self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+            self._loop.add_reader(self._fd, self._drain)
             # Messages may already be queued before the reader was added.
             self._schedule()
 
@@ -102,7 +104,7 @@ class SocketDriver:
     def _recheck(self) -> None:
         if self._on_burst is not None and not self._closed:
             try:
-                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     self._schedule()
             except zmq.ZMQError:
                 pass
@@ -128,7 +130,7 @@ class SocketDriver:
         self._closed = True
         if self._on_burst is not None:
             try:
-                self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._fd)
             except Exception:
                 pass
         self.sock.close(linger=linger_ms)

@@ -330,6 +330,7 @@ class BackendHost:
             self._inflight -= 1
         assert self._outbox is not None
         for i, req in enumerate(execution.requests):
+            reply: tuple[m.InferReply, list]
             if batch_error is not None:
                 reply = (
                     m.InferReply(
@@ -425,7 +426,7 @@ def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply,
             if datatype == "BYTES":
                 buf: bytes | memoryview = dtypes.serialize_bytes(arr)
             else:
-                buf = memoryview(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+                buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data
             tensors.append(m.Tensor(name, datatype, [int(d) for d in arr.shape], m.Inline(0)))
             buffers.append(buf)
     except ServerError as exc:

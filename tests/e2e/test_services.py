@@ -17,7 +17,9 @@ from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_st
 
 
 def spawn(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "despina.services.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "despina.services.cli", *args], stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def test_services_started_separately_over_tcp(tmp_path):
@@ -35,10 +37,14 @@ def test_services_started_separately_over_tcp(tmp_path):
         spawn(
             [
                 "frontend",
-                "--scheduler", scheduler,
-                "--reply-endpoint", f"tcp://127.0.0.1:{reply_port}",
-                "--http-address", "127.0.0.1",
-                "--http-port", str(http_port),
+                "--scheduler",
+                scheduler,
+                "--reply-endpoint",
+                f"tcp://127.0.0.1:{reply_port}",
+                "--http-address",
+                "127.0.0.1",
+                "--http-port",
+                str(http_port),
             ],
             log,
         ),
@@ -87,7 +93,8 @@ def test_tritonserver_flags_are_accepted(tmp_path):
         [
             "--log-verbose=1",
             "--strict-model-config=false",
-            "--model-control-mode", "none",
+            "--model-control-mode",
+            "none",
             "--backend-config=python,shm-default-byte-size=1048576",
             f"--grpc-port={free_port()}",
             f"--metrics-port={free_port()}",
@@ -98,7 +105,10 @@ def test_tritonserver_flags_are_accepted(tmp_path):
     try:
         assert http_status(f"http://{srv.url}/v2/models/simple/ready") == 200
         log = srv.log()
-        assert "--strict-model-config is accepted for compatibility with tritonserver but not supported yet" in log
+        assert (
+            "--strict-model-config is accepted for compatibility with tritonserver but not supported yet"
+            in log
+        )
         assert "--model-control-mode is accepted" in log
         assert "Started HTTPService at 0.0.0.0:" in log
         assert "Despina is ready" in log
@@ -108,7 +118,15 @@ def test_tritonserver_flags_are_accepted(tmp_path):
 
 def test_bad_flag_and_missing_repository_fail_clearly(tmp_path):
     bad = subprocess.run(
-        [sys.executable, "-m", "despina.services.cli", "serve", "--model-repository", str(tmp_path), "--no-such-flag"],
+        [
+            sys.executable,
+            "-m",
+            "despina.services.cli",
+            "serve",
+            "--model-repository",
+            str(tmp_path),
+            "--no-such-flag",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -141,7 +159,18 @@ def test_wheel_installs_one_import_package(tmp_path):
     """The wheel holds ``despina/...`` only: no top-level ``common`` or ``services``."""
     out = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
         timeout=300,
     )

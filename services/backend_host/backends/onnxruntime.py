@@ -28,7 +28,7 @@ class OnnxRuntimeInstance:
             options.intra_op_num_threads = int(params["intra_op_thread_count"].string_value)
         if "inter_op_thread_count" in params:
             options.inter_op_num_threads = int(params["inter_op_thread_count"].string_value)
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict]] = ["CPUExecutionProvider"]
         if spec.kind == "KIND_GPU":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ServerError(
