@@ -582,5 +582,49 @@ def test_inconsistent_outputs_are_internal_errors(out, binary):
     assert "'OUT'" in err.value.message
 
 
+# -- conformance with tritonclient's own encoder and decoder -------------------------------
+
+CLIENT_ARRAYS = [
+    ("FP32", np.arange(6, dtype=np.float32).reshape(2, 3) / 4),
+    ("INT64", np.array([[-(2**40), 7]], np.int64)),
+    ("UINT8", np.array([0, 200, 255], np.uint8)),
+    ("BOOL", np.array([[True], [False]])),
+    ("FP16", np.array([0.5, -1.5], np.float16)),
+    ("BYTES", np.array([["abc", "déf"]], np.object_)),
+]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_round_trip_through_tritonclient(binary):
+    httpclient = pytest.importorskip("tritonclient.http")
+    inputs, outputs = [], []
+    for index, (datatype, array) in enumerate(CLIENT_ARRAYS):
+        tensor = httpclient.InferInput(f"IN{index}", list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+        outputs.append(httpclient.InferRequestedOutput(f"IN{index}", binary_data=binary))
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        inputs, outputs, request_id="r1", sequence_id=5, priority=1
+    )
+    request = decode_infer_request(body, json_size, "m", "")
+    assert (request.id, request.parameters) == ("r1", {"sequence_id": 5, "sequence_start": False, "sequence_end": False, "priority": 1})  # fmt: skip
+    assert [(o.name, o.binary) for o in request.outputs] == [(f"IN{i}", binary) for i in range(len(CLIENT_ARRAYS))]  # fmt: skip
+
+    # Echo every input back as an output of the same name.
+    echoed = [OutputTensor(t.name, t.datatype, t.shape, bytes(t.data)) for t in request.inputs]
+    response, header_length = encode_infer_response(result_of(*echoed), request)
+    parsed = httpclient.InferResult.from_response_body(response, header_length=header_length)
+    assert parsed.get_response()["id"] == "r1"
+    for index, (datatype, array) in enumerate(CLIENT_ARRAYS):
+        got = parsed.as_numpy(f"IN{index}")
+        if datatype == "BYTES":
+            # tritonclient yields str from JSON and bytes from binary data, as with Triton.
+            as_bytes = [e.encode() if isinstance(e, str) else e for e in got.reshape(-1)]
+            assert as_bytes == [e.encode() for e in array.reshape(-1)]
+        else:
+            np.testing.assert_array_equal(got, array)
+            assert got.dtype == array.dtype
+
+
 def test_encode_error():
     assert orjson.loads(encode_error('bad "input"')) == {"error": 'bad "input"'}

@@ -267,7 +267,8 @@ def _request_parameters(params_json: object) -> tuple[dict[str, ParamValue], boo
         if key == "binary_data_output":
             if type(value) is not bool:
                 raise invalid_arg(
-                    f"unable to parse 'binary_data_output': it must be true or false, got {_show(value)}"
+                    "unable to parse 'binary_data_output': it must be true or false, "
+                    f"got {_show(value)}"
                 )
             binary_output = value
             continue
@@ -290,7 +291,8 @@ def _request_parameters(params_json: object) -> tuple[dict[str, ParamValue], boo
         elif key in _UINT_REQUEST_PARAMS:
             if type(value) is not int or value < 0:
                 raise invalid_arg(
-                    f"unable to parse '{key}': it must be a non-negative integer, got {_show(value)}"
+                    f"unable to parse '{key}': it must be a non-negative integer, "
+                    f"got {_show(value)}"
                 )
         elif not _is_scalar(value):
             raise invalid_arg(
@@ -600,6 +602,7 @@ def encode_infer_response(
                 f"bytes, got {size}"
             )
         if not binary:
+            values: np.ndarray | list[str] | None
             if datatype == "BYTES":
                 values = _bytes_to_strings(name, shape, data)
             elif datatype == "BF16":
