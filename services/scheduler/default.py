@@ -1,5 +1,11 @@
 """Triton's default scheduler: one request per execution, to any free instance, in
-arrival order."""
+arrival order.
+
+An instance counts as free while it has fewer than ``depth`` requests in flight: with
+two, the backend host already holds the next request when it finishes one, so the
+scheduler's round trip (completion in, next request out) is off the critical path. The
+host still runs its requests one at a time, in order.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,10 @@ from despina.services.scheduler.interface import Pending, Slot
 class DefaultScheduler:
     """Not thread-safe: used from the scheduler's loop only."""
 
-    def __init__(self, max_queue: int = 100_000) -> None:
+    def __init__(self, depth: int = 2) -> None:
         self.queue: deque[Pending] = deque()
         self.slots: list[Slot] = []
-        self.max_queue = max_queue
+        self.depth = depth
 
     def enqueue(self, pending: Pending) -> None:
         self.queue.append(pending)
@@ -23,12 +29,15 @@ class DefaultScheduler:
         out: list[tuple[Slot, list[Pending]]] = []
         if not self.queue:
             return out
-        for slot in self.slots:
-            if not self.queue:
-                break
-            if slot.busy == 0:
-                slot.busy = 1
-                out.append((slot, [self.queue.popleft()]))
+        # Fill the least busy instance first, one request at a time, so work spreads
+        # evenly before any instance gets a second request.
+        for level in range(self.depth):
+            for slot in self.slots:
+                if not self.queue:
+                    return out
+                if slot.busy == level:
+                    slot.busy += 1
+                    out.append((slot, [self.queue.popleft()]))
         return out
 
     def completed(self, slot: Slot, count: int) -> None:

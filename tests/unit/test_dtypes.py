@@ -183,7 +183,17 @@ def prefixed(*items: bytes) -> bytes:
         [bytes(range(256))],
         [b"x" * 70000],
     ],
-    ids=["none", "one-empty", "all-empty", "ascii", "mixed", "non-ascii", "nuls", "all-bytes", "long"],
+    ids=[
+        "none",
+        "one-empty",
+        "all-empty",
+        "ascii",
+        "mixed",
+        "non-ascii",
+        "nuls",
+        "all-bytes",
+        "long",
+    ],
 )
 def test_bytes_round_trip(items: list[bytes]) -> None:
     array = np.empty(len(items), dtype=np.object_)

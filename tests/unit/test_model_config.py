@@ -65,9 +65,9 @@ def test_parse_text_reads_the_proto() -> None:
     [
         "name: ",
         'name: "m" max_batch_size: "eight"',
-        'no_such_field: 1',
-        "input [{ name: \"x\" data_type: TYPE_NOPE }]",
-        "input [{ name: \"x\" ",
+        "no_such_field: 1",
+        'input [{ name: "x" data_type: TYPE_NOPE }]',
+        'input [{ name: "x" ',
         "max_batch_size: 99999999999999999999",
     ],
     ids=["no-value", "wrong-type", "unknown-field", "unknown-enum", "unclosed", "overflow"],
@@ -239,8 +239,8 @@ def test_complete_names_each_instance_group_and_keeps_given_values(tmp_path: Pat
     ("text", "fragment"),
     [
         ("max_batch_size: -1" + ADD, "max_batch_size must be >= 0"),
-        ('input [{ data_type: TYPE_FP32 dims: [1] }]', "has no name"),
-        ('output [{ data_type: TYPE_FP32 dims: [1] }]', "has no name"),
+        ("input [{ data_type: TYPE_FP32 dims: [1] }]", "has no name"),
+        ("output [{ data_type: TYPE_FP32 dims: [1] }]", "has no name"),
         ('input [{ name: "x" dims: [1] }]', "'x' has no data_type"),
         ('output [{ name: "y" data_type: TYPE_INVALID dims: [1] }]', "'y' has no data_type"),
         ('input [{ name: "x" data_type: TYPE_FP32 dims: [4, 0] }]', "invalid dimension in [4, 0]"),
@@ -426,7 +426,12 @@ def test_metadata_json_without_batching(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("config_type", "datatype"),
-    [("TYPE_STRING", "BYTES"), ("TYPE_FP32", "FP32"), ("TYPE_BF16", "BF16"), ("TYPE_UINT64", "UINT64")],
+    [
+        ("TYPE_STRING", "BYTES"),
+        ("TYPE_FP32", "FP32"),
+        ("TYPE_BF16", "BF16"),
+        ("TYPE_UINT64", "UINT64"),
+    ],
 )
 def test_datatype_of_io(config_type: str, datatype: str) -> None:
     config = model_config.parse_text(f'input [{{ name: "x" data_type: {config_type} }}]')
