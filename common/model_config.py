@@ -163,13 +163,18 @@ def instance_count(config: ModelConfig) -> int:
     return sum(group.count for group in config.instance_group)
 
 
+def _is_version(name: str) -> bool:
+    """A version folder is a positive decimal number written without leading zeros."""
+    return name.isascii() and name.isdigit() and name == str(int(name)) and int(name) > 0
+
+
 def available_versions(config: ModelConfig, model_dir: Path) -> list[str]:
     """Version folders the version policy selects, as strings, newest first."""
     versions = sorted(
         (
             int(p.name)
             for p in model_dir.iterdir()
-            if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+            if p.is_dir() and _is_version(p.name)
         ),
         reverse=True,
     )

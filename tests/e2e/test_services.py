@@ -12,7 +12,6 @@ import zipfile
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-
 from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_status
 
 

@@ -44,7 +44,9 @@ def test_every_command_parses(compose):
         if kind == "frontend":
             assert args.scheduler == f"tcp://scheduler:{port}", svc
             assert args.advertise_endpoint.startswith(f"tcp://{svc}:"), svc
-            assert args.reply_endpoint.rsplit(":", 1)[1] == args.advertise_endpoint.rsplit(":", 1)[1]
+            assert (
+                args.reply_endpoint.rsplit(":", 1)[1] == args.advertise_endpoint.rsplit(":", 1)[1]
+            )
         if kind == "backend-host":
             assert args.scheduler == f"tcp://scheduler:{port}", svc
 

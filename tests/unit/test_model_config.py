@@ -310,16 +310,18 @@ def test_available_versions_without_version_folders(tmp_path: Path) -> None:
     assert model_config.available_versions(config, model_dir) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: available_versions filters folders with str.isdigit(), which is true for "
-    "'²' but int('²') raises ValueError, so one oddly named folder crashes the scan",
-)
 def test_available_versions_ignores_superscript_digit_folder(tmp_path: Path) -> None:
+    """'²'.isdigit() is true but int('²') fails: such a folder is simply not a version."""
     model_dir = write_model(tmp_path, "sd", 'backend: "python"', versions=("1", "²"))
     config = model_config.load(model_dir)
     assert model_config.available_versions(config, model_dir) == ["1"]
+
+
+def test_zero_padded_folder_is_not_a_version(tmp_path: Path) -> None:
+    """'01' would name version 1 but live in another folder than 1/: not a version."""
+    model_dir = write_model(tmp_path, "zp", 'backend: "python"', versions=("2", "01", "0"))
+    config = model_config.load(model_dir)
+    assert model_config.available_versions(config, model_dir) == ["2"]
 
 
 # --- JSON renderings --------------------------------------------------------------------
