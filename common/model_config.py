@@ -171,11 +171,7 @@ def _is_version(name: str) -> bool:
 def available_versions(config: ModelConfig, model_dir: Path) -> list[str]:
     """Version folders the version policy selects, as strings, newest first."""
     versions = sorted(
-        (
-            int(p.name)
-            for p in model_dir.iterdir()
-            if p.is_dir() and _is_version(p.name)
-        ),
+        (int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)),
         reverse=True,
     )
     policy = config.version_policy
