@@ -129,6 +129,9 @@ class ReplyBatch(msgspec.Struct, tag="replies", array_like=True):
 
 
 class HostHello(msgspec.Struct, tag="host_hello", array_like=True):
+    """A backend host's first message on its stream to the scheduler. The stream is the
+    host's identity: when it closes, the host is gone."""
+
     protocol: int
     host_id: str
     framework: str
@@ -137,10 +140,6 @@ class HostHello(msgspec.Struct, tag="host_hello", array_like=True):
     # and, if initialize() failed, why.
     instance_of: tuple[str, str, int] | None = None
     load_error: str = ""
-
-
-class Heartbeat(msgspec.Struct, tag="hb", array_like=True):
-    host_id: str
 
 
 class LoadModel(msgspec.Struct, tag="load", array_like=True):
@@ -178,23 +177,21 @@ class ExecuteBatch(msgspec.Struct, tag="exec", array_like=True):
     executions: list[Execution]
 
 
-class Rejoin(msgspec.Struct, tag="rejoin", array_like=True):
-    """The scheduler does not know this host (it restarted, or took the host for dead):
-    the host drops its instances and says hello again."""
-
-
 class Completion(msgspec.Struct, tag="done", array_like=True):
     """The host finished these executions (replies already went to the frontends)."""
 
     host_id: str
     done: list[tuple[str, str, int, list[int]]]  # (model, version, instance, [sid...])
+    # Requests whose replies could not reach their frontend: the scheduler answers them
+    # with an error over its own socket to that frontend.
+    undelivered: list[int] = []
 
 
-SchedulerInbound = (
-    FrontendHello | InferBatch | Query | HostHello | Heartbeat | LoadResult | Completion
-)
+# What each socket may receive: one decoder per socket.
+SchedulerFromFrontend = FrontendHello | InferBatch | Query
+SchedulerFromHost = HostHello | LoadResult | Completion
 FrontendInbound = ReplyBatch | QueryReply
-HostInbound = LoadModel | UnloadModel | ExecuteBatch | Rejoin
+HostInbound = LoadModel | UnloadModel | ExecuteBatch
 
 
 def encoder() -> msgspec.msgpack.Encoder:

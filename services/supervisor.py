@@ -10,7 +10,6 @@ program compose runs as a container (``despina scheduler|frontend|backend-host``
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import shutil
 import signal
@@ -24,19 +23,11 @@ from pathlib import Path
 
 from despina.common import model_config
 from despina.common.errors import ServerError
+from despina.common.process import die_with_parent
 
 log = logging.getLogger("despina.serve")
 
 EXIT_CONFIG = 78
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Run in each child before exec: the kernel sends SIGTERM if the supervisor dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass(eq=False)
@@ -80,14 +71,24 @@ class Supervisor:
         args = self.args
         py = [sys.executable, "-m"]
         verbose = ["--log-verbose", str(args.log_verbose)]
-        scheduler = f"ipc://{self.runtime_dir}/scheduler"
+        scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends
+        hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts
         repos: list[str] = []
         for repo in args.model_repository:
             repos += ["--model-repository", str(Path(repo).resolve())]
         self.children.append(
             Child(
                 "scheduler",
-                py + ["despina.services.scheduler", "--endpoint", scheduler, *repos, *verbose],
+                py
+                + [
+                    "despina.services.scheduler",
+                    "--endpoint",
+                    scheduler,
+                    "--host-endpoint",
+                    hosts,
+                    *repos,
+                    *verbose,
+                ],
                 order=2,
             )
         )
@@ -101,7 +102,7 @@ class Supervisor:
                         "--framework",
                         framework,
                         "--scheduler",
-                        scheduler,
+                        hosts,
                         *verbose,
                     ],
                     order=1,
@@ -118,7 +119,7 @@ class Supervisor:
                             "--scheduler",
                             scheduler,
                             "--reply-endpoint",
-                            f"ipc://{self.runtime_dir}/frontend-{i}",
+                            f"unix://{self.runtime_dir}/frontend-{i}",
                             "--http-address",
                             args.http_address,
                             "--http-port",
@@ -133,7 +134,7 @@ class Supervisor:
                 )
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen(child.argv, preexec_fn=die_with_parent)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 

@@ -29,7 +29,9 @@ log = logging.getLogger("despina.backend_host")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--framework", required=True, choices=FRAMEWORKS)
     parser.add_argument(
-        "--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint"
+        "--scheduler",
+        default="tcp://127.0.0.1:8012",
+        help="the scheduler's endpoint for backend hosts (its --host-endpoint)",
     )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
@@ -68,14 +70,12 @@ async def run_instance(args: argparse.Namespace) -> int:
         None,
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
         instance_of=(model, version, int(index)),
-        watch_parent=os.getppid(),
     )
     _install_signals(host)
     try:
         instance = make_backend("python").load(spec)
     except ServerError as exc:
         log.error("loading '%s' failed: %s", model, exc.message)
-        host.stop()
         await host.run(load_error=exc.message)
         return LOAD_FAILED_EXIT
     host.add_instance((model, version, int(index)), instance)

@@ -1,10 +1,11 @@
 """The backend host's loop: batches in -> numpy views -> instance.execute -> outputs out.
 
-A backend host connects a DEALER socket to the scheduler, receives ``ExecuteBatch``
-messages, runs each execution on its model instance and sends the replies straight to
-the frontends that asked (one message per frontend per wake), then reports completions
-to the scheduler in one message. A heartbeat thread with its own socket keeps the host
-known to be alive while a long execution holds the loop.
+A backend host opens a stream to the scheduler (common/streams.py), receives
+``ExecuteBatch`` messages, runs each execution on its model instance and sends the
+replies straight to the frontends that asked (one message per frontend per wake), then
+reports completions to the scheduler in one message. The stream is the host's identity:
+if it closes, the scheduler fails what was in flight here, and this host reconnects
+with a clean slate.
 
 Instances run on the loop's thread when the host has a single instance (no thread hop),
 otherwise each instance has a thread of its own so instances run side by side (ONNX
@@ -17,7 +18,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import threading
 import time
 import traceback
 import uuid
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-import zmq
 from tritonclient.grpc import model_config_pb2 as mc
 
-from despina.common import dtypes, transport
+from despina.common import dtypes, streams, transport
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError, internal
 from despina.common.shm.arena import ShmMapper
@@ -77,35 +76,6 @@ def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
     ]
 
 
-class HeartbeatThread(threading.Thread):
-    """Tells the scheduler this host lives, from its own socket and thread."""
-
-    def __init__(self, endpoint: str, host_id: str, watch_parent: int | None = None) -> None:
-        super().__init__(name="heartbeat", daemon=True)
-        self.endpoint = endpoint
-        self.host_id = host_id
-        self.watch_parent = watch_parent
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        ctx = transport.make_context()
-        sock = transport.configure(ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.IDENTITY, f"{self.host_id}/hb".encode())
-        sock.connect(self.endpoint)
-        payload = m.encoder().encode(m.Heartbeat(self.host_id))
-        try:
-            while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
-                if self.watch_parent is not None and os.getppid() != self.watch_parent:
-                    log.error("parent process is gone; exiting")
-                    os._exit(1)
-                try:
-                    sock.send(payload, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-        finally:
-            sock.close(linger=0)
-
-
 class BackendHost:
     """Runs model instances for one framework. All methods run on the loop's thread
     except the instance executions handed to executors."""
@@ -118,7 +88,6 @@ class BackendHost:
         *,
         host_id: str | None = None,
         instance_of: tuple[str, str, int] | None = None,
-        watch_parent: int | None = None,
     ) -> None:
         self.scheduler_endpoint = scheduler_endpoint
         self.framework = framework
@@ -129,13 +98,13 @@ class BackendHost:
         self.mapper = ShmMapper(capacity=16)
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode
-        self._ctx = transport.make_context()
-        self._reply_sockets: dict[str, transport.SocketDriver] = {}
-        self._heartbeat = HeartbeatThread(scheduler_endpoint, self.host_id, watch_parent)
+        self._reply_streams: dict[str, streams.LazyStream] = {}
+        self._undelivered: list[int] = []
         self._stopping = asyncio.Event()
         self._inflight = 0
-        self._driver: transport.SocketDriver | None = None
+        self._link: streams.FramedProtocol | None = None
         self._outbox: transport.Outbox | None = None
+        self._load_error = ""
         # Extra control handlers (the Python launcher overrides loading).
         self.on_load: Callable[[m.LoadModel], None] | None = None
         self.on_unload: Callable[[m.UnloadModel], None] | None = None
@@ -144,55 +113,75 @@ class BackendHost:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def run(self, load_error: str = "") -> None:
-        sock = transport.configure(self._ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.IDENTITY, self.host_id.encode())
-        sock.connect(self.scheduler_endpoint)
-        self._driver = transport.SocketDriver(sock, self._on_burst)
+        """Serve until stopped. Connects to the scheduler (retrying until it listens),
+        and after losing it drops every instance and joins again; a Python instance
+        process returns instead, and its launcher decides."""
         self._outbox = transport.Outbox(self._flush)
-        self._heartbeat.start()
         self._load_error = load_error
-        self._hello()
-        log.info(
-            "backend host %s (%s) connected to %s",
-            self.host_id,
-            self.framework,
-            self.scheduler_endpoint,
-        )
-        await self._stopping.wait()
-        await self._drain()
-        self._heartbeat.stopped.set()
-        for key in list(self.instances):
-            self._unload_instance(key)
-        for driver in self._reply_sockets.values():
-            driver.close(linger_ms=500)
-        # Let the last messages (a load error, final completions) reach the scheduler.
-        self._driver.close(linger_ms=500)
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def _hello(self) -> None:
-        assert self._driver is not None
-        hello = m.HostHello(
-            m.PROTOCOL_VERSION,
-            self.host_id,
-            self.framework,
-            os.getpid(),
-            self.instance_of,
-            self._load_error,
-        )
-        self._driver.send([self._encode(hello)])
-
-    def _rejoin(self) -> None:
-        """The scheduler lost track of this host: start over with a clean slate, except
-        for a Python instance process, whose one instance is what it announces."""
-        log.warning("the scheduler asked this host to join again")
-        if self.instance_of is None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            lost = asyncio.get_running_loop().create_future()
+            try:
+                self._link = await streams.connect(
+                    self.scheduler_endpoint,
+                    lambda _link, burst: self._on_burst(burst),
+                    lambda _link, lost=lost: lost.done() or lost.set_result(None),
+                )
+            except OSError as exc:
+                log.debug("scheduler not reachable at %s yet: %s", self.scheduler_endpoint, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            backoff = 0.05
+            self._hello()
+            if self._load_error:
+                break  # the hello told the scheduler why this instance cannot serve
+            log.info(
+                "backend host %s (%s) connected to %s",
+                self.host_id,
+                self.framework,
+                self.scheduler_endpoint,
+            )
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if self._stopping.is_set():
+                break
+            log.warning("lost the scheduler at %s", self.scheduler_endpoint)
+            if self.instance_of is not None:
+                break
             for key in list(self.instances):
                 self._unload_instance(key)
             if self.on_rejoin is not None:
                 self.on_rejoin()
-        self._hello()
+        await self._drain()
+        for key in list(self.instances):
+            self._unload_instance(key)
+        for stream in self._reply_streams.values():
+            stream.close()
+        if self._link is not None:
+            self._link.close()
+        # Let the last messages (a load error, final completions) leave.
+        await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        if self._link is None or not self._link.send([self._encode(msg)]):
+            log.warning("could not send %s to the scheduler", type(msg).__name__)
+
+    def _hello(self) -> None:
+        self._send(
+            m.HostHello(
+                m.PROTOCOL_VERSION,
+                self.host_id,
+                self.framework,
+                os.getpid(),
+                self.instance_of,
+                self._load_error,
+            )
+        )
 
     async def _drain(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -216,8 +205,6 @@ class BackendHost:
                     self.on_load(msg)
                 else:
                     asyncio.get_running_loop().create_task(self._load(msg))
-            elif isinstance(msg, m.Rejoin):
-                self._rejoin()
             elif isinstance(msg, m.UnloadModel):
                 if self.on_unload is not None:
                     self.on_unload(msg)
@@ -248,8 +235,7 @@ class BackendHost:
                 self._unload_instance((msg.model, msg.version, index))
             loaded = []
         self._rebalance_threads()
-        assert self._driver is not None
-        self._driver.send([self._encode(m.LoadResult(msg.model, msg.version, loaded, error))])
+        self._send(m.LoadResult(msg.model, msg.version, loaded, error))
         if not error:
             log.info("loaded '%s' version %s: %d instance(s)", msg.model, msg.version, len(loaded))
 
@@ -345,7 +331,7 @@ class BackendHost:
             else:
                 assert responses is not None
                 reply = encode_response(req, responses[i])
-            self._outbox.put(req.reply_to, reply)
+            self._outbox.put(req.reply_to, (*reply, req.sid))
         self._outbox.put(
             None,
             (
@@ -357,30 +343,35 @@ class BackendHost:
         )
 
     def _flush(self, pending: dict) -> None:
-        assert self._driver is not None
         done = pending.pop(None, None)
         for endpoint, replies in pending.items():
             frames = transport.FrameList()
             records = []
-            for reply, buffers in replies:
+            sids = []
+            for reply, buffers, sid in replies:
                 for tensor, buf in zip(reply.outputs, buffers):
                     tensor.ref = m.Inline(frames.add(buf))
                 records.append(reply)
-            driver = self._reply_socket(endpoint)
-            if not driver.send(frames.finish(self._encode(m.ReplyBatch(records)))):
-                log.warning("could not send %d replies to %s", len(records), endpoint)
-        if done:
-            self._driver.send([self._encode(m.Completion(self.host_id, done))])
+                sids.append(sid)
+            self._reply_stream(endpoint).send(
+                frames.finish(self._encode(m.ReplyBatch(records))), sids
+            )
+        if done or self._undelivered:
+            undelivered, self._undelivered = self._undelivered, []
+            self._send(m.Completion(self.host_id, done or [], undelivered))
 
-    def _reply_socket(self, endpoint: str) -> transport.SocketDriver:
-        driver = self._reply_sockets.get(endpoint)
-        if driver is None:
-            sock = transport.configure(self._ctx.socket(zmq.PUSH))
-            sock.setsockopt(zmq.SNDHWM, 10_000)
-            sock.connect(endpoint)
-            driver = transport.SocketDriver(sock, None)
-            self._reply_sockets[endpoint] = driver
-        return driver
+    def _reply_stream(self, endpoint: str) -> streams.LazyStream:
+        stream = self._reply_streams.get(endpoint)
+        if stream is None:
+            stream = streams.LazyStream(endpoint, lambda _link, _burst: None, self._on_undelivered)
+            self._reply_streams[endpoint] = stream
+        return stream
+
+    def _on_undelivered(self, tags: list) -> None:
+        """Replies that could not reach their frontend: the scheduler tells it instead."""
+        for sids in tags:
+            self._undelivered.extend(sids)
+        self._flush({})
 
 
 def _run(

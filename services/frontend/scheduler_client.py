@@ -1,8 +1,9 @@
 """The frontend's one client of the scheduler: requests out, replies in.
 
-Requests go to the scheduler over a DEALER socket, gathered into one ``InferBatch`` per
-loop iteration. Replies come straight from the backend hosts to this frontend's PULL
-socket (and from the scheduler for refused requests). Each pending request is a future
+Requests go to the scheduler over a ZeroMQ DEALER socket, gathered into one
+``InferBatch`` per loop iteration. Replies come straight from the backend hosts over
+streams to this frontend's reply listener (common/streams.py), and from the scheduler
+over the DEALER for requests it refused or that died with their host. Each pending request is a future
 keyed by a frontend-local id. Input tensors at or above ``inline_threshold`` bytes are
 written once into this frontend's shared-memory arena and sent as ``Shm`` refs; the
 arena block is released when the request's reply (or error) arrives, which is after the
@@ -20,7 +21,7 @@ import msgspec
 import zmq
 
 from despina.common import messages as m
-from despina.common import transport
+from despina.common import streams, transport
 from despina.common.errors import Code, ServerError, unavailable
 from despina.common.shm.arena import ShmArena
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
@@ -43,6 +44,8 @@ class SchedulerClient:
         arena_segment_size: int = 64 * 1024 * 1024,
     ) -> None:
         self.scheduler_endpoint = scheduler_endpoint
+        self.listen_endpoint = reply_endpoint
+        # What backend hosts are told to send replies to (differs behind NAT/containers).
         self.reply_endpoint = reply_endpoint
         self.inline_threshold = inline_threshold
         self.arena = ShmArena(
@@ -54,17 +57,17 @@ class SchedulerClient:
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.FrontendInbound).decode
         self._to_scheduler: transport.SocketDriver | None = None
-        self._replies: transport.SocketDriver | None = None
+        self._replies: asyncio.AbstractServer | None = None
         self._outbox: transport.Outbox | None = None
 
     async def start(self) -> None:
         ctx = transport.make_context()
         dealer = transport.configure(ctx.socket(zmq.DEALER))
         dealer.connect(self.scheduler_endpoint)
-        pull = transport.configure(ctx.socket(zmq.PULL))
-        pull.bind(self.reply_endpoint)
         self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
-        self._replies = transport.SocketDriver(pull, self._on_burst, copy=False)
+        self._replies = await streams.serve(
+            self.listen_endpoint, lambda _link, burst: self._on_burst(burst)
+        )
         self._outbox = transport.Outbox(self._flush)
         self._to_scheduler.send(
             [self._encode(m.FrontendHello(m.PROTOCOL_VERSION, self.reply_endpoint))]
@@ -169,9 +172,8 @@ class SchedulerClient:
 
     def _on_burst(self, burst: list[list]) -> None:
         for frames in burst:
-            head = frames[0]
             try:
-                msg = self._decode(head if isinstance(head, bytes) else head.buffer)
+                msg = self._decode(frames[0])
             except msgspec.DecodeError as exc:
                 log.warning("dropping an undecodable message: %s", exc)
                 continue
@@ -202,14 +204,7 @@ class SchedulerClient:
         for t in reply.outputs:
             ref = t.ref
             if isinstance(ref, m.Inline):
-                frame = frames[ref.frame]
-                data = (
-                    frame
-                    if isinstance(frame, bytes)
-                    else (
-                        frame.bytes if len(frame) < transport.ZERO_COPY_THRESHOLD else frame.buffer
-                    )
-                )
+                data = frames[ref.frame]
             else:
                 fut.set_exception(
                     ServerError(

@@ -25,13 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
     )
-    parser.add_argument("--endpoint", default="tcp://0.0.0.0:8010", help="ZeroMQ endpoint to bind")
+    parser.add_argument(
+        "--endpoint", default="tcp://0.0.0.0:8010", help="ZeroMQ endpoint frontends connect to"
+    )
+    parser.add_argument(
+        "--host-endpoint",
+        default="tcp://0.0.0.0:8012",
+        help="stream endpoint (unix:///path or tcp://host:port) backend hosts connect to",
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
 async def amain(args: argparse.Namespace) -> int:
     try:
-        server = SchedulerServer(args.endpoint, [Path(p) for p in args.model_repository])
+        server = SchedulerServer(
+            args.endpoint, args.host_endpoint, [Path(p) for p in args.model_repository]
+        )
     except ServerError as exc:
         log.error("%s", exc.message)
         return EXIT_CONFIG

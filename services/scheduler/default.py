@@ -46,9 +46,9 @@ class DefaultScheduler:
     def add_slot(self, slot: Slot) -> None:
         self.slots.append(slot)
 
-    def remove_slots(self, host_identity: bytes) -> list[Slot]:
-        gone = [s for s in self.slots if s.host_identity == host_identity]
-        self.slots = [s for s in self.slots if s.host_identity != host_identity]
+    def remove_slots(self, host: object) -> list[Slot]:
+        gone = [s for s in self.slots if s.host is host]
+        self.slots = [s for s in self.slots if s.host is not host]
         return gone
 
     def drain_queue(self) -> list[Pending]:

@@ -4,7 +4,7 @@ sequence batcher, ensemble), and the records they pass around."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from despina.common import messages as m
 
@@ -13,7 +13,7 @@ from despina.common import messages as m
 class Slot:
     """One model instance on one backend host. ``busy`` counts requests in flight on it."""
 
-    host_identity: bytes
+    host: Any  # the backend host's stream (streams.FramedProtocol): where batches go
     model: str
     version: str
     index: int
@@ -41,7 +41,7 @@ class ModelScheduler(Protocol):
 
     def add_slot(self, slot: Slot) -> None: ...
 
-    def remove_slots(self, host_identity: bytes) -> list[Slot]: ...
+    def remove_slots(self, host: Any) -> list[Slot]: ...
 
     def drain_queue(self) -> list[Pending]:
         """Take every queued request out (to fail them)."""

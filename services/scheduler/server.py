@@ -1,4 +1,5 @@
-"""The scheduler service: one ROUTER socket that frontends and backend hosts connect to.
+"""The scheduler service: a ZeroMQ ROUTER socket for frontends and a stream listener for
+backend hosts (a data-plane hop: see common/streams.py).
 
 It moves metadata only. Frontends send batches of requests; the scheduler checks each
 against its model's config, queues it on that model version's scheduler, and hands
@@ -6,25 +7,25 @@ batches to free instances on the backend hosts, one message per host per wake. B
 hosts reply to the frontends directly and report completions back here in batches.
 
 Failure handling: a request that cannot run gets an error reply to its frontend; a
-backend host that stops heartbeating has its in-flight requests failed with UNAVAILABLE
-and its instances placed again when a host of the same framework (re)joins.
+backend host whose stream closes (it died, or the network dropped it) has its in-flight
+requests failed with UNAVAILABLE at once, and its models placed again when a host of the
+same framework (re)joins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import msgspec
 import orjson
 import zmq
-from zmq.utils import monitor as zmq_monitor
 
 from despina.common import messages as m
-from despina.common import transport
+from despina.common import streams, transport
 from despina.common.errors import Code, ServerError, not_found, unavailable
 from despina.common.model_config import instance_count
 from despina.services.scheduler import validate
@@ -34,19 +35,17 @@ from despina.services.scheduler.repository import Model, ModelVersion, State, sc
 
 log = logging.getLogger("despina.scheduler")
 
-HEARTBEAT_TIMEOUT_S = 1.5
+HostLink: TypeAlias = streams.FramedProtocol
 
 
 @dataclass(eq=False)
 class Host:
-    identity: bytes
+    link: HostLink  # the host's stream is its identity: when it closes, the host is gone
     host_id: str
     framework: str
     pid: int
-    last_seen: float
     instance_of: tuple[str, str, int] | None = None
     loads: set[tuple[str, str]] = field(default_factory=set)
-    fd: int = -1  # the scheduler-side connection's file descriptor (for disconnect events)
 
 
 @dataclass(slots=True)
@@ -61,18 +60,18 @@ class SchedulerServer:
     """Owns the repository state, the hosts, the queues and the in-flight table. All
     methods run on the loop's thread."""
 
-    def __init__(self, endpoint: str, repositories: list[Path]) -> None:
+    def __init__(self, endpoint: str, host_endpoint: str, repositories: list[Path]) -> None:
         self.endpoint = endpoint
+        self.host_endpoint = host_endpoint
         self.repositories = repositories
         self.models: dict[str, Model] = scan(repositories)
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
-        self.hosts: dict[bytes, Host] = {}
-        self.hosts_by_id: dict[str, Host] = {}
+        self.hosts: dict[HostLink, Host] = {}
         self.inflight: dict[int, InFlight] = {}
-        self.reply_to: dict[bytes, str] = {}  # frontend identity -> reply endpoint
         self._next_sid = 1
         self._encode = m.encoder().encode
-        self._decode = m.decoder(m.SchedulerInbound).decode
+        self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
+        self._decode_host = m.decoder(m.SchedulerFromHost).decode
         self._driver: transport.SocketDriver | None = None
         self._outbox: transport.Outbox | None = None
         self._stopping = asyncio.Event()
@@ -86,24 +85,24 @@ class SchedulerServer:
         ctx = transport.make_context()
         sock = transport.configure(ctx.socket(zmq.ROUTER))
         sock.bind(self.endpoint)
-        # A peer's death closes its connection at once (ipc or tcp); the monitor says
-        # which connection closed, and the SRCFD recorded at hello says whose it was.
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._monitor = transport.SocketDriver(monitor, self._on_monitor)
-        self._driver = transport.SocketDriver(sock, self._on_burst, copy=False)
+        self._driver = transport.SocketDriver(sock, self._on_frontend_burst)
         self._outbox = transport.Outbox(self._flush)
+        host_server = await streams.serve(
+            self.host_endpoint, self._on_host_burst, self._on_host_lost
+        )
         log.info(
-            "scheduler listening at %s with %d model(s) in %s",
+            "scheduler listening at %s (frontends) and %s (backend hosts) with %d model(s) in %s",
             self.endpoint,
+            self.host_endpoint,
             len(self.models),
             ", ".join(map(str, self.repositories)),
         )
-        watchdog = asyncio.create_task(self._watch_hosts())
         try:
             await self._stopping.wait()
         finally:
-            watchdog.cancel()
-            self._monitor.close()
+            host_server.close()
+            for link in list(self.hosts):
+                link.close()
             self._driver.close()
 
     def stop(self) -> None:
@@ -111,58 +110,63 @@ class SchedulerServer:
 
     # --- inbound ----------------------------------------------------------------------
 
-    def _on_burst(self, burst: list[list]) -> None:
+    def _on_frontend_burst(self, burst: list[list]) -> None:
         touched: set[tuple[str, str]] = set()
-        now = time.monotonic()
         for frames in burst:
-            identity = frames[0].bytes
+            identity = frames[0]
             try:
-                msg = self._decode(frames[1].buffer)
+                msg = self._decode_frontend(frames[1])
             except (msgspec.DecodeError, IndexError) as exc:
-                log.warning("dropping an undecodable message: %s", exc)
+                log.warning("dropping an undecodable message from a frontend: %s", exc)
                 continue
-            host = self.hosts.get(identity)
-            if host is not None:
-                host.last_seen = now
             if isinstance(msg, m.InferBatch):
                 self._on_infer(identity, msg, frames, touched)
-            elif isinstance(msg, m.Completion):
-                self._on_completion(msg, touched)
-            elif isinstance(msg, m.Heartbeat):
-                hb_host = self.hosts_by_id.get(msg.host_id)
-                if hb_host is not None:
-                    hb_host.last_seen = now
-                else:
-                    self._send(msg.host_id.encode(), m.Rejoin())
             elif isinstance(msg, m.Query):
-                self._send(identity, self._answer(msg))
-            elif isinstance(msg, m.HostHello):
-                self._on_host_hello(identity, msg, now, touched, frames[1].get(zmq.SRCFD))
-            elif isinstance(msg, m.LoadResult):
-                self._on_load_result(identity, msg, touched)
+                self._send_frontend(identity, self._answer(msg))
             elif isinstance(msg, m.FrontendHello):
                 log.info("frontend joined; replies go to %s", msg.reply_endpoint)
         for key in touched:
             self._dispatch(key)
 
+    def _on_host_burst(self, link: HostLink, burst: list[list]) -> None:
+        touched: set[tuple[str, str]] = set()
+        for frames in burst:
+            try:
+                msg = self._decode_host(frames[0])
+            except (msgspec.DecodeError, IndexError) as exc:
+                log.warning("dropping an undecodable message from a backend host: %s", exc)
+                continue
+            if isinstance(msg, m.Completion):
+                self._on_completion(msg, touched)
+            elif isinstance(msg, m.HostHello):
+                self._on_host_hello(link, msg, touched)
+            elif isinstance(msg, m.LoadResult):
+                self._on_load_result(link, msg, touched)
+        for key in touched:
+            self._dispatch(key)
+
+    def _on_host_lost(self, link: HostLink) -> None:
+        host = self.hosts.get(link)
+        if host is not None:
+            self._host_gone(host, "its connection closed")
+
     def _on_infer(self, identity: bytes, batch: m.InferBatch, frames: list, touched: set) -> None:
         for req in batch.requests:
-            buffers = [
-                frames[t.ref.frame + 1] if isinstance(t.ref, m.Inline) else None for t in req.inputs
-            ]
             try:
+                buffers = [
+                    frames[t.ref.frame + 1] if isinstance(t.ref, m.Inline) else None
+                    for t in req.inputs
+                ]
                 model = self.models.get(req.model)
                 if model is None:
                     raise not_found(f"Request for unknown model: '{req.model}' is not found")
                 version = validate.resolve_version(model, req.version)
                 validate.check_request(model, req, buffers)
             except ServerError as exc:
-                self._reply_error(identity, batch.reply_to, req, exc)
+                self._reply_error(identity, req, exc)
                 continue
             except IndexError:
-                self._reply_error(
-                    identity, batch.reply_to, req, unavailable("malformed request message")
-                )
+                self._reply_error(identity, req, unavailable("malformed request message"))
                 continue
             req.version = version
             req.reply_to = batch.reply_to
@@ -171,6 +175,16 @@ class SchedulerServer:
             touched.add(key)
 
     def _on_completion(self, msg: m.Completion, touched: set) -> None:
+        for sid in msg.undelivered:
+            entry = self.inflight.get(sid)
+            if entry is not None:
+                self._reply(
+                    entry,
+                    unavailable(
+                        f"the backend host could not send the reply to this frontend at "
+                        f"{entry.reply_to}: check the frontend's advertised reply endpoint"
+                    ),
+                )
         for model, version, _instance, sids in msg.done:
             slot = None
             for sid in sids:
@@ -189,20 +203,18 @@ class SchedulerServer:
         sched = self.schedulers[key]
         assert self._outbox is not None
         for slot, pendings in sched.next_batches():
-            self._outbox.put(slot.host_identity, (slot, pendings))
+            self._outbox.put(slot.host, (slot, pendings))
 
     def _flush(self, pending: dict) -> None:
-        """Send everything one wake produced: one message per peer."""
-        assert self._driver is not None
-        for identity, items in pending.items():
+        """Send everything one wake produced: one message per peer. A peer is a
+        frontend's ZeroMQ identity (bytes) or a backend host's stream."""
+        for peer, items in pending.items():
+            if isinstance(peer, bytes):
+                self._send_frontend(peer, m.ReplyBatch(items))
+                continue
             frames = transport.FrameList()
             executions: list[m.Execution] = []
-            replies: list[m.InferReply] = []
-            for item in items:
-                if isinstance(item, m.InferReply):
-                    replies.append(item)
-                    continue
-                slot, pendings = item
+            for slot, pendings in items:
                 requests = []
                 for p in pendings:
                     req = p.request
@@ -214,12 +226,8 @@ class SchedulerServer:
                     self.inflight[sid] = InFlight(p.frontend, req.reply_to, req.rid, slot)
                     requests.append(req)
                 executions.append(m.Execution(slot.model, slot.version, slot.index, requests))
-            if executions:
-                header = self._encode(m.ExecuteBatch(executions))
-                if not self._driver.send([identity, *frames.finish(header)]):
-                    self._fail_executions(executions, "the backend host is not reachable")
-            if replies:
-                self._driver.send([identity, self._encode(m.ReplyBatch(replies))])
+            if not peer.send(frames.finish(self._encode(m.ExecuteBatch(executions)))):
+                self._fail_executions(executions, "the backend host is not reachable")
 
     def _fail_executions(self, executions: list[m.Execution], why: str) -> None:
         for execution in executions:
@@ -227,14 +235,31 @@ class SchedulerServer:
                 entry = self.inflight.pop(req.sid, None)
                 if entry is not None:
                     entry.slot.busy = max(0, entry.slot.busy - 1)
-                    self._reply_error(entry.frontend, entry.reply_to, req, unavailable(why))
+                    self._reply(entry, unavailable(why))
 
-    def _reply_error(self, frontend: bytes, reply_to: str, req: m.Infer, exc: ServerError) -> None:
+    def _reply_error(self, frontend: bytes, req: m.Infer, exc: ServerError) -> None:
         assert self._outbox is not None
         self._outbox.put(
             frontend,
             m.InferReply(req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)),
         )
+
+    def _reply(self, entry: InFlight, exc: ServerError) -> None:
+        assert self._outbox is not None
+        self._outbox.put(
+            entry.frontend,
+            m.InferReply(
+                entry.rid,
+                entry.slot.model,
+                entry.slot.version,
+                [],
+                m.Error(exc.code.value, exc.message),
+            ),
+        )
+
+    def _send_frontend(self, identity: bytes, msg: msgspec.Struct) -> None:
+        assert self._driver is not None
+        self._driver.send([identity, self._encode(msg)])
 
     # --- control plane --------------------------------------------------------------------
 
@@ -262,14 +287,12 @@ class SchedulerServer:
         model = self.models.get(q.model)
         if model is None:
             raise not_found(f"Request for unknown model: '{q.model}' is not found")
+        validate.resolve_version(model, q.version)
         if q.kind == "model_ready":
-            validate.resolve_version(model, q.version)
             return b""
         if q.kind == "model_metadata":
-            validate.resolve_version(model, q.version)
             return model.metadata_json()
         if q.kind == "model_config":
-            validate.resolve_version(model, q.version)
             return model.config_json
         raise ServerError(Code.UNSUPPORTED, f"unknown query '{q.kind}'")
 
@@ -293,37 +316,21 @@ class SchedulerServer:
 
     # --- backend hosts and placement ----------------------------------------------------------
 
-    def _on_monitor(self, burst: list[list]) -> None:
-        for frames in burst:
-            event = zmq_monitor.parse_monitor_message(frames)
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            for host in [h for h in self.hosts.values() if h.fd == event["value"]]:
-                self._host_gone(host, "its connection closed")
+    def _send_host(self, host: Host, msg: msgspec.Struct) -> None:
+        host.link.send([self._encode(msg)])
 
-    def _send(self, identity: bytes, msg: msgspec.Struct) -> None:
-        assert self._driver is not None
-        self._driver.send([identity, self._encode(msg)])
-
-    def _on_host_hello(
-        self, identity: bytes, hello: m.HostHello, now: float, touched: set, fd: int
-    ) -> None:
+    def _on_host_hello(self, link: HostLink, hello: m.HostHello, touched: set) -> None:
         if hello.protocol != m.PROTOCOL_VERSION:
             log.error(
-                "backend host %s speaks protocol %d, this scheduler %d: ignoring it",
+                "backend host %s speaks protocol %d, this scheduler %d: closing its connection",
                 hello.host_id,
                 hello.protocol,
                 m.PROTOCOL_VERSION,
             )
+            link.close()
             return
-        old = self.hosts_by_id.get(hello.host_id)
-        if old is not None and old.identity != identity:
-            self._host_gone(old, "it re-registered")
-        host = Host(
-            identity, hello.host_id, hello.framework, hello.pid, now, hello.instance_of, fd=fd
-        )
-        self.hosts[identity] = host
-        self.hosts_by_id[hello.host_id] = host
+        host = Host(link, hello.host_id, hello.framework, hello.pid, hello.instance_of)
+        self.hosts[link] = host
         if hello.instance_of is None:
             log.info(
                 "backend host %s (%s, pid %d) joined", hello.host_id, hello.framework, hello.pid
@@ -337,9 +344,9 @@ class SchedulerServer:
         if hello.load_error:
             self._load_failed(mv, hello.load_error)
             return
-        self._add_slots(mv, identity, [index], touched)
+        self._add_slots(mv, link, [index], touched)
 
-    def _on_load_result(self, identity: bytes, res: m.LoadResult, touched: set) -> None:
+    def _on_load_result(self, link: HostLink, res: m.LoadResult, touched: set) -> None:
         mv = self._version(res.model, res.version)
         if mv is None:
             return
@@ -347,15 +354,15 @@ class SchedulerServer:
             self._load_failed(mv, res.error)
             return
         if res.instances:
-            self._add_slots(mv, identity, res.instances, touched)
+            self._add_slots(mv, link, res.instances, touched)
 
     def _add_slots(
-        self, mv: ModelVersion, identity: bytes, indexes: list[int], touched: set
+        self, mv: ModelVersion, link: HostLink, indexes: list[int], touched: set
     ) -> None:
         key = (mv.name, mv.version)
         sched = self.schedulers[key]
         for index in indexes:
-            sched.add_slot(Slot(identity, mv.name, mv.version, index))
+            sched.add_slot(Slot(link, mv.name, mv.version, index))
         config = self.models[mv.name].config
         assert config is not None
         if sched.slot_count >= instance_count(config) and mv.state is not State.READY:
@@ -369,7 +376,7 @@ class SchedulerServer:
         for host in self.hosts.values():
             if (mv.name, mv.version) in host.loads:
                 host.loads.discard((mv.name, mv.version))
-                self._send(host.identity, m.UnloadModel(mv.name, mv.version))
+                self._send_host(host, m.UnloadModel(mv.name, mv.version))
 
     def _version(self, model: str, version: str) -> ModelVersion | None:
         entry = self.models.get(model)
@@ -396,8 +403,8 @@ class SchedulerServer:
                 host = min(candidates, key=lambda h: len(h.loads))
                 host.loads.add((mv.name, mv.version))
                 mv.state = State.LOADING
-                self._send(
-                    host.identity,
+                self._send_host(
+                    host,
                     m.LoadModel(
                         model.name,
                         mv.version,
@@ -407,41 +414,22 @@ class SchedulerServer:
                     ),
                 )
 
-    async def _watch_hosts(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            deadline = time.monotonic() - HEARTBEAT_TIMEOUT_S
-            for host in [h for h in self.hosts.values() if h.last_seen < deadline]:
-                self._host_gone(host, "it stopped answering")
-
     def _host_gone(self, host: Host, why: str) -> None:
         """Fail what the host was running, drop its instances, and re-place its models."""
-        self.hosts.pop(host.identity, None)
-        if self.hosts_by_id.get(host.host_id) is host:
-            del self.hosts_by_id[host.host_id]
+        self.hosts.pop(host.link, None)
         log.error(
             "backend host %s (%s, pid %d) is gone: %s", host.host_id, host.framework, host.pid, why
         )
-        message = (
+        died = unavailable(
             f"the backend host running the model ({host.framework}, pid {host.pid}) exited "
             "while the request was in flight"
         )
         for sid, entry in list(self.inflight.items()):
-            if entry.slot.host_identity == host.identity:
+            if entry.slot.host is host.link:
                 del self.inflight[sid]
-                assert self._outbox is not None
-                self._outbox.put(
-                    entry.frontend,
-                    m.InferReply(
-                        entry.rid,
-                        entry.slot.model,
-                        entry.slot.version,
-                        [],
-                        m.Error(Code.UNAVAILABLE.value, message),
-                    ),
-                )
+                self._reply(entry, died)
         for key, sched in self.schedulers.items():
-            if not sched.remove_slots(host.identity):
+            if not sched.remove_slots(host.link):
                 continue
             mv = self._version(*key)
             if mv is None or sched.slot_count > 0:
@@ -453,7 +441,6 @@ class SchedulerServer:
             for p in sched.drain_queue():
                 self._reply_error(
                     p.frontend,
-                    p.request.reply_to,
                     p.request,
                     unavailable(f"model '{key[0]}' lost its instances: {mv.reason}"),
                 )

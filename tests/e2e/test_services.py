@@ -26,13 +26,29 @@ def test_services_started_separately_over_tcp(tmp_path):
     repo.mkdir()
     for model in ("simple", "add_sub"):
         shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    sched_port, reply_port, http_port = free_port(), free_port(), free_port()
+    sched_port, hosts_port, reply_port, http_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    )
     scheduler = f"tcp://127.0.0.1:{sched_port}"
+    hosts = f"tcp://127.0.0.1:{hosts_port}"
     log = open(tmp_path / "services.log", "wb")
     procs = [
-        spawn(["scheduler", f"--model-repository={repo}", "--endpoint", scheduler], log),
-        spawn(["backend-host", "--framework", "onnxruntime", "--scheduler", scheduler], log),
-        spawn(["backend-host", "--framework=python", f"--scheduler={scheduler}"], log),
+        spawn(
+            [
+                "scheduler",
+                f"--model-repository={repo}",
+                "--endpoint",
+                scheduler,
+                "--host-endpoint",
+                hosts,
+            ],
+            log,
+        ),
+        spawn(["backend-host", "--framework", "onnxruntime", "--scheduler", hosts], log),
+        spawn(["backend-host", "--framework=python", f"--scheduler={hosts}"], log),
         spawn(
             [
                 "frontend",

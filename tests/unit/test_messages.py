@@ -35,13 +35,16 @@ def reply(rid: int, error: m.Error | None = None) -> m.InferReply:
     return m.InferReply(rid=rid, model="simple", version="1", outputs=tensors(), error=error)
 
 
-SCHEDULER_INBOUND = [
+FROM_FRONTEND = [
     m.FrontendHello(protocol=m.PROTOCOL_VERSION, reply_endpoint="tcp://127.0.0.1:5555"),
     m.InferBatch(reply_to="ipc:///tmp/fe", requests=[infer(1), infer(2, request_id="abc")]),
     m.InferBatch(reply_to="", requests=[]),
     m.Query(qid=4, kind="server_ready"),
     m.Query(qid=5, kind="model_metadata", model="simple", version="2"),
     m.Query(qid=6, kind="repository_index"),
+]
+
+FROM_HOST = [
     m.HostHello(protocol=1, host_id="h1", framework="onnxruntime", pid=1234),
     m.HostHello(
         protocol=1,
@@ -51,11 +54,11 @@ SCHEDULER_INBOUND = [
         instance_of=("model", "1", 2),
         load_error="initialize() raised ValueError",
     ),
-    m.Heartbeat(host_id="h1"),
     m.LoadResult(model="simple", version="1", instances=[0, 1]),
     m.LoadResult(model="simple", version="1", instances=[], error="no model.onnx"),
     m.Completion(host_id="h1", done=[("simple", "1", 0, [1, 2, 3]), ("other", "2", 1, [])]),
     m.Completion(host_id="h1", done=[]),
+    m.Completion(host_id="h1", done=[], undelivered=[7, 8]),
 ]
 
 FRONTEND_INBOUND = [
@@ -88,11 +91,11 @@ HOST_INBOUND = [
         ]
     ),
     m.ExecuteBatch(executions=[]),
-    m.Rejoin(),
 ]
 
 SOCKETS = [
-    ("scheduler", m.SchedulerInbound, SCHEDULER_INBOUND),
+    ("scheduler-frontends", m.SchedulerFromFrontend, FROM_FRONTEND),
+    ("scheduler-hosts", m.SchedulerFromHost, FROM_HOST),
     ("frontend", m.FrontendInbound, FRONTEND_INBOUND),
     ("host", m.HostInbound, HOST_INBOUND),
 ]
@@ -127,7 +130,7 @@ def test_other_sockets_refuse_the_message(union: object, msg: msgspec.Struct) ->
 
 def test_nested_structs_keep_their_types() -> None:
     batch = m.InferBatch(reply_to="x", requests=[infer(7)])
-    out = m.decoder(m.SchedulerInbound).decode(m.encoder().encode(batch))
+    out = m.decoder(m.SchedulerFromFrontend).decode(m.encoder().encode(batch))
     assert isinstance(out, m.InferBatch)
     [req] = out.requests
     assert isinstance(req, m.Infer)
@@ -152,17 +155,17 @@ def test_tensor_ref_decodes_to_its_class(ref: m.TensorRef) -> None:
 
 def test_hello_carries_the_protocol_version() -> None:
     hello = m.FrontendHello(protocol=m.PROTOCOL_VERSION, reply_endpoint="e")
-    out = m.decoder(m.SchedulerInbound).decode(m.encoder().encode(hello))
+    out = m.decoder(m.SchedulerFromFrontend).decode(m.encoder().encode(hello))
     assert out.protocol == m.PROTOCOL_VERSION == 1
 
 
 def test_trailing_default_fields_may_be_omitted() -> None:
     # An older peer that does not send fields added at the end still decodes.
-    query = m.decoder(m.SchedulerInbound).decode(
+    query = m.decoder(m.SchedulerFromFrontend).decode(
         msgspec.msgpack.encode(["query", 9, "model_ready"])
     )
     assert query == m.Query(qid=9, kind="model_ready", model="", version="")
-    hello = m.decoder(m.SchedulerInbound).decode(
+    hello = m.decoder(m.SchedulerFromHost).decode(
         msgspec.msgpack.encode(["host_hello", 1, "h", "onnxruntime", 5])
     )
     assert hello == m.HostHello(protocol=1, host_id="h", framework="onnxruntime", pid=5)
@@ -175,7 +178,7 @@ def test_trailing_default_fields_may_be_omitted() -> None:
         b"",
         b"\xc1",  # a byte msgpack never uses
         b"\x93",  # an array header with no elements after it
-        m.encoder().encode(m.Heartbeat(host_id="h"))[:-1],  # truncated
+        m.encoder().encode(m.UnloadModel(model="m", version="1"))[:-1],  # truncated
         b"not msgpack at all",
         msgspec.msgpack.encode({"host_id": "h"}),  # a map, not a tagged array
         msgspec.msgpack.encode(["no_such_tag", 1]),
@@ -206,7 +209,7 @@ def test_trailing_default_fields_may_be_omitted() -> None:
 )
 def test_undecodable_bytes_raise_decode_error(wire: bytes) -> None:
     with pytest.raises(msgspec.DecodeError):
-        m.decoder(m.SchedulerInbound).decode(wire)
+        m.decoder(m.SchedulerFromFrontend).decode(wire)
 
 
 def test_validation_errors_are_decode_errors() -> None:

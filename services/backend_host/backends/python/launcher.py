@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from despina.common import messages as m
+from despina.common.process import die_with_parent
 from despina.services.backend_host.worker import BackendHost, instance_specs
 
 log = logging.getLogger("despina.python_launcher")
@@ -79,16 +80,17 @@ class PythonLauncher:
                     ],
                     {**os.environ, CONFIG_ENV: base64.b64encode(msg.config).decode()},
                 )
-                self._spawn(child)
                 self.children.append(child)
+                self._spawn(child)
         except OSError as exc:
             error = f"could not start a Python instance process: {exc}"
         # The instances report themselves to the scheduler when their model is initialized.
-        assert self.host._driver is not None
-        self.host._driver.send([self.host._encode(m.LoadResult(msg.model, msg.version, [], error))])
+        self.host._send(m.LoadResult(msg.model, msg.version, [], error))
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, env=child.env)
+        if not child.wanted or child not in self.children:
+            return  # unloaded, or every child was stopped, while its restart waited
+        child.proc = subprocess.Popen(child.argv, env=child.env, preexec_fn=die_with_parent)
         log.info(
             "started instance %s_%d (version %s) as pid %d",
             child.model,
