@@ -182,9 +182,9 @@ class Completion(msgspec.Struct, tag="done", array_like=True):
 
     host_id: str
     done: list[tuple[str, str, int, list[int]]]  # (model, version, instance, [sid...])
-    # Requests whose replies could not reach their frontend: the scheduler answers them
-    # with an error over its own socket to that frontend.
-    undelivered: list[int] = []
+    # Replies that could not reach their frontend, as (reply_to, rid, model, version):
+    # the scheduler answers those requests with an error over its own socket.
+    undelivered: list[tuple[str, int, str, str]] = []
 
 
 # What each socket may receive: one decoder per socket.

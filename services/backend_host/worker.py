@@ -99,7 +99,7 @@ class BackendHost:
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode
         self._reply_streams: dict[str, streams.LazyStream] = {}
-        self._undelivered: list[int] = []
+        self._undelivered: list[tuple[str, int, str, str]] = []
         self._stopping = asyncio.Event()
         self._inflight = 0
         self._link: streams.FramedProtocol | None = None
@@ -331,7 +331,7 @@ class BackendHost:
             else:
                 assert responses is not None
                 reply = encode_response(req, responses[i])
-            self._outbox.put(req.reply_to, (*reply, req.sid))
+            self._outbox.put(req.reply_to, reply)
         self._outbox.put(
             None,
             (
@@ -347,14 +347,13 @@ class BackendHost:
         for endpoint, replies in pending.items():
             frames = transport.FrameList()
             records = []
-            sids = []
-            for reply, buffers, sid in replies:
+            for reply, buffers in replies:
                 for tensor, buf in zip(reply.outputs, buffers):
                     tensor.ref = m.Inline(frames.add(buf))
                 records.append(reply)
-                sids.append(sid)
+            tag = [(endpoint, r.rid, r.model, r.version) for r in records]
             self._reply_stream(endpoint).send(
-                frames.finish(self._encode(m.ReplyBatch(records))), sids
+                frames.finish(self._encode(m.ReplyBatch(records))), tag
             )
         if done or self._undelivered:
             undelivered, self._undelivered = self._undelivered, []
@@ -369,8 +368,8 @@ class BackendHost:
 
     def _on_undelivered(self, tags: list) -> None:
         """Replies that could not reach their frontend: the scheduler tells it instead."""
-        for sids in tags:
-            self._undelivered.extend(sids)
+        for replies in tags:
+            self._undelivered.extend(replies)
         self._flush({})
 
 

@@ -68,6 +68,7 @@ class SchedulerServer:
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
         self.hosts: dict[HostLink, Host] = {}
         self.inflight: dict[int, InFlight] = {}
+        self.frontends: dict[str, bytes] = {}  # reply endpoint -> ZeroMQ identity
         self._next_sid = 1
         self._encode = m.encoder().encode
         self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
@@ -151,6 +152,7 @@ class SchedulerServer:
             self._host_gone(host, "its connection closed")
 
     def _on_infer(self, identity: bytes, batch: m.InferBatch, frames: list, touched: set) -> None:
+        self.frontends[batch.reply_to] = identity
         for req in batch.requests:
             try:
                 buffers = [
@@ -175,16 +177,15 @@ class SchedulerServer:
             touched.add(key)
 
     def _on_completion(self, msg: m.Completion, touched: set) -> None:
-        for sid in msg.undelivered:
-            entry = self.inflight.get(sid)
-            if entry is not None:
-                self._reply(
-                    entry,
-                    unavailable(
-                        f"the backend host could not send the reply to this frontend at "
-                        f"{entry.reply_to}: check the frontend's advertised reply endpoint"
-                    ),
-                )
+        for reply_to, rid, model, version in msg.undelivered:
+            frontend = self.frontends.get(reply_to)
+            if frontend is None:
+                continue
+            why = unavailable(
+                f"the backend host could not send the reply to this frontend at {reply_to}: "
+                "check the frontend's advertised reply endpoint"
+            )
+            self._error_reply(frontend, rid, model, version, why)
         for model, version, _instance, sids in msg.done:
             slot = None
             for sid in sids:
@@ -237,25 +238,19 @@ class SchedulerServer:
                     entry.slot.busy = max(0, entry.slot.busy - 1)
                     self._reply(entry, unavailable(why))
 
-    def _reply_error(self, frontend: bytes, req: m.Infer, exc: ServerError) -> None:
+    def _error_reply(
+        self, frontend: bytes, rid: int, model: str, version: str, exc: ServerError
+    ) -> None:
+        """Answer one request with an error, in this wake's message to its frontend."""
         assert self._outbox is not None
-        self._outbox.put(
-            frontend,
-            m.InferReply(req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)),
-        )
+        error = m.Error(exc.code.value, exc.message)
+        self._outbox.put(frontend, m.InferReply(rid, model, version, [], error))
+
+    def _reply_error(self, frontend: bytes, req: m.Infer, exc: ServerError) -> None:
+        self._error_reply(frontend, req.rid, req.model, req.version, exc)
 
     def _reply(self, entry: InFlight, exc: ServerError) -> None:
-        assert self._outbox is not None
-        self._outbox.put(
-            entry.frontend,
-            m.InferReply(
-                entry.rid,
-                entry.slot.model,
-                entry.slot.version,
-                [],
-                m.Error(exc.code.value, exc.message),
-            ),
-        )
+        self._error_reply(entry.frontend, entry.rid, entry.slot.model, entry.slot.version, exc)
 
     def _send_frontend(self, identity: bytes, msg: msgspec.Struct) -> None:
         assert self._driver is not None

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_status
+from tritonclient.utils import InferenceServerException
 
 
 def spawn(args: list[str], log) -> subprocess.Popen:
@@ -21,61 +22,103 @@ def spawn(args: list[str], log) -> subprocess.Popen:
     )
 
 
+class Services:
+    """The services started one by one over TCP, as compose runs them."""
+
+    def __init__(self, tmp_path, repo, advertise: str | None = None) -> None:
+        ports = [free_port() for _ in range(4)]
+        scheduler = f"tcp://127.0.0.1:{ports[0]}"
+        hosts = f"tcp://127.0.0.1:{ports[1]}"
+        self.url = f"127.0.0.1:{ports[3]}"
+        self.log_path = tmp_path / "services.log"
+        self.log = open(self.log_path, "wb")
+        frontend = [
+            "frontend",
+            "--scheduler",
+            scheduler,
+            "--reply-endpoint",
+            f"tcp://127.0.0.1:{ports[2]}",
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            str(ports[3]),
+        ]
+        if advertise:
+            frontend += ["--advertise-endpoint", advertise]
+        self.procs = [
+            spawn(
+                [
+                    "scheduler",
+                    f"--model-repository={repo}",
+                    "--endpoint",
+                    scheduler,
+                    "--host-endpoint",
+                    hosts,
+                ],
+                self.log,
+            ),
+            spawn(["backend-host", "--framework", "onnxruntime", "--scheduler", hosts], self.log),
+            spawn(["backend-host", "--framework=python", f"--scheduler={hosts}"], self.log),
+            spawn(frontend, self.log),
+        ]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http_status(f"http://{self.url}/v2/health/ready") == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(self.log_path.read_text())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.log.close()
+
+
+def test_unreachable_reply_endpoint_is_an_error_not_a_hang(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
+    services = Services(tmp_path, repo, advertise=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        services.wait_ready()
+        client = httpclient.InferenceServerClient(services.url, network_timeout=30)
+        a = np.ones((1, 16), np.int32)
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            inp = httpclient.InferInput(name, [1, 16], "INT32")
+            inp.set_data_from_numpy(a)
+            inputs.append(inp)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("simple", inputs)
+        assert time.monotonic() - started < 10
+        assert info.value.status() == "503"
+        assert "could not send the reply to this frontend" in info.value.message()
+        assert "advertised reply endpoint" in info.value.message()
+        client.close()
+    finally:
+        services.stop()
+
+
 def test_services_started_separately_over_tcp(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     for model in ("simple", "add_sub"):
         shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    sched_port, hosts_port, reply_port, http_port = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    )
-    scheduler = f"tcp://127.0.0.1:{sched_port}"
-    hosts = f"tcp://127.0.0.1:{hosts_port}"
-    log = open(tmp_path / "services.log", "wb")
-    procs = [
-        spawn(
-            [
-                "scheduler",
-                f"--model-repository={repo}",
-                "--endpoint",
-                scheduler,
-                "--host-endpoint",
-                hosts,
-            ],
-            log,
-        ),
-        spawn(["backend-host", "--framework", "onnxruntime", "--scheduler", hosts], log),
-        spawn(["backend-host", "--framework=python", f"--scheduler={hosts}"], log),
-        spawn(
-            [
-                "frontend",
-                "--scheduler",
-                scheduler,
-                "--reply-endpoint",
-                f"tcp://127.0.0.1:{reply_port}",
-                "--http-address",
-                "127.0.0.1",
-                "--http-port",
-                str(http_port),
-            ],
-            log,
-        ),
-    ]
+    services = Services(tmp_path, repo)
     try:
-        url = f"127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if http_status(f"http://{url}/v2/health/ready") == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail((tmp_path / "services.log").read_text())
+        services.wait_ready()
+        url = services.url
         client = httpclient.InferenceServerClient(url)
         for model, dtype in (("simple", np.int32), ("add_sub", np.float32)):
             a = np.arange(16, dtype=dtype).reshape(1, 16)
@@ -88,14 +131,7 @@ def test_services_started_separately_over_tcp(tmp_path):
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
         client.close()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
+        services.stop()
 
 
 def test_tritonserver_flags_are_accepted(tmp_path):

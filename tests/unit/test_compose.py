@@ -40,6 +40,8 @@ def test_every_command_parses(compose):
     assert "frontend" in kinds and "backend-host" in kinds
     scheduler = next(args for kind, args in parsed.values() if kind == "scheduler")
     port = scheduler.endpoint.rsplit(":", 1)[1]
+    host_port = scheduler.host_endpoint.rsplit(":", 1)[1]
+    assert port != host_port
     for svc, (kind, args) in parsed.items():
         if kind == "frontend":
             assert args.scheduler == f"tcp://scheduler:{port}", svc
@@ -48,7 +50,7 @@ def test_every_command_parses(compose):
                 args.reply_endpoint.rsplit(":", 1)[1] == args.advertise_endpoint.rsplit(":", 1)[1]
             )
         if kind == "backend-host":
-            assert args.scheduler == f"tcp://scheduler:{port}", svc
+            assert args.scheduler == f"tcp://scheduler:{host_port}", svc
 
 
 def test_one_backend_per_framework_the_repository_needs(compose):

@@ -58,7 +58,7 @@ FROM_HOST = [
     m.LoadResult(model="simple", version="1", instances=[], error="no model.onnx"),
     m.Completion(host_id="h1", done=[("simple", "1", 0, [1, 2, 3]), ("other", "2", 1, [])]),
     m.Completion(host_id="h1", done=[]),
-    m.Completion(host_id="h1", done=[], undelivered=[7, 8]),
+    m.Completion(host_id="h1", done=[], undelivered=[("tcp://fe:1", 7, "simple", "1")]),
 ]
 
 FRONTEND_INBOUND = [
