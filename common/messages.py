@@ -39,7 +39,16 @@ class Shm(msgspec.Struct, tag="s", array_like=True):
     size: int
 
 
-TensorRef = Inline | Shm
+class Region(msgspec.Struct, tag="r", array_like=True):
+    """A client-registered shared-memory region, by its registered name, as a frontend
+    sends it; the scheduler checks it against the registry and turns it into ``Shm``."""
+
+    name: str
+    offset: int
+    size: int
+
+
+TensorRef = Inline | Shm | Region
 
 
 class Tensor(msgspec.Struct, array_like=True):
@@ -71,6 +80,9 @@ class Infer(msgspec.Struct, array_like=True):
     request_id: str = ""
     sid: int = 0
     reply_to: str = ""
+    # Outputs the client wants written into its shared memory: Region from a frontend,
+    # Shm once the scheduler resolved it. The reply then carries the Shm ref, no bytes.
+    output_targets: dict[str, TensorRef] = {}
 
 
 class InferReply(msgspec.Struct, array_like=True):
@@ -100,6 +112,12 @@ QueryKind = Literal[
     "model_metadata",
     "model_config",
     "repository_index",
+    "shm_status",  # model: the region name, "" for all
+    "shm_register",  # body: {"name", "key", "offset", "byte_size"}
+    "shm_unregister",  # model: the region name, "" for all
+    "cuda_shm_status",
+    "cuda_shm_register",  # body: {"name", "raw_handle" (bytes, base64), "device_id", "byte_size"}
+    "cuda_shm_unregister",
 ]
 
 
@@ -110,6 +128,7 @@ class Query(msgspec.Struct, tag="query", array_like=True):
     kind: QueryKind
     model: str = ""
     version: str = ""
+    body: bytes = b""  # JSON arguments, for the kinds that take them
 
 
 class QueryReply(msgspec.Struct, tag="query_reply", array_like=True):

@@ -23,7 +23,7 @@ SHM_DIR = "/dev/shm"
 _ALIGN = 64
 
 
-def _shm_path(key: str) -> str:
+def shm_path(key: str) -> str:
     """Path of a shared-memory object named ``key``; refuses names that leave /dev/shm."""
     name = key[1:] if key.startswith("/") else key
     if not name or "/" in name or name in (".", ".."):
@@ -37,7 +37,7 @@ class _Segment:
     def __init__(self, key: str, size: int) -> None:
         self.key = key
         self.size = size
-        fd = os.open(_shm_path(key), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = os.open(shm_path(key), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
             self.mm = mmap.mmap(fd, size)
@@ -74,7 +74,7 @@ class _Segment:
         except BufferError:
             pass  # a view is still alive; the mapping goes with the process
         try:
-            os.unlink(_shm_path(self.key))
+            os.unlink(shm_path(self.key))
         except FileNotFoundError:
             pass
 
@@ -143,50 +143,71 @@ class ShmArena:
 
 
 class ShmMapper:
-    """Maps shared-memory objects by key for reading, caching at most ``capacity``
-    mappings (least recently used dropped first). Safe in one thread only."""
+    """Maps shared-memory objects by key, caching at most ``capacity`` mappings (least
+    recently used dropped first). Safe in one thread only.
+
+    Each ``view`` checks the object as it is now (one ``stat``): a key that no longer
+    exists, an object replaced under the same key, or one shrunk below the block gives a
+    clear INVALID_ARG instead of stale data or a SIGBUS.
+    """
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._maps: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()
 
     def view(self, key: str, offset: int, size: int) -> memoryview:
-        mm = self._maps.get(key)
-        if mm is None:
-            mm = self._map(key)
-        else:
-            self._maps.move_to_end(key)
-        if offset < 0 or size < 0 or offset + size > len(mm):
+        path = shm_path(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self.forget(key)
+            raise invalid_arg(
+                f"shared memory object '{key}' does not exist (was it removed while registered?)"
+            ) from None
+        if offset < 0 or size < 0 or offset + size > st.st_size:
             raise invalid_arg(
                 f"shared memory block [{offset}, {offset + size}) is outside '{key}' "
-                f"of {len(mm)} bytes"
+                f"of {st.st_size} bytes"
             )
+        cached = self._maps.get(key)
+        if cached is None or cached[0] != st.st_ino or len(cached[1]) < offset + size:
+            mm = self._map(key, path)
+        else:
+            mm = cached[1]
+            self._maps.move_to_end(key)
         return memoryview(mm)[offset : offset + size]
 
-    def _map(self, key: str) -> mmap.mmap:
-        path = _shm_path(key)
+    def _map(self, key: str, path: str) -> mmap.mmap:
+        self.forget(key)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             raise invalid_arg(f"shared memory object '{key}' does not exist") from None
+        except PermissionError:
+            raise invalid_arg(
+                f"shared memory object '{key}' cannot be opened for reading and writing"
+            ) from None
         try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size)
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                raise invalid_arg(f"shared memory object '{key}' is empty")
+            mm = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
-        self._maps[key] = mm
+        self._maps[key] = (st.st_ino, mm)
         while len(self._maps) > self.capacity:
-            _, old = self._maps.popitem(last=False)
-            try:
-                old.close()
-            except BufferError:
-                pass  # a view still uses it; it is unmapped when the last view goes
+            _, (_, old) = self._maps.popitem(last=False)
+            _close(old)
         return mm
 
     def forget(self, key: str) -> None:
-        mm = self._maps.pop(key, None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
+        cached = self._maps.pop(key, None)
+        if cached is not None:
+            _close(cached[1])
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a view still uses it; it is unmapped when the last view goes

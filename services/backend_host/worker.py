@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from despina.common import dtypes, streams, transport
 from despina.common import messages as m
-from despina.common.errors import Code, ServerError, internal
+from despina.common.errors import Code, ServerError, internal, invalid_arg
 from despina.common.shm.arena import ShmMapper
 from despina.services.backend_host.backend import (
     Backend,
@@ -316,21 +316,11 @@ class BackendHost:
             self._inflight -= 1
         assert self._outbox is not None
         for i, req in enumerate(execution.requests):
-            reply: tuple[m.InferReply, list]
             if batch_error is not None:
-                reply = (
-                    m.InferReply(
-                        req.rid,
-                        req.model,
-                        req.version,
-                        [],
-                        m.Error(batch_error.code.value, batch_error.message),
-                    ),
-                    [],
-                )
+                reply = _error_reply(req, batch_error.code.value, batch_error.message)
             else:
                 assert responses is not None
-                reply = encode_response(req, responses[i])
+                reply = encode_response(req, responses[i], self.mapper)
             self._outbox.put(req.reply_to, reply)
         self._outbox.put(
             None,
@@ -349,7 +339,8 @@ class BackendHost:
             records = []
             for reply, buffers in replies:
                 for tensor, buf in zip(reply.outputs, buffers):
-                    tensor.ref = m.Inline(frames.add(buf))
+                    if buf is not None:
+                        tensor.ref = m.Inline(frames.add(buf))
                 records.append(reply)
             tag = [(endpoint, r.rid, r.model, r.version) for r in records]
             self._reply_stream(endpoint).send(
@@ -398,12 +389,22 @@ def to_array(datatype: str, shape: list[int], buf: bytes | memoryview) -> np.nda
     return np.frombuffer(buf, dtype=dtypes.to_numpy(datatype)).reshape(shape)
 
 
-def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply, list]:
+def _error_reply(req: m.Infer, code: str, message: str) -> tuple[m.InferReply, list]:
+    return m.InferReply(req.rid, req.model, req.version, [], m.Error(code, message)), []
+
+
+def encode_response(
+    req: m.Infer, response: ExecResponse, mapper: ShmMapper
+) -> tuple[m.InferReply, list]:
+    """The reply record and its output buffers (None where the output went into the
+    client's shared memory: it is written there now, one copy)."""
     if response.error is not None:
-        err = response.error
-        return m.InferReply(
-            req.rid, req.model, req.version, [], m.Error(err.code.value, err.message)
-        ), []
+        return _error_reply(req, response.error.code.value, response.error.message)
+    missing = [n for n in req.outputs if n not in response.outputs]
+    if missing:
+        return _error_reply(
+            req, Code.INTERNAL.value, f"the model did not produce requested output(s) {missing}"
+        )
     tensors: list[m.Tensor] = []
     buffers: list = []
     wanted = req.outputs
@@ -417,24 +418,24 @@ def encode_response(req: m.Infer, response: ExecResponse) -> tuple[m.InferReply,
                 buf: bytes | memoryview = dtypes.serialize_bytes(arr)
             else:
                 buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data
-            tensors.append(m.Tensor(name, datatype, [int(d) for d in arr.shape], m.Inline(0)))
-            buffers.append(buf)
+            shape = [int(d) for d in arr.shape]
+            target = req.output_targets.get(name)
+            if isinstance(target, m.Shm):
+                size = len(buf)
+                if size > target.size:
+                    raise invalid_arg(
+                        f"shared memory size specified with the request for output '{name}' "
+                        f"({target.size} bytes) should be at least {size} bytes to hold the "
+                        "results"
+                    )
+                mapper.view(target.key, target.offset, size)[:] = buf
+                tensors.append(
+                    m.Tensor(name, datatype, shape, m.Shm(target.key, target.offset, size))
+                )
+                buffers.append(None)
+            else:
+                tensors.append(m.Tensor(name, datatype, shape, m.Inline(0)))
+                buffers.append(buf)
     except ServerError as exc:
-        return m.InferReply(
-            req.rid, req.model, req.version, [], m.Error(exc.code.value, exc.message)
-        ), []
-    missing = [n for n in wanted if n not in response.outputs]
-    if missing:
-        return (
-            m.InferReply(
-                req.rid,
-                req.model,
-                req.version,
-                [],
-                m.Error(
-                    Code.INTERNAL.value, f"the model did not produce requested output(s) {missing}"
-                ),
-            ),
-            [],
-        )
+        return _error_reply(req, exc.code.value, exc.message)
     return m.InferReply(req.rid, req.model, req.version, tensors), buffers

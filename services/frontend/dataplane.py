@@ -16,7 +16,13 @@ from despina.services.frontend.scheduler_client import SchedulerClient
 SERVER_NAME = "despina"
 SERVER_VERSION = "0.1.0"
 # Triton protocol extensions that work today; the list grows with each feature.
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters", "model_repository"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "parameters",
+    "model_repository",
+    "system_shared_memory",
+]
 
 
 class DataPlane:
@@ -60,3 +66,16 @@ class DataPlane:
         result: InferenceResult = await self.client.infer(request)
         result.id = request.id
         return result
+
+    # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----
+
+    async def shm_status(self, cuda: bool, name: str = "") -> bytes:
+        return await self.client.query("cuda_shm_status" if cuda else "shm_status", name)
+
+    async def shm_register(self, cuda: bool, name: str, args: dict) -> None:
+        """``args``: key, offset, byte_size (system) or raw_handle, device_id, byte_size."""
+        body = orjson.dumps({**args, "name": name})
+        await self.client.query("cuda_shm_register" if cuda else "shm_register", name, body=body)
+
+    async def shm_unregister(self, cuda: bool, name: str = "") -> None:
+        await self.client.query("cuda_shm_unregister" if cuda else "shm_unregister", name)

@@ -48,7 +48,8 @@ class OutputTensor:
     name: str
     datatype: str
     shape: list[int]
-    data: bytes | memoryview
+    # None when the output was written into the client's shared-memory region.
+    data: bytes | memoryview | None
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ import zmq
 
 from despina.common import messages as m
 from despina.common import streams, transport
-from despina.common.errors import Code, ServerError, unavailable
+from despina.common.errors import Code, ServerError, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
 
@@ -30,6 +30,23 @@ log = logging.getLogger("despina.frontend")
 
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
 QUERY_TIMEOUT_S = 10.0
+
+
+def region_ref(parameters: dict, what: str) -> m.Region:
+    """The client region a tensor's ``shared_memory_*`` parameters name."""
+    name = parameters.get("shared_memory_region")
+    size = parameters.get("shared_memory_byte_size")
+    offset = parameters.get("shared_memory_offset", 0)
+    if not isinstance(name, str) or not name:
+        raise invalid_arg(f"'shared_memory_region' of {what} must be a region name")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise invalid_arg(
+            f"'shared_memory_byte_size' must be given, as a non-negative integer, for {what} "
+            f"in shared memory region '{name}'"
+        )
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise invalid_arg(f"'shared_memory_offset' of {what} must be a non-negative integer")
+    return m.Region(name, offset, size)
 
 
 class SchedulerClient:
@@ -102,17 +119,16 @@ class SchedulerClient:
             for tensor in request.inputs:
                 data = tensor.data
                 if data is None:
-                    raise ServerError(
-                        Code.UNSUPPORTED,
-                        f"input '{tensor.name}' names a shared-memory region; client shared "
-                        "memory is not supported yet",
-                    )
+                    ref: m.TensorRef = region_ref(tensor.parameters, f"input '{tensor.name}'")
+                    buffers.append(None)
+                    tensors.append(m.Tensor(tensor.name, tensor.datatype, tensor.shape, ref))
+                    continue
                 size = len(data) if isinstance(data, bytes) else data.nbytes
                 if size >= self.inline_threshold:
                     key, offset, view = self.arena.allocate(size)
                     blocks.append((key, offset))
                     view[:size] = data
-                    ref: m.TensorRef = m.Shm(key, offset, size)
+                    ref = m.Shm(key, offset, size)
                     buffers.append(None)
                 else:
                     ref = m.Inline(0)
@@ -122,6 +138,11 @@ class SchedulerClient:
             for key, offset in blocks:
                 self.arena.release(key, offset)
             raise
+        targets: dict[str, m.TensorRef] = {
+            o.name: region_ref(o.parameters, f"output '{o.name}'")
+            for o in request.outputs
+            if "shared_memory_region" in o.parameters
+        }
         wire = m.Infer(
             rid,
             request.model,
@@ -130,6 +151,7 @@ class SchedulerClient:
             [o.name for o in request.outputs],
             request.parameters,
             request.id,
+            output_targets=targets,
         )
         # A client that goes away cancels this future; the entry stays until the reply
         # comes, so the arena blocks are released only once the backend is done with them.
@@ -139,13 +161,15 @@ class SchedulerClient:
         self._outbox.put(None, (wire, buffers))
         return fut
 
-    async def query(self, kind: m.QueryKind, model: str = "", version: str = "") -> bytes:
+    async def query(
+        self, kind: m.QueryKind, model: str = "", version: str = "", body: bytes = b""
+    ) -> bytes:
         qid = self._next_id
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self._queries[qid] = fut
         assert self._to_scheduler is not None
-        self._to_scheduler.send([self._encode(m.Query(qid, kind, model, version))])
+        self._to_scheduler.send([self._encode(m.Query(qid, kind, model, version, body))])
         try:
             return await asyncio.wait_for(fut, QUERY_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -203,16 +227,8 @@ class SchedulerClient:
         outputs = []
         for t in reply.outputs:
             ref = t.ref
-            if isinstance(ref, m.Inline):
-                data = frames[ref.frame]
-            else:
-                fut.set_exception(
-                    ServerError(
-                        Code.INTERNAL,
-                        f"output '{t.name}' came back in shared memory, which this frontend does not map yet",
-                    )
-                )
-                return
+            # An output written into the client's shared memory comes back without bytes.
+            data = frames[ref.frame] if isinstance(ref, m.Inline) else None
             outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))
         fut.set_result(InferenceResult(reply.model, reply.version, "", outputs))
 

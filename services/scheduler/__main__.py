@@ -11,6 +11,7 @@ from pathlib import Path
 
 from despina.common.errors import ServerError
 from despina.common.logs import setup_logging
+from despina.services.flags import parse_bool
 from despina.services.scheduler.server import SchedulerServer
 
 log = logging.getLogger("despina.scheduler")
@@ -33,13 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="tcp://0.0.0.0:8012",
         help="stream endpoint (unix:///path or tcp://host:port) backend hosts connect to",
     )
+    parser.add_argument(
+        "--allow-client-shm",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="let clients register system shared-memory regions",
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
 async def amain(args: argparse.Namespace) -> int:
     try:
         server = SchedulerServer(
-            args.endpoint, args.host_endpoint, [Path(p) for p in args.model_repository]
+            args.endpoint,
+            args.host_endpoint,
+            [Path(p) for p in args.model_repository],
+            allow_client_shm=args.allow_client_shm,
         )
     except ServerError as exc:
         log.error("%s", exc.message)

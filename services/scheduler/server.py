@@ -26,8 +26,9 @@ import zmq
 
 from despina.common import messages as m
 from despina.common import streams, transport
-from despina.common.errors import Code, ServerError, not_found, unavailable
+from despina.common.errors import Code, ServerError, invalid_arg, not_found, unavailable
 from despina.common.model_config import instance_count
+from despina.common.shm.regions import RegionRegistry
 from despina.services.scheduler import validate
 from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.interface import ModelScheduler, Pending, Slot
@@ -60,9 +61,18 @@ class SchedulerServer:
     """Owns the repository state, the hosts, the queues and the in-flight table. All
     methods run on the loop's thread."""
 
-    def __init__(self, endpoint: str, host_endpoint: str, repositories: list[Path]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        host_endpoint: str,
+        repositories: list[Path],
+        *,
+        allow_client_shm: bool = False,
+    ) -> None:
         self.endpoint = endpoint
         self.host_endpoint = host_endpoint
+        self.allow_client_shm = allow_client_shm
+        self.regions = RegionRegistry()
         self.repositories = repositories
         self.models: dict[str, Model] = scan(repositories)
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
@@ -164,6 +174,7 @@ class SchedulerServer:
                     raise not_found(f"Request for unknown model: '{req.model}' is not found")
                 version = validate.resolve_version(model, req.version)
                 validate.check_request(model, req, buffers)
+                self._resolve_regions(req)
             except ServerError as exc:
                 self._reply_error(identity, req, exc)
                 continue
@@ -175,6 +186,22 @@ class SchedulerServer:
             key = (req.model, version)
             self.schedulers[key].enqueue(Pending(identity, req, buffers))
             touched.add(key)
+
+    def _resolve_regions(self, req: m.Infer) -> None:
+        """Client shared-memory regions named by a request -> blocks the hosts map."""
+        for tensor in req.inputs:
+            ref = tensor.ref
+            if isinstance(ref, m.Region):
+                key, offset = self.regions.resolve(
+                    ref.name, ref.offset, ref.size, f"input '{tensor.name}'"
+                )
+                tensor.ref = m.Shm(key, offset, ref.size)
+        for name, target in req.output_targets.items():
+            if isinstance(target, m.Region):
+                key, offset = self.regions.resolve(
+                    target.name, target.offset, target.size, f"output '{name}'"
+                )
+                req.output_targets[name] = m.Shm(key, offset, target.size)
 
     def _on_completion(self, msg: m.Completion, touched: set) -> None:
         for reply_to, rid, model, version in msg.undelivered:
@@ -279,6 +306,8 @@ class SchedulerServer:
             return b""
         if q.kind == "repository_index":
             return orjson.dumps(self._index())
+        if q.kind.startswith(("shm_", "cuda_shm_")):
+            return self._answer_shm(q)
         model = self.models.get(q.model)
         if model is None:
             raise not_found(f"Request for unknown model: '{q.model}' is not found")
@@ -290,6 +319,44 @@ class SchedulerServer:
         if q.kind == "model_config":
             return model.config_json
         raise ServerError(Code.UNSUPPORTED, f"unknown query '{q.kind}'")
+
+    def _answer_shm(self, q: m.Query) -> bytes:
+        if q.kind.startswith("cuda_shm_"):
+            if q.kind == "cuda_shm_status":
+                return b"[]"
+            if q.kind == "cuda_shm_unregister":
+                return b""
+            raise ServerError(
+                Code.UNSUPPORTED,
+                "CUDA shared memory needs an NVIDIA GPU, its driver and cupy (pip install "
+                "'despina[gpu]'); this Despina has none, so CUDA regions cannot be registered. "
+                "Use system shared memory instead",
+            )
+        if q.kind == "shm_status":
+            return orjson.dumps(self.regions.status(q.model))
+        if q.kind == "shm_unregister":
+            self.regions.unregister(q.model)
+            return b""
+        if not self.allow_client_shm:
+            raise ServerError(
+                Code.UNAVAILABLE,
+                "client shared memory is disabled on this server: start it with "
+                "--allow-client-shm=true to let clients register regions",
+            )
+        try:
+            args = orjson.loads(q.body)
+            name, key = args["name"], args["key"]
+            offset, byte_size = int(args.get("offset", 0)), int(args["byte_size"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise invalid_arg(
+                "a system shared memory registration needs 'key' (string), 'offset' and "
+                f"'byte_size' (integers): {exc}"
+            ) from None
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise invalid_arg("shared memory region name and key must be strings")
+        region = self.regions.register(name, key, offset, byte_size)
+        log.info("registered system shared memory region '%s' (%s)", name, region.key)
+        return b""
 
     def _index(self) -> list[dict]:
         entries: list[dict] = []

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from aiohttp import web
 
-from despina.common.errors import Code, ServerError
+from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
@@ -97,6 +98,36 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
             headers={HEADER_LENGTH: str(json_length)},
         )
 
+    def shm_routes(cuda: bool):
+        async def status(request: web.Request) -> web.Response:
+            try:
+                body = await plane.shm_status(cuda, request.match_info.get("name", ""))
+            except ServerError as exc:
+                return error_response(exc)
+            return web.Response(body=body, content_type=JSON)
+
+        async def register(request: web.Request) -> web.Response:
+            try:
+                try:
+                    args = orjson.loads(await request.read())
+                except orjson.JSONDecodeError as exc:
+                    raise invalid_arg(f"failed to parse the registration JSON: {exc}") from None
+                if not isinstance(args, dict):
+                    raise invalid_arg("the registration body must be a JSON object")
+                await plane.shm_register(cuda, request.match_info["name"], args)
+            except ServerError as exc:
+                return error_response(exc)
+            return web.Response(status=200)
+
+        async def unregister(request: web.Request) -> web.Response:
+            try:
+                await plane.shm_unregister(cuda, request.match_info.get("name", ""))
+            except ServerError as exc:
+                return error_response(exc)
+            return web.Response(status=200)
+
+        return status, register, unregister
+
     app = web.Application(client_max_size=client_max_size)
     add = app.router.add_route
     add("GET", "/v2/health/live", live)
@@ -105,6 +136,13 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
     add("POST", "/v2/repository/index", repository_index)
     add("POST", "/v2/repository/models/{model}/load", repository_control)
     add("POST", "/v2/repository/models/{model}/unload", repository_control)
+    for cuda, root in ((False, "/v2/systemsharedmemory"), (True, "/v2/cudasharedmemory")):
+        status, register, unregister = shm_routes(cuda)
+        add("GET", root + "/status", status)
+        add("GET", root + "/region/{name}/status", status)
+        add("POST", root + "/region/{name}/register", register)
+        add("POST", root + "/region/{name}/unregister", unregister)
+        add("POST", root + "/unregister", unregister)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         add("GET", prefix, model_metadata)
         add("GET", prefix + "/ready", model_ready)

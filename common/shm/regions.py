@@ -1,0 +1,101 @@
+"""Client-registered system shared-memory regions (Triton's systemsharedmemory
+extension): the registry, its bounds checks and its status documents.
+
+The registry lives in the scheduler, so every frontend sees the same registrations
+(Triton keeps them in its one server process). Registering checks that the object
+exists in /dev/shm and is large enough; a request names a region and an offset in it,
+and ``resolve`` turns that into the object key and absolute offset the backend host
+maps, refusing anything that leaves the region.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from despina.common.errors import Code, ServerError, invalid_arg, not_found
+from despina.common.shm.arena import shm_path
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "offset": self.offset,
+            "byte_size": self.byte_size,
+        }
+
+
+class RegionRegistry:
+    """Not thread-safe: the scheduler's loop owns it."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, Region] = {}
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        """Raises ALREADY_EXISTS for a taken name, INVALID_ARG for a key outside
+        /dev/shm, a missing object, or a region that does not fit in it."""
+        if not name:
+            raise invalid_arg("a shared memory region needs a name")
+        if name in self._regions:
+            raise ServerError(
+                Code.ALREADY_EXISTS, f"shared memory region '{name}' already in manager"
+            )
+        if offset < 0 or byte_size <= 0:
+            raise invalid_arg(
+                f"shared memory region '{name}': offset must be >= 0 and byte_size > 0, got "
+                f"offset {offset} and byte_size {byte_size}"
+            )
+        path = shm_path(key)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise invalid_arg(
+                f"Unable to open shared memory region: '{key}' does not exist in /dev/shm"
+            ) from None
+        if offset + byte_size > size:
+            raise invalid_arg(
+                f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is "
+                f"beyond the end of '{key}' ({size} bytes)"
+            )
+        region = Region(name, key, offset, byte_size)
+        self._regions[name] = region
+        return region
+
+    def unregister(self, name: str = "") -> None:
+        """One region, or every region when ``name`` is empty. Unknown names are fine."""
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
+
+    def status(self, name: str = "") -> list[dict]:
+        if not name:
+            return [r.status() for r in self._regions.values()]
+        region = self._regions.get(name)
+        if region is None:
+            raise not_found(f"Unable to find system shared memory region: '{name}'")
+        return [region.status()]
+
+    def resolve(self, name: str, offset: int, size: int, what: str) -> tuple[str, int]:
+        """(key, absolute offset) of ``size`` bytes at ``offset`` in region ``name``.
+        ``what`` names the tensor for the error messages."""
+        region = self._regions.get(name)
+        if region is None:
+            raise invalid_arg(f"Unable to find shared memory region: '{name}' (for {what})")
+        if offset < 0 or size < 0 or offset + size > region.byte_size:
+            raise invalid_arg(
+                f"Invalid offset + byte size for shared memory region: '{name}' (for {what}: "
+                f"offset {offset} + byte size {size} > region size {region.byte_size})"
+            )
+        return region.key, region.offset + offset
+
+    def __len__(self) -> int:
+        return len(self._regions)

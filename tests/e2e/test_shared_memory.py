@@ -1,0 +1,290 @@
+"""Triton's system shared-memory extension over HTTP, with tritonclient's own
+shared-memory utilities as the client: inputs read in place, outputs written straight
+into the client's region, and every error case answered without harming the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+
+from conftest import SHIPPED_REPOSITORY, DespinaServer
+
+
+@pytest.fixture()
+def regions():
+    """Creates client regions and always destroys them."""
+    made = []
+
+    def make(byte_size: int):
+        name = f"despina_test_{uuid.uuid4().hex[:8]}"
+        handle = shm.create_shared_memory_region(name, "/" + name, byte_size)
+        made.append(handle)
+        return name, "/" + name, handle
+
+    yield make
+    for handle in made:
+        try:
+            shm.destroy_shared_memory_region(handle)
+        except Exception:
+            pass
+
+
+@pytest.fixture()
+def client(server):
+    c = httpclient.InferenceServerClient(server.url, network_timeout=120)
+    c.unregister_system_shared_memory()
+    yield c
+    c.unregister_system_shared_memory()
+    c.close()
+
+
+def simple_inputs_in_shm(client, regions, a, b):
+    nbytes = a.nbytes
+    name, key, handle = regions(2 * nbytes)
+    shm.set_shared_memory_region(handle, [a, b])
+    client.register_system_shared_memory(name, key, 2 * nbytes)
+    inputs = []
+    for i, input_name in enumerate(("INPUT0", "INPUT1")):
+        inp = httpclient.InferInput(input_name, list(a.shape), "INT32")
+        inp.set_shared_memory(name, nbytes, offset=i * nbytes)
+        inputs.append(inp)
+    return name, inputs
+
+
+def test_register_status_unregister(client, regions):
+    name, key, _ = regions(1024)
+    client.register_system_shared_memory(name, key, 512, offset=256)
+    status = client.get_system_shared_memory_status()
+    assert status == [{"name": name, "key": key, "offset": 256, "byte_size": 512}]
+    assert client.get_system_shared_memory_status(name) == status
+    other, other_key, _ = regions(64)
+    client.register_system_shared_memory(other, other_key, 64)
+    assert {r["name"] for r in client.get_system_shared_memory_status()} == {name, other}
+    client.unregister_system_shared_memory(name)
+    assert [r["name"] for r in client.get_system_shared_memory_status()] == [other]
+    client.unregister_system_shared_memory()
+    assert client.get_system_shared_memory_status() == []
+
+
+def test_inputs_and_outputs_in_shared_memory(client, regions):
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 5, np.int32)
+    _, inputs = simple_inputs_in_shm(client, regions, a, b)
+    out_name, out_key, out_handle = regions(2 * a.nbytes)
+    client.register_system_shared_memory(out_name, out_key, 2 * a.nbytes)
+    outputs = []
+    for i, output_name in enumerate(("OUTPUT0", "OUTPUT1")):
+        out = httpclient.InferRequestedOutput(output_name, binary_data=True)
+        out.set_shared_memory(out_name, a.nbytes, offset=i * a.nbytes)
+        outputs.append(out)
+    result = client.infer("simple", inputs, outputs=outputs)
+    meta0 = result.get_output("OUTPUT0")
+    assert meta0["shape"] == [1, 16] and meta0["datatype"] == "INT32"
+    # The bytes are in the region, not in the body.
+    assert "data" not in meta0 and "binary_data_size" not in meta0.get("parameters", {})
+    sums = shm.get_contents_as_numpy(out_handle, np.int32, [1, 16], offset=0)
+    diffs = shm.get_contents_as_numpy(out_handle, np.int32, [1, 16], offset=a.nbytes)
+    np.testing.assert_array_equal(sums, a + b)
+    np.testing.assert_array_equal(diffs, a - b)
+
+
+def test_shm_inputs_with_body_outputs_and_python_model(client, regions):
+    a = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
+    name, key, handle = regions(2 * a.nbytes)
+    shm.set_shared_memory_region(handle, [a, 2 * a])
+    client.register_system_shared_memory(name, key, 2 * a.nbytes)
+    inputs = []
+    for i, input_name in enumerate(("INPUT0", "INPUT1")):
+        inp = httpclient.InferInput(input_name, [1, 16], "FP32")
+        inp.set_shared_memory(name, a.nbytes, offset=i * a.nbytes)
+        inputs.append(inp)
+    result = client.infer("add_sub", inputs)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), 3 * a)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), -a)
+
+
+def test_bytes_tensors_in_shared_memory(client, regions):
+    a = np.array([[str(i) for i in range(16)]], dtype=object)
+    b = np.array([["2"] * 16], dtype=object)
+    sa, sb = serialize_byte_tensor(a), serialize_byte_tensor(b)
+    size_a, size_b = len(sa.item()), len(sb.item())
+    name, key, handle = regions(size_a + size_b)
+    shm.set_shared_memory_region(handle, [sa, sb])
+    client.register_system_shared_memory(name, key, size_a + size_b)
+    out_name, out_key, out_handle = regions(1024)
+    client.register_system_shared_memory(out_name, out_key, 1024)
+    in0 = httpclient.InferInput("INPUT0", [1, 16], "BYTES")
+    in0.set_shared_memory(name, size_a)
+    in1 = httpclient.InferInput("INPUT1", [1, 16], "BYTES")
+    in1.set_shared_memory(name, size_b, offset=size_a)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+    out.set_shared_memory(out_name, 1024)
+    client.infer("simple_string", [in0, in1], outputs=[out])
+    got = shm.get_contents_as_numpy(out_handle, np.object_, [1, 16])
+    assert [int(x) for x in got.reshape(-1)] == [i + 2 for i in range(16)]
+
+
+def test_large_tensor_through_shared_memory(client, regions):
+    """256 MiB in and out through the client's regions, read and written in place."""
+    n = 64 * 1024 * 1024
+    data = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
+    in_name, in_key, in_handle = regions(data.nbytes)
+    out_name, out_key, out_handle = regions(data.nbytes)
+    shm.set_shared_memory_region(in_handle, [data])
+    client.register_system_shared_memory(in_name, in_key, data.nbytes)
+    client.register_system_shared_memory(out_name, out_key, data.nbytes)
+    inp = httpclient.InferInput("INPUT0", [1, n], "FP32")
+    inp.set_shared_memory(in_name, data.nbytes)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+    out.set_shared_memory(out_name, data.nbytes)
+    client.infer("identity_fp32", [inp], outputs=[out])
+    result = shm.get_contents_as_numpy(out_handle, np.float32, [1, n])
+    assert np.array_equal(result, data)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def status_and_error(exc: InferenceServerException) -> tuple[str, str]:
+    return exc.status(), exc.message()
+
+
+def test_registration_errors(client, regions):
+    name, key, _ = regions(128)
+    client.register_system_shared_memory(name, key, 128)
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory(name, key, 128)
+    assert "already in manager" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory("missing", "/despina_no_such_object", 64)
+    assert info.value.status() == "400"
+    assert "does not exist" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory("too_big", key, 4096)
+    assert "beyond the end" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory("bad_offset", key, 64, offset=100)
+    assert "beyond the end" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.get_system_shared_memory_status("never_registered")
+    assert info.value.status() == "404"
+    assert client.get_system_shared_memory_status(name)[0]["byte_size"] == 128
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/../etc/passwd", "a/b", "..", ""])
+def test_keys_cannot_escape_dev_shm(server, client, key):
+    body = json.dumps({"key": key, "offset": 0, "byte_size": 8}).encode()
+    request = urllib.request.Request(
+        f"http://{server.url}/v2/systemsharedmemory/region/evil/register", data=body, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400
+    message = json.loads(info.value.read())["error"]
+    assert "/dev/shm" in message or "does not exist" in message
+    assert client.get_system_shared_memory_status() == []
+
+
+def test_infer_errors(client, regions, server):
+    a = np.ones((1, 16), np.int32)
+    name, inputs = simple_inputs_in_shm(client, regions, a, a)
+    # Offset + size past the region.
+    bad = httpclient.InferInput("INPUT1", [1, 16], "INT32")
+    bad.set_shared_memory(name, a.nbytes, offset=a.nbytes + 4)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", [inputs[0], bad])
+    assert info.value.status() == "400"
+    assert "Invalid offset + byte size" in info.value.message()
+    # Unknown region.
+    ghost = httpclient.InferInput("INPUT1", [1, 16], "INT32")
+    ghost.set_shared_memory("ghost_region", a.nbytes)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", [inputs[0], ghost])
+    assert "Unable to find shared memory region: 'ghost_region'" in info.value.message()
+    # Size that does not match the shape.
+    short = httpclient.InferInput("INPUT1", [1, 16], "INT32")
+    short.set_shared_memory(name, a.nbytes - 4)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", [inputs[0], short])
+    assert "byte size" in info.value.message()
+    # Output region too small for the result.
+    out_name, out_key, _ = regions(16)
+    client.register_system_shared_memory(out_name, out_key, 16)
+    out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+    out.set_shared_memory(out_name, 16)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", inputs, outputs=[out])
+    assert "should be at least 64 bytes to hold the results" in info.value.message()
+    # Both data and a region for one input.
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "shape": [1, 16],
+                    "datatype": "INT32",
+                    "data": [1] * 16,
+                    "parameters": {"shared_memory_region": name, "shared_memory_byte_size": 64},
+                },
+                {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": [1] * 16},
+            ]
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://{server.url}/v2/models/simple/infer", data=body, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    # The server still serves shared-memory requests.
+    result = client.infer("simple", inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+
+
+def test_region_removed_while_registered(client, regions):
+    a = np.ones((1, 16), np.int32)
+    name, inputs = simple_inputs_in_shm(client, regions, a, a)
+    client.infer("simple", inputs)
+    os.unlink(f"/dev/shm/{name}")
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", inputs)
+    assert "does not exist" in info.value.message()
+    assert client.is_server_live()
+    client.unregister_system_shared_memory(name)
+
+
+def test_registration_refused_without_the_flag(tmp_path, regions):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
+    srv = DespinaServer(repo, tmp_path / "serve.log").start()
+    try:
+        client = httpclient.InferenceServerClient(srv.url)
+        name, key, _ = regions(64)
+        with pytest.raises(InferenceServerException) as info:
+            client.register_system_shared_memory(name, key, 64)
+        assert "--allow-client-shm" in info.value.message()
+        assert client.get_system_shared_memory_status() == []
+        client.close()
+    finally:
+        srv.stop()
+
+
+def test_cuda_shared_memory_answers_clearly_without_a_gpu(server, client):
+    body = json.dumps({"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64}).encode()
+    request = urllib.request.Request(
+        f"http://{server.url}/v2/cudasharedmemory/region/gpu0/register", data=body, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 501
+    assert "NVIDIA GPU" in json.loads(info.value.read())["error"]
+    assert client.get_cuda_shared_memory_status() == []
