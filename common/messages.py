@@ -206,11 +206,19 @@ class Completion(msgspec.Struct, tag="done", array_like=True):
     undelivered: list[tuple[str, int, str, str]] = []
 
 
+class Release(msgspec.Struct, tag="release", array_like=True):
+    """Frontend -> backend host, on the stream the replies came by: these output blocks
+    of the host's arena have been sent to the client and may be reused."""
+
+    blocks: list[tuple[str, int]]  # (key, offset)
+
+
 # What each socket may receive: one decoder per socket.
 SchedulerFromFrontend = FrontendHello | InferBatch | Query
 SchedulerFromHost = HostHello | LoadResult | Completion
 FrontendInbound = ReplyBatch | QueryReply
 HostInbound = LoadModel | UnloadModel | ExecuteBatch
+HostFromFrontend = Release
 
 
 def encoder() -> msgspec.msgpack.Encoder:

@@ -200,10 +200,12 @@ class LazyStream:
         endpoint: str,
         on_burst: Callable[[FramedProtocol, list[list]], None],
         on_undelivered: Callable[[list], None],
+        on_lost: Callable[[FramedProtocol], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._on_burst = on_burst
         self._on_undelivered = on_undelivered
+        self._on_lost = on_lost
         self._proto: FramedProtocol | None = None
         self._waiting: list[tuple[list, object]] | None = None
 
@@ -220,7 +222,7 @@ class LazyStream:
 
     async def _open(self) -> None:
         try:
-            self._proto = await connect(self.endpoint, self._on_burst)
+            self._proto = await connect(self.endpoint, self._on_burst, self._on_lost)
         except OSError as exc:
             log.error("cannot reach %s: %s", self.endpoint, exc)
             self._proto = None
@@ -230,6 +232,10 @@ class LazyStream:
         ]
         if failed:
             self._on_undelivered(failed)
+
+    @property
+    def link(self) -> FramedProtocol | None:
+        return self._proto
 
     def close(self) -> None:
         if self._proto is not None:

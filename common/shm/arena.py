@@ -15,12 +15,38 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+import re
+import uuid
 from collections import OrderedDict
 
 from despina.common.errors import invalid_arg
 
 SHM_DIR = "/dev/shm"
 _ALIGN = 64
+
+
+def arena_prefix(role: str) -> str:
+    """Segment names carry the owner's pid, so a supervisor can remove the segments of a
+    child that died without cleaning up (``remove_segments_of``)."""
+    return f"despina_{role}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def remove_segments_of(pid: int) -> int:
+    """Unlink the arena segments a dead process left in /dev/shm; returns how many."""
+    pattern = re.compile(rf"despina_[a-z]+_{pid}_[0-9a-f]+_\d+")
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def shm_path(key: str) -> str:

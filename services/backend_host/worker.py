@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from despina.common import dtypes, streams, transport
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError, internal, invalid_arg
-from despina.common.shm.arena import ShmMapper
+from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.backend_host.backend import (
     Backend,
     ExecRequest,
@@ -42,6 +42,8 @@ from despina.services.backend_host.backend import (
 )
 
 log = logging.getLogger("despina.backend_host")
+
+ARENA_THRESHOLD = 64 * 1024
 
 HEARTBEAT_INTERVAL_S = 0.2
 
@@ -96,6 +98,13 @@ class BackendHost:
         self.instance_of = instance_of
         self.instances: dict[tuple[str, str, int], LoadedInstance] = {}
         self.mapper = ShmMapper(capacity=16)
+        # Outputs this large go into this host's arena when the frontend shares /dev/shm
+        # (a unix-socket reply endpoint); the frontend releases them after sending.
+        self.arena = ShmArena(arena_prefix("bh"))
+        self.arena_threshold = ARENA_THRESHOLD
+        self._decode_release = m.decoder(m.HostFromFrontend).decode
+        # Arena blocks sent to each frontend and not released yet: freed if it goes away.
+        self._lent: dict[str, set[tuple[str, int]]] = {}
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode
         self._reply_streams: dict[str, streams.LazyStream] = {}
@@ -159,6 +168,8 @@ class BackendHost:
             self._unload_instance(key)
         for stream in self._reply_streams.values():
             stream.close()
+        log.info("output arena: %d block(s) in use at exit", self.arena.blocks_in_use)
+        self.arena.close()
         if self._link is not None:
             self._link.close()
         # Let the last messages (a load error, final completions) leave.
@@ -320,7 +331,13 @@ class BackendHost:
                 reply = _error_reply(req, batch_error.code.value, batch_error.message)
             else:
                 assert responses is not None
-                reply = encode_response(req, responses[i], self.mapper)
+                reply = encode_response(
+                    req,
+                    responses[i],
+                    self.mapper,
+                    self.arena if _shares_shm(req.reply_to) else None,
+                    self.arena_threshold,
+                )
             self._outbox.put(req.reply_to, reply)
         self._outbox.put(
             None,
@@ -342,7 +359,14 @@ class BackendHost:
                     if buf is not None:
                         tensor.ref = m.Inline(frames.add(buf))
                 records.append(reply)
-            tag = [(endpoint, r.rid, r.model, r.version) for r in records]
+            blocks = [
+                (t.ref.key, t.ref.offset)
+                for r in records
+                for t in r.outputs
+                if isinstance(t.ref, m.Shm) and t.ref.key.startswith(self.arena.prefix)
+            ]
+            self._lent.setdefault(endpoint, set()).update(blocks)
+            tag = ([(endpoint, r.rid, r.model, r.version) for r in records], endpoint, blocks)
             self._reply_stream(endpoint).send(
                 frames.finish(self._encode(m.ReplyBatch(records))), tag
             )
@@ -353,14 +377,46 @@ class BackendHost:
     def _reply_stream(self, endpoint: str) -> streams.LazyStream:
         stream = self._reply_streams.get(endpoint)
         if stream is None:
-            stream = streams.LazyStream(endpoint, lambda _link, _burst: None, self._on_undelivered)
+            stream = streams.LazyStream(
+                endpoint,
+                self._on_frontend_burst,
+                self._on_undelivered,
+                on_lost=lambda _link, endpoint=endpoint: self._reclaim(endpoint),
+            )
             self._reply_streams[endpoint] = stream
         return stream
 
+    def _on_frontend_burst(self, link: streams.FramedProtocol, burst: list[list]) -> None:
+        """Release messages: output blocks the frontend has sent on to its client."""
+        for frames in burst:
+            try:
+                msg = self._decode_release(frames[0])
+            except msgspec.DecodeError as exc:
+                log.warning("dropping an undecodable message from a frontend: %s", exc)
+                continue
+            for endpoint, stream in self._reply_streams.items():
+                if stream.link is link:
+                    self._give_back(endpoint, msg.blocks)
+                    break
+
+    def _give_back(self, endpoint: str, blocks: list[tuple[str, int]]) -> None:
+        lent = self._lent.get(endpoint, set())
+        for block in blocks:
+            if block in lent:
+                lent.discard(block)
+                self.arena.release(*block)
+
+    def _reclaim(self, endpoint: str) -> None:
+        """The frontend's stream closed: what it had not released is free again."""
+        self._give_back(endpoint, list(self._lent.pop(endpoint, ())))
+        self._reply_streams.pop(endpoint, None)
+
     def _on_undelivered(self, tags: list) -> None:
-        """Replies that could not reach their frontend: the scheduler tells it instead."""
-        for replies in tags:
+        """Replies that could not reach their frontend: the scheduler tells it instead,
+        and their arena blocks are free again."""
+        for replies, endpoint, blocks in tags:
             self._undelivered.extend(replies)
+            self._give_back(endpoint, blocks)
         self._flush({})
 
 
@@ -389,15 +445,26 @@ def to_array(datatype: str, shape: list[int], buf: bytes | memoryview) -> np.nda
     return np.frombuffer(buf, dtype=dtypes.to_numpy(datatype)).reshape(shape)
 
 
+def _shares_shm(endpoint: str) -> bool:
+    """A unix-socket peer is on this machine and sees this /dev/shm; a TCP peer may not
+    (another container or machine), so its outputs travel inline."""
+    return endpoint.startswith(("unix://", "ipc://"))
+
+
 def _error_reply(req: m.Infer, code: str, message: str) -> tuple[m.InferReply, list]:
     return m.InferReply(req.rid, req.model, req.version, [], m.Error(code, message)), []
 
 
 def encode_response(
-    req: m.Infer, response: ExecResponse, mapper: ShmMapper
+    req: m.Infer,
+    response: ExecResponse,
+    mapper: ShmMapper,
+    arena: ShmArena | None = None,
+    arena_threshold: int = ARENA_THRESHOLD,
 ) -> tuple[m.InferReply, list]:
-    """The reply record and its output buffers (None where the output went into the
-    client's shared memory: it is written there now, one copy)."""
+    """The reply record and its output buffers (None where the output is already in
+    shared memory: the client's region when it asked for one, else, for large outputs,
+    this host's arena; either way one copy, and the block's owner frees it)."""
     if response.error is not None:
         return _error_reply(req, response.error.code.value, response.error.message)
     missing = [n for n in req.outputs if n not in response.outputs]
@@ -432,6 +499,11 @@ def encode_response(
                 tensors.append(
                     m.Tensor(name, datatype, shape, m.Shm(target.key, target.offset, size))
                 )
+                buffers.append(None)
+            elif arena is not None and len(buf) >= arena_threshold:
+                key, offset, view = arena.allocate(len(buf))
+                view[: len(buf)] = buf
+                tensors.append(m.Tensor(name, datatype, shape, m.Shm(key, offset, len(buf))))
                 buffers.append(None)
             else:
                 tensors.append(m.Tensor(name, datatype, shape, m.Inline(0)))

@@ -63,9 +63,14 @@ class DataPlane:
         return await self.client.query("repository_index")
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Run one request. Output bytes may be views into a backend host's shared
+        memory: call ``release(result)`` once they are copied into the response."""
         result: InferenceResult = await self.client.infer(request)
         result.id = request.id
         return result
+
+    def release(self, result: InferenceResult) -> None:
+        self.client.release(result)
 
     # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----
 

@@ -59,3 +59,6 @@ class InferenceResult:
     id: str
     outputs: list[OutputTensor]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+    # Shared-memory blocks the outputs' bytes live in, lent by a backend host: the
+    # protocol adapter calls ``DataPlane.release`` once its response holds a copy.
+    leases: list = field(default_factory=list)

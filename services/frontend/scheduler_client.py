@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import uuid
 
 import msgspec
 import zmq
@@ -23,7 +21,7 @@ import zmq
 from despina.common import messages as m
 from despina.common import streams, transport
 from despina.common.errors import Code, ServerError, invalid_arg, unavailable
-from despina.common.shm.arena import ShmArena
+from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
 
 log = logging.getLogger("despina.frontend")
@@ -65,10 +63,10 @@ class SchedulerClient:
         # What backend hosts are told to send replies to (differs behind NAT/containers).
         self.reply_endpoint = reply_endpoint
         self.inline_threshold = inline_threshold
-        self.arena = ShmArena(
-            f"despina_fe_{os.getpid()}_{uuid.uuid4().hex[:6]}", arena_segment_size
-        )
-        self._pending: dict[int, tuple[asyncio.Future, list[tuple[str, int]]]] = {}
+        self.arena = ShmArena(arena_prefix("fe"), arena_segment_size)
+        # rid -> (future, input arena blocks, names of outputs going to client regions)
+        self._pending: dict[int, tuple[asyncio.Future, list[tuple[str, int]], set[str]]] = {}
+        self.mapper = ShmMapper(capacity=16)
         self._queries: dict[int, asyncio.Future] = {}
         self._next_id = 1
         self._encode = m.encoder().encode
@@ -83,7 +81,7 @@ class SchedulerClient:
         dealer.connect(self.scheduler_endpoint)
         self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
         self._replies = await streams.serve(
-            self.listen_endpoint, lambda _link, burst: self._on_burst(burst)
+            self.listen_endpoint, lambda link, burst: self._on_burst(burst, link)
         )
         self._outbox = transport.Outbox(self._flush)
         self._to_scheduler.send(
@@ -91,7 +89,7 @@ class SchedulerClient:
         )
 
     def close(self) -> None:
-        for fut, _ in self._pending.values():
+        for fut, _, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(unavailable("the frontend is shutting down"))
         self._pending.clear()
@@ -99,6 +97,7 @@ class SchedulerClient:
             self._to_scheduler.close()
         if self._replies is not None:
             self._replies.close()
+        log.info("input arena: %d block(s) in use at exit", self.arena.blocks_in_use)
         self.arena.close()
 
     @property
@@ -156,7 +155,7 @@ class SchedulerClient:
         # A client that goes away cancels this future; the entry stays until the reply
         # comes, so the arena blocks are released only once the backend is done with them.
         fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (fut, blocks)
+        self._pending[rid] = (fut, blocks, set(targets))
         assert self._outbox is not None
         self._outbox.put(None, (wire, buffers))
         return fut
@@ -179,8 +178,22 @@ class SchedulerClient:
 
     # --- wire -----------------------------------------------------------------------------
 
+    def release(self, result: InferenceResult) -> None:
+        """The protocol adapter has copied ``result``'s outputs into its response: give
+        the backend hosts' arena blocks back (one Release per host per wake)."""
+        assert self._outbox is not None
+        for link, key, offset in result.leases:
+            self._outbox.put(link, (key, offset))
+        result.leases = []
+
     def _flush(self, pending: dict) -> None:
-        items = pending[None]
+        items = pending.pop(None, None)
+        for link, blocks in pending.items():
+            link.send([self._encode(m.Release(blocks))])
+        if items:
+            self._flush_requests(items)
+
+    def _flush_requests(self, items: list) -> None:
         frames = transport.FrameList()
         requests = []
         for wire, buffers in items:
@@ -194,7 +207,7 @@ class SchedulerClient:
             for wire in requests:
                 self._resolve_error(wire.rid, unavailable("the scheduler is not reachable"))
 
-    def _on_burst(self, burst: list[list]) -> None:
+    def _on_burst(self, burst: list[list], link: streams.FramedProtocol | None = None) -> None:
         for frames in burst:
             try:
                 msg = self._decode(frames[0])
@@ -203,7 +216,7 @@ class SchedulerClient:
                 continue
             if isinstance(msg, m.ReplyBatch):
                 for reply in msg.replies:
-                    self._on_reply(reply, frames)
+                    self._on_reply(reply, frames, link)
             elif isinstance(msg, m.QueryReply):
                 fut = self._queries.get(msg.qid)
                 if fut is not None and not fut.done():
@@ -212,31 +225,48 @@ class SchedulerClient:
                     else:
                         fut.set_exception(ServerError(Code(msg.error.code), msg.error.message))
 
-    def _on_reply(self, reply: m.InferReply, frames: list) -> None:
+    def _on_reply(
+        self, reply: m.InferReply, frames: list, link: streams.FramedProtocol | None
+    ) -> None:
         entry = self._pending.pop(reply.rid, None)
         if entry is None:
             return
-        fut, blocks = entry
+        fut, blocks, targets = entry
         for key, offset in blocks:
             self.arena.release(key, offset)
-        if fut.done():
-            return
         if reply.error is not None:
-            fut.set_exception(ServerError(Code(reply.error.code), reply.error.message))
+            if not fut.done():
+                fut.set_exception(ServerError(Code(reply.error.code), reply.error.message))
             return
-        outputs = []
-        for t in reply.outputs:
-            ref = t.ref
-            # An output written into the client's shared memory comes back without bytes.
-            data = frames[ref.frame] if isinstance(ref, m.Inline) else None
-            outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))
-        fut.set_result(InferenceResult(reply.model, reply.version, "", outputs))
+        result = InferenceResult(reply.model, reply.version, "", [])
+        try:
+            for t in reply.outputs:
+                ref = t.ref
+                data: bytes | memoryview | None = None
+                if isinstance(ref, m.Inline):
+                    data = frames[ref.frame]
+                elif isinstance(ref, m.Shm) and t.name not in targets and link is not None:
+                    # A large output in the backend host's arena: read it in place, give
+                    # the block back once the response is built.
+                    result.leases.append((link, ref.key, ref.offset))
+                    data = self.mapper.view(ref.key, ref.offset, ref.size)
+                # else: written into the client's own region; no bytes come back.
+                result.outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))
+        except ServerError as exc:
+            self.release(result)
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if fut.done():  # the client went away
+            self.release(result)
+            return
+        fut.set_result(result)
 
     def _resolve_error(self, rid: int, exc: ServerError) -> None:
         entry = self._pending.pop(rid, None)
         if entry is None:
             return
-        fut, blocks = entry
+        fut, blocks, _ = entry
         for key, offset in blocks:
             self.arena.release(key, offset)
         if not fut.done():

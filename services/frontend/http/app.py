@@ -85,7 +85,10 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
                 body, header_length, info["model"], info.get("version", "")
             )
             result = await plane.infer(inference)
-            payload, json_length = codec.encode_infer_response(result, inference)
+            try:
+                payload, json_length = codec.encode_infer_response(result, inference)
+            finally:
+                plane.release(result)
         except ServerError as exc:
             return error_response(exc)
         except asyncio.CancelledError:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from despina.common import messages as m
 from despina.common.process import die_with_parent
+from despina.common.shm.arena import remove_segments_of
 from despina.services.backend_host.worker import BackendHost, instance_specs
 
 log = logging.getLogger("despina.python_launcher")
@@ -118,6 +119,7 @@ class PythonLauncher:
                 if child.proc is None or child.proc.poll() is None or not child.wanted:
                     continue
                 code = child.proc.returncode
+                remove_segments_of(child.proc.pid)  # what a crash left in /dev/shm
                 if code == LOAD_FAILED_EXIT:
                     self.children.remove(child)
                     continue
