@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
 import json
 import math
 import multiprocessing as mp
@@ -40,6 +42,7 @@ import time
 import urllib.error
 import urllib.request
 from array import array
+from collections import deque
 from dataclasses import dataclass
 from time import perf_counter_ns
 from urllib.parse import urlsplit
@@ -56,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - optional speed-up
     uvloop = None  # type: ignore[assignment]
 
-PROTOCOLS = ("http-json", "http-binary")
+PROTOCOLS = ("http-json", "http-binary", "http-shm", "grpc")
 PERCENTILES = (50, 90, 95, 99)
 
 # Triton type -> numpy dtype used to generate data. BF16 travels as raw uint16 bits.
@@ -344,6 +347,15 @@ class _Worker:
         self.fatal: asyncio.Future[str] = loop.create_future()
         self.conns: list[_Connection] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks only weakly
+        # Open loop (--rate): requests are due on a fixed schedule; each goes out on an
+        # idle connection, or waits in the backlog for one. Its latency counts from the
+        # time it was due, so a slow server cannot hide its queueing (no coordinated
+        # omission).
+        self.rate = 0.0
+        self.sched_start = 0
+        self.scheduled = 0
+        self.idle: list[_Connection] = []
+        self.backlog: deque[int] = deque()
 
     def grow(self) -> None:
         self.lat.extend(array("q", bytes(8 * len(self.lat))))
@@ -386,8 +398,37 @@ class _Worker:
                 await asyncio.sleep(0.1)
                 continue
             if self.started and not self.stopped:
-                conn.send()
+                if self.rate:
+                    self.ready(conn)
+                else:
+                    conn.send()
             return
+
+    def ready(self, conn: _Connection) -> None:
+        """Open loop: ``conn`` is free; give it the oldest due request, or park it."""
+        if self.backlog:
+            conn._t0 = self.backlog.popleft()
+            conn._transport.write(self.request)  # type: ignore[union-attr]
+        else:
+            self.idle.append(conn)
+
+    def tick(self) -> None:
+        """Open loop: send every request that is due, then sleep until the next one."""
+        if self.stopped:
+            return
+        rate, start = self.rate, self.sched_start
+        due = int((perf_counter_ns() - start) * rate / 1e9) + 1
+        while self.scheduled < due:
+            t = start + int(self.scheduled * 1e9 / rate)
+            self.scheduled += 1
+            if self.idle:
+                conn = self.idle.pop()
+                conn._t0 = t
+                conn._transport.write(self.request)  # type: ignore[union-attr]
+            else:
+                self.backlog.append(t)
+        next_t = start + int(self.scheduled * 1e9 / rate)
+        self.loop.call_later(max(0.0, (next_t - perf_counter_ns()) / 1e9), self.tick)
 
     async def wait(self, until_ns: int) -> None:
         """Sleep until ``until_ns`` (perf_counter clock) or a fatal error."""
@@ -461,21 +502,29 @@ class _Connection(asyncio.Protocol):
         else:
             w.note_error(_describe_error(data, need))
         if not w.stopped:
-            self._t0 = now
-            self._transport.write(w.request)  # type: ignore[union-attr]
+            if w.rate:
+                w.ready(self)
+            else:
+                self._t0 = now
+                self._transport.write(w.request)  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         w = self._w
         if w.stopped:
             return
+        if self in w.idle:
+            w.idle.remove(self)
         w.note_error(f"connection lost: {exc or 'closed by server'}")
         w.replace(self)
 
 
-async def _drive(pipe, target: Target, request: bytes, nconn: int, warmup_ns: int, dur_ns: int):
+async def _drive(
+    pipe, target: Target, request: bytes, nconn: int, rate: float, warmup_ns: int, dur_ns: int
+):
     """Connect, wait for the parent's start time, run warm-up and window, return results."""
     loop = asyncio.get_running_loop()
     w = _Worker(loop, target, request)
+    w.rate = rate
     try:
         for _ in range(nconn):
             await w.connect()
@@ -485,8 +534,13 @@ async def _drive(pipe, target: Target, request: bytes, nconn: int, warmup_ns: in
     start_ns = pipe.recv()  # blocking is fine: nothing else runs on this loop yet
     await w.wait(start_ns)
     w.started = True
-    for conn in list(w.conns):
-        conn.send()
+    if rate:
+        w.sched_start = start_ns
+        w.idle = list(w.conns)
+        w.tick()
+    else:
+        for conn in list(w.conns):
+            conn.send()
     await w.wait(start_ns + warmup_ns)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = perf_counter_ns()
@@ -508,12 +562,15 @@ async def _drive(pipe, target: Target, request: bytes, nconn: int, warmup_ns: in
         "first_error": w.first_error,
         "cpu_user_s": usage1.ru_utime - usage0.ru_utime,
         "cpu_sys_s": usage1.ru_stime - usage0.ru_stime,
+        "unsent": len(w.backlog),
     }
 
 
-def _worker_main(pipe, target: Target, request: bytes, nconn: int, warmup_ns: int, dur_ns: int):
+def _worker_main(
+    pipe, target: Target, request: bytes, nconn: int, rate: float, warmup_ns: int, dur_ns: int
+):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    coro = _drive(pipe, target, request, nconn, warmup_ns, dur_ns)
+    coro = _drive(pipe, target, request, nconn, rate, warmup_ns, dur_ns)
     try:
         if uvloop is not None:
             result = uvloop.run(coro)
@@ -537,17 +594,20 @@ def run_python(
     warmup_s: float,
     duration_s: float,
     server_pids: list[int],
+    rate: float = 0.0,
 ) -> dict:
-    """One closed-loop run over forked worker processes; returns the merged result."""
+    """One run over forked worker processes; returns the merged result. ``rate`` > 0 is
+    the open-loop mode: ``rate`` requests/s in all, over ``concurrency`` connections."""
     ctx = mp.get_context("fork")
     warmup_ns, dur_ns = int(warmup_s * 1e9), int(duration_s * 1e9)
     workers = []
     finished = False
-    for share in _split(concurrency, min(processes, concurrency)):
+    parts = min(processes, concurrency)
+    for share in _split(concurrency, parts):
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(
             target=_worker_main,
-            args=(child_end, target, request, share, warmup_ns, dur_ns),
+            args=(child_end, target, request, share, rate / parts, warmup_ns, dur_ns),
             daemon=True,
         )
         proc.start()
@@ -589,6 +649,7 @@ def run_python(
         "client_cpu_user_s": sum(r["cpu_user_s"] for r in results),
         "client_cpu_sys_s": sum(r["cpu_sys_s"] for r in results),
         "server_cpu_s": (server1 - server0) if server_pids else None,
+        "unsent": sum(r["unsent"] for r in results),
     }
 
 
@@ -714,11 +775,170 @@ def run_wrk(
 
 
 # ---------------------------------------------------------------------------------------
-# Reporting and the command line
+# ---------------------------------------------------------------------------------------
+# System shared memory (--protocol http-shm): inputs and outputs in registered regions
 # ---------------------------------------------------------------------------------------
 
 
-def summarize(raw: dict, protocol: str, engine: str, concurrency: int, processes: int) -> dict:
+def http_call(
+    target: Target, method: str, path: str, body: bytes | None = None, headers=None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        target.url(path), data=body, method=method, headers=dict(headers or {})
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise LoadTestError(f"{method} {target.url(path)}: {exc}") from None
+
+
+class ShmRegions:
+    """One input region holding every input's bytes and one output region sized from a
+    binary preflight, both in /dev/shm and registered with the server; ``close()``
+    unregisters and unlinks them."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.names: list[str] = []
+
+    def supported(self) -> bool:
+        status, _, _ = http_call(self.target, "GET", "/v2/systemsharedmemory/status")
+        return status == 200
+
+    def create(self, suffix: str, data: bytes | int) -> str:
+        name = f"despina_perf_{os.getpid()}_{suffix}"
+        size = data if isinstance(data, int) else len(data)
+        fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, max(size, 1))
+            if not isinstance(data, int):
+                os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+        self.names.append(name)
+        doc = {"key": f"/{name}", "offset": 0, "byte_size": size}
+        status, _, body = http_call(
+            self.target,
+            "POST",
+            f"/v2/systemsharedmemory/region/{name}/register",
+            _dumps(doc),
+            {"Content-Type": "application/json"},
+        )
+        if status != 200:
+            raise LoadTestError(f"register shared memory {name}: HTTP {status}: {body[:300]!r}")
+        return name
+
+    def close(self) -> None:
+        for name in self.names:
+            with contextlib.suppress(LoadTestError):
+                http_call(self.target, "POST", f"/v2/systemsharedmemory/region/{name}/unregister")
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
+        self.names = []
+
+
+def build_shm_body(
+    target: Target,
+    path: str,
+    regions: ShmRegions,
+    inputs: list[InputSpec],
+    output_names: list[str],
+    seed: int,
+) -> tuple[bytes, dict[str, str]]:
+    """A JSON request whose inputs and outputs all live in shared memory."""
+    if not regions.supported():
+        raise LoadTestError("the server has no system shared memory (/v2/systemsharedmemory)")
+    binary, headers = build_body("http-binary", inputs, output_names, seed)
+    status, rheaders, rbody = http_call(target, "POST", path, binary, headers)
+    if status != 200:
+        raise LoadTestError(f"binary preflight: HTTP {status}: {rbody[:300]!r}")
+    hlen = {k.lower(): v for k, v in rheaders.items()}.get("inference-header-content-length")
+    header = json.loads(rbody[: int(hlen)] if hlen else rbody)
+    out_sizes = []
+    for out in header.get("outputs", []):
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            raise LoadTestError(f"output {out.get('name')}: no binary_data_size in the reply")
+        out_sizes.append((out["name"], int(size)))
+    rng = np.random.default_rng(seed)
+    raws = [_raw_bytes(s, random_tensor(rng, s)) for s in inputs]
+    in_region = regions.create("in", b"".join(raws))
+    out_region = regions.create("out", sum(size for _, size in out_sizes))
+    doc_inputs, offset = [], 0
+    for spec, raw in zip(inputs, raws, strict=True):
+        doc_inputs.append(
+            {
+                "name": spec.name,
+                "shape": list(spec.shape),
+                "datatype": spec.datatype,
+                "parameters": {
+                    "shared_memory_region": in_region,
+                    "shared_memory_offset": offset,
+                    "shared_memory_byte_size": len(raw),
+                },
+            }
+        )
+        offset += len(raw)
+    doc_outputs, offset = [], 0
+    for name, size in out_sizes:
+        doc_outputs.append(
+            {
+                "name": name,
+                "parameters": {
+                    "shared_memory_region": out_region,
+                    "shared_memory_offset": offset,
+                    "shared_memory_byte_size": size,
+                },
+            }
+        )
+        offset += size
+    body = _dumps({"inputs": doc_inputs, "outputs": doc_outputs})
+    return body, {"Content-Type": "application/json"}
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting and the command line
+# ---------------------------------------------------------------------------------------
+
+CSV_FIELDS = (
+    "label",
+    "model",
+    "protocol",
+    "engine",
+    "mode",
+    "concurrency",
+    "target_rate",
+    "processes",
+    "window_s",
+    "requests",
+    "infer_per_s",
+    "mb_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "mean_ms",
+    "errors",
+    "warmup_errors",
+    "unsent",
+    "client_cpu_s",
+    "client_cpu_us_per_infer",
+    "server_cpu_s",
+)
+
+
+def summarize(
+    raw: dict,
+    protocol: str,
+    engine: str,
+    concurrency: int,
+    processes: int,
+    rate: float = 0.0,
+    request_tensor_bytes: int = 0,
+) -> dict:
     """A flat result record: what the printed line shows, plus a few extras."""
     if raw["latency_ns"] is not None:
         lat = np.sort(raw["latency_ns"])
@@ -734,15 +954,20 @@ def summarize(raw: dict, protocol: str, engine: str, concurrency: int, processes
     record = {
         "protocol": protocol,
         "engine": engine,
+        "mode": "rate" if rate else "closed",
         "concurrency": concurrency,
+        "target_rate": rate or None,
         "processes": processes,
         "window_s": round(raw["window_s"], 3),
         "requests": requests,
         "infer_per_s": round(raw["infer_per_s"], 1),
+        # input tensor bytes per second, counted once (MB = 10^6 bytes)
+        "mb_per_s": round(raw["infer_per_s"] * request_tensor_bytes / 1e6, 1),
         **{f"p{p}_ms": (round(v, 3) if v is not None else None) for p, v in pct.items()},
         "mean_ms": round(mean, 3) if mean is not None else None,
         "errors": raw["errors"],
         "warmup_errors": raw["warmup_errors"],
+        "unsent": raw.get("unsent"),
         "client_cpu_s": round(cpu, 3),
         "client_cpu_user_s": round(raw["client_cpu_user_s"], 3),
         "client_cpu_sys_s": round(raw["client_cpu_sys_s"], 3),
@@ -759,8 +984,13 @@ def format_line(r: dict) -> str:
     def ms(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    level = (
+        f"rate={r['target_rate']:g} c={r['concurrency']}"
+        if r.get("mode") == "rate"
+        else f"c={r['concurrency']}"
+    )
     line = (
-        f"{r['protocol']} c={r['concurrency']} infer/s={r['infer_per_s']:.1f}"
+        f"{r['protocol']} {level} infer/s={r['infer_per_s']:.1f}"
         f" p50={ms(r['p50_ms'])} p90={ms(r['p90_ms'])} p95={ms(r['p95_ms'])}"
         f" p99={ms(r['p99_ms'])} ms errors={r['errors']}"
         f" client_cpu={r['client_cpu_s']:.2f}s"
@@ -769,23 +999,97 @@ def format_line(r: dict) -> str:
         line += f" ({r['client_cpu_us_per_infer']:.1f}us/infer)"
     if r["server_cpu_s"] is not None:
         line += f" server_cpu={r['server_cpu_s']:.2f}s"
+    if r.get("mb_per_s") and r["mb_per_s"] >= 1:
+        line += f" MB/s={r['mb_per_s']:.1f}"
+    if r.get("unsent"):
+        line += f" unsent={r['unsent']}"
     return line
+
+
+def write_csv(records: list[dict], path: str) -> None:
+    """One row per run; the columns are CSV_FIELDS (missing values are empty)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+
+def plot_latency_throughput(
+    series: dict[str, list[dict]], path: str, title: str = "latency vs throughput"
+) -> None:
+    """A PNG: p50 (solid) and p99 (dashed) latency against achieved infer/s, one colour per
+    series (e.g. per server), each point labelled with its concurrency or rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, records) in enumerate(series.items()):
+        records = [r for r in records if r.get("p50_ms") is not None]
+        if not records:
+            continue
+        colour = f"C{i}"
+        xs = [r["infer_per_s"] for r in records]
+        ax.plot(xs, [r["p50_ms"] for r in records], "-o", color=colour, label=f"{label} p50")
+        ax.plot(xs, [r["p99_ms"] for r in records], "--^", color=colour, label=f"{label} p99")
+        for r, x in zip(records, xs, strict=True):
+            tag = f"r{r['target_rate']:g}" if r.get("mode") == "rate" else f"c{r['concurrency']}"
+            ax.annotate(
+                tag,
+                (x, r["p50_ms"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+                color=colour,
+            )
+    ax.set_xlabel("throughput (infer/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Closed-loop KServe v2 HTTP load generator for Despina and Triton."
+        description="KServe v2 load generator (HTTP, gRPC, system shared memory) for Despina"
+        " and Triton: closed loop (-c/--sweep) or open loop (--rate)."
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="server base URL (default http://127.0.0.1:8000; 127.0.0.1:8001 for grpc)",
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--model-version", default="", help="infer a specific version")
-    p.add_argument("-c", "--concurrency", type=int, default=1, help="connections in flight")
+    p.add_argument(
+        "-c",
+        "--concurrency",
+        type=int,
+        default=None,
+        help="connections in flight (default 1); with --rate, the connection pool (default 64)",
+    )
     p.add_argument("--sweep", default="", help="comma list of concurrencies, e.g. 1,8,32")
+    p.add_argument(
+        "--rate",
+        default="",
+        help="open loop: requests/s on a fixed schedule; a comma list sweeps rates",
+    )
     p.add_argument("-d", "--duration", type=float, default=10.0, help="window seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
     p.add_argument("--protocol", choices=PROTOCOLS, default="http-json")
     p.add_argument("--processes", type=int, default=1, help="client processes (python engine)")
-    p.add_argument("--engine", choices=("python", "wrk"), default="python")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "python", "wrk", "h2load"),
+        default="auto",
+        help="auto: python for HTTP; h2load for grpc when installed (python with --rate)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="batch dim for batching models")
     p.add_argument(
         "--shape-override",
@@ -803,39 +1107,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also report CPU seconds of these processes and their children",
     )
     p.add_argument("--json-out", help="write the results as JSON to this file")
+    p.add_argument("--csv-out", help="write one CSV row per run to this file")
+    p.add_argument("--plot", help="write a latency-vs-throughput PNG of the runs to this file")
+    p.add_argument("--label", default="", help="series name in the CSV and the plot")
     args = p.parse_args(argv)
     try:
-        args.levels = (
-            [int(x) for x in args.sweep.split(",") if x.strip()]
-            if args.sweep
-            else [args.concurrency]
-        )
+        args.rates = [float(x) for x in args.rate.split(",") if x.strip()]
+        if args.rates:
+            if args.sweep:
+                p.error("--rate and --sweep are exclusive")
+            args.levels = [args.concurrency or 64] * len(args.rates)
+        else:
+            args.levels = (
+                [int(x) for x in args.sweep.split(",") if x.strip()]
+                if args.sweep
+                else [args.concurrency or 1]
+            )
+            args.rates = [0.0] * len(args.levels)
         args.server_pids = [int(x) for v in args.server_pid for x in v.split(",") if x.strip()]
     except ValueError as exc:
         p.error(str(exc))
     if any(c < 1 for c in args.levels) or args.processes < 1 or args.duration <= 0:
         p.error("concurrency, processes and duration must be positive")
+    if any(r < 0 for r in args.rates):
+        p.error("--rate must be positive")
+    grpc = args.protocol == "grpc"
+    if args.engine == "auto":
+        if grpc:
+            import grpc_engine
+
+            use_h2load = grpc_engine.h2load_path() is not None and not any(args.rates)
+            args.engine = "h2load" if use_h2load else "python"
+        else:
+            args.engine = "python"
+    if args.engine == "h2load" and not grpc:
+        p.error("--engine h2load drives --protocol grpc only (wrk drives HTTP)")
+    if args.engine == "wrk" and grpc:
+        p.error("--engine wrk drives HTTP only (h2load drives grpc)")
+    if args.engine in ("wrk", "h2load") and any(args.rates):
+        p.error("--rate needs --engine python")
+    if args.url is None:
+        args.url = "127.0.0.1:8001" if grpc else "http://127.0.0.1:8000"
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _run_grpc(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    import grpc_engine
+
     try:
-        target = Target.parse(args.url)
-        model_path = f"/v2/models/{args.model}"
-        if args.model_version:
-            model_path += f"/versions/{args.model_version}"
-        metadata = fetch_json(target, model_path)
-        try:
-            config = fetch_json(target, f"{model_path}/config")
-        except LoadTestError as exc:
-            print(f"warning: no model config ({exc}); assuming max_batch_size 0", file=sys.stderr)
-            config = {}
+        address = grpc_engine.parse_address(args.url)
+        metadata, config = grpc_engine.fetch_model(address, args.model, args.model_version)
         overrides, default_dim = parse_shape_overrides(args.shape_override)
         inputs = resolve_inputs(metadata, config, overrides, default_dim, args.batch_size)
         outputs = [o["name"] for o in metadata.get("outputs", [])]
-        body, headers = build_body(args.protocol, inputs, outputs, args.seed)
-        path = infer_path(target, args.model, args.model_version)
+        rng = np.random.default_rng(args.seed)
+        raws = [(s, _raw_bytes(s, random_tensor(rng, s))) for s in inputs]
+        request = grpc_engine.build_request(args.model, args.model_version, raws, outputs)
+        response_size = grpc_engine.preflight(address, request)
+        tensor_bytes = sum(len(r) for _, r in raws)
+        shapes = " ".join(f"{s.name}:{s.datatype}{list(s.shape)}" for s in inputs)
+        print(
+            f"# {args.model} via grpc://{address} engine={args.engine} inputs {shapes}"
+            f" request={len(request)}B response={response_size}B",
+            file=sys.stderr,
+        )
+        records = []
+        for concurrency, rate in zip(args.levels, args.rates, strict=True):
+            if args.engine == "h2load":
+                raw = grpc_engine.run_h2load(
+                    address,
+                    request,
+                    concurrency,
+                    args.warmup,
+                    args.duration,
+                    args.server_pids,
+                    cpu_seconds_of,
+                )
+            else:
+                raw = grpc_engine.run_aio(
+                    address,
+                    request,
+                    concurrency,
+                    args.processes,
+                    rate,
+                    args.warmup,
+                    args.duration,
+                    args.server_pids,
+                    cpu_seconds_of,
+                    _split,
+                )
+            records.append(_report(raw, args, concurrency, rate, tensor_bytes))
+    except grpc_engine.GrpcSetupError as exc:
+        raise LoadTestError(str(exc)) from None
+    info = {
+        "url": f"grpc://{address}",
+        "inputs": inputs,
+        "request_bytes": len(request),
+        "response_bytes": response_size,
+    }
+    return records, info
+
+
+def _report(raw: dict, args: argparse.Namespace, concurrency: int, rate: float, nbytes: int):
+    processes = 1 if args.engine == "h2load" else min(args.processes, concurrency)
+    record = summarize(raw, args.protocol, args.engine, concurrency, processes, rate, nbytes)
+    record["label"] = args.label or None
+    record["model"] = args.model
+    print(format_line(record), flush=True)
+    if record["first_error"]:
+        print(f"  first error: {record['first_error']}", file=sys.stderr)
+    return record
+
+
+def _run_http(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    target = Target.parse(args.url)
+    model_path = f"/v2/models/{args.model}"
+    if args.model_version:
+        model_path += f"/versions/{args.model_version}"
+    metadata = fetch_json(target, model_path)
+    try:
+        config = fetch_json(target, f"{model_path}/config")
+    except LoadTestError as exc:
+        print(f"warning: no model config ({exc}); assuming max_batch_size 0", file=sys.stderr)
+        config = {}
+    overrides, default_dim = parse_shape_overrides(args.shape_override)
+    inputs = resolve_inputs(metadata, config, overrides, default_dim, args.batch_size)
+    outputs = [o["name"] for o in metadata.get("outputs", [])]
+    path = infer_path(target, args.model, args.model_version)
+    rng = np.random.default_rng(args.seed)
+    tensor_bytes = sum(len(_raw_bytes(s, random_tensor(rng, s))) for s in inputs)
+    regions = ShmRegions(target)
+    try:
+        if args.protocol == "http-shm":
+            body, headers = build_shm_body(target, path, regions, inputs, outputs, args.seed)
+        else:
+            body, headers = build_body(args.protocol, inputs, outputs, args.seed)
         request = build_request(target, path, body, headers)
         response_size = preflight(target, request)
         shapes = " ".join(f"{s.name}:{s.datatype}{list(s.shape)}" for s in inputs)
@@ -846,7 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         records = []
-        for concurrency in args.levels:
+        for concurrency, rate in zip(args.levels, args.rates, strict=True):
             if args.engine == "wrk":
                 raw = run_wrk(
                     target,
@@ -868,14 +1274,27 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                     args.duration,
                     args.server_pids,
+                    rate,
                 )
-            record = summarize(
-                raw, args.protocol, args.engine, concurrency, min(args.processes, concurrency)
-            )
-            records.append(record)
-            print(format_line(record), flush=True)
-            if record["first_error"]:
-                print(f"  first error: {record['first_error']}", file=sys.stderr)
+            records.append(_report(raw, args, concurrency, rate, tensor_bytes))
+    finally:
+        regions.close()
+    info = {
+        "url": args.url,
+        "inputs": inputs,
+        "request_bytes": len(body),
+        "response_bytes": response_size,
+    }
+    return records, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.protocol == "grpc":
+            records, info = _run_grpc(args)
+        else:
+            records, info = _run_http(args)
     except LoadTestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -883,14 +1302,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json_out:
         doc = {
-            "url": args.url,
+            "url": info["url"],
             "model": args.model,
             "model_version": args.model_version or None,
+            "protocol": args.protocol,
             "inputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in inputs
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                for s in info["inputs"]
             ],
-            "request_bytes": len(body),
-            "response_bytes": response_size,
+            "request_bytes": info["request_bytes"],
+            "response_bytes": info["response_bytes"],
             "warmup_s": args.warmup,
             "duration_s": args.duration,
             "runs": records,
@@ -898,6 +1319,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
+    if args.csv_out:
+        write_csv(records, args.csv_out)
+    if args.plot:
+        title = f"{args.model} {args.protocol}"
+        plot_latency_throughput({args.label or args.url: records}, args.plot, title)
     return 0
 
 
