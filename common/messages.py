@@ -83,6 +83,8 @@ class Infer(msgspec.Struct, array_like=True):
     # Outputs the client wants written into its shared memory: Region from a frontend,
     # Shm once the scheduler resolved it. The reply then carries the Shm ref, no bytes.
     output_targets: dict[str, TensorRef] = {}
+    # Outputs to return as their top-k classes (Triton's classification extension).
+    classification: dict[str, int] = {}
 
 
 class InferReply(msgspec.Struct, array_like=True):

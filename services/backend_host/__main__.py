@@ -78,7 +78,7 @@ async def run_instance(args: argparse.Namespace) -> int:
         log.error("loading '%s' failed: %s", model, exc.message)
         await host.run(load_error=exc.message)
         return LOAD_FAILED_EXIT
-    host.add_instance((model, version, int(index)), instance)
+    host.add_instance(spec, instance)
     await host.run()
     return 0
 

@@ -40,6 +40,7 @@ from despina.services.backend_host.backend import (
     InstanceSpec,
     ModelInstance,
 )
+from despina.services.backend_host.classification import classify, load_labels
 
 log = logging.getLogger("despina.backend_host")
 
@@ -51,7 +52,32 @@ HEARTBEAT_INTERVAL_S = 0.2
 @dataclass(eq=False)
 class LoadedInstance:
     instance: ModelInstance
+    spec: InstanceSpec
     executor: concurrent.futures.ThreadPoolExecutor | None = None
+    _labels: dict[str, list[str]] | None = None
+
+    def labels(self, output: str) -> list[str]:
+        """The classification labels of ``output`` (its ``label_filename``), read once."""
+        if self._labels is None:
+            self._labels = {
+                o.name: load_labels(self.spec.model_dir, o.label_filename)
+                for o in self.spec.config.output  # type: ignore[attr-defined]
+            }
+        return self._labels.get(output, [])
+
+    def classify(self, req: m.Infer, response: ExecResponse) -> None:
+        """Replace the outputs the request asked classes of by their top-k classes."""
+        if response.error is not None:
+            return
+        batched = self.spec.config.max_batch_size > 0  # type: ignore[attr-defined]
+        try:
+            for name, k in req.classification.items():
+                if name in response.outputs:
+                    values = np.asarray(response.outputs[name])
+                    response.outputs[name] = classify(values, k, batched, self.labels(name), name)
+        except ServerError as exc:
+            response.outputs.clear()
+            response.error = exc
 
 
 def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
@@ -233,7 +259,7 @@ class BackendHost:
             for spec in instance_specs(msg):
                 instance = await loop.run_in_executor(None, self.backend.load, spec)
                 self.instances[(msg.model, msg.version, spec.instance_index)] = LoadedInstance(
-                    instance
+                    instance, spec
                 )
                 loaded.append(spec.instance_index)
         except ServerError as exc:
@@ -250,8 +276,9 @@ class BackendHost:
         if not error:
             log.info("loaded '%s' version %s: %d instance(s)", msg.model, msg.version, len(loaded))
 
-    def add_instance(self, key: tuple[str, str, int], instance: ModelInstance) -> None:
-        self.instances[key] = LoadedInstance(instance)
+    def add_instance(self, spec: InstanceSpec, instance: ModelInstance) -> None:
+        key = (spec.model_name, spec.version, spec.instance_index)
+        self.instances[key] = LoadedInstance(instance, spec)
         self._rebalance_threads()
 
     def _rebalance_threads(self) -> None:
@@ -331,6 +358,12 @@ class BackendHost:
                 reply = _error_reply(req, batch_error.code.value, batch_error.message)
             else:
                 assert responses is not None
+                if req.classification:
+                    li = self.instances.get(
+                        (execution.model, execution.version, execution.instance)
+                    )
+                    if li is not None:
+                        li.classify(req, responses[i])
                 reply = encode_response(
                     req,
                     responses[i],

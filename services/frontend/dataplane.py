@@ -22,6 +22,7 @@ EXTENSIONS = [
     "parameters",
     "model_repository",
     "system_shared_memory",
+    "classification",
 ]
 
 

@@ -47,6 +47,20 @@ def region_ref(parameters: dict, what: str) -> m.Region:
     return m.Region(name, offset, size)
 
 
+def classification_counts(request: InferenceRequest) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in request.outputs:
+        k = o.parameters.get("classification")
+        if k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise invalid_arg(
+                f"'classification' of output '{o.name}' must be a positive integer, got {k!r}"
+            )
+        counts[o.name] = k
+    return counts
+
+
 class SchedulerClient:
     """Not thread-safe: one per frontend process, used from its loop."""
 
@@ -151,6 +165,7 @@ class SchedulerClient:
             request.parameters,
             request.id,
             output_targets=targets,
+            classification=classification_counts(request),
         )
         # A client that goes away cancels this future; the entry stays until the reply
         # comes, so the arena blocks are released only once the backend is done with them.

@@ -415,3 +415,40 @@ def test_concurrent_clients(server):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(8)))
+
+
+# --- classification extension ---------------------------------------------------------
+
+
+def test_classification(http_client):
+    scores = np.array([[0.1, 0.7, 0.2, 0.7, 0.05], [5.0, 1.0, 3.0, 4.0, 2.0]], np.float32)
+    inp = httpclient.InferInput("INPUT0", [2, 5], "FP32")
+    inp.set_data_from_numpy(scores, binary_data=True)
+    for binary in (True, False):
+        out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary, class_count=3)
+        result = http_client.infer("classifier", [inp], outputs=[out])
+        got = result.as_numpy("OUTPUT0")
+        assert got.shape == (2, 3)
+        rows = [[x.decode() if isinstance(x, bytes) else x for x in row] for row in got]
+        # value:index:label, highest first, ties by lower index; index 4 has no label.
+        assert rows[0] == ["0.700000:1:dog", "0.700000:3:fish", "0.200000:2:bird"]
+        assert rows[1] == ["5.000000:0:cat", "4.000000:3:fish", "3.000000:2:bird"]
+    # Without labels: value:index only; k larger than the classes returns them all.
+    out = httpclient.InferRequestedOutput("OUTPUT0", class_count=10)
+    result = http_client.infer("identity_fp32", [inp], outputs=[out])
+    assert result.as_numpy("OUTPUT0").shape == (2, 5)
+    assert result.as_numpy("OUTPUT0")[1][0] in (b"5.000000:0", "5.000000:0")
+
+
+def test_classification_errors(http_client):
+    inp = httpclient.InferInput("INPUT_BYTES", [1, 2], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=object))
+    others = []
+    for t, np_type in ALL_TYPES:
+        other = httpclient.InferInput(f"INPUT_{t}", [1, 1], t)
+        other.set_data_from_numpy(np.zeros((1, 1), np_type))
+        others.append(other)
+    out = httpclient.InferRequestedOutput("OUTPUT_BYTES", class_count=2)
+    err = infer_error(http_client, "identity_all", [inp, *others], outputs=[out])
+    assert "classification is not possible on BYTES output 'OUTPUT_BYTES'" in err.message()
+    assert_still_serving(http_client)
