@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 
 log = logging.getLogger("despina")
 
@@ -39,7 +40,6 @@ NOT_YET = (
     "--backend-directory",
     "--backend-config",
     "--repoagent-directory",
-    "--allow-grpc",
     "--allow-metrics",
     "--allow-gpu-metrics",
     "--allow-cpu-metrics",
@@ -48,22 +48,8 @@ NOT_YET = (
     "--http-header-forward-pattern",
     "--http-thread-count",
     "--http-restricted-api",
-    "--grpc-address",
     "--grpc-header-forward-pattern",
-    "--grpc-infer-allocation-pool-size",
     "--grpc-max-response-pool-size",
-    "--grpc-use-ssl",
-    "--grpc-use-ssl-mutual",
-    "--grpc-server-cert",
-    "--grpc-server-key",
-    "--grpc-root-cert",
-    "--grpc-infer-response-compression-level",
-    "--grpc-keepalive-time",
-    "--grpc-keepalive-timeout",
-    "--grpc-keepalive-permit-without-calls",
-    "--grpc-http2-max-pings-without-data",
-    "--grpc-http2-min-recv-ping-interval-without-data",
-    "--grpc-http2-max-ping-strikes",
     "--grpc-restricted-protocol",
     "--metrics-address",
     "--metrics-interval-ms",
@@ -107,6 +93,107 @@ _REPEATABLE = {
 }
 
 
+# tritonserver's gRPC flags that act (and Despina's own --grpc-max-message-size): one
+# table, declared by both ``despina serve`` and ``despina frontend``, and forwarded from
+# the first to the second by ``grpc_flag_argv``. (flag, type, default, help)
+_COMPRESSION_LEVELS = ("none", "low", "med", "high")
+GRPC_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
+    ("--allow-grpc", parse_bool, True, "serve Triton's gRPC protocol"),
+    ("--grpc-address", str, "0.0.0.0", "address the gRPC server binds"),
+    ("--grpc-port", int, 8001, "gRPC port"),
+    (
+        "--grpc-infer-allocation-pool-size",
+        int,
+        8,
+        "accepted for compatibility; has no meaning in Despina (Triton keeps a pool of "
+        "reusable inference response objects; grpc.aio allocates per call)",
+    ),
+    ("--grpc-use-ssl", parse_bool, False, "serve gRPC over TLS (needs cert and key)"),
+    (
+        "--grpc-use-ssl-mutual",
+        parse_bool,
+        False,
+        "mutual TLS: implies --grpc-use-ssl and requires client certificates signed by "
+        "--grpc-root-cert",
+    ),
+    ("--grpc-server-cert", str, "", "PEM file of the server certificate"),
+    ("--grpc-server-key", str, "", "PEM file of the server key"),
+    ("--grpc-root-cert", str, "", "PEM file of the root certificate for client certificates"),
+    (
+        "--grpc-infer-response-compression-level",
+        str,
+        "none",
+        "compression of gRPC responses to clients that accept it: none, low, med or high",
+    ),
+    (
+        "--grpc-keepalive-time",
+        int,
+        7_200_000,
+        "ms between keepalive pings (grpc.keepalive_time_ms)",
+    ),
+    (
+        "--grpc-keepalive-timeout",
+        int,
+        20_000,
+        "ms to wait for a keepalive ping's answer (grpc.keepalive_timeout_ms)",
+    ),
+    (
+        "--grpc-keepalive-permit-without-calls",
+        parse_bool,
+        False,
+        "send keepalive pings on connections with no call (grpc.keepalive_permit_without_calls)",
+    ),
+    (
+        "--grpc-http2-max-pings-without-data",
+        int,
+        2,
+        "pings sent without data before one must come (grpc.http2.max_pings_without_data)",
+    ),
+    (
+        "--grpc-http2-min-recv-ping-interval-without-data",
+        int,
+        300_000,
+        "ms allowed between a client's pings without data "
+        "(grpc.http2.min_recv_ping_interval_without_data_ms)",
+    ),
+    (
+        "--grpc-http2-max-ping-strikes",
+        int,
+        2,
+        "bad pings before the connection is closed (grpc.http2.max_ping_strikes)",
+    ),
+    (
+        "--grpc-max-message-size",
+        int,
+        2**31 - 1,
+        "Despina's own: the largest gRPC message received or sent, in bytes",
+    ),
+)
+
+
+def add_grpc_flags(group: argparse._ActionsContainer) -> None:
+    for flag, kind, default, text in GRPC_FLAGS:
+        if kind is parse_bool:
+            group.add_argument(
+                flag, type=parse_bool, nargs="?", const=True, default=default, help=text
+            )
+        elif flag == "--grpc-infer-response-compression-level":
+            group.add_argument(flag, choices=_COMPRESSION_LEVELS, default=default, help=text)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=text)
+
+
+def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
+    """The gRPC flags of a parsed ``serve`` command line, as ``--flag=value`` arguments
+    for a frontend."""
+    argv = []
+    for flag, _, _, _ in GRPC_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        text = ("true" if value else "false") if type(value) is bool else str(value)
+        argv.append(f"{flag}={text}")
+    return argv
+
+
 def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tritonserver flags that act")
     g.add_argument(
@@ -120,12 +207,10 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--http-address", default="0.0.0.0")
     g.add_argument("--http-port", type=int, default=8000)
     g.add_argument(
-        "--grpc-port", type=int, default=8001, help="gRPC port (the gRPC frontend is not built yet)"
-    )
-    g.add_argument(
         "--metrics-port", type=int, default=8002, help="metrics port (metrics are not served yet)"
     )
     g.add_argument("--allow-http", type=parse_bool, nargs="?", const=True, default=True)
+    add_grpc_flags(g)
     g.add_argument("--log-verbose", type=int, default=0)
     g.add_argument("--exit-timeout-secs", type=float, default=30.0)
     g.add_argument(
@@ -134,7 +219,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=True,
         default=False,
-        help="let clients register shared-memory regions (accepted; client shared memory is not built yet)",
+        help="let clients register system shared-memory regions (refused with a clear error otherwise)",
     )
     later = parser.add_argument_group("tritonserver flags accepted, not acted on yet")
     for flag in NOT_YET:

@@ -24,6 +24,7 @@ from pathlib import Path
 from despina.common import model_config
 from despina.common.errors import ServerError
 from despina.common.process import die_with_parent
+from despina.services.flags import grpc_flag_argv
 
 log = logging.getLogger("despina.serve")
 
@@ -108,7 +109,7 @@ class Supervisor:
                     order=1,
                 )
             )
-        if args.allow_http:
+        if args.allow_http or args.allow_grpc:
             for i in range(args.frontends):
                 self.children.append(
                     Child(
@@ -120,10 +121,12 @@ class Supervisor:
                             scheduler,
                             "--reply-endpoint",
                             f"unix://{self.runtime_dir}/frontend-{i}",
+                            f"--allow-http={'true' if args.allow_http else 'false'}",
                             "--http-address",
                             args.http_address,
                             "--http-port",
                             str(args.http_port),
+                            *grpc_flag_argv(args),
                             "--exit-timeout-secs",
                             str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),
@@ -189,25 +192,39 @@ class Supervisor:
             self._spawn(child)
 
     async def _announce_when_ready(self) -> None:
-        if not self.args.allow_http:
-            return
-        host = (
-            "127.0.0.1" if self.args.http_address in ("0.0.0.0", "::") else self.args.http_address
-        )
-        url = f"http://{host}:{self.args.http_port}/v2/health/ready"
+        args = self.args
+        if args.allow_http:
+            host = "127.0.0.1" if args.http_address in ("0.0.0.0", "::") else args.http_address
+            url = f"http://{host}:{args.http_port}/v2/health/ready"
+
+            def ready() -> bool:
+                return _http_status(url) == 200
+        elif args.allow_grpc and not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
+            host = "127.0.0.1" if args.grpc_address in ("0.0.0.0", "::") else args.grpc_address
+            target = f"{host}:{args.grpc_port}"
+
+            def ready() -> bool:
+                return _grpc_ready(target)
+        else:
+            return  # a TLS-only server: checking it would need the client's certificates
+        servers = []
+        if args.allow_http:
+            servers.append(f"HTTP on {args.http_address}:{args.http_port}")
+        if args.allow_grpc:
+            servers.append(f"gRPC on {args.grpc_address}:{args.grpc_port}")
         while True:
             await asyncio.sleep(0.05)
             try:
-                status = await asyncio.to_thread(_http_status, url)
+                if not await asyncio.to_thread(ready):
+                    continue
             except OSError:
                 continue
-            if status == 200:
-                print(
-                    f"Despina is ready: HTTP on {self.args.http_address}:{self.args.http_port}, "
-                    f"model repository {', '.join(self.args.model_repository)}",
-                    flush=True,
-                )
-                return
+            print(
+                f"Despina is ready: {', '.join(servers)}, "
+                f"model repository {', '.join(args.model_repository)}",
+                flush=True,
+            )
+            return
 
     async def _stop_all(self) -> None:
         """Frontends first (they drain), then backend hosts, then the scheduler."""
@@ -234,3 +251,16 @@ def _http_status(url: str) -> int:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def _grpc_ready(target: str) -> bool:
+    """ServerReady over gRPC, for a server that serves no HTTP."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            return stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready
+        except grpc.RpcError:
+            return False

@@ -55,6 +55,7 @@ class DespinaServer:
     ) -> None:
         self.repository = repository
         self.http_port = free_port()
+        self.grpc_port = free_port()
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
@@ -62,6 +63,10 @@ class DespinaServer:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> DespinaServer:
         self._log = open(self.log_path, "wb")
@@ -74,6 +79,8 @@ class DespinaServer:
                 f"--model-repository={self.repository}",
                 "--http-port",
                 str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
                 "--exit-timeout-secs",
                 "5",
                 *self.extra_args,

@@ -1,4 +1,5 @@
-"""``despina frontend``: run one protocol frontend (compose, or under ``serve``)."""
+"""``despina frontend``: run one frontend process, its HTTP/REST and gRPC servers on one
+event loop (compose, or under ``serve``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import time
 from aiohttp import web
 
 from despina.common.logs import setup_logging
+from despina.services.flags import add_grpc_flags, parse_bool
 from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.app import build_app
 from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD, SchedulerClient
 
@@ -36,10 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the reply endpoint as backend hosts reach it (default: --reply-endpoint)",
     )
+    parser.add_argument(
+        "--allow-http", type=parse_bool, nargs="?", const=True, default=True, help="serve HTTP/REST"
+    )
     parser.add_argument("--http-address", default="0.0.0.0")
     parser.add_argument("--http-port", type=int, default=8000)
+    add_grpc_flags(parser)
     parser.add_argument(
-        "--reuse-port", action="store_true", help="share the HTTP port with sibling frontends"
+        "--reuse-port",
+        action="store_true",
+        help="share the HTTP and gRPC ports with sibling frontends (SO_REUSEPORT)",
     )
     parser.add_argument("--inline-threshold", type=int, default=DEFAULT_INLINE_THRESHOLD)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
@@ -60,31 +69,58 @@ async def amain(args: argparse.Namespace) -> int:
         log.error("could not set up the scheduler connection: %s", exc)
         return EXIT_CONFIG
     plane = DataPlane(client)
-    runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(
-        runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None
-    )
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("could not listen for HTTP on %s:%d: %s", args.http_address, args.http_port, exc)
-        client.close()
-        return EXIT_CONFIG
-    log.info("Started HTTPService at %s:%d", args.http_address, args.http_port)
+    runner: web.AppRunner | None = None
+    site: web.TCPSite | None = None
+    grpc_server = None
+    if args.allow_http:
+        runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error(
+                "could not listen for HTTP on %s:%d: %s", args.http_address, args.http_port, exc
+            )
+            client.close()
+            return EXIT_CONFIG
+        log.info("Started HTTPService at %s:%d", args.http_address, args.http_port)
+    if args.allow_grpc:
+        settings = GrpcSettings.from_args(args, reuse_port=args.reuse_port)
+        try:
+            grpc_server = await start_server(plane, settings)
+        except GrpcSetupError as exc:
+            log.error("%s", exc)
+            if runner is not None:
+                await runner.cleanup()
+            client.close()
+            return EXIT_CONFIG
+        log.info("Started GRPCInferenceService at %s", settings.target)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    # Drain: stop taking connections, let in-flight requests finish, then close.
-    await site.stop()
+    # Drain: stop taking connections and calls, let in-flight requests finish, then close.
+    grpc_stopping = None
+    if grpc_server is not None:
+        grpc_stopping = asyncio.ensure_future(grpc_server.stop(args.exit_timeout_secs))
+    if site is not None:
+        await site.stop()
     deadline = time.monotonic() + args.exit_timeout_secs
     while client.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     if client.inflight:
         log.warning("exit timeout reached with %d request(s) in flight", client.inflight)
-    await runner.cleanup()
+    if grpc_server is not None and grpc_stopping is not None:
+        # Every request is answered: give the last responses a moment to be written,
+        # then close what is left (idle streams a client keeps open).
+        await grpc_server.stop(0.5)
+        await grpc_stopping
+    if runner is not None:
+        await runner.cleanup()
     client.close()
     return 0
 

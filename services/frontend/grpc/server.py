@@ -1,0 +1,146 @@
+"""The grpc.aio server for the gRPC frontend, built from tritonserver's ``--grpc-*`` flags.
+
+``GrpcSettings`` is the one settings object (read from the parsed flags, which
+``despina.services.flags`` declares); ``start_server`` binds and starts a server that
+runs on the caller's event loop, beside the HTTP frontend. Flags map to gRPC core
+channel arguments as Triton maps them to its gRPC server builder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc.servicer import InferenceServicer
+
+# Triton's --grpc-infer-response-compression-level -> grpc_compression_level.
+COMPRESSION_LEVELS = {"none": 0, "low": 1, "med": 2, "high": 3}
+MAX_MESSAGE_SIZE = 2**31 - 1
+
+
+class GrpcSetupError(Exception):
+    """The settings cannot give a working server (bad certificate path, port taken);
+    restarting with the same settings will not help."""
+
+
+@dataclass(frozen=True)
+class GrpcSettings:
+    address: str = "0.0.0.0"
+    port: int = 8001
+    reuse_port: bool = False
+    use_ssl: bool = False
+    use_ssl_mutual: bool = False
+    server_cert: str = ""
+    server_key: str = ""
+    root_cert: str = ""
+    compression_level: str = "none"
+    keepalive_time_ms: int = 7_200_000
+    keepalive_timeout_ms: int = 20_000
+    keepalive_permit_without_calls: bool = False
+    http2_max_pings_without_data: int = 2
+    http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    http2_max_ping_strikes: int = 2
+    max_message_size: int = MAX_MESSAGE_SIZE
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, reuse_port: bool = False) -> GrpcSettings:
+        return cls(
+            address=args.grpc_address,
+            port=args.grpc_port,
+            reuse_port=reuse_port,
+            use_ssl=args.grpc_use_ssl,
+            use_ssl_mutual=args.grpc_use_ssl_mutual,
+            server_cert=args.grpc_server_cert,
+            server_key=args.grpc_server_key,
+            root_cert=args.grpc_root_cert,
+            compression_level=args.grpc_infer_response_compression_level,
+            keepalive_time_ms=args.grpc_keepalive_time,
+            keepalive_timeout_ms=args.grpc_keepalive_timeout,
+            keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+            http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+            http2_min_recv_ping_interval_without_data_ms=(
+                args.grpc_http2_min_recv_ping_interval_without_data
+            ),
+            http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
+            max_message_size=args.grpc_max_message_size,
+        )
+
+    @property
+    def target(self) -> str:
+        host = self.address
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal
+        return f"{host}:{self.port}"
+
+
+def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """gRPC core channel arguments for ``settings``."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_size),
+        ("grpc.max_send_message_length", settings.max_message_size),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", settings.http2_max_pings_without_data),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            settings.http2_min_recv_ping_interval_without_data_ms,
+        ),
+        ("grpc.http2.max_ping_strikes", settings.http2_max_ping_strikes),
+        # gRPC turns SO_REUSEPORT on by default, which would let a second server take a
+        # busy port silently; only sibling frontends share it, on purpose.
+        ("grpc.so_reuseport", int(settings.reuse_port)),
+    ]
+    level = COMPRESSION_LEVELS[settings.compression_level]
+    if level:
+        options.append(("grpc.default_compression_level", level))
+    return options
+
+
+def server_credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials, None for a plaintext server. ``--grpc-use-ssl-mutual`` implies
+    TLS and requires client certificates signed by ``--grpc-root-cert``.
+
+    Raises GrpcSetupError naming the flag to fix.
+    """
+    if not (settings.use_ssl or settings.use_ssl_mutual):
+        return None
+    mode = "--grpc-use-ssl-mutual" if settings.use_ssl_mutual else "--grpc-use-ssl"
+    key = _read(settings.server_key, "--grpc-server-key", mode)
+    cert = _read(settings.server_cert, "--grpc-server-cert", mode)
+    root = None
+    if settings.use_ssl_mutual or settings.root_cert:
+        root = _read(settings.root_cert, "--grpc-root-cert", mode)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=root, require_client_auth=settings.use_ssl_mutual
+    )
+
+
+def _read(path: str, flag: str, mode: str) -> bytes:
+    if not path:
+        raise GrpcSetupError(f"{mode} needs {flag}")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise GrpcSetupError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+async def start_server(plane: DataPlane, settings: GrpcSettings) -> grpc.aio.Server:
+    """Bind and start the gRPC server on the running loop; raises GrpcSetupError."""
+    credentials = server_credentials(settings)
+    server = grpc.aio.server(options=server_options(settings))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    try:
+        if credentials is None:
+            server.add_insecure_port(settings.target)
+        else:
+            server.add_secure_port(settings.target, credentials)
+    except RuntimeError as exc:
+        raise GrpcSetupError(f"could not listen for gRPC on {settings.target}: {exc}") from None
+    await server.start()
+    return server

@@ -1,0 +1,257 @@
+"""Triton's ``inference.GRPCInferenceService``: thin handlers over the data plane.
+
+Each handler converts the protobuf request with ``converters``, calls one ``DataPlane``
+method (the same single path to the scheduler the HTTP frontend takes) and converts
+what comes back. A ``ServerError`` ends the call with the status ``GRPC_STATUS`` maps
+its code to and its message as the details, the same message the HTTP frontend sends.
+Features Despina has not built yet (statistics, model control, trace and log settings)
+answer UNIMPLEMENTED and say so.
+
+One servicer serves every call of its frontend process; it keeps no per-call state
+outside the calls' own coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import NoReturn
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from despina.common.errors import ServerError
+from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc import converters
+from despina.services.frontend.grpc.errors import GRPC_STATUS
+from despina.services.frontend.inference import InferenceRequest, InferenceResult
+
+log = logging.getLogger("despina.frontend")
+
+# Requests of one stream that may be in flight or waiting to be written at once; past
+# it the stream stops reading, and gRPC flow control holds the client back.
+STREAM_MAX_INFLIGHT = 1024
+
+_UNSUPPORTED_STATISTICS = (
+    "model statistics (the statistics extension) are not supported by Despina yet"
+)
+_UNSUPPORTED_CONTROL = (
+    "explicit model load/unload is not supported by Despina yet: it runs in model control "
+    "mode 'none' (every model in the repository is loaded at start)"
+)
+_UNSUPPORTED_TRACE = "trace settings (the trace extension) are not supported by Despina yet"
+_UNSUPPORTED_LOG = "log settings (the logging extension) are not supported by Despina yet"
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: ServerError) -> NoReturn:
+    """End the call with ``exc``'s status and message (``abort`` raises to do so)."""
+    await context.abort(GRPC_STATUS.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _unimplemented(context: grpc.aio.ServicerContext, message: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self._server_metadata = converters.server_metadata(plane.server_metadata())
+
+    # --- health and metadata --------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.plane.live())
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await self.plane.ready())
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(
+            ready=await self.plane.model_ready(request.name, request.version)
+        )
+
+    async def ServerMetadata(self, request, context):
+        return self._server_metadata
+
+    async def ModelMetadata(self, request, context):
+        try:
+            body = await self.plane.model_metadata(request.name, request.version)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return converters.model_metadata(body)
+
+    async def ModelConfig(self, request, context):
+        try:
+            body = await self.plane.model_config(request.name, request.version)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return converters.model_config(body)
+
+    async def RepositoryIndex(self, request, context):
+        try:
+            body = await self.plane.repository_index()
+        except ServerError as exc:
+            await _fail(context, exc)
+        return converters.repository_index(body, request.ready)
+
+    # --- inference ------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        plane = self.plane
+        try:
+            inference = converters.decode_infer_request(request)
+            result = await plane.infer(inference)
+            try:
+                return converters.encode_infer_response(result, inference)
+            finally:
+                plane.release(result)
+        except ServerError as exc:
+            await _fail(context, exc)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream: every request is started as soon as it is read, and
+        its response is written when it is ready, in completion order, carrying the
+        request's id. A failed request becomes a response with ``error_message`` set;
+        the stream stays open. The stream ends once the client has half-closed it and
+        every response is written; a client that goes away cancels what is in flight."""
+        plane = self.plane
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
+        inflight: set[asyncio.Task] = set()
+        reading = True
+
+        def finish(
+            inference: InferenceRequest,
+            request: pb.ModelInferRequest,
+            final_flag: bool,
+            task: asyncio.Task,
+        ) -> None:
+            inflight.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            try:
+                if exc is None:
+                    result: InferenceResult = task.result()
+                    try:
+                        response = converters.stream_response(result, inference, final_flag)
+                    finally:
+                        plane.release(result)
+                elif isinstance(exc, ServerError):
+                    response = converters.stream_error(exc.message, request)
+                else:
+                    raise exc
+            except ServerError as err:
+                response = converters.stream_error(err.message, request)
+            except Exception as err:
+                log.exception("stream request %r failed", request.id)
+                response = converters.stream_error(f"internal error: {err}", request)
+            out.put_nowait(response)
+            if not reading and not inflight:
+                out.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    try:
+                        inference = converters.decode_infer_request(request)
+                    except ServerError as exc:
+                        out.put_nowait(converters.stream_error(exc.message, request))
+                        continue
+                    task = loop.create_task(plane.infer(inference))
+                    inflight.add(task)
+                    final_flag = converters.wants_final_flag(request)
+                    task.add_done_callback(partial(finish, inference, request, final_flag))
+            finally:
+                reading = False
+                if not inflight:
+                    out.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while True:
+                response = await out.get()
+                if response is None:
+                    break
+                yield response
+                slots.release()
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            reader.cancel()
+            for task in list(inflight):
+                task.cancel()
+
+    # --- shared memory (the registry lives in the scheduler, shared by all frontends) -------
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            body = await self.plane.shm_status(False, request.name)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return converters.shm_status(body, cuda=False)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        args = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
+        try:
+            await self.plane.shm_register(False, request.name, args)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        try:
+            await self.plane.shm_unregister(False, request.name)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        try:
+            body = await self.plane.shm_status(True, request.name)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return converters.shm_status(body, cuda=True)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        try:
+            await self.plane.shm_register(
+                True, request.name, converters.cuda_shm_register_args(request)
+            )
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        try:
+            await self.plane.shm_unregister(True, request.name)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # --- not built yet ----------------------------------------------------------------------
+
+    async def ModelStatistics(self, request, context):
+        await _unimplemented(context, _UNSUPPORTED_STATISTICS)
+
+    async def RepositoryModelLoad(self, request, context):
+        await _unimplemented(context, _UNSUPPORTED_CONTROL)
+
+    async def RepositoryModelUnload(self, request, context):
+        await _unimplemented(context, _UNSUPPORTED_CONTROL)
+
+    async def TraceSetting(self, request, context):
+        await _unimplemented(context, _UNSUPPORTED_TRACE)
+
+    async def LogSettings(self, request, context):
+        await _unimplemented(context, _UNSUPPORTED_LOG)

@@ -1,0 +1,206 @@
+"""The gRPC converters: protobuf <-> the protocol-neutral records (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import serialize_byte_tensor
+
+from despina.common.errors import Code, ServerError
+from despina.services.frontend.grpc import converters as c
+from despina.services.frontend.inference import InferenceResult, OutputTensor
+
+
+def request_with(*tensors, raw: list[bytes] | None = None, **kw) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m", **kw)
+    for name, datatype, shape in tensors:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.extend(raw or [])
+    return request
+
+
+def test_raw_inputs_outputs_and_parameters():
+    a = np.arange(4, dtype=np.float32)
+    request = request_with(("A", "FP32", [1, 4]), ("B", "BYTES", [2]), raw=[a.tobytes()], id="7")
+    request.raw_input_contents.append(serialize_byte_tensor(np.array([b"x", b""], object)).item())
+    request.model_version = "2"
+    request.outputs.add(name="OUT").parameters["classification"].int64_param = 2
+    request.parameters["s"].string_param = "v"
+    request.parameters["u"].uint64_param = 2**64 - 1
+    request.parameters["d"].double_param = 0.5
+    request.parameters["b"].bool_param = True
+    request.parameters[c.ENABLE_FINAL_RESPONSE].bool_param = True
+    decoded = c.decode_infer_request(request)
+    assert (decoded.model, decoded.version, decoded.id) == ("m", "2", "7")
+    assert [(t.name, t.datatype, t.shape) for t in decoded.inputs] == [
+        ("A", "FP32", [1, 4]),
+        ("B", "BYTES", [2]),
+    ]
+    assert decoded.inputs[0].data == a.tobytes()
+    assert decoded.parameters == {"s": "v", "u": 2**64 - 1, "d": 0.5, "b": True}
+    assert decoded.outputs[0].name == "OUT"
+    assert decoded.outputs[0].parameters == {"classification": 2}
+    assert c.wants_final_flag(request)
+
+
+def test_shared_memory_input_has_no_data():
+    request = request_with(("A", "FP32", [4]))
+    params = request.inputs[0].parameters
+    params["shared_memory_region"].string_param = "r"
+    params["shared_memory_byte_size"].int64_param = 16
+    decoded = c.decode_infer_request(request)
+    assert decoded.inputs[0].data is None
+    assert decoded.inputs[0].parameters == {
+        "shared_memory_region": "r",
+        "shared_memory_byte_size": 16,
+    }
+
+
+@pytest.mark.parametrize(
+    "datatype,field,values,dtype",
+    [
+        ("BOOL", "bool_contents", [True, False], np.bool_),
+        ("INT8", "int_contents", [-128, 127], np.int8),
+        ("INT16", "int_contents", [-32768, 32767], np.int16),
+        ("INT32", "int_contents", [-(2**31), 2**31 - 1], np.int32),
+        ("INT64", "int64_contents", [-(2**63), 2**63 - 1], np.int64),
+        ("UINT8", "uint_contents", [0, 255], np.uint8),
+        ("UINT16", "uint_contents", [0, 65535], np.uint16),
+        ("UINT32", "uint_contents", [0, 2**32 - 1], np.uint32),
+        ("UINT64", "uint64_contents", [0, 2**64 - 1], np.uint64),
+        ("FP32", "fp32_contents", [1.5, -2.0], np.float32),
+        ("FP64", "fp64_contents", [1e300, -2.0], np.float64),
+    ],
+)
+def test_typed_contents(datatype, field, values, dtype):
+    request = request_with(("A", datatype, [2]))
+    getattr(request.inputs[0].contents, field).extend(values)
+    data = c.decode_infer_request(request).inputs[0].data
+    np.testing.assert_array_equal(np.frombuffer(data, dtype), np.array(values, dtype))
+
+
+def test_typed_bytes_and_mixed_with_raw():
+    request = request_with(("A", "BYTES", [2]), ("B", "FP16", [1]))
+    request.inputs[0].contents.bytes_contents.extend([b"ab", b""])
+    request.raw_input_contents.append(np.float16(1).tobytes())
+    decoded = c.decode_infer_request(request)
+    assert decoded.inputs[0].data == b"\x02\x00\x00\x00ab\x00\x00\x00\x00"
+    assert decoded.inputs[1].data == np.float16(1).tobytes()
+
+
+def invalid(request: pb.ModelInferRequest) -> str:
+    with pytest.raises(ServerError) as info:
+        c.decode_infer_request(request)
+    assert info.value.code is Code.INVALID_ARG
+    return info.value.message
+
+
+def test_malformed_requests_name_what_to_fix():
+    assert "unexpected total byte size 3 for input 'A', expecting 4" in invalid(
+        request_with(("A", "FP32", [1]), raw=[b"abc"])
+    )
+    assert "unknown datatype 'F32'" in invalid(request_with(("A", "F32", [1]), raw=[b"abcd"]))
+    assert "non-negative" in invalid(request_with(("A", "FP32", [-1, -1]), raw=[b"abcd"]))
+    assert "input 'A' has no data" in invalid(request_with(("A", "FP32", [1])))
+    assert "holds 2 entries but the request's inputs use 1" in invalid(
+        request_with(("A", "FP32", [1]), raw=[b"abcd", b"abcd"])
+    )
+    assert "malformed BYTES data for input 'A'" in invalid(
+        request_with(("A", "BYTES", [1]), raw=[b"\x09\x00\x00\x00ab"])
+    )
+    assert "unexpected number of string elements 1" in invalid(
+        request_with(("A", "BYTES", [2]), raw=[b"\x00\x00\x00\x00"])
+    )
+    fp16 = request_with(("A", "FP16", [1]))
+    fp16.inputs[0].contents.fp32_contents.append(1.0)
+    assert "has no typed 'contents' field" in invalid(fp16)
+    short = request_with(("A", "INT32", [3]))
+    short.inputs[0].contents.int_contents.extend([1, 2])
+    assert "expected 3 (shape [3]) in 'contents.int_contents', got 2" in invalid(short)
+    wide = request_with(("A", "UINT8", [1]))
+    wide.inputs[0].contents.uint_contents.append(256)
+    assert "UINT8 elements must be integers from 0 to 255" in invalid(wide)
+    reserved = request_with(("A", "FP32", [1]), raw=[b"abcd"])
+    reserved.parameters["triton_x"].bool_param = True
+    assert "reserved for Triton usage" in invalid(reserved)
+    unset = request_with(("A", "FP32", [1]), raw=[b"abcd"])
+    unset.parameters["k"].CopyFrom(pb.InferParameter())
+    assert "parameter 'k' has no value" in invalid(unset)
+    region = request_with(("A", "FP32", [1]))
+    region.inputs[0].parameters["shared_memory_region"].int64_param = 3
+    assert "'shared_memory_region' of input 'A'" in invalid(region)
+
+
+def test_response_raw_outputs_parameters_and_shm_placeholders():
+    request = c.decode_infer_request(request_with(("A", "FP32", [1]), raw=[b"abcd"], id="x"))
+    data = np.arange(4, dtype=np.float32).tobytes()
+    result = InferenceResult(
+        "m",
+        "1",
+        "x",
+        [
+            OutputTensor("O0", "FP32", [1, 4], memoryview(data)),
+            OutputTensor("O1", "FP32", [1, 4], None),
+            OutputTensor("O2", "BYTES", [1], b"\x01\x00\x00\x00z"),
+        ],
+        {"flag": True, "n": 3, "big": 2**64 - 1, "f": 0.25, "s": "t"},
+    )
+    response = c.encode_infer_response(result, request)
+    assert (response.model_name, response.model_version, response.id) == ("m", "1", "x")
+    assert [o.name for o in response.outputs] == ["O0", "O1", "O2"]
+    assert list(response.outputs[0].shape) == [1, 4]
+    assert list(response.raw_output_contents) == [data, b"", b"\x01\x00\x00\x00z"]
+    params = response.parameters
+    assert params["flag"].bool_param and params["n"].int64_param == 3
+    assert params["big"].uint64_param == 2**64 - 1
+    assert params["f"].double_param == 0.25 and params["s"].string_param == "t"
+    streamed = c.stream_response(result, request, final_flag=True)
+    assert streamed.infer_response.raw_output_contents[0] == data
+    assert streamed.infer_response.parameters[c.FINAL_RESPONSE].bool_param
+    bad = InferenceResult("m", "1", "", [OutputTensor("O0", "FP32", [2], b"abc")])
+    with pytest.raises(ServerError) as info:
+        c.encode_infer_response(bad, request)
+    assert info.value.code is Code.INTERNAL
+
+
+def test_stream_error_names_the_request():
+    request = pb.ModelInferRequest(model_name="m", model_version="3", id="r9")
+    response = c.stream_error("boom", request)
+    assert response.error_message == "boom"
+    assert (response.infer_response.id, response.infer_response.model_name) == ("r9", "m")
+
+
+def test_control_plane_documents():
+    meta = c.model_metadata(
+        orjson.dumps(
+            {
+                "name": "m",
+                "versions": ["1"],
+                "platform": "python",
+                "inputs": [{"name": "A", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [],
+                "future_field": 1,
+            }
+        )
+    )
+    assert meta.name == "m" and list(meta.inputs[0].shape) == [-1, 4]
+    config = c.model_config(
+        orjson.dumps({"name": "m", "max_batch_size": 8, "input": [{"name": "A", "dims": [4]}]})
+    )
+    assert config.config.max_batch_size == 8 and list(config.config.input[0].dims) == [4]
+    index = orjson.dumps(
+        [
+            {"name": "a", "version": "1", "state": "READY", "reason": ""},
+            {"name": "b", "state": "UNAVAILABLE", "reason": "broken"},
+        ]
+    )
+    assert [m.name for m in c.repository_index(index, ready_only=False).models] == ["a", "b"]
+    assert [m.name for m in c.repository_index(index, ready_only=True).models] == ["a"]
+    status = c.shm_status(
+        orjson.dumps([{"name": "r", "key": "/k", "offset": 8, "byte_size": 64}]), cuda=False
+    )
+    assert status.regions["r"].key == "/k" and status.regions["r"].byte_size == 64
+    cuda = c.shm_status(orjson.dumps([{"name": "g", "device_id": 1, "byte_size": 4}]), cuda=True)
+    assert cuda.regions["g"].device_id == 1
