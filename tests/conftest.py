@@ -102,7 +102,12 @@ class DespinaServer:
                     f"despina serve exited with {self.proc.returncode}:\n{self.log()}"
                 )
             try:
-                if http_status(f"http://{self.url}/v2/health/ready") == 200:
+                # Ready, and announced: `despina serve` prints its line once it sees the
+                # same readiness, which may be a moment after this poll does.
+                if (
+                    http_status(f"http://{self.url}/v2/health/ready") == 200
+                    and "Despina is ready" in self.log()
+                ):
                     return
             except OSError:
                 pass
