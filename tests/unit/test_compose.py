@@ -74,3 +74,4 @@ def test_shared_memory_is_shared(compose):
 
 def test_ports_as_triton(compose):
     assert "8000:8000" in compose["services"]["frontend"]["ports"]
+    assert "8001:8001" in compose["services"]["frontend"]["ports"]
