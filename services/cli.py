@@ -11,7 +11,7 @@ commands:
   serve          start the scheduler, a frontend and the backend hosts the model
                  repository needs (tritonserver's flags; the embedded default)
   scheduler      run the scheduler service alone
-  frontend       run one HTTP frontend alone
+  frontend       run one frontend (HTTP and gRPC) alone
   backend-host   run one backend host alone (--framework onnxruntime|pytorch|python|tensorrt)
 
 'despina <command> --help' describes each command's flags.
@@ -30,7 +30,12 @@ def serve(argv: list[str]) -> int:
     )
     add_triton_flags(parser)
     group = parser.add_argument_group("Despina flags")
-    group.add_argument("--frontends", type=int, default=1, help="number of HTTP frontend processes")
+    group.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="number of frontend processes; each serves HTTP and gRPC, sharing the ports",
+    )
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
     report_ignored(args)
