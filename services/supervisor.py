@@ -24,6 +24,7 @@ from pathlib import Path
 from despina.common import model_config
 from despina.common.errors import ServerError
 from despina.common.process import die_with_parent
+from despina.common.shm.arena import remove_segments_of
 from despina.services.flags import grpc_flag_argv
 
 log = logging.getLogger("despina.serve")
@@ -87,6 +88,7 @@ class Supervisor:
                     scheduler,
                     "--host-endpoint",
                     hosts,
+                    f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
                     *repos,
                     *verbose,
                 ],
@@ -171,6 +173,7 @@ class Supervisor:
             if child.proc is None or child.proc.poll() is None:
                 continue
             code = child.proc.returncode
+            remove_segments_of(child.proc.pid)  # what a crash left in /dev/shm
             if code == EXIT_CONFIG:
                 log.error(
                     "%s cannot start with these settings (see its log above); stopping", child.name
@@ -242,6 +245,9 @@ class Supervisor:
                     log.warning("%s did not stop in time; killing it", child.name)
                     child.proc.kill()  # type: ignore[union-attr]
                     child.proc.wait()  # type: ignore[union-attr]
+        for child in self.children:
+            if child.proc is not None:
+                remove_segments_of(child.proc.pid)
         log.info("all services stopped")
 
 

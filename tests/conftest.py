@@ -167,12 +167,21 @@ def repository(tmp_path_factory, generator) -> Path:
     generator.python_slow(root)
     generator.python_error(root)
     generator.broken(root)
+    # identity_fp32 again, with class labels on its output (classification extension)
+    classifier = root / "classifier"
+    shutil.copytree(SHIPPED_REPOSITORY / "identity_fp32", classifier)
+    config = (classifier / "config.pbtxt").read_text().replace('"identity_fp32"', '"classifier"')
+    config = config.replace('name: "OUTPUT0"', 'name: "OUTPUT0"\n    label_filename: "labels.txt"')
+    (classifier / "config.pbtxt").write_text(config)
+    (classifier / "labels.txt").write_text("cat\ndog\nbird\nfish\n")
     return root
 
 
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory):
-    srv = DespinaServer(repository, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    srv = DespinaServer(
+        repository, tmp_path_factory.mktemp("logs") / "serve.log", ["--allow-client-shm=true"]
+    ).start()
     yield srv
     srv.stop()
 

@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import SHIPPED_REPOSITORY, DespinaServer
 from tritonclient.utils import InferenceServerException
+
+from conftest import SHIPPED_REPOSITORY, DespinaServer
 
 
 @pytest.fixture()

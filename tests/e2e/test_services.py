@@ -12,8 +12,9 @@ import zipfile
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_status
 from tritonclient.utils import InferenceServerException
+
+from conftest import ROOT, SHIPPED_REPOSITORY, DespinaServer, free_port, http_status
 
 
 def spawn(args: list[str], log) -> subprocess.Popen:
@@ -42,6 +43,7 @@ class Services:
             "127.0.0.1",
             "--http-port",
             str(ports[3]),
+            f"--grpc-port={free_port()}",
         ]
         if advertise:
             frontend += ["--advertise-endpoint", advertise]
