@@ -234,3 +234,16 @@ def test_wheel_installs_one_import_package(tmp_path):
     assert "despina/services/cli.py" in names
     assert "despina/common/messages.py" in names
     assert "despina/services/backend_host/backends/python/triton_python_backend_utils.py" in names
+
+
+def test_editable_install_exposes_only_despina(tmp_path):
+    """Only ``despina`` is importable; the card's folder names stay out of sys.path."""
+    code = (
+        "import importlib.util, despina.common.messages, despina.services.cli;"
+        "print(importlib.util.find_spec('common'), importlib.util.find_spec('services'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"]
