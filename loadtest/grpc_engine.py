@@ -295,11 +295,11 @@ async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
                 t = start_ns + int(n * 1e9 / rate)
                 n += 1
                 if in_flight[0] < nconn:
-                    launch(t)
+                    launch(now)  # sent now: the timer's lateness is the client's
                 else:
-                    backlog.append(t)
+                    backlog.append(t)  # waits for a slot: counts from when it was due
             next_t = start_ns + int(n * 1e9 / rate)
-            await asyncio.sleep(max(0.0, (next_t - perf_counter_ns()) / 1e9))
+            await asyncio.sleep(max(0.001, (next_t - perf_counter_ns()) / 1e9))
 
     pipe.send({"ready": True})
     start_ns = pipe.recv()

@@ -413,22 +413,27 @@ class _Worker:
             self.idle.append(conn)
 
     def tick(self) -> None:
-        """Open loop: send every request that is due, then sleep until the next one."""
+        """Open loop: send every request that is due, then sleep until the next one (at
+        least 1 ms: uvloop's timers have millisecond resolution, and a shorter sleep spins).
+        A request sent from here counts from its send time, since how late the timer
+        fired is the client's doing; one that waited in the backlog for a free connection
+        counts from the time it was due, since that wait is the server's doing."""
         if self.stopped:
             return
         rate, start = self.rate, self.sched_start
-        due = int((perf_counter_ns() - start) * rate / 1e9) + 1
+        now = perf_counter_ns()
+        due = int((now - start) * rate / 1e9) + 1
         while self.scheduled < due:
             t = start + int(self.scheduled * 1e9 / rate)
             self.scheduled += 1
             if self.idle:
                 conn = self.idle.pop()
-                conn._t0 = t
+                conn._t0 = now
                 conn._transport.write(self.request)  # type: ignore[union-attr]
             else:
                 self.backlog.append(t)
         next_t = start + int(self.scheduled * 1e9 / rate)
-        self.loop.call_later(max(0.0, (next_t - perf_counter_ns()) / 1e9), self.tick)
+        self.loop.call_later(max(0.001, (next_t - perf_counter_ns()) / 1e9), self.tick)
 
     async def wait(self, until_ns: int) -> None:
         """Sleep until ``until_ns`` (perf_counter clock) or a fatal error."""
