@@ -31,6 +31,7 @@ from despina.common.model_config import instance_count
 from despina.common.shm.regions import RegionRegistry
 from despina.services.scheduler import validate
 from despina.services.scheduler.default import DefaultScheduler
+from despina.services.scheduler.dynamic_batcher import DynamicBatcher
 from despina.services.scheduler.interface import ModelScheduler, Pending, Slot
 from despina.services.scheduler.repository import Model, ModelVersion, State, scan
 
@@ -88,7 +89,21 @@ class SchedulerServer:
         self._stopping = asyncio.Event()
         for model in self.models.values():
             for version in model.versions:
-                self.schedulers[(model.name, version)] = DefaultScheduler()
+                self.schedulers[(model.name, version)] = self._make_scheduler(model, version)
+
+    def _make_scheduler(self, model: Model, version: str) -> ModelScheduler:
+        config = model.config
+        assert config is not None
+        if config.HasField("dynamic_batching") and config.max_batch_size > 0:
+            batching = config.dynamic_batching
+            key = (model.name, version)
+            return DynamicBatcher(
+                config.max_batch_size,
+                batching.max_queue_delay_microseconds,
+                list(batching.preferred_batch_size),
+                lambda: self._dispatch(key),
+            )
+        return DefaultScheduler()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -222,7 +237,7 @@ class SchedulerServer:
             if slot is not None:
                 sched = self.schedulers.get((model, version))
                 if sched is not None:
-                    sched.completed(slot, len(sids))
+                    sched.completed(slot, 1)  # one execution, however many requests
                     touched.add((model, version))
 
     # --- dispatch ---------------------------------------------------------------------
@@ -259,11 +274,14 @@ class SchedulerServer:
 
     def _fail_executions(self, executions: list[m.Execution], why: str) -> None:
         for execution in executions:
+            slot = None
             for req in execution.requests:
                 entry = self.inflight.pop(req.sid, None)
                 if entry is not None:
-                    entry.slot.busy = max(0, entry.slot.busy - 1)
+                    slot = entry.slot
                     self._reply(entry, unavailable(why))
+            if slot is not None:
+                slot.busy = max(0, slot.busy - 1)
 
     def _error_reply(
         self, frontend: bytes, rid: int, model: str, version: str, exc: ServerError

@@ -1,0 +1,130 @@
+"""Triton's dynamic batcher: requests of one model version gathered into batches.
+
+A free instance takes a batch at once when the queue holds a full one (``max_batch_size``
+or a preferred size); otherwise it waits until the oldest request has waited
+``max_queue_delay_microseconds``, then takes what there is. Requests keep their arrival
+order, so ``preserve_ordering`` holds by construction. An instance counts as free with
+no batch in flight; a second batch is sent ahead to a busy instance only when a full one
+is waiting, so waiting requests are not split into small batches.
+
+Batch sizes count the batch dimension (dim 0) of each request's first input. Priority
+levels and queue policies are the scheduler issue's; this batcher is FIFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from despina.services.scheduler.interface import Pending, Slot
+
+
+def batch_size_of(pending: Pending) -> int:
+    inputs = pending.request.inputs
+    return inputs[0].shape[0] if inputs and inputs[0].shape else 1
+
+
+def plan_batch(sizes: list[int], max_batch_size: int, preferred: list[int]) -> tuple[int, bool]:
+    """How many queued requests (sizes in queue order) make the next batch, and whether
+    that batch is full (max size or a preferred size), so it need not wait. Pure."""
+    total = count = 0
+    best_preferred = 0
+    for size in sizes:
+        if total + size > max_batch_size:
+            break
+        total += size
+        count += 1
+        if total in preferred:
+            best_preferred = count
+    if count == 0 and sizes:
+        return 1, True  # a single request larger than max_batch_size was refused earlier
+    if total == max_batch_size or (count < len(sizes)):
+        return count, True
+    if best_preferred:
+        return best_preferred, True
+    return count, False
+
+
+class DynamicBatcher:
+    """Not thread-safe: used from the scheduler's loop only. ``wake`` re-runs this
+    model's dispatch when the queue delay of the oldest request runs out."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_queue_delay_us: int,
+        preferred_batch_sizes: list[int],
+        wake: Callable[[], None],
+    ) -> None:
+        self.queue: deque[Pending] = deque()
+        self.arrivals: deque[float] = deque()
+        self.slots: list[Slot] = []
+        self.max_batch_size = max(1, max_batch_size)
+        self.delay = max_queue_delay_us / 1e6
+        self.preferred = sorted(p for p in preferred_batch_sizes if 0 < p <= self.max_batch_size)
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
+
+    def enqueue(self, pending: Pending) -> None:
+        self.queue.append(pending)
+        self.arrivals.append(time.monotonic())
+
+    def _take(self, count: int) -> list[Pending]:
+        batch = [self.queue.popleft() for _ in range(count)]
+        for _ in range(count):
+            self.arrivals.popleft()
+        return batch
+
+    def next_batches(self) -> list[tuple[Slot, list[Pending]]]:
+        out: list[tuple[Slot, list[Pending]]] = []
+        for depth in (0, 1):
+            for slot in self.slots:
+                if not self.queue or slot.busy != depth:
+                    continue
+                sizes = [batch_size_of(p) for p in self.queue]
+                count, full = plan_batch(sizes, self.max_batch_size, self.preferred)
+                waited = time.monotonic() - self.arrivals[0]
+                if not full and (depth > 0 or waited < self.delay):
+                    continue
+                slot.busy += 1
+                out.append((slot, self._take(count)))
+        self._arm_timer()
+        return out
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.queue and any(s.busy == 0 for s in self.slots):
+            remaining = self.delay - (time.monotonic() - self.arrivals[0])
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, remaining), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def completed(self, slot: Slot, count: int) -> None:
+        slot.busy = max(0, slot.busy - count)
+
+    def add_slot(self, slot: Slot) -> None:
+        self.slots.append(slot)
+
+    def remove_slots(self, host: object) -> list[Slot]:
+        gone = [s for s in self.slots if s.host is host]
+        self.slots = [s for s in self.slots if s.host is not host]
+        return gone
+
+    def drain_queue(self) -> list[Pending]:
+        items = list(self.queue)
+        self.queue.clear()
+        self.arrivals.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return items
+
+    @property
+    def slot_count(self) -> int:
+        return len(self.slots)

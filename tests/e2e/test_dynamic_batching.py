@@ -1,0 +1,112 @@
+"""The dynamic batcher gathers concurrent requests into one execution, for Python and
+ONNX Runtime models, and every request gets its own right answer back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from conftest import SHIPPED_REPOSITORY, DespinaServer
+
+PROBE = textwrap.dedent(
+    """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                n = np.full((x.shape[0], 1), len(requests), np.int32)
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("OUTPUT0", x * 2),
+                    pb_utils.Tensor("BATCHED", n),
+                ]))
+            return responses
+    """
+)
+
+PROBE_CONFIG = """
+name: "probe"
+backend: "python"
+max_batch_size: 8
+dynamic_batching { max_queue_delay_microseconds: 300000 }
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [
+  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "BATCHED" data_type: TYPE_INT32 dims: [ 1 ] }
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    (root / "probe" / "1").mkdir(parents=True)
+    (root / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    (root / "probe" / "1" / "model.py").write_text(PROBE)
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", root / "simple_dyn")
+    config = (root / "simple_dyn" / "config.pbtxt").read_text().replace('"simple"', '"simple_dyn"')
+    config += "dynamic_batching { max_queue_delay_microseconds: 300000 }\n"
+    (root / "simple_dyn" / "config.pbtxt").write_text(config)
+    srv = DespinaServer(root, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    yield srv
+    srv.stop()
+
+
+def test_python_requests_are_batched(batching_server):
+    def one(i: int):
+        client = httpclient.InferenceServerClient(batching_server.url, network_timeout=30)
+        x = np.full((1, 4), i, np.float32)
+        inp = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("probe", [inp])
+        client.close()
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * x)
+        return int(result.as_numpy("BATCHED")[0, 0])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(one, range(8)))
+    # Eight requests sent at once, 300 ms of queue delay: they run in one or two batches.
+    assert max(batched) >= 4, batched
+
+
+def test_lone_request_waits_at_most_the_queue_delay(batching_server):
+    import time
+
+    client = httpclient.InferenceServerClient(batching_server.url)
+    inp = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    started = time.monotonic()
+    result = client.infer("probe", [inp])
+    elapsed = time.monotonic() - started
+    assert int(result.as_numpy("BATCHED")[0, 0]) == 1
+    assert 0.25 < elapsed < 2.0, elapsed
+    client.close()
+
+
+def test_onnx_batches_split_back_per_request(batching_server):
+    def one(i: int):
+        client = httpclient.InferenceServerClient(batching_server.url, network_timeout=30)
+        rows = 1 + i % 3
+        a = np.arange(16 * rows, dtype=np.int32).reshape(rows, 16) + 100 * i
+        b = np.full((rows, 16), i, np.int32)
+        inputs = []
+        for name, arr in (("INPUT0", a), ("INPUT1", b)):
+            inp = httpclient.InferInput(name, [rows, 16], "INT32")
+            inp.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(inp)
+        result = client.infer("simple_dyn", inputs)
+        client.close()
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(12)))
