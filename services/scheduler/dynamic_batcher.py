@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.interface import Pending, Slot
 
 
@@ -47,9 +48,10 @@ def plan_batch(sizes: list[int], max_batch_size: int, preferred: list[int]) -> t
     return count, False
 
 
-class DynamicBatcher:
-    """Not thread-safe: used from the scheduler's loop only. ``wake`` re-runs this
-    model's dispatch when the queue delay of the oldest request runs out."""
+class DynamicBatcher(DefaultScheduler):
+    """The default scheduler's queue and instances, with batches formed as above. Not
+    thread-safe: used from the scheduler's loop only. ``wake`` re-runs this model's
+    dispatch when the queue delay of the oldest request runs out."""
 
     def __init__(
         self,
@@ -58,9 +60,8 @@ class DynamicBatcher:
         preferred_batch_sizes: list[int],
         wake: Callable[[], None],
     ) -> None:
-        self.queue: deque[Pending] = deque()
+        super().__init__()
         self.arrivals: deque[float] = deque()
-        self.slots: list[Slot] = []
         self.max_batch_size = max(1, max_batch_size)
         self.delay = max_queue_delay_us / 1e6
         self.preferred = sorted(p for p in preferred_batch_sizes if 0 < p <= self.max_batch_size)
@@ -68,7 +69,7 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
 
     def enqueue(self, pending: Pending) -> None:
-        self.queue.append(pending)
+        super().enqueue(pending)
         self.arrivals.append(time.monotonic())
 
     def _take(self, count: int) -> list[Pending]:
@@ -105,26 +106,9 @@ class DynamicBatcher:
         self._timer = None
         self._wake()
 
-    def completed(self, slot: Slot, count: int) -> None:
-        slot.busy = max(0, slot.busy - count)
-
-    def add_slot(self, slot: Slot) -> None:
-        self.slots.append(slot)
-
-    def remove_slots(self, host: object) -> list[Slot]:
-        gone = [s for s in self.slots if s.host is host]
-        self.slots = [s for s in self.slots if s.host is not host]
-        return gone
-
     def drain_queue(self) -> list[Pending]:
-        items = list(self.queue)
-        self.queue.clear()
         self.arrivals.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        return items
-
-    @property
-    def slot_count(self) -> int:
-        return len(self.slots)
+        return super().drain_queue()
