@@ -132,3 +132,29 @@ def byte_size(datatype: str, shape: list[int] | tuple[int, ...]) -> int:
     """Expected byte size of a fixed-size tensor; -1 for BYTES."""
     size = item_size(datatype)
     return -1 if size == 0 else size * element_count(shape)
+
+
+def check_bytes_elements(data: bytes | memoryview, count: int, name: str, shape: list[int]) -> None:
+    """Walk the length prefixes of raw BYTES input ``name``: it must hold exactly
+    ``count`` whole elements. Raises INVALID_ARG saying what is wrong."""
+    pos, end, found = 0, len(data), 0
+    while pos < end:
+        if pos + 4 > end:
+            raise invalid_arg(
+                f"malformed BYTES data for input '{name}': the length of element {found} is "
+                "cut off; each element is a 4-byte little-endian length, then its bytes"
+            )
+        (length,) = _LEN.unpack_from(data, pos)
+        pos += 4 + length
+        if pos > end:
+            raise invalid_arg(
+                f"malformed BYTES data for input '{name}': element {found} declares {length} "
+                f"bytes, past the end of the input's {end} bytes"
+            )
+        found += 1
+    if found != count:
+        shown = "[" + ",".join(str(d) for d in shape) + "]"
+        raise invalid_arg(
+            f"unexpected number of string elements {found} for input '{name}', expecting "
+            f"{count} for shape {shown}"
+        )

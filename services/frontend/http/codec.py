@@ -249,7 +249,7 @@ def _decode_input(
         data = view[offset:end]
         size = binary_size
         if not item_size:
-            _check_bytes_elements(data, count, name, shape)
+            dtypes.check_bytes_elements(data, count, name, shape)
     elif has_data:
         data = _json_data_to_bytes(item["data"], datatype, spec[0], count, name, shape)
     return InputTensor(name, datatype, shape, data, parameters), size
@@ -470,30 +470,6 @@ def _json_strings_to_bytes(data: list, count: int, name: str, shape: list[int]) 
     array = np.empty(count, dtype=np.object_)
     array[:] = flat
     return dtypes.serialize_bytes(array)
-
-
-def _check_bytes_elements(data: memoryview, count: int, name: str, shape: list[int]) -> None:
-    """Walk the length prefixes of a binary BYTES input: it must hold exactly ``count``."""
-    pos, end, found = 0, len(data), 0
-    while pos < end:
-        if pos + 4 > end:
-            raise invalid_arg(
-                f"malformed BYTES data for input '{name}': the length of element {found} is "
-                "cut off; each element is a 4-byte little-endian length, then its bytes"
-            )
-        (length,) = _LEN.unpack_from(data, pos)
-        pos += 4 + length
-        if pos > end:
-            raise invalid_arg(
-                f"malformed BYTES data for input '{name}': element {found} declares {length} "
-                f"bytes, past the end of the input's {end} bytes"
-            )
-        found += 1
-    if found != count:
-        raise invalid_arg(
-            f"unexpected number of string elements {found} for input '{name}', expecting "
-            f"{count} for shape {_show(shape)}"
-        )
 
 
 def _float_to_bf16(values: np.ndarray) -> np.ndarray:
