@@ -48,7 +48,16 @@ class Region(msgspec.Struct, tag="r", array_like=True):
     size: int
 
 
-TensorRef = Inline | Shm | Region
+class CudaIpc(msgspec.Struct, tag="c", array_like=True):
+    """A block of a client's GPU memory, by its CUDA IPC handle (cudaIpcMemHandle_t)."""
+
+    handle: bytes
+    device_id: int
+    offset: int
+    size: int
+
+
+TensorRef = Inline | Shm | Region | CudaIpc
 
 
 class Tensor(msgspec.Struct, array_like=True):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from despina.common import cuda
 from despina.common.errors import Code, ServerError, invalid_arg, not_found
+from despina.common.messages import CudaIpc, Shm
 from despina.common.shm.arena import shm_path
 
 
@@ -33,18 +35,55 @@ class Region:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class CudaRegion:
+    name: str
+    raw_handle: bytes
+    device_id: int
+    byte_size: int
+
+    def status(self) -> dict:
+        return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
+
+
 class RegionRegistry:
-    """Not thread-safe: the scheduler's loop owns it."""
+    """System and CUDA regions, each name used once across both. Not thread-safe: the
+    scheduler's loop owns it."""
 
     def __init__(self) -> None:
         self._regions: dict[str, Region] = {}
+        self._cuda: dict[str, CudaRegion] = {}
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        """Raises UNSUPPORTED without a usable GPU (common.cuda), ALREADY_EXISTS for a
+        taken name, INVALID_ARG for a malformed handle or device."""
+        if name in self._cuda or name in self._regions:
+            raise ServerError(
+                Code.ALREADY_EXISTS, f"shared memory region '{name}' already in manager"
+            )
+        cuda.check_handle(raw_handle, device_id, byte_size)
+        self._cuda[name] = CudaRegion(name, raw_handle, device_id, byte_size)
+
+    def unregister_cuda(self, name: str = "") -> None:
+        if name:
+            self._cuda.pop(name, None)
+        else:
+            self._cuda.clear()
+
+    def cuda_status(self, name: str = "") -> list[dict]:
+        if not name:
+            return [r.status() for r in self._cuda.values()]
+        region = self._cuda.get(name)
+        if region is None:
+            raise not_found(f"Unable to find cuda shared memory region: '{name}'")
+        return [region.status()]
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         """Raises ALREADY_EXISTS for a taken name, INVALID_ARG for a key outside
         /dev/shm, a missing object, or a region that does not fit in it."""
         if not name:
             raise invalid_arg("a shared memory region needs a name")
-        if name in self._regions:
+        if name in self._regions or name in self._cuda:
             raise ServerError(
                 Code.ALREADY_EXISTS, f"shared memory region '{name}' already in manager"
             )
@@ -84,10 +123,10 @@ class RegionRegistry:
             raise not_found(f"Unable to find system shared memory region: '{name}'")
         return [region.status()]
 
-    def resolve(self, name: str, offset: int, size: int, what: str) -> tuple[str, int]:
-        """(key, absolute offset) of ``size`` bytes at ``offset`` in region ``name``.
-        ``what`` names the tensor for the error messages."""
-        region = self._regions.get(name)
+    def resolve(self, name: str, offset: int, size: int, what: str) -> Shm | CudaIpc:
+        """The block of ``size`` bytes at ``offset`` in region ``name``, as the backend
+        host reaches it. ``what`` names the tensor for the error messages."""
+        region: Region | CudaRegion | None = self._regions.get(name) or self._cuda.get(name)
         if region is None:
             raise invalid_arg(f"Unable to find shared memory region: '{name}' (for {what})")
         if offset < 0 or size < 0 or offset + size > region.byte_size:
@@ -95,7 +134,9 @@ class RegionRegistry:
                 f"Invalid offset + byte size for shared memory region: '{name}' (for {what}: "
                 f"offset {offset} + byte size {size} > region size {region.byte_size})"
             )
-        return region.key, region.offset + offset
+        if isinstance(region, CudaRegion):
+            return CudaIpc(region.raw_handle, region.device_id, offset, size)
+        return Shm(region.key, region.offset + offset, size)
 
     def __len__(self) -> int:
         return len(self._regions)

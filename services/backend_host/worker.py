@@ -31,6 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from despina.common import dtypes, streams, transport
 from despina.common import messages as m
+from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, internal, invalid_arg
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.backend_host.backend import (
@@ -124,6 +125,7 @@ class BackendHost:
         self.instance_of = instance_of
         self.instances: dict[tuple[str, str, int], LoadedInstance] = {}
         self.mapper = ShmMapper(capacity=16)
+        self.cuda = CudaMapper()  # opens clients' CUDA IPC handles, only when one is used
         # Outputs this large go into this host's arena when the frontend shares /dev/shm
         # (a unix-socket reply endpoint); the frontend releases them after sending.
         self.arena = ShmArena(arena_prefix("bh"))
@@ -196,6 +198,7 @@ class BackendHost:
             stream.close()
         log.info("output arena: %d block(s) in use at exit", self.arena.blocks_in_use)
         self.arena.close()
+        self.cuda.close()
         if self._link is not None:
             self._link.close()
         # Let the last messages (a load error, final completions) leave.
@@ -338,8 +341,12 @@ class BackendHost:
             ref = tensor.ref
             if isinstance(ref, m.Inline):
                 buf = frames[ref.frame]
-            else:
+            elif isinstance(ref, m.Shm):
                 buf = self.mapper.view(ref.key, ref.offset, ref.size)
+            elif isinstance(ref, m.CudaIpc):
+                buf = self.cuda.read(ref.handle, ref.device_id, ref.offset, ref.size)
+            else:
+                raise invalid_arg(f"input '{tensor.name}' names an unresolved region")
             inputs[tensor.name] = to_array(tensor.datatype, tensor.shape, buf)
         return ExecRequest(req.request_id, inputs, req.outputs, dict(req.parameters))
 
@@ -368,6 +375,7 @@ class BackendHost:
                     req,
                     responses[i],
                     self.mapper,
+                    self.cuda,
                     self.arena if _shares_shm(req.reply_to) else None,
                     self.arena_threshold,
                 )
@@ -492,6 +500,7 @@ def encode_response(
     req: m.Infer,
     response: ExecResponse,
     mapper: ShmMapper,
+    cuda: CudaMapper | None = None,
     arena: ShmArena | None = None,
     arena_threshold: int = ARENA_THRESHOLD,
 ) -> tuple[m.InferReply, list]:
@@ -520,7 +529,7 @@ def encode_response(
                 buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data
             shape = [int(d) for d in arr.shape]
             target = req.output_targets.get(name)
-            if isinstance(target, m.Shm):
+            if isinstance(target, (m.Shm, m.CudaIpc)):
                 size = len(buf)
                 if size > target.size:
                     raise invalid_arg(
@@ -528,10 +537,14 @@ def encode_response(
                         f"({target.size} bytes) should be at least {size} bytes to hold the "
                         "results"
                     )
-                mapper.view(target.key, target.offset, size)[:] = buf
-                tensors.append(
-                    m.Tensor(name, datatype, shape, m.Shm(target.key, target.offset, size))
-                )
+                if isinstance(target, m.Shm):
+                    mapper.view(target.key, target.offset, size)[:] = buf
+                    ref: m.TensorRef = m.Shm(target.key, target.offset, size)
+                else:
+                    assert cuda is not None
+                    cuda.write(target.handle, target.device_id, target.offset, buf)
+                    ref = m.CudaIpc(target.handle, target.device_id, target.offset, size)
+                tensors.append(m.Tensor(name, datatype, shape, ref))
                 buffers.append(None)
             elif arena is not None and len(buf) >= arena_threshold:
                 key, offset, view = arena.allocate(len(buf))

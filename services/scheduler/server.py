@@ -15,6 +15,8 @@ same framework (re)joins.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,16 +209,14 @@ class SchedulerServer:
         for tensor in req.inputs:
             ref = tensor.ref
             if isinstance(ref, m.Region):
-                key, offset = self.regions.resolve(
+                tensor.ref = self.regions.resolve(
                     ref.name, ref.offset, ref.size, f"input '{tensor.name}'"
                 )
-                tensor.ref = m.Shm(key, offset, ref.size)
         for name, target in req.output_targets.items():
             if isinstance(target, m.Region):
-                key, offset = self.regions.resolve(
+                req.output_targets[name] = self.regions.resolve(
                     target.name, target.offset, target.size, f"output '{name}'"
                 )
-                req.output_targets[name] = m.Shm(key, offset, target.size)
 
     def _on_completion(self, msg: m.Completion, touched: set) -> None:
         for reply_to, rid, model, version in msg.undelivered:
@@ -339,21 +339,17 @@ class SchedulerServer:
         raise ServerError(Code.UNSUPPORTED, f"unknown query '{q.kind}'")
 
     def _answer_shm(self, q: m.Query) -> bytes:
-        if q.kind.startswith("cuda_shm_"):
-            if q.kind == "cuda_shm_status":
-                return b"[]"
-            if q.kind == "cuda_shm_unregister":
-                return b""
-            raise ServerError(
-                Code.UNSUPPORTED,
-                "CUDA shared memory needs an NVIDIA GPU, its driver and cupy (pip install "
-                "'despina[gpu]'); this Despina has none, so CUDA regions cannot be registered. "
-                "Use system shared memory instead",
+        cuda = q.kind.startswith("cuda_")
+        kind = q.kind.removeprefix("cuda_")
+        if kind == "shm_status":
+            return orjson.dumps(
+                self.regions.cuda_status(q.model) if cuda else self.regions.status(q.model)
             )
-        if q.kind == "shm_status":
-            return orjson.dumps(self.regions.status(q.model))
-        if q.kind == "shm_unregister":
-            self.regions.unregister(q.model)
+        if kind == "shm_unregister":
+            if cuda:
+                self.regions.unregister_cuda(q.model)
+            else:
+                self.regions.unregister(q.model)
             return b""
         if not self.allow_client_shm:
             raise ServerError(
@@ -363,17 +359,28 @@ class SchedulerServer:
             )
         try:
             args = orjson.loads(q.body)
-            name, key = args["name"], args["key"]
-            offset, byte_size = int(args.get("offset", 0)), int(args["byte_size"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise invalid_arg(
-                "a system shared memory registration needs 'key' (string), 'offset' and "
-                f"'byte_size' (integers): {exc}"
-            ) from None
-        if not isinstance(name, str) or not isinstance(key, str):
+            name = args["name"]
+            byte_size = int(args["byte_size"])
+            if cuda:
+                handle = base64.b64decode(args["raw_handle"]["b64"], validate=True)
+                device_id = int(args.get("device_id", 0))
+            else:
+                key, offset = args["key"], int(args.get("offset", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            spelled = (
+                "'raw_handle': {'b64': ...}, 'device_id' and 'byte_size'"
+                if cuda
+                else "'key' (string), 'offset' and 'byte_size' (integers)"
+            )
+            raise invalid_arg(f"a shared memory registration needs {spelled}: {exc}") from None
+        if not isinstance(name, str) or (not cuda and not isinstance(key, str)):
             raise invalid_arg("shared memory region name and key must be strings")
-        region = self.regions.register(name, key, offset, byte_size)
-        log.info("registered system shared memory region '%s' (%s)", name, region.key)
+        if cuda:
+            self.regions.register_cuda(name, handle, device_id, byte_size)
+            log.info("registered CUDA shared memory region '%s' on device %d", name, device_id)
+        else:
+            self.regions.register(name, key, offset, byte_size)
+            log.info("registered system shared memory region '%s' (%s)", name, key)
         return b""
 
     def _index(self) -> list[dict]:

@@ -288,3 +288,48 @@ def test_cuda_shared_memory_answers_clearly_without_a_gpu(server, client):
     assert info.value.code == 501
     assert "NVIDIA GPU" in json.loads(info.value.read())["error"]
     assert client.get_cuda_shared_memory_status() == []
+
+
+def _cuda_unusable() -> str:
+    from despina.common import cuda
+
+    return cuda._probe()
+
+
+@pytest.mark.skipif(
+    bool(_cuda_unusable()),
+    reason=f"CUDA shared memory needs an NVIDIA GPU and cupy: {_cuda_unusable()}",
+)
+def test_cuda_shared_memory_round_trip(client):
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, np.int32)
+    inputs_region = cudashm.create_shared_memory_region("despina_gpu_in", 2 * a.nbytes, 0)
+    outputs_region = cudashm.create_shared_memory_region("despina_gpu_out", 2 * a.nbytes, 0)
+    try:
+        cudashm.set_shared_memory_region(inputs_region, [a, b])
+        client.register_cuda_shared_memory(
+            "gpu_in", cudashm.get_raw_handle(inputs_region), 0, 2 * a.nbytes
+        )
+        client.register_cuda_shared_memory(
+            "gpu_out", cudashm.get_raw_handle(outputs_region), 0, 2 * a.nbytes
+        )
+        status = {r["name"]: r for r in client.get_cuda_shared_memory_status()}
+        assert status["gpu_in"]["byte_size"] == 2 * a.nbytes
+        inputs, outputs = [], []
+        for i, name in enumerate(("INPUT0", "INPUT1")):
+            inp = httpclient.InferInput(name, [1, 16], "INT32")
+            inp.set_shared_memory("gpu_in", a.nbytes, offset=i * a.nbytes)
+            inputs.append(inp)
+        for i, name in enumerate(("OUTPUT0", "OUTPUT1")):
+            out = httpclient.InferRequestedOutput(name, binary_data=True)
+            out.set_shared_memory("gpu_out", a.nbytes, offset=i * a.nbytes)
+            outputs.append(out)
+        client.infer("simple", inputs, outputs=outputs)
+        sums = cudashm.get_contents_as_numpy(outputs_region, np.int32, [1, 16])
+        np.testing.assert_array_equal(sums, a + b)
+    finally:
+        client.unregister_cuda_shared_memory()
+        cudashm.destroy_shared_memory_region(inputs_region)
+        cudashm.destroy_shared_memory_region(outputs_region)
