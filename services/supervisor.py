@@ -73,8 +73,8 @@ class Supervisor:
         args = self.args
         py = [sys.executable, "-m"]
         verbose = ["--log-verbose", str(args.log_verbose)]
-        scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends
-        hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts
+        scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends that want it
+        hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts and frontends
         repos: list[str] = []
         for repo in args.model_repository:
             repos += ["--model-repository", str(Path(repo).resolve())]
@@ -120,7 +120,7 @@ class Supervisor:
                         + [
                             "despina.services.frontend",
                             "--scheduler",
-                            scheduler,
+                            scheduler if args.scheduler_transport == "zmq" else hosts,
                             "--reply-endpoint",
                             f"unix://{self.runtime_dir}/frontend-{i}",
                             f"--allow-http={'true' if args.allow_http else 'false'}",

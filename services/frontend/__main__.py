@@ -27,7 +27,10 @@ EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--scheduler", default="tcp://127.0.0.1:8010", help="the scheduler's ZeroMQ endpoint"
+        "--scheduler",
+        default="tcp://127.0.0.1:8012",
+        help="the scheduler: its stream endpoint (unix:///path or tcp://host:port, the one "
+        "backend hosts use) or its ZeroMQ endpoint (ipc:///path or zmq+tcp://host:port)",
     )
     parser.add_argument(
         "--reply-endpoint",

@@ -25,7 +25,7 @@ class Pending:
     """A request the scheduler holds: where it came from and its inline tensor bytes
     (aligned with ``request.inputs``; None for shared-memory refs)."""
 
-    frontend: bytes
+    frontend: Any  # the frontend: ZeroMQ identity (bytes) or its stream
     request: m.Infer
     buffers: list = field(default_factory=list)
 

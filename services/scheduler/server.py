@@ -40,6 +40,8 @@ from despina.services.scheduler.repository import Model, ModelVersion, State, sc
 log = logging.getLogger("despina.scheduler")
 
 HostLink: TypeAlias = streams.FramedProtocol
+# A frontend is known by its ZeroMQ identity, or by its stream when it uses one.
+FrontendId: TypeAlias = bytes | streams.FramedProtocol
 
 
 @dataclass(eq=False)
@@ -54,7 +56,7 @@ class Host:
 
 @dataclass(slots=True)
 class InFlight:
-    frontend: bytes
+    frontend: FrontendId
     reply_to: str
     rid: int
     slot: Slot
@@ -81,11 +83,11 @@ class SchedulerServer:
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
         self.hosts: dict[HostLink, Host] = {}
         self.inflight: dict[int, InFlight] = {}
-        self.frontends: dict[str, bytes] = {}  # reply endpoint -> ZeroMQ identity
+        self.frontends: dict[str, FrontendId] = {}  # reply endpoint -> frontend
         self._next_sid = 1
         self._encode = m.encoder().encode
         self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
-        self._decode_host = m.decoder(m.SchedulerFromHost).decode
+        self._decode_stream = m.decoder(m.SchedulerFromFrontend | m.SchedulerFromHost).decode
         self._driver: transport.SocketDriver | None = None
         self._outbox: transport.Outbox | None = None
         self._stopping = asyncio.Event()
@@ -116,7 +118,7 @@ class SchedulerServer:
         self._driver = transport.SocketDriver(sock, self._on_frontend_burst)
         self._outbox = transport.Outbox(self._flush)
         host_server = await streams.serve(
-            self.host_endpoint, self._on_host_burst, self._on_host_lost
+            self.host_endpoint, self._on_stream_burst, self._on_host_lost
         )
         log.info(
             "scheduler listening at %s (frontends) and %s (backend hosts) with %d model(s) in %s",
@@ -139,32 +141,42 @@ class SchedulerServer:
     # --- inbound ----------------------------------------------------------------------
 
     def _on_frontend_burst(self, burst: list[list]) -> None:
+        """ZeroMQ frontends: frame 0 is the sender's identity."""
         touched: set[tuple[str, str]] = set()
         for frames in burst:
-            identity = frames[0]
             try:
                 msg = self._decode_frontend(frames[1])
             except (msgspec.DecodeError, IndexError) as exc:
                 log.warning("dropping an undecodable message from a frontend: %s", exc)
                 continue
-            if isinstance(msg, m.InferBatch):
-                self._on_infer(identity, msg, frames, touched)
-            elif isinstance(msg, m.Query):
-                self._send_frontend(identity, self._answer(msg))
-            elif isinstance(msg, m.FrontendHello):
-                log.info("frontend joined; replies go to %s", msg.reply_endpoint)
+            self._on_frontend_message(frames[0], msg, frames, touched)
         for key in touched:
             self._dispatch(key)
 
-    def _on_host_burst(self, link: HostLink, burst: list[list]) -> None:
+    def _on_frontend_message(
+        self, identity: FrontendId, msg: msgspec.Struct, frames: list, touched: set
+    ) -> None:
+        """``frames`` has the tensor frames from index 2 (after identity and header)."""
+        if isinstance(msg, m.InferBatch):
+            self._on_infer(identity, msg, frames, touched)
+        elif isinstance(msg, m.Query):
+            self._send_frontend(identity, self._answer(msg))
+        elif isinstance(msg, m.FrontendHello):
+            log.info("frontend joined; replies go to %s", msg.reply_endpoint)
+
+    def _on_stream_burst(self, link: HostLink, burst: list[list]) -> None:
+        """Streams carry backend hosts and, when they choose streams, frontends: the
+        stream itself identifies the peer."""
         touched: set[tuple[str, str]] = set()
         for frames in burst:
             try:
-                msg = self._decode_host(frames[0])
+                msg = self._decode_stream(frames[0])
             except (msgspec.DecodeError, IndexError) as exc:
-                log.warning("dropping an undecodable message from a backend host: %s", exc)
+                log.warning("dropping an undecodable message from a stream peer: %s", exc)
                 continue
-            if isinstance(msg, m.Completion):
+            if isinstance(msg, (m.InferBatch, m.Query, m.FrontendHello)):
+                self._on_frontend_message(link, msg, [None, *frames], touched)
+            elif isinstance(msg, m.Completion):
                 self._on_completion(msg, touched)
             elif isinstance(msg, m.HostHello):
                 self._on_host_hello(link, msg, touched)
@@ -178,7 +190,9 @@ class SchedulerServer:
         if host is not None:
             self._host_gone(host, "its connection closed")
 
-    def _on_infer(self, identity: bytes, batch: m.InferBatch, frames: list, touched: set) -> None:
+    def _on_infer(
+        self, identity: FrontendId, batch: m.InferBatch, frames: list, touched: set
+    ) -> None:
         self.frontends[batch.reply_to] = identity
         for req in batch.requests:
             try:
@@ -250,9 +264,10 @@ class SchedulerServer:
 
     def _flush(self, pending: dict) -> None:
         """Send everything one wake produced: one message per peer. A peer is a
-        frontend's ZeroMQ identity (bytes) or a backend host's stream."""
+        frontend (ZeroMQ identity or stream), sent replies, or a backend host's stream,
+        sent batches."""
         for peer, items in pending.items():
-            if isinstance(peer, bytes):
+            if isinstance(items[0], m.InferReply):
                 self._send_frontend(peer, m.ReplyBatch(items))
                 continue
             frames = transport.FrameList()
@@ -284,22 +299,25 @@ class SchedulerServer:
                 slot.busy = max(0, slot.busy - 1)
 
     def _error_reply(
-        self, frontend: bytes, rid: int, model: str, version: str, exc: ServerError
+        self, frontend: FrontendId, rid: int, model: str, version: str, exc: ServerError
     ) -> None:
         """Answer one request with an error, in this wake's message to its frontend."""
         assert self._outbox is not None
         error = m.Error(exc.code.value, exc.message)
         self._outbox.put(frontend, m.InferReply(rid, model, version, [], error))
 
-    def _reply_error(self, frontend: bytes, req: m.Infer, exc: ServerError) -> None:
+    def _reply_error(self, frontend: FrontendId, req: m.Infer, exc: ServerError) -> None:
         self._error_reply(frontend, req.rid, req.model, req.version, exc)
 
     def _reply(self, entry: InFlight, exc: ServerError) -> None:
         self._error_reply(entry.frontend, entry.rid, entry.slot.model, entry.slot.version, exc)
 
-    def _send_frontend(self, identity: bytes, msg: msgspec.Struct) -> None:
-        assert self._driver is not None
-        self._driver.send([identity, self._encode(msg)])
+    def _send_frontend(self, identity: FrontendId, msg: msgspec.Struct) -> None:
+        if isinstance(identity, bytes):
+            assert self._driver is not None
+            self._driver.send([identity, self._encode(msg)])
+        else:
+            identity.send([self._encode(msg)])
 
     # --- control plane --------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ def spawn(args: list[str], log) -> subprocess.Popen:
 class Services:
     """The services started one by one over TCP, as compose runs them."""
 
-    def __init__(self, tmp_path, repo, advertise: str | None = None) -> None:
+    def __init__(self, tmp_path, repo, advertise: str | None = None, zmq: bool = False) -> None:
         ports = [free_port() for _ in range(4)]
         scheduler = f"tcp://127.0.0.1:{ports[0]}"
         hosts = f"tcp://127.0.0.1:{ports[1]}"
@@ -36,7 +36,7 @@ class Services:
         frontend = [
             "frontend",
             "--scheduler",
-            scheduler,
+            f"zmq+{scheduler}" if zmq else hosts,
             "--reply-endpoint",
             f"tcp://127.0.0.1:{ports[2]}",
             "--http-address",
@@ -112,12 +112,13 @@ def test_unreachable_reply_endpoint_is_an_error_not_a_hang(tmp_path):
         services.stop()
 
 
-def test_services_started_separately_over_tcp(tmp_path):
+@pytest.mark.parametrize("zmq", [False, True], ids=["stream", "zeromq"])
+def test_services_started_separately_over_tcp(tmp_path, zmq):
     repo = tmp_path / "repo"
     repo.mkdir()
     for model in ("simple", "add_sub"):
         shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    services = Services(tmp_path, repo)
+    services = Services(tmp_path, repo, zmq=zmq)
     try:
         services.wait_ready()
         url = services.url

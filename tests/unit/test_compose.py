@@ -44,7 +44,7 @@ def test_every_command_parses(compose):
     assert port != host_port
     for svc, (kind, args) in parsed.items():
         if kind == "frontend":
-            assert args.scheduler == f"tcp://scheduler:{port}", svc
+            assert args.scheduler == f"tcp://scheduler:{host_port}", svc
             assert args.advertise_endpoint.startswith(f"tcp://{svc}:"), svc
             assert (
                 args.reply_endpoint.rsplit(":", 1)[1] == args.advertise_endpoint.rsplit(":", 1)[1]

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Where a request's time goes in Despina: CPU per request in each process, and the
+floor each kind of hop costs on this machine, measured in the same run.
+
+    python loadtest/hops.py [--model add_sub] [--concurrency 1,8,32] [-d 5] [--json-out F]
+
+1. Floors: a round trip over a plain unix-socket stream (common/streams.py's framing) and
+   over ZeroMQ DEALER/ROUTER (common/transport.py), each driven the way the services
+   drive them; half a round trip is one hop.
+2. Despina: starts ``despina serve`` on the shipped repository, drives the model with
+   loadtest/perf.py (HTTP JSON) at each concurrency, and reads each service process's CPU
+   time from /proc before and after the window: CPU microseconds per request, per process.
+3. With py-spy installed (``pip install py-spy``) and ``--profile DIR``, a 3 s raw profile of
+   each process under the last load, for flame graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- floors ---------------------------------------------------------------------------
+
+
+async def stream_round_trip(seconds: float) -> float:
+    from despina.common import streams
+
+    path = tempfile.mktemp(prefix="despina-hops-", suffix=".sock")
+    server = await streams.serve(
+        f"unix://{path}", lambda link, burst: [link.send(f) for f in burst]
+    )
+    done: asyncio.Future | None = None
+
+    def on_reply(_link, _burst) -> None:
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    link = await streams.connect(f"unix://{path}", on_reply)
+    n, start = 0, time.perf_counter()
+    loop = asyncio.get_running_loop()
+    while time.perf_counter() - start < seconds:
+        done = loop.create_future()
+        link.send([b"x" * 100])
+        await done
+        n += 1
+    elapsed = time.perf_counter() - start
+    link.close()
+    server.close()
+    os.unlink(path)
+    return elapsed / n * 1e6
+
+
+def zmq_echo(endpoint: str, seconds: float) -> None:
+    import uvloop
+    import zmq
+
+    from despina.common import transport
+
+    async def run() -> None:
+        sock = transport.configure(transport.make_context().socket(zmq.ROUTER))
+        sock.bind(endpoint)
+        driver = None
+
+        def echo(burst: list) -> None:
+            for frames in burst:
+                driver.send(frames)  # type: ignore[union-attr]
+
+        driver = transport.SocketDriver(sock, echo)
+        await asyncio.sleep(seconds + 2)
+
+    uvloop.run(run())
+
+
+async def zmq_round_trip(seconds: float) -> float:
+    import multiprocessing
+
+    import zmq
+
+    from despina.common import transport
+
+    endpoint = f"ipc://{tempfile.mktemp(prefix='despina-hops-zmq-')}"
+    echo = multiprocessing.get_context("spawn").Process(target=zmq_echo, args=(endpoint, seconds))
+    echo.start()
+    sock = transport.configure(transport.make_context().socket(zmq.DEALER))
+    sock.connect(endpoint)
+    done: asyncio.Future | None = None
+
+    def on_reply(_burst) -> None:
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    driver = transport.SocketDriver(sock, on_reply)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(1.0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done = loop.create_future()
+        driver.send([b"x" * 100])
+        await done
+        n += 1
+    elapsed = time.perf_counter() - start
+    driver.close()
+    echo.join()
+    return elapsed / n * 1e6
+
+
+# --- Despina under load -------------------------------------------------------------------
+
+
+def service_pids(serve_pid: int) -> dict[int, str]:
+    pgid = os.getpgid(serve_pid)
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode() for a in argv if a]
+        if "despina.services.cli" in words:
+            found[int(entry.name)] = "supervisor"
+        elif any(w.startswith("despina.services.") for w in words):
+            module = next(w for w in words if w.startswith("despina.services."))
+            role = module.rsplit(".", 1)[1]
+            if "--instance-of" in words:
+                role = "python instance " + words[words.index("--instance-of") + 1]
+            elif "--framework" in words:
+                role = f"backend host ({words[words.index('--framework') + 1]})"
+            found[int(entry.name)] = role
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="add_sub")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("-d", "--duration", type=float, default=5.0)
+    parser.add_argument("--floor-seconds", type=float, default=2.0)
+    parser.add_argument("--protocol", default="http-json")
+    parser.add_argument("--serve-args", default="", help="extra flags for despina serve")
+    parser.add_argument("--json-out")
+    parser.add_argument("--profile", help="folder for py-spy raw profiles of each process")
+    args = parser.parse_args(argv)
+
+    import uvloop
+
+    stream_us = uvloop.run(stream_round_trip(args.floor_seconds))
+    zmq_us = uvloop.run(zmq_round_trip(args.floor_seconds))
+    print(
+        f"floor: unix-stream round trip {stream_us:.0f} us (hop ~{stream_us / 2:.0f} us), "
+        f"ZeroMQ round trip {zmq_us:.0f} us (hop ~{zmq_us / 2:.0f} us)"
+    )
+
+    port, grpc_port = free_port(), free_port()
+    log = tempfile.NamedTemporaryFile(prefix="despina-hops-", suffix=".log", delete=False)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "despina.services.cli",
+            "serve",
+            f"--model-repository={ROOT / 'model_repository'}",
+            f"--http-port={port}",
+            f"--grpc-port={grpc_port}",
+            *args.serve_args.split(),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    report: dict = {"stream_round_trip_us": stream_us, "zmq_round_trip_us": zmq_us, "runs": []}
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/v2/health/ready", timeout=1
+                ) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"despina did not become ready; log in {log.name}")
+            time.sleep(0.1)
+        pids = service_pids(serve.pid)
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            before = {pid: cpu_seconds(pid) for pid in pids}
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "loadtest" / "perf.py"),
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--model",
+                    args.model,
+                    "-c",
+                    str(c),
+                    "-d",
+                    str(args.duration),
+                    "--warmup",
+                    "0",
+                    "--protocol",
+                    args.protocol,
+                    "--json-out",
+                    "/dev/stdout",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            after = {pid: cpu_seconds(pid) for pid in pids}
+            run = json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]
+            done = run["infer_per_s"] * args.duration
+            per_process = {
+                pids[pid]: round((after[pid] - before[pid]) / done * 1e6, 1) for pid in pids
+            }
+            report["runs"].append(
+                {
+                    "concurrency": c,
+                    "infer_per_s": run["infer_per_s"],
+                    "p50_ms": run["p50_ms"],
+                    "cpu_us_per_request": per_process,
+                }
+            )
+            print(
+                f"c={c}: {run['infer_per_s']:.0f} infer/s, p50 {run['p50_ms']:.3f} ms; "
+                "CPU us per request: " + ", ".join(f"{k} {v}" for k, v in per_process.items())
+            )
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            load = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "loadtest" / "perf.py"),
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--model",
+                    args.model,
+                    "-c",
+                    "8",
+                    "-d",
+                    "6",
+                    "--warmup",
+                    "0",
+                    "--protocol",
+                    args.protocol,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
+            for pid, role in pids.items():
+                name = role.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
+                subprocess.run(
+                    [
+                        "py-spy",
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        "3",
+                        "-r",
+                        "250",
+                        "-f",
+                        "raw",
+                        "--nonblocking",
+                        "-o",
+                        str(Path(args.profile) / f"{name}.txt"),
+                    ],
+                    capture_output=True,
+                )
+            load.wait()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
