@@ -11,10 +11,12 @@ raises UNSUPPORTED saying so, and nothing imports cupy.
 from __future__ import annotations
 
 import functools
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from despina.common.errors import Code, ServerError, invalid_arg
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: the scheduler, which imports this, needs none
 
 IPC_HANDLE_BYTES = 64
 _NO_GPU = (
@@ -85,6 +87,7 @@ class CudaMapper:
     def read(self, handle: bytes, device_id: int, offset: int, size: int) -> np.ndarray:
         """Copy ``size`` bytes at ``offset`` of the client's device memory to the host."""
         import cupy
+        import numpy as np
 
         ptr = self._pointer(handle, device_id)
         host = np.empty(size, np.uint8)
@@ -95,6 +98,7 @@ class CudaMapper:
     def write(self, handle: bytes, device_id: int, offset: int, data: bytes | memoryview) -> None:
         """Copy host bytes into the client's device memory at ``offset``."""
         import cupy
+        import numpy as np
 
         ptr = self._pointer(handle, device_id)
         host = np.frombuffer(data, np.uint8)

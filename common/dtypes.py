@@ -8,34 +8,52 @@ and backends that understand it reinterpret the bits.
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from despina.common.errors import invalid_arg
 
-# name -> (numpy dtype or None for BYTES, item size in bytes or 0 for variable)
-_TABLE: dict[str, tuple[np.dtype | None, int]] = {
-    "BOOL": (np.dtype(np.bool_), 1),
-    "UINT8": (np.dtype(np.uint8), 1),
-    "UINT16": (np.dtype(np.uint16), 2),
-    "UINT32": (np.dtype(np.uint32), 4),
-    "UINT64": (np.dtype(np.uint64), 8),
-    "INT8": (np.dtype(np.int8), 1),
-    "INT16": (np.dtype(np.int16), 2),
-    "INT32": (np.dtype(np.int32), 4),
-    "INT64": (np.dtype(np.int64), 8),
-    "FP16": (np.dtype(np.float16), 2),
-    "FP32": (np.dtype(np.float32), 4),
-    "FP64": (np.dtype(np.float64), 8),
-    "BF16": (np.dtype(np.uint16), 2),
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported on first use, not here: the scheduler checks sizes and names only,
+# and numpy is ~15 MiB of RSS a process.
+
+# name -> (numpy dtype name, or None for BYTES; item size in bytes, or 0 for variable)
+_TABLE: dict[str, tuple[str | None, int]] = {
+    "BOOL": ("bool", 1),
+    "UINT8": ("uint8", 1),
+    "UINT16": ("uint16", 2),
+    "UINT32": ("uint32", 4),
+    "UINT64": ("uint64", 8),
+    "INT8": ("int8", 1),
+    "INT16": ("int16", 2),
+    "INT32": ("int32", 4),
+    "INT64": ("int64", 8),
+    "FP16": ("float16", 2),
+    "FP32": ("float32", 4),
+    "FP64": ("float64", 8),
+    "BF16": ("uint16", 2),
     "BYTES": (None, 0),
 }
 
-_FROM_NUMPY: dict[np.dtype, str] = {
-    dt: name for name, (dt, _) in _TABLE.items() if dt is not None and name != "BF16"
-}
+# Filled with numpy dtypes on first use (``_numpy_tables``).
+_TO_NUMPY: dict[str, np.dtype] = {}
+_FROM_NUMPY: dict[np.dtype, str] = {}
 
 TRITON_TYPES: tuple[str, ...] = tuple(_TABLE)
+
+
+def _numpy_tables() -> None:
+    global _TO_NUMPY, _FROM_NUMPY
+    import numpy as np
+
+    to_numpy = {
+        name: np.dtype(np.object_ if numpy_name is None else numpy_name)
+        for name, (numpy_name, _) in _TABLE.items()
+    }
+    # Whole tables at once: another thread never sees one half filled.
+    _FROM_NUMPY = {dt: name for name, dt in to_numpy.items() if name not in ("BF16", "BYTES")}
+    _TO_NUMPY = to_numpy
 
 
 def is_known(datatype: str) -> bool:
@@ -45,14 +63,23 @@ def is_known(datatype: str) -> bool:
 def to_numpy(datatype: str) -> np.dtype:
     """Numpy dtype for a Triton type; BYTES maps to ``object`` (elements are ``bytes``)."""
     try:
-        dt = _TABLE[datatype][0]
+        return _TO_NUMPY[datatype]
     except KeyError:
-        raise invalid_arg(f"unknown data type '{datatype}'") from None
-    return np.dtype(np.object_) if dt is None else dt
+        if _TO_NUMPY:
+            raise invalid_arg(f"unknown data type '{datatype}'") from None
+    _numpy_tables()
+    return to_numpy(datatype)
 
 
 def from_numpy(dtype: np.dtype) -> str:
     """Triton type name for a numpy dtype; strings and objects are BYTES."""
+    name = _FROM_NUMPY.get(dtype)  # type: ignore[call-overload]
+    if name is not None:
+        return name
+    import numpy as np
+
+    if not _FROM_NUMPY:
+        _numpy_tables()
     dtype = np.dtype(dtype)
     if dtype.kind in ("O", "S", "U"):
         return "BYTES"
@@ -123,6 +150,8 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int | None = None) -> n
         pos += length
     if count is not None and len(items) != count:
         raise invalid_arg(f"expected {count} BYTES elements, got {len(items)}")
+    import numpy as np
+
     out = np.empty(len(items), dtype=np.object_)
     out[:] = items
     return out

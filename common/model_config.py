@@ -13,41 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf import descriptor, json_format, text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
-from despina.common import dtypes
+from despina.common import dtypes, frameworks
 from despina.common.errors import invalid_arg
+from despina.common.protos import model_config_pb2 as mc
 
 if TYPE_CHECKING:
     ModelConfig = Any  # the generated protobuf classes carry no type information
 else:
     ModelConfig = mc.ModelConfig
 
-# platform / backend spellings -> the framework of the backend host that runs them
-_PLATFORMS = {
-    "onnxruntime_onnx": "onnxruntime",
-    "pytorch_libtorch": "pytorch",
-    "tensorrt_plan": "tensorrt",
-    "python": "python",
-}
-_BACKENDS = {
-    "onnxruntime": "onnxruntime",
-    "pytorch": "pytorch",
-    "tensorrt": "tensorrt",
-    "python": "python",
-}
-_DEFAULT_FILENAMES = {
-    "onnxruntime": "model.onnx",
-    "pytorch": "model.pt",
-    "tensorrt": "model.plan",
-    "python": "model.py",
-}
-_CANONICAL_PLATFORM = {
-    "onnxruntime": "onnxruntime_onnx",
-    "pytorch": "pytorch_libtorch",
-    "tensorrt": "tensorrt_plan",
-}
-FRAMEWORKS: tuple[str, ...] = tuple(_DEFAULT_FILENAMES)
+FRAMEWORKS = frameworks.FRAMEWORKS
 
 
 def parse_text(text: str, source: str = "config.pbtxt") -> ModelConfig:
@@ -78,25 +54,24 @@ def load(model_dir: Path) -> ModelConfig:
 def framework_of(config: ModelConfig, model_dir: Path | None = None) -> str:
     if config.backend:
         try:
-            return _BACKENDS[config.backend]
+            return frameworks.BACKENDS[config.backend]
         except KeyError:
             raise invalid_arg(
                 f"model '{config.name}': backend '{config.backend}' is not supported "
-                f"(supported: {', '.join(_BACKENDS)})"
+                f"(supported: {', '.join(frameworks.BACKENDS)})"
             ) from None
     if config.platform:
         try:
-            return _PLATFORMS[config.platform]
+            return frameworks.PLATFORMS[config.platform]
         except KeyError:
             raise invalid_arg(
                 f"model '{config.name}': platform '{config.platform}' is not supported "
-                f"(supported: {', '.join(_PLATFORMS)})"
+                f"(supported: {', '.join(frameworks.PLATFORMS)})"
             ) from None
     if model_dir is not None:
-        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            for framework, filename in _DEFAULT_FILENAMES.items():
-                if (version_dir / filename).exists():
-                    return framework
+        framework = frameworks.from_model_file(model_dir)
+        if framework is not None:
+            return framework
     raise invalid_arg(
         f"model '{config.name}': config.pbtxt names no backend or platform and no model "
         "file tells which framework runs it"
@@ -117,11 +92,11 @@ def complete(config: ModelConfig, model_dir: Path) -> None:
         config.backend = "python"
     else:
         if not config.platform:
-            config.platform = _CANONICAL_PLATFORM[framework]
+            config.platform = frameworks.CANONICAL_PLATFORM[framework]
         if not config.backend:
             config.backend = framework
     if not config.default_model_filename:
-        config.default_model_filename = _DEFAULT_FILENAMES[framework]
+        config.default_model_filename = frameworks.DEFAULT_FILENAMES[framework]
     if not config.instance_group:
         config.instance_group.add()
     for i, group in enumerate(config.instance_group):

@@ -4,8 +4,9 @@
 wake it drains every ready message with ``NOBLOCK`` and hands the whole burst to one
 callback. ZeroMQ's FD is edge-triggered and a send can consume the edge, so after every
 send (and after each burst) ``EVENTS`` is checked again and a drain re-scheduled if input
-is waiting. ``Outbox`` gathers what a wake produced and flushes it once per loop
-iteration, so each peer gets one message per wake (DESIGN.md, "The hot path").
+is waiting. ``Outbox`` (common/outbox.py, re-exported here) gathers what a wake
+produced and flushes it once per loop iteration, so each peer gets one message per wake
+(DESIGN.md, "The hot path").
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from collections.abc import Callable
 from typing import cast
 
 import zmq
+
+from despina.common.outbox import FrameList, Outbox
+
+__all__ = ["FrameList", "Outbox", "SocketDriver", "configure", "make_context"]
 
 log = logging.getLogger(__name__)
 
@@ -134,52 +139,3 @@ class SocketDriver:
             except Exception:
                 pass
         self.sock.close(linger=linger_ms)
-
-
-class FrameList:
-    """Builds the frame list of one outgoing message: frame 0 is the header, added last."""
-
-    __slots__ = ("frames",)
-
-    def __init__(self) -> None:
-        self.frames: list = [b""]
-
-    def add(self, buf: bytes | memoryview) -> int:
-        self.frames.append(buf)
-        return len(self.frames) - 1
-
-    def finish(self, header: bytes) -> list:
-        self.frames[0] = header
-        return self.frames
-
-
-class Outbox:
-    """Collects items per peer during one loop iteration and flushes them together.
-
-    ``flush`` is called with ``{peer: [items...]}`` once, soon after the first ``put``.
-    """
-
-    def __init__(self, flush: Callable[[dict], None]) -> None:
-        self._flush_cb = flush
-        self._pending: dict = {}
-        self._loop = asyncio.get_running_loop()
-        self._scheduled = False
-
-    def put(self, peer: object, item: object) -> None:
-        items = self._pending.get(peer)
-        if items is None:
-            self._pending[peer] = [item]
-        else:
-            items.append(item)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        pending, self._pending = self._pending, {}
-        if pending:
-            try:
-                self._flush_cb(pending)
-            except Exception:
-                log.exception("outbox flush failed")

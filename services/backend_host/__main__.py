@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-from tritonclient.grpc import model_config_pb2 as mc
-
 from despina.common.errors import ServerError, unsupported
+from despina.common.frameworks import FRAMEWORKS
 from despina.common.logs import setup_logging
-from despina.common.model_config import FRAMEWORKS
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.worker import BackendHost
 
@@ -59,8 +56,7 @@ async def run_instance(args: argparse.Namespace) -> int:
     from despina.services.backend_host.backends.python.launcher import CONFIG_ENV, LOAD_FAILED_EXIT
 
     model, version, index = args.instance_of.rsplit(":", 2)
-    config = mc.ModelConfig()
-    config.ParseFromString(base64.b64decode(os.environ[CONFIG_ENV]))
+    config = os.environ[CONFIG_ENV].encode()  # Triton's JSON form: no protobuf here
     spec = InstanceSpec(
         model, version, Path(args.model_dir), config, int(index), args.instance_kind, args.device_id
     )

@@ -40,7 +40,9 @@ class InstanceSpec:
     model_name: str
     version: str
     model_dir: Path  # <repository>/<model>
-    config: object  # model_config_pb2.ModelConfig, frozen after load
+    # model_config_pb2.ModelConfig, frozen after load; or that config in Triton's JSON
+    # form (bytes) in a Python instance process, which does not load protobuf.
+    config: object
     instance_index: int
     kind: str = "KIND_CPU"  # KIND_CPU | KIND_GPU | KIND_MODEL
     device_id: int = 0
@@ -69,3 +71,22 @@ class Backend(Protocol):
     def load(self, spec: InstanceSpec) -> ModelInstance:
         """Create a working instance or raise ServerError saying why not."""
         ...
+
+
+def config_json(config: object) -> bytes:
+    """Triton's JSON form of a model config (``GET .../config``, a Python model's
+    ``args["model_config"]``): ``config`` itself when it is that JSON already, else
+    rendered from the ``ModelConfig`` proto."""
+    if isinstance(config, bytes):
+        return config
+    from despina.common import model_config
+
+    return model_config.config_json(config)
+
+
+def config_dict(config: object) -> dict:
+    """The model config as a dict of Triton's JSON form: proto field names, every field
+    present (enums by name, 64-bit integers as numbers), messages left unset absent."""
+    import orjson
+
+    return orjson.loads(config_json(config))

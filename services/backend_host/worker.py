@@ -27,9 +27,8 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 
-from despina.common import dtypes, streams, transport
+from despina.common import dtypes, outbox, streams
 from despina.common import messages as m
 from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, internal, invalid_arg
@@ -40,6 +39,7 @@ from despina.services.backend_host.backend import (
     ExecResponse,
     InstanceSpec,
     ModelInstance,
+    config_dict,
 )
 from despina.services.backend_host.classification import classify, load_labels
 
@@ -56,13 +56,14 @@ class LoadedInstance:
     spec: InstanceSpec
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     _labels: dict[str, list[str]] | None = None
+    _batched: bool | None = None
 
     def labels(self, output: str) -> list[str]:
         """The classification labels of ``output`` (its ``label_filename``), read once."""
         if self._labels is None:
             self._labels = {
-                o.name: load_labels(self.spec.model_dir, o.label_filename)
-                for o in self.spec.config.output  # type: ignore[attr-defined]
+                o["name"]: load_labels(self.spec.model_dir, o.get("label_filename", ""))
+                for o in config_dict(self.spec.config).get("output", ())
             }
         return self._labels.get(output, [])
 
@@ -70,7 +71,9 @@ class LoadedInstance:
         """Replace the outputs the request asked classes of by their top-k classes."""
         if response.error is not None:
             return
-        batched = self.spec.config.max_batch_size > 0  # type: ignore[attr-defined]
+        if self._batched is None:
+            self._batched = config_dict(self.spec.config).get("max_batch_size", 0) > 0
+        batched = self._batched
         try:
             for name, k in req.classification.items():
                 if name in response.outputs:
@@ -83,6 +86,8 @@ class LoadedInstance:
 
 def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
     """One spec per instance index, with the kind and device of its instance group."""
+    from despina.common.protos import model_config_pb2 as mc
+
     config = mc.ModelConfig()
     config.ParseFromString(load.config)
     placements: list[tuple[str, int]] = []
@@ -140,7 +145,7 @@ class BackendHost:
         self._stopping = asyncio.Event()
         self._inflight = 0
         self._link: streams.FramedProtocol | None = None
-        self._outbox: transport.Outbox | None = None
+        self._outbox: outbox.Outbox | None = None
         self._load_error = ""
         # Extra control handlers (the Python launcher overrides loading).
         self.on_load: Callable[[m.LoadModel], None] | None = None
@@ -153,7 +158,7 @@ class BackendHost:
         """Serve until stopped. Connects to the scheduler (retrying until it listens),
         and after losing it drops every instance and joins again; a Python instance
         process returns instead, and its launcher decides."""
-        self._outbox = transport.Outbox(self._flush)
+        self._outbox = outbox.Outbox(self._flush)
         self._load_error = load_error
         backoff = 0.05
         while not self._stopping.is_set():
@@ -393,7 +398,7 @@ class BackendHost:
     def _flush(self, pending: dict) -> None:
         done = pending.pop(None, None)
         for endpoint, replies in pending.items():
-            frames = transport.FrameList()
+            frames = outbox.FrameList()
             records = []
             for reply, buffers in replies:
                 for tensor, buf in zip(reply.outputs, buffers):

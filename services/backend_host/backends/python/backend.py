@@ -32,11 +32,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tritonclient.grpc import model_config_pb2
+import orjson
 
-from despina.common import model_config
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unsupported
-from despina.services.backend_host.backend import ExecRequest, ExecResponse, InstanceSpec
+from despina.services.backend_host.backend import (
+    ExecRequest,
+    ExecResponse,
+    InstanceSpec,
+    config_dict,
+    config_json,
+)
 from despina.services.backend_host.backends.python import triton_python_backend_utils as pb_utils
 
 _LOG = logging.getLogger(__name__)
@@ -53,8 +58,6 @@ _ERROR_CODES: dict[int, Code] = {
     pb_utils.TritonError.ALREADY_EXISTS: Code.ALREADY_EXISTS,
     pb_utils.TritonError.CANCELLED: Code.CANCELLED,
 }
-
-_TYPE_BF16 = model_config_pb2.TYPE_BF16
 
 _INSTANCE_KINDS = {"KIND_CPU": "CPU", "KIND_GPU": "GPU", "KIND_MODEL": "MODEL", "KIND_AUTO": "AUTO"}
 
@@ -89,25 +92,28 @@ class PythonModelInstance:
 
     def __init__(self, spec: InstanceSpec) -> None:
         install_utils_module()
-        config: Any = spec.config
+        # Triton's JSON form of the config: what ``initialize`` gets, read here too (a
+        # Python instance process receives it so, and loads no protobuf).
+        self._config_json = config_json(spec.config)
+        config: dict[str, Any] = orjson.loads(self._config_json)
         self._spec = spec
-        self._name = triton_instance_name(spec)
-        self._outputs: tuple[str, ...] = tuple(o.name for o in config.output)
-        self._bf16_inputs = frozenset(i.name for i in config.input if i.data_type == _TYPE_BF16)
+        self._name = triton_instance_name(spec, config)
+        self._outputs: tuple[str, ...] = tuple(o["name"] for o in config.get("output", ()))
+        self._bf16_inputs = frozenset(
+            i["name"] for i in config.get("input", ()) if i.get("data_type") == "TYPE_BF16"
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._module_names: list[str] = []
 
-        if (
-            config.HasField("model_transaction_policy")
-            and config.model_transaction_policy.decoupled
-        ):
+        # A message field is in the JSON only when it is set (HasField).
+        if (config.get("model_transaction_policy") or {}).get("decoupled"):
             raise unsupported(
                 f"model '{spec.model_name}' uses the decoupled transaction policy, which "
                 "is not supported by Despina yet"
             )
 
-        filename = config.default_model_filename or "model.py"
+        filename = config.get("default_model_filename") or "model.py"
         path = spec.version_dir / filename
         if path.suffix != ".py":
             raise invalid_arg(
@@ -141,7 +147,7 @@ class PythonModelInstance:
             self._model = model_class()
             initialize = getattr(self._model, "initialize", None)
             if initialize is not None:
-                self._resolve(initialize(self._initialize_args(config)))
+                self._resolve(initialize(self._initialize_args()))
         except (Exception, SystemExit) as exc:
             self._stop_loop()
             self._forget_modules()
@@ -178,11 +184,11 @@ class PythonModelInstance:
         module_spec.loader.exec_module(module)
         return module
 
-    def _initialize_args(self, config: Any) -> dict[str, str]:
+    def _initialize_args(self) -> dict[str, str]:
         spec = self._spec
         return {
             # Triton's JSON: proto field names, defaults printed, 64-bit ints as numbers.
-            "model_config": model_config.config_json(config).decode(),
+            "model_config": self._config_json.decode(),
             "model_instance_kind": _INSTANCE_KINDS.get(spec.kind, spec.kind.removeprefix("KIND_")),
             "model_instance_name": self._name,
             "model_instance_device_id": str(spec.device_id),
@@ -385,20 +391,22 @@ def install_utils_module() -> None:
     sys.modules[UTILS_MODULE_NAME] = pb_utils
 
 
-def triton_instance_name(spec: InstanceSpec) -> str:
+def triton_instance_name(spec: InstanceSpec, config: dict[str, Any] | None = None) -> str:
     """Triton's name for an instance: ``<group name>_<index in group>`` (Triton 2.51), so
     ``add_sub_0_0`` for the first instance of a lone group Triton named ``add_sub_0``.
 
     ``spec.instance_index`` counts instances over the groups in config order, ``count``
     per group (the numbering of ``worker.instance_specs``). Without a matching group the
-    name is ``<model>_0_<instance_index>``.
+    name is ``<model>_0_<instance_index>``. ``config`` is the config as a dict of its
+    JSON form, when the caller has it already.
     """
-    config: Any = spec.config
+    if config is None:
+        config = config_dict(spec.config)
     start = 0
-    for group_index, group in enumerate(config.instance_group):
-        count = max(group.count, 1)
+    for group_index, group in enumerate(config.get("instance_group", ())):
+        count = max(group.get("count", 0), 1)
         if spec.instance_index < start + count:
-            group_name = group.name or f"{spec.model_name}_{group_index}"
+            group_name = group.get("name") or f"{spec.model_name}_{group_index}"
             return f"{group_name}_{spec.instance_index - start}"
         start += count
     return f"{spec.model_name}_0_{spec.instance_index}"

@@ -10,7 +10,6 @@ process that dies, and stops them on unload and shutdown.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from despina.common import messages as m
+from despina.common.model_config import config_json
 from despina.common.process import die_with_parent
 from despina.common.shm.arena import remove_segments_of
 from despina.services.backend_host.worker import BackendHost, instance_specs
@@ -79,7 +79,7 @@ class PythonLauncher:
                         "--device-id",
                         str(spec.device_id),
                     ],
-                    {**os.environ, CONFIG_ENV: base64.b64encode(msg.config).decode()},
+                    {**os.environ, CONFIG_ENV: config_json(spec.config).decode()},
                 )
                 self.children.append(child)
                 self._spawn(child)
