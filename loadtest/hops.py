@@ -149,7 +149,9 @@ def service_pids(serve_pid: int) -> dict[int, str]:
             elif "--framework" in words:
                 role = f"backend host ({words[words.index('--framework') + 1]})"
             found[int(entry.name)] = role
-    return found
+    # Several processes of one role (--frontends 2): tell them apart by pid.
+    roles = list(found.values())
+    return {pid: role if roles.count(role) == 1 else f"{role} {pid}" for pid, role in found.items()}
 
 
 def cpu_seconds(pid: int) -> float:

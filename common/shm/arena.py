@@ -110,14 +110,24 @@ class ShmArena:
 
     Not thread-safe. ``allocate`` returns (key, offset, writable view); ``release`` takes
     the key and offset back. A request larger than the segment size gets a segment of
-    its own, removed when released.
+    its own (rounded up to 16 MiB). Released, such a segment is kept for the next large
+    block, up to ``max_idle_large`` bytes of idle ones (the oldest are removed first):
+    a fresh segment costs a page fault per 4 KiB on first touch, in this process and in
+    every reader, which made a 64 MiB tensor three times slower than a 16 MiB one.
     """
 
-    def __init__(self, prefix: str, segment_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        segment_size: int = 64 * 1024 * 1024,
+        max_idle_large: int = 256 * 1024 * 1024,
+    ) -> None:
         self.prefix = prefix
         self.segment_size = segment_size
+        self.max_idle_large = max_idle_large
         self._segments: dict[str, _Segment] = {}
         self._sizes: dict[tuple[str, int], int] = {}
+        self._idle_large: dict[str, _Segment] = {}  # insertion order: oldest first
         self._counter = 0
 
     def _new_segment(self, size: int) -> _Segment:
@@ -130,7 +140,7 @@ class ShmArena:
     def allocate(self, size: int) -> tuple[str, int, memoryview]:
         size = max(_ALIGN, (size + _ALIGN - 1) // _ALIGN * _ALIGN)
         if size > self.segment_size:
-            seg = self._new_segment(size)
+            seg = self._large_segment(size)
             offset = seg.allocate(size)
         else:
             offset = None
@@ -146,16 +156,28 @@ class ShmArena:
         self._sizes[(seg.key, offset)] = size
         return seg.key, offset, memoryview(seg.mm)[offset : offset + size]
 
+    def _large_segment(self, size: int) -> _Segment:
+        """An idle large segment that fits without wasting more than half, or a new one."""
+        step = 16 * 1024 * 1024
+        rounded = (size + step - 1) // step * step
+        for key, seg in self._idle_large.items():
+            if size <= seg.size <= 2 * rounded:
+                del self._idle_large[key]
+                return seg
+        return self._new_segment(rounded)
+
     def release(self, key: str, offset: int) -> None:
         size = self._sizes.pop((key, offset), None)
         if size is None:
             return
         seg = self._segments[key]
+        seg.release(offset, size)
         if seg.size != self.segment_size:
-            del self._segments[key]
-            seg.close()
-        else:
-            seg.release(offset, size)
+            self._idle_large[key] = seg
+            while sum(s.size for s in self._idle_large.values()) > self.max_idle_large:
+                oldest = next(iter(self._idle_large))
+                del self._segments[oldest]
+                self._idle_large.pop(oldest).close()
 
     @property
     def blocks_in_use(self) -> int:
@@ -166,6 +188,7 @@ class ShmArena:
             seg.close()
         self._segments.clear()
         self._sizes.clear()
+        self._idle_large.clear()
 
 
 class ShmMapper:

@@ -73,6 +73,15 @@ class DataPlane:
     def release(self, result: InferenceResult) -> None:
         self.client.release(result)
 
+    def body_block(self, size: int):
+        """Shared memory to read a large request body into, or None; hand it to the
+        request (``InferenceRequest.body_block``), and ``drop`` it if the request fails
+        before ``infer``."""
+        return self.client.body_block(size)
+
+    def drop(self, block) -> None:
+        self.client.drop(block)
+
     # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----
 
     async def shm_status(self, cuda: bool, name: str = "") -> bytes:

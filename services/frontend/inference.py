@@ -41,6 +41,10 @@ class InferenceRequest:
     outputs: list[OutputRequest]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     binary_output: bool = False  # HTTP "binary_data_output" request parameter
+    # The shared-memory block the request body was read into, when it was large: input
+    # data that are views of it travel as refs to it, with no copy. The scheduler client
+    # takes it over (and frees it when the reply arrives).
+    body_block: object | None = None
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 
 import msgspec
+import numpy as np
 import zmq
 
 from despina.common import messages as m
@@ -30,6 +31,30 @@ log = logging.getLogger("despina.frontend")
 
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
 QUERY_TIMEOUT_S = 10.0
+
+
+class BodyBlock:
+    """An arena block a request body is read into. Owned by whoever holds it until
+    ``SchedulerClient.infer`` takes it (``taken``); ``SchedulerClient.drop`` frees one that
+    never got that far."""
+
+    __slots__ = ("key", "offset", "view", "address", "taken")
+
+    def __init__(self, key: str, offset: int, view: memoryview) -> None:
+        self.key = key
+        self.offset = offset
+        self.view = view
+        self.address = np.frombuffer(view, np.uint8).ctypes.data
+        self.taken = False
+
+    def ref_of(self, data: memoryview) -> m.Shm | None:
+        """The block-relative ref of ``data`` when it is a slice of this block."""
+        if not isinstance(data, memoryview):
+            return None
+        start = np.frombuffer(data, np.uint8).ctypes.data - self.address
+        if 0 <= start and start + data.nbytes <= self.view.nbytes:
+            return m.Shm(self.key, self.offset + start, data.nbytes)
+        return None
 
 
 def zeromq_endpoint(endpoint: str) -> str | None:
@@ -203,6 +228,12 @@ class SchedulerClient:
         tensors: list[m.Tensor] = []
         buffers: list = []
         blocks: list[tuple[str, int]] = []
+        body = request.body_block
+        if isinstance(body, BodyBlock) and not body.taken:
+            body.taken = True
+            blocks.append((body.key, body.offset))
+        else:
+            body = None
         try:
             for tensor in request.inputs:
                 data = tensor.data
@@ -212,7 +243,15 @@ class SchedulerClient:
                     tensors.append(m.Tensor(tensor.name, tensor.datatype, tensor.shape, ref))
                     continue
                 size = len(data) if isinstance(data, bytes) else data.nbytes
-                if size >= self.inline_threshold:
+                in_body = (
+                    body.ref_of(data)
+                    if body is not None and size >= self.inline_threshold
+                    else None
+                )
+                if in_body is not None:
+                    ref = in_body  # already in shared memory: the body was read there
+                    buffers.append(None)
+                elif size >= self.inline_threshold:
                     key, offset, view = self.arena.allocate(size)
                     blocks.append((key, offset))
                     view[:size] = data
@@ -267,6 +306,19 @@ class SchedulerClient:
             self._queries.pop(qid, None)
 
     # --- wire -----------------------------------------------------------------------------
+
+    def body_block(self, size: int) -> BodyBlock | None:
+        """A shared-memory block to read a large request body into (None when small)."""
+        if size < self.inline_threshold:
+            return None
+        key, offset, view = self.arena.allocate(size)
+        return BodyBlock(key, offset, view[:size])
+
+    def drop(self, block: BodyBlock | None) -> None:
+        """Free a body block that ``infer`` did not take (the request failed before)."""
+        if block is not None and not block.taken:
+            block.taken = True
+            self.arena.release(block.key, block.offset)
 
     def release(self, result: InferenceResult) -> None:
         """The protocol adapter has copied ``result``'s outputs into its response: give

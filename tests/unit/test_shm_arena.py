@@ -138,34 +138,44 @@ def test_full_segment_opens_another(arena: ShmArena, prefix: str) -> None:
     assert os.path.getsize(os.path.join(SHM_DIR, key1)) == SEGMENT
 
 
-def test_oversize_block_gets_its_own_segment_removed_on_release(
-    arena: ShmArena, prefix: str
-) -> None:
+def test_oversize_block_gets_its_own_segment_kept_for_reuse(arena: ShmArena, prefix: str) -> None:
     small_key, small_off, _ = arena.allocate(64)
     big_key, big_off, view = arena.allocate(SEGMENT + 1)
     assert big_key != small_key
     assert big_off == 0
     assert len(view) == SEGMENT + 64
     path = os.path.join(SHM_DIR, big_key)
-    assert os.path.getsize(path) == SEGMENT + 64
+    assert os.path.getsize(path) == 16 * 1024 * 1024  # rounded up to 16 MiB
     view[-3:] = b"end"
     del view
     assert arena.blocks_in_use == 2
     arena.release(big_key, big_off)
-    assert not os.path.exists(path)
     assert arena.blocks_in_use == 1
-    # The ordinary segment is untouched, and a small block never lands in a freed big one.
-    assert shm_files(prefix) == {small_key}
+    assert os.path.exists(path)  # kept: the next large block reuses its warm pages
+    key, offset, _ = arena.allocate(SEGMENT + 100)
+    assert (key, offset) == (big_key, 0)
+    arena.release(key, offset)
+    # A small block never lands in a big one.
     key, _, _ = arena.allocate(64)
     assert key == small_key
 
 
-def test_oversize_release_while_a_view_is_alive(arena: ShmArena) -> None:
-    key, offset, view = arena.allocate(SEGMENT * 2)
-    view[:4] = b"live"
-    arena.release(key, offset)
-    assert not os.path.exists(os.path.join(SHM_DIR, key))
-    assert bytes(view[:4]) == b"live"  # the mapping outlives the name
+def test_idle_large_segments_beyond_the_cap_are_removed(prefix: str) -> None:
+    arena = ShmArena(prefix, SEGMENT, max_idle_large=16 * 1024 * 1024)
+    try:
+        first = arena.allocate(SEGMENT * 2)
+        second = arena.allocate(SEGMENT * 2)
+        first[2][:4] = b"live"
+        arena.release(*first[:2])
+        assert os.path.exists(os.path.join(SHM_DIR, first[0]))
+        arena.release(*second[:2])  # two idle 16 MiB segments > the 16 MiB cap
+        assert not os.path.exists(os.path.join(SHM_DIR, first[0]))
+        assert os.path.exists(os.path.join(SHM_DIR, second[0]))
+        assert bytes(first[2][:4]) == b"live"  # the mapping outlives the name
+        assert arena.blocks_in_use == 0
+    finally:
+        arena.close()
+    assert shm_files(prefix) == set()
 
 
 def test_release_unknown_or_twice_is_a_no_op(arena: ShmArena, prefix: str) -> None:

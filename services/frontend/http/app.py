@@ -18,6 +18,7 @@ from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 
 JSON = "application/json"
+STREAM_RESPONSE_BYTES = 1 << 20
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -27,6 +28,27 @@ def error_response(exc: ServerError) -> web.Response:
         body=codec.encode_error(exc.message),
         content_type=JSON,
     )
+
+
+async def read_into(request: web.Request, buffer: memoryview) -> memoryview:
+    """Read the body (``Content-Length`` bytes) into ``buffer``; INVALID_ARG when it is
+    shorter or longer than announced."""
+    filled = 0
+    size = buffer.nbytes
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        end = filled + len(chunk)
+        if end > size:
+            raise invalid_arg(f"the request body is longer than its Content-Length ({size})")
+        buffer[filled:end] = chunk
+        filled = end
+    if filled != size:
+        raise invalid_arg(
+            f"the request body ended after {filled} bytes, Content-Length announced {size}"
+        )
+    return buffer
 
 
 def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Application:
@@ -76,30 +98,55 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
             )
         )
 
-    async def infer(request: web.Request) -> web.Response:
+    async def infer(request: web.Request) -> web.StreamResponse:
         info = request.match_info
+        block = None
         try:
             header_length = codec.parse_header_length(request.headers.get(HEADER_LENGTH))
-            body = await request.read()
+            size = request.content_length
+            if header_length is not None and size is not None:
+                block = plane.body_block(size)
+            if block is not None:
+                # Large binary tensors: read the body straight into shared memory, where
+                # the backend host reads the inputs in place (the one copy of DESIGN.md).
+                body: bytes | memoryview = await read_into(request, block.view)
+            else:
+                body = await request.read()
             inference = codec.decode_infer_request(
                 body, header_length, info["model"], info.get("version", "")
             )
+            inference.body_block = block
             result = await plane.infer(inference)
             try:
-                payload, json_length = codec.encode_infer_response(result, inference)
+                parts, json_length = codec.encode_infer_response_parts(result, inference)
+                headers = {} if json_length is None else {HEADER_LENGTH: str(json_length)}
+                content_type = JSON if json_length is None else "application/octet-stream"
+                size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+                if size < STREAM_RESPONSE_BYTES:
+                    body = parts[0] if len(parts) == 1 else b"".join(parts)
+                    return web.Response(body=body, content_type=content_type, headers=headers)
+                # Large outputs go out from where they are (shared memory), not joined.
+                response = web.StreamResponse(headers=headers)
+                response.content_type = content_type
+                response.content_length = size
+                await response.prepare(request)
+                for part in parts:
+                    await response.write(part)
+                await response.write_eof()
+                # The transport may still hold views of the parts: keep the shared-memory
+                # blocks until it has written them.
+                transport = request.transport
+                while transport is not None and not transport.is_closing():
+                    if transport.get_write_buffer_size() == 0:
+                        break
+                    await asyncio.sleep(0.001)
+                return response
             finally:
                 plane.release(result)
         except ServerError as exc:
             return error_response(exc)
-        except asyncio.CancelledError:
-            raise
-        if json_length is None:
-            return web.Response(body=payload, content_type=JSON)
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(json_length)},
-        )
+        finally:
+            plane.drop(block)
 
     def shm_routes(cuda: bool):
         async def status(request: web.Request) -> web.Response:

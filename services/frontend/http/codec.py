@@ -538,7 +538,18 @@ def _show(value: object) -> str:
 def encode_infer_response(
     result: InferenceResult, request: InferenceRequest
 ) -> tuple[bytes, int | None]:
-    """Encode a result as (body, Inference-Header-Content-Length or None).
+    """Encode a result as (body, Inference-Header-Content-Length or None): the parts of
+    ``encode_infer_response_parts`` joined."""
+    parts, header_length = encode_infer_response_parts(result, request)
+    return b"".join(parts), header_length
+
+
+def encode_infer_response_parts(
+    result: InferenceResult, request: InferenceRequest
+) -> tuple[list[bytes | memoryview], int | None]:
+    """Encode a result as (body parts, Inference-Header-Content-Length or None). The
+    parts are the JSON header, then each binary output's bytes as they are (views into
+    shared memory included), so a large response can be written without joining it.
 
     The header length is None when every output travels as JSON. An output is binary
     when its ``OutputRequest`` says ``binary``, or, if the request did not list it,
@@ -615,8 +626,8 @@ def encode_infer_response(
             f"failed to encode the response JSON for model '{result.model}': {e}"
         ) from None
     if not any_binary:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+        return [header], None
+    return [header, *blobs], len(header)
 
 
 def _bytes_to_strings(name: str, shape: list[int], data: bytes | memoryview) -> list[str] | None:
