@@ -46,9 +46,7 @@ def serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
     report_ignored(args)
-    import uvloop
-
-    return uvloop.run(Supervisor(args).run())
+    return Supervisor(args).run()
 
 
 def main(argv: list[str] | None = None) -> None:

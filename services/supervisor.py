@@ -5,25 +5,29 @@ every child.
 
 The children talk over ``ipc://`` sockets in a private runtime folder; each is the same
 program compose runs as a container (``despina scheduler|frontend|backend-host``).
+
+This process only starts, watches and stops the others, so it stays small: no event
+loop, no HTTP client (a raw request checks readiness), and protobuf (to read the
+repository's configs) is loaded only in a short-lived forked child (``call_forked``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from despina.common import model_config
 from despina.common.errors import ServerError
-from despina.common.process import die_with_parent
+from despina.common.process import call_forked, die_with_parent
 from despina.common.shm.arena import remove_segments_of
 from despina.services.flags import grpc_flag_argv
 
@@ -46,6 +50,8 @@ class Child:
 def frameworks_needed(repositories: list[Path]) -> list[str]:
     """Frameworks of the models in the repositories; a model whose config is broken is
     skipped here (the scheduler reports it)."""
+    from despina.common import model_config
+
     found: set[str] = set()
     for root in repositories:
         if not root.is_dir():
@@ -95,7 +101,9 @@ class Supervisor:
                 order=2,
             )
         )
-        for framework in frameworks_needed([Path(p) for p in args.model_repository]):
+        # Reading the configs loads protobuf: in a forked child, not in this process.
+        repositories = [Path(p) for p in args.model_repository]
+        for framework in call_forked(frameworks_needed, repositories):
             self.children.append(
                 Child(
                     f"backend-{framework}",
@@ -143,21 +151,19 @@ class Supervisor:
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
-    async def run(self) -> int:
+    def run(self) -> int:
         self.plan()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._request_stop)
+            signal.signal(sig, lambda _sig, _frame: self._request_stop())
         for child in self.children:
             self._spawn(child)
-        announce = asyncio.create_task(self._announce_when_ready())
+        threading.Thread(target=self._announce_when_ready, name="announce", daemon=True).start()
         try:
             while not self.stopping:
-                await asyncio.sleep(0.1)
+                time.sleep(0.1)
                 self._check_children()
         finally:
-            announce.cancel()
-            await self._stop_all()
+            self._stop_all()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return self.exit_code
 
@@ -194,14 +200,14 @@ class Supervisor:
             child.restarts += 1
             self._spawn(child)
 
-    async def _announce_when_ready(self) -> None:
+    def _announce_when_ready(self) -> None:
+        """On its own thread: print the ready line once the server answers ready."""
         args = self.args
         if args.allow_http:
             host = "127.0.0.1" if args.http_address in ("0.0.0.0", "::") else args.http_address
-            url = f"http://{host}:{args.http_port}/v2/health/ready"
 
             def ready() -> bool:
-                return _http_status(url) == 200
+                return _http_status(host, args.http_port, "/v2/health/ready") == 200
         elif args.allow_grpc and not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
             host = "127.0.0.1" if args.grpc_address in ("0.0.0.0", "::") else args.grpc_address
             target = f"{host}:{args.grpc_port}"
@@ -211,16 +217,23 @@ class Supervisor:
         else:
             return  # a TLS-only server: checking it would need the client's certificates
         servers = []
+        ports = []
         if args.allow_http:
             servers.append(f"HTTP on {args.http_address}:{args.http_port}")
+            ports.append(args.http_port)
         if args.allow_grpc:
             servers.append(f"gRPC on {args.grpc_address}:{args.grpc_port}")
-        while True:
-            await asyncio.sleep(0.05)
+            ports.append(args.grpc_port)
+        while not self.stopping:
+            time.sleep(0.05)
             try:
-                if not await asyncio.to_thread(ready):
+                if not ready():
                     continue
             except OSError:
+                continue
+            # One frontend answering is not all of them serving (they share the ports).
+            frontends = [c.proc.pid for c in self.children if c.order == 0 and c.proc]
+            if not _listening(frontends, ports):
                 continue
             print(
                 f"Despina is ready: {', '.join(servers)}, "
@@ -229,7 +242,7 @@ class Supervisor:
             )
             return
 
-    async def _stop_all(self) -> None:
+    def _stop_all(self) -> None:
         """Frontends first (they drain), then backend hosts, then the scheduler."""
         deadline = time.monotonic() + self.args.exit_timeout_secs + 5
         for order in sorted({c.order for c in self.children}):
@@ -240,7 +253,7 @@ class Supervisor:
                 child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             for child in group:
                 while child.proc.poll() is None and time.monotonic() < deadline:  # type: ignore[union-attr]
-                    await asyncio.sleep(0.02)
+                    time.sleep(0.02)
                 if child.proc.poll() is None:  # type: ignore[union-attr]
                     log.warning("%s did not stop in time; killing it", child.name)
                     child.proc.kill()  # type: ignore[union-attr]
@@ -251,12 +264,47 @@ class Supervisor:
         log.info("all services stopped")
 
 
-def _http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+def _listening(pids: list[int], ports: list[int]) -> bool:
+    """Whether every process of ``pids`` listens on every TCP port of ``ports``, read
+    from /proc (frontends sharing a port cannot be asked one by one); True where /proc
+    cannot tell."""
+    sockets: dict[int, set[str]] = {port: set() for port in ports}
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":  # LISTEN
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if port in sockets:
+                    sockets[port].add(f"socket:[{fields[9]}]")
+    if not readable:
+        return True
+    for pid in pids:
+        try:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            return False
+        if any(held.isdisjoint(listening) for listening in sockets.values()):
+            return False
+    return True
+
+
+def _http_status(host: str, port: int, path: str) -> int:
+    """The status code of ``GET path``, from a raw request (urllib would load ssl)."""
+    name = f"[{host}]" if ":" in host else host
+    with socket.create_connection((host, port), timeout=1) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        status_line = sock.makefile("rb").readline(1024)
+    parts = status_line.split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return 0
 
 
 def _grpc_ready(target: str) -> bool:

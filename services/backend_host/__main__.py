@@ -1,7 +1,7 @@
 """``despina backend-host``: run one backend host (compose, or under ``serve``).
 
 ``--framework onnxruntime|pytorch|python|tensorrt``. With ``--framework python`` this is
-the launcher of Python instance processes; with ``--instance-of`` too it is one of them.
+the launcher of Python instance processes, which it forks (backends/python/launcher.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from despina.common.errors import ServerError, unsupported
 from despina.common.frameworks import FRAMEWORKS
@@ -32,11 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
-    # A Python instance process (started by the Python launcher).
-    parser.add_argument("--instance-of", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--instance-kind", default="KIND_CPU", help=argparse.SUPPRESS)
-    parser.add_argument("--device-id", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def make_backend(framework: str) -> Backend:
@@ -51,21 +45,18 @@ def make_backend(framework: str) -> Backend:
     raise unsupported(f"the {framework} backend is not available in this build of Despina yet")
 
 
-async def run_instance(args: argparse.Namespace) -> int:
-    """One Python model instance: load the model, then serve it as a backend host."""
-    from despina.services.backend_host.backends.python.launcher import CONFIG_ENV, LOAD_FAILED_EXIT
+async def run_instance(spec: InstanceSpec, scheduler: str) -> int:
+    """One Python model instance, in a process the launcher forked: load the model, then
+    serve it as a backend host."""
+    from despina.services.backend_host.backends.python.launcher import LOAD_FAILED_EXIT
 
-    model, version, index = args.instance_of.rsplit(":", 2)
-    config = os.environ[CONFIG_ENV].encode()  # Triton's JSON form: no protobuf here
-    spec = InstanceSpec(
-        model, version, Path(args.model_dir), config, int(index), args.instance_kind, args.device_id
-    )
+    model, version, index = spec.model_name, spec.version, spec.instance_index
     host = BackendHost(
-        args.scheduler,
+        scheduler,
         "python",
         None,
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
-        instance_of=(model, version, int(index)),
+        instance_of=(model, version, index),
     )
     _install_signals(host)
     try:
@@ -79,20 +70,21 @@ async def run_instance(args: argparse.Namespace) -> int:
     return 0
 
 
-async def run_host(args: argparse.Namespace) -> int:
-    if args.framework == "python":
-        from despina.services.backend_host.backends.python.launcher import PythonLauncher
+def run_python(args: argparse.Namespace) -> int:
+    """The Python launcher; in each instance process it forks, that instance."""
+    import uvloop
 
-        host = BackendHost(args.scheduler, "python", None, host_id=args.host_id)
-        launcher = PythonLauncher(host, args.scheduler, args.log_verbose)
-        supervisor = asyncio.get_running_loop().create_task(launcher.supervise())
-        _install_signals(host)
-        try:
-            await host.run()
-        finally:
-            supervisor.cancel()
-            launcher.stop_all()
+    # Imported before the launcher forks: every instance process inherits them.
+    from despina.services.backend_host.backends.python import backend as _  # noqa: F401
+    from despina.services.backend_host.backends.python.launcher import PythonLauncher
+
+    spec = PythonLauncher(args.scheduler, host_id=args.host_id).run()
+    if spec is None:
         return 0
+    return uvloop.run(run_instance(spec, args.scheduler))
+
+
+async def run_host(args: argparse.Namespace) -> int:
     try:
         backend = make_backend(args.framework)
     except ServerError as exc:
@@ -115,10 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(f"backend-{args.framework}", args.log_verbose)
+    if args.framework == "python":
+        sys.exit(run_python(args))
     import uvloop
 
-    runner = run_instance if args.instance_of else run_host
-    sys.exit(uvloop.run(runner(args)))
+    sys.exit(uvloop.run(run_host(args)))
 
 
 if __name__ == "__main__":
