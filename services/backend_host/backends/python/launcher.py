@@ -40,7 +40,7 @@ import msgspec
 
 from despina.common import messages as m
 from despina.common import streams
-from despina.common.process import call_forked, die_with_parent
+from despina.common.process import call_forked, die_with_parent, release_free_memory
 from despina.common.shm.arena import remove_segments_of
 from despina.services.backend_host.backend import InstanceSpec, config_json
 from despina.services.backend_host.worker import instance_specs
@@ -165,6 +165,7 @@ class PythonLauncher:
         forked instance process this returns that instance's spec instead: the caller
         runs the instance."""
         self._install_signals()
+        release_free_memory()  # what the imports freed: the instances would inherit it too
         try:
             self._serve()
         except _Forked as forked:
