@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +24,29 @@ from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD,
 log = logging.getLogger("despina.frontend")
 
 EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
+
+# glibc mallopt parameters, and the values the frontend sets (see keep_large_buffers).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest
+TRIM_THRESHOLD = 256 * 1024 * 1024
+
+
+def keep_large_buffers() -> None:
+    """Let glibc reuse the memory of large buffers instead of mapping fresh pages for
+    each one. A large gRPC message passes through several buffers of its size (grpc's
+    own, then the response); by default glibc maps each from the system and unmaps it on
+    free, and faulting the fresh pages in cost more than the copies themselves: measured
+    on a 16 MiB identity call, 140 ms of CPU per call against 37 ms with these settings.
+    Buffers up to 32 MiB now come from the heap, and up to 256 MiB of free heap stays
+    mapped for the next ones (the price: a frontend that served large tensors keeps that
+    much). No-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("frontend", args.log_verbose)
+    keep_large_buffers()
     import uvloop
 
     sys.exit(uvloop.run(amain(args)))

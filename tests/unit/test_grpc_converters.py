@@ -165,6 +165,56 @@ def test_response_raw_outputs_parameters_and_shm_placeholders():
     assert info.value.code is Code.INTERNAL
 
 
+def test_large_messages_keep_tensor_bytes_out_of_protobuf():
+    """Past LARGE_MESSAGE, raw inputs are views of the message bytes and raw outputs are
+    written after the rest of the response: the same messages protobuf reads and writes."""
+    big = np.arange(c.LARGE_MESSAGE, dtype=np.float32)
+    small = np.arange(3, dtype=np.int32)
+    request = request_with(
+        ("A", "FP32", [big.size]), ("S", "INT32", [3]), raw=[big.tobytes(), small.tobytes()]
+    )
+    request.parameters["p"].int64_param = 5
+    request.outputs.add(name="O")
+    message = request.SerializeToString()
+    parsed, raw = c.parse_infer_request(message)
+    assert raw is not None and all(isinstance(v, memoryview) for v in raw)
+    assert not parsed.raw_input_contents and parsed.parameters["p"].int64_param == 5
+    decoded = c.decode_infer_request(parsed, raw)
+    assert decoded == c.decode_infer_request(request)
+    assert c.decode_message(message) == decoded
+    # Small messages take protobuf's path; malformed ones are INVALID_ARG either way.
+    assert (
+        c.parse_infer_request(request_with(("A", "FP32", [1]), raw=[b"abcd"]).SerializeToString())[
+            1
+        ]
+        is None
+    )
+    for garbage in (b"\xff\xff\xff\xff", b"\x3a\xff\xff\xff\x7f" + bytes(c.LARGE_MESSAGE)):
+        with pytest.raises(ServerError) as info:
+            c.parse_infer_request(garbage)
+        assert info.value.code is Code.INVALID_ARG
+
+    outputs = [
+        OutputTensor("O0", "FP32", [big.size], memoryview(big.tobytes())),
+        OutputTensor("O1", "FP32", [1, 4], None),
+        OutputTensor("O2", "INT32", [3], small.tobytes()),
+    ]
+    result = InferenceResult("m", "1", "", outputs, {"n": 3})
+    expected = c.encode_infer_response(result, decoded)
+    wire = c.serialize_infer_response(result, decoded)
+    assert pb.ModelInferResponse.FromString(wire) == expected
+    assert list(expected.raw_output_contents) == [big.tobytes(), b"", small.tobytes()]
+    streamed = pb.ModelStreamInferResponse.FromString(
+        c.serialize_stream_response(result, decoded, True)
+    )
+    assert streamed == c.stream_response(result, decoded, True)
+    assert streamed.infer_response.parameters[c.FINAL_RESPONSE].bool_param
+    tiny = InferenceResult("m", "1", "", [OutputTensor("O2", "INT32", [3], small.tobytes())])
+    assert c.serialize_infer_response(tiny, decoded) == (
+        c.encode_infer_response(tiny, decoded).SerializeToString()
+    )
+
+
 def test_stream_error_names_the_request():
     request = pb.ModelInferRequest(model_name="m", model_version="3", id="r9")
     response = c.stream_error("boom", request)

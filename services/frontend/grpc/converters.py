@@ -21,16 +21,24 @@ A request may mix the two (Triton refuses one that does; mixing is the only way 
 FP16 or BF16 beside typed inputs): raw entries go, in order, to the inputs that have
 neither ``contents`` nor a shared-memory region, and there must be exactly one each.
 Outputs always go back as ``raw_output_contents``, as Triton sends them.
+
+Large messages skip protobuf's copies of tensor bytes (grpc.aio hands the servicer the
+message bytes, and takes bytes back): ``parse_infer_request`` reads the
+``raw_input_contents`` entries of a large request as views of the message, and
+``serialize_infer_response`` writes large outputs' bytes straight after the rest of the
+response, so each tensor is copied once on its way in and once on its way out.
 """
 
 from __future__ import annotations
 
 import base64
 import struct
+from typing import Any
 
 import numpy as np
 import orjson
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from despina.common import dtypes
@@ -71,18 +79,125 @@ _UINT_REQUEST_PARAMS = ("priority", "timeout")
 _SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
 
 
+# Messages at least this large take the path that leaves tensor bytes out of protobuf
+# (below it, protobuf's C parser and serializer are cheaper than walking the wire format
+# in Python). The frontend's inline threshold: smaller tensors are copied anyway.
+LARGE_MESSAGE = 64 * 1024
+
+# ModelInferRequest.raw_input_contents = 7, ModelInferResponse.raw_output_contents = 6,
+# ModelStreamInferResponse.infer_response = 2: length-delimited (wire type 2).
+_RAW_INPUT_FIELD = 7
+_RAW_OUTPUT_KEY = b"\x32"  # (6 << 3) | 2
+_STREAM_INFER_KEY = b"\x12"  # (2 << 3) | 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]] | None:
+    """Split the top-level entries of length-delimited ``field`` out of a serialized
+    message: (the message without them, their payloads as views of ``data``). None when
+    the bytes are not a well-formed message at the top level: the caller lets protobuf
+    parse them and say what is wrong."""
+    view = memoryview(data)
+    end = len(data)
+    kept: list[memoryview] = []
+    found: list[memoryview] = []
+    pos = 0
+    span = 0  # start of the bytes kept since the last entry taken out
+    while pos < end:
+        start = pos
+        key = shift = 0
+        while True:  # the tag, a varint
+            if pos >= end or shift > 63:
+                return None
+            b = data[pos]
+            pos += 1
+            key |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        wire = key & 7
+        if wire == 2 or wire == 0:
+            value = shift = 0
+            while True:
+                if pos >= end or shift > 63:
+                    return None
+                b = data[pos]
+                pos += 1
+                value |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            if wire == 2:
+                if value > end - pos:
+                    return None
+                if key >> 3 == field:
+                    if span < start:
+                        kept.append(view[span:start])
+                    found.append(view[pos : pos + value])
+                    span = pos + value
+                pos += value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            return None  # groups: not in these messages
+    if pos != end:
+        return None
+    if not found:
+        return data, found
+    kept.append(view[span:end])
+    return b"".join(kept), found
+
+
+def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview] | None]:
+    """Parse a serialized ``ModelInferRequest``. For a large message, the
+    ``raw_input_contents`` entries are left out of the protobuf message and returned as
+    views of ``data`` (for ``decode_infer_request``); otherwise the second item is None.
+
+    Raises INVALID_ARG when the bytes are no ModelInferRequest.
+    """
+    raw: list[memoryview] | None = None
+    if len(data) >= LARGE_MESSAGE:
+        split = _split_field(data, _RAW_INPUT_FIELD)
+        if split is not None:
+            data, raw = split
+    try:
+        return pb.ModelInferRequest.FromString(data), raw
+    except DecodeError as exc:
+        raise invalid_arg(f"malformed ModelInferRequest: {exc}") from None
+
+
+def decode_message(data: bytes) -> InferenceRequest:
+    """``parse_infer_request`` then ``decode_infer_request``."""
+    request, raw = parse_infer_request(data)
+    return decode_infer_request(request, raw)
+
+
 # -- inference request ----------------------------------------------------------------
 
 
-def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
+def decode_infer_request(
+    request: pb.ModelInferRequest, raw_inputs: list[memoryview] | None = None
+) -> InferenceRequest:
     """Decode a ``ModelInferRequest`` into an ``InferenceRequest``.
 
-    Raw input bytes are taken as they are (one copy, made by protobuf when the field is
-    read); typed contents are converted to raw bytes. Raises INVALID_ARG for anything
-    malformed; only that request fails.
+    Raw input bytes are taken as they are: ``raw_inputs`` when given (views of the
+    message, which ``parse_infer_request`` left out of ``request``), else the message's
+    own ``raw_input_contents`` (one copy, made by protobuf when the field is read); typed
+    contents are converted to raw bytes. Raises INVALID_ARG for anything malformed; only
+    that request fails.
     """
     model = request.model_name
-    raw = request.raw_input_contents
+    raw: list[memoryview] | Any = request.raw_input_contents if raw_inputs is None else raw_inputs
     raw_count = len(raw)
     raw_index = 0
     inputs: list[InputTensor] = []
@@ -106,7 +221,7 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
                 f"non-negative integers, got {_show(shape)}"
             )
         parameters = _input_parameters(tensor.parameters, name) if tensor.parameters else {}
-        data: bytes | None
+        data: bytes | memoryview | None
         if "shared_memory_region" in parameters:
             if tensor.HasField("contents"):
                 raise invalid_arg(
@@ -188,7 +303,9 @@ def _typed_contents(
     return array.tobytes()
 
 
-def _check_bytes_elements(data: bytes, count: int, name: str, shape: list[int]) -> None:
+def _check_bytes_elements(
+    data: bytes | memoryview, count: int, name: str, shape: list[int]
+) -> None:
     """Walk the length prefixes of a raw BYTES input: it must hold exactly ``count``."""
     pos, end, found = 0, len(data), 0
     while pos < end:
@@ -325,11 +442,13 @@ def encode_infer_response(
     result: InferenceResult,
     request: InferenceRequest,
     response: pb.ModelInferResponse | None = None,
+    raw_out: list | None = None,
 ) -> pb.ModelInferResponse:
     """Encode a result as a ``ModelInferResponse`` (into ``response`` when given, an
     empty one) with every output's bytes in ``raw_output_contents``, in output order. An
     output requested into a shared-memory region gets an empty entry: the data plane has
-    already written it there.
+    already written it there. With ``raw_out`` (a list), the entries are appended to it
+    instead and the message has none: ``serialize_infer_response`` writes them after it.
 
     Raises INTERNAL when an output's bytes do not match its shape and datatype.
     """
@@ -347,7 +466,7 @@ def encode_infer_response(
         else None
     )
     add = response.outputs.add
-    raw = response.raw_output_contents
+    raw: Any = response.raw_output_contents if raw_out is None else raw_out
     for output in result.outputs:
         name, datatype, shape, data = output.name, output.datatype, output.shape, output.data
         add(name=name, datatype=datatype, shape=shape)
@@ -364,10 +483,43 @@ def encode_infer_response(
                 f"{_show(shape)} of {datatype} needs {item_size * dtypes.element_count(shape)} "
                 f"bytes, got {size}"
             )
-        raw.append(data if type(data) is bytes else bytes(data))
+        raw.append(data if type(data) is bytes or raw_out is not None else bytes(data))
     if result.parameters:
         encode_parameters(result.parameters, response.parameters)
     return response
+
+
+def _output_bytes(result: InferenceResult) -> int:
+    total = 0
+    for output in result.outputs:
+        data = output.data
+        if data is not None:
+            total += data.nbytes if type(data) is memoryview else len(data)
+    return total
+
+
+def _raw_entries(parts: list, raw: list) -> int:
+    """Append ``raw_output_contents`` entries (key, length, bytes) to ``parts``; returns
+    their encoded size."""
+    size = 0
+    for data in raw:
+        n = data.nbytes if type(data) is memoryview else len(data)
+        length = _varint(n)
+        parts += (_RAW_OUTPUT_KEY, length, data)
+        size += 1 + len(length) + n
+    return size
+
+
+def serialize_infer_response(result: InferenceResult, request: InferenceRequest) -> bytes:
+    """``encode_infer_response``, serialized. Large outputs are copied once, straight
+    from where they are (a backend host's shared memory) into the message bytes."""
+    if _output_bytes(result) < LARGE_MESSAGE:
+        return encode_infer_response(result, request).SerializeToString()
+    raw: list = []
+    head = encode_infer_response(result, request, None, raw).SerializeToString()
+    parts: list = [head]
+    _raw_entries(parts, raw)
+    return b"".join(parts)
 
 
 def stream_response(
@@ -381,6 +533,23 @@ def stream_response(
     if final_flag:
         infer.parameters[FINAL_RESPONSE].bool_param = True
     return response
+
+
+def serialize_stream_response(
+    result: InferenceResult, request: InferenceRequest, final_flag: bool
+) -> bytes:
+    """``stream_response``, serialized; large outputs as in ``serialize_infer_response``."""
+    if _output_bytes(result) < LARGE_MESSAGE:
+        return stream_response(result, request, final_flag).SerializeToString()
+    raw: list = []
+    infer = encode_infer_response(result, request, None, raw)
+    if final_flag:
+        infer.parameters[FINAL_RESPONSE].bool_param = True
+    head = infer.SerializeToString()
+    parts: list = [_STREAM_INFER_KEY, b"", head]
+    size = len(head) + _raw_entries(parts, raw)
+    parts[1] = _varint(size)
+    return b"".join(parts)
 
 
 def stream_error(message: str, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
 
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.servicer import InferenceServicer
+
+SERVICE = "inference.GRPCInferenceService"
+# Methods whose handlers take and return message bytes (the servicer parses them).
+RAW_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
 
 # Triton's --grpc-infer-response-compression-level -> grpc_compression_level.
 COMPRESSION_LEVELS = {"none": 0, "low": 1, "med": 2, "high": 3}
@@ -130,11 +134,39 @@ def _read(path: str, flag: str, mode: str) -> bytes:
         raise GrpcSetupError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
+def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's method handlers by method name, from its descriptor. ``RAW_METHODS``
+    get no (de)serializer: their handlers see and return message bytes."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods:
+        behaviour = getattr(servicer, method.name)
+        if method.name in RAW_METHODS:
+            deserializer = serializer = None
+        else:
+            deserializer = getattr(pb, method.input_type.name).FromString
+            serializer = getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif not (method.client_streaming or method.server_streaming):
+            make = grpc.unary_unary_rpc_method_handler
+        else:  # pragma: no cover - Triton's service has none
+            raise NotImplementedError(f"{method.full_name}: one-way streaming")
+        handlers[method.name] = make(
+            behaviour, request_deserializer=deserializer, response_serializer=serializer
+        )
+    return handlers
+
+
 async def start_server(plane: DataPlane, settings: GrpcSettings) -> grpc.aio.Server:
     """Bind and start the gRPC server on the running loop; raises GrpcSetupError."""
     credentials = server_credentials(settings)
     server = grpc.aio.server(options=server_options(settings))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    # One generic handler, not grpc's registered methods (what the generated
+    # add_..._to_server does): grpc.aio waits on one pending call per registered method
+    # (asyncio.wait over all 21 at every call), measured ~35 us more CPU per call.
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, method_handlers(InferenceServicer(plane))),)
+    )
     try:
         if credentials is None:
             server.add_insecure_port(settings.target)

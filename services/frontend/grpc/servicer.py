@@ -7,6 +7,10 @@ its code to and its message as the details, the same message the HTTP frontend s
 Features Despina has not built yet (statistics, model control, trace and log settings)
 answer UNIMPLEMENTED and say so.
 
+``ModelInfer`` and ``ModelStreamInfer`` take and return message bytes (``server``
+registers them without a protobuf (de)serializer): ``converters`` parses and serializes
+them, keeping large tensors out of protobuf's copies.
+
 One servicer serves every call of its frontend process; it keeps no per-call state
 outside the calls' own coroutines.
 """
@@ -101,21 +105,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ------------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: bytes, context) -> bytes:
         plane = self.plane
         try:
-            inference = converters.decode_infer_request(request)
+            inference = converters.decode_message(request)
             result = await plane.infer(inference)
             try:
-                return converters.encode_infer_response(result, inference)
+                return converters.serialize_infer_response(result, inference)
             finally:
                 plane.release(result)
         except ServerError as exc:
             await _fail(context, exc)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, request_iterator: AsyncIterator[bytes], context
+    ) -> AsyncIterator[bytes]:
         """Bidirectional stream: every request is started as soon as it is read, and
         its response is written when it is ready, in completion order, carrying the
         request's id. A failed request becomes a response with ``error_message`` set;
@@ -123,7 +127,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         every response is written; a client that goes away cancels what is in flight."""
         plane = self.plane
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         inflight: set[asyncio.Task] = set()
         reading = True
@@ -142,18 +146,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if exc is None:
                     result: InferenceResult = task.result()
                     try:
-                        response = converters.stream_response(result, inference, final_flag)
+                        response = converters.serialize_stream_response(
+                            result, inference, final_flag
+                        )
                     finally:
                         plane.release(result)
                 elif isinstance(exc, ServerError):
-                    response = converters.stream_error(exc.message, request)
+                    response = converters.stream_error(exc.message, request).SerializeToString()
                 else:
                     raise exc
             except ServerError as err:
-                response = converters.stream_error(err.message, request)
+                response = converters.stream_error(err.message, request).SerializeToString()
             except Exception as err:
                 log.exception("stream request %r failed", request.id)
-                response = converters.stream_error(f"internal error: {err}", request)
+                error = converters.stream_error(f"internal error: {err}", request)
+                response = error.SerializeToString()
             out.put_nowait(response)
             if not reading and not inflight:
                 out.put_nowait(None)
@@ -161,12 +168,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             nonlocal reading
             try:
-                async for request in request_iterator:
+                async for message in request_iterator:
                     await slots.acquire()
+                    # Bytes that are no ModelInferRequest end the stream (INVALID_ARGUMENT).
+                    request, raw = converters.parse_infer_request(message)
                     try:
-                        inference = converters.decode_infer_request(request)
+                        inference = converters.decode_infer_request(request, raw)
                     except ServerError as exc:
-                        out.put_nowait(converters.stream_error(exc.message, request))
+                        error = converters.stream_error(exc.message, request)
+                        out.put_nowait(error.SerializeToString())
                         continue
                     task = loop.create_task(plane.infer(inference))
                     inflight.add(task)
@@ -186,7 +196,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield response
                 slots.release()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
+                exc = reader.exception()
+                if isinstance(exc, ServerError):
+                    await _fail(context, exc)
+                raise exc  # type: ignore[misc]
         finally:
             reader.cancel()
             for task in list(inflight):
