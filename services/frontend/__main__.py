@@ -17,6 +17,7 @@ from aiohttp import web
 from despina.common.logs import setup_logging
 from despina.services.flags import add_grpc_flags, parse_bool
 from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.app import build_app
 from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD, SchedulerClient
@@ -124,7 +125,11 @@ async def amain(args: argparse.Namespace) -> int:
                 await runner.cleanup()
             client.close()
             return EXIT_CONFIG
-        log.info("Started GRPCInferenceService at %s", settings.target)
+        log.info(
+            "Started GRPCInferenceService at %s (%s)",
+            settings.target,
+            "lean HTTP/2 transport" if isinstance(grpc_server, H2Server) else "grpc.aio",
+        )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,13 +9,16 @@ channel arguments as Triton maps them to its gRPC server builder.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.servicer import InferenceServicer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -25,6 +28,15 @@ RAW_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
 # Triton's --grpc-infer-response-compression-level -> grpc_compression_level.
 COMPRESSION_LEVELS = {"none": 0, "low": 1, "med": 2, "high": 3}
 MAX_MESSAGE_SIZE = 2**31 - 1
+
+
+# DESPINA_GRPC_TRANSPORT=grpcio serves gRPC with grpc.aio even where the lean transport
+# (h2server) could; "auto" (the default) picks the lean one where it can.
+TRANSPORT_ENV = "DESPINA_GRPC_TRANSPORT"
+
+
+class GrpcServer(Protocol):
+    async def stop(self, grace: float | None) -> None: ...
 
 
 class GrpcSetupError(Exception):
@@ -157,16 +169,51 @@ def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHand
     return handlers
 
 
-async def start_server(plane: DataPlane, settings: GrpcSettings) -> grpc.aio.Server:
+# Settings the lean transport acts as gRPC core does on their defaults only: keepalive
+# pings from the server and limits on the client's pings.
+_CORE_ONLY = (
+    "keepalive_time_ms",
+    "keepalive_timeout_ms",
+    "keepalive_permit_without_calls",
+    "http2_max_pings_without_data",
+    "http2_min_recv_ping_interval_without_data_ms",
+    "http2_max_ping_strikes",
+)
+
+
+def lean_transport(settings: GrpcSettings) -> bool:
+    """Whether h2server can serve ``settings``: plaintext, no response compression,
+    keepalive and ping settings at their defaults, and not turned off by TRANSPORT_ENV."""
+    if os.environ.get(TRANSPORT_ENV, "auto") == "grpcio":
+        return False
+    if settings.use_ssl or settings.use_ssl_mutual or settings.compression_level != "none":
+        return False
+    defaults = {f.name: f.default for f in fields(GrpcSettings)}
+    return all(getattr(settings, name) == defaults[name] for name in _CORE_ONLY)
+
+
+async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
     """Bind and start the gRPC server on the running loop; raises GrpcSetupError."""
+    handlers = method_handlers(InferenceServicer(plane))
+    if lean_transport(settings):
+        lean = H2Server(
+            {f"/{SERVICE}/{name}": h for name, h in handlers.items()},
+            settings.max_message_size,
+            settings.max_message_size,
+        )
+        try:
+            await lean.listen(settings.address, settings.port, settings.reuse_port)
+        except OSError as exc:
+            raise GrpcSetupError(
+                f"could not listen for gRPC on {settings.target}: {exc.strerror or exc}"
+            ) from None
+        return lean
     credentials = server_credentials(settings)
     server = grpc.aio.server(options=server_options(settings))
     # One generic handler, not grpc's registered methods (what the generated
     # add_..._to_server does): grpc.aio waits on one pending call per registered method
     # (asyncio.wait over all 21 at every call), measured ~35 us more CPU per call.
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, method_handlers(InferenceServicer(plane))),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:
         if credentials is None:
             server.add_insecure_port(settings.target)

@@ -1,0 +1,849 @@
+"""A lean HTTP/2 transport for gRPC on the frontend's event loop: the plaintext server.
+
+grpc.aio runs each call through three threads (gRPC core's event-engine threads read and
+write the socket, a poller thread drains the completion queue, the event loop runs the
+handler) and a dozen Python objects and tasks: measured on a 2-vCPU box, ~450-500 us of
+CPU per unary call with a canned answer, where an ``asyncio.Protocol`` that speaks the
+same HTTP/2 on the loop itself takes ~100 us. The frontend spends that CPU on every
+request, so this transport serves gRPC when nothing needs gRPC core: no TLS, no response
+compression, and keepalive settings at Triton's defaults (``server.start_server`` picks
+grpc.aio otherwise; ``DESPINA_GRPC_TRANSPORT=grpcio`` forces it).
+
+What it implements, for the servicer's methods (``server.method_handlers``):
+
+- HTTP/2 (RFC 9113) as a server: the preface, SETTINGS, PING, WINDOW_UPDATE, RST_STREAM,
+  GOAWAY, CONTINUATION, padding; flow control both ways (large windows advertised, the
+  peer's windows and frame size respected when sending); HPACK (RFC 7541) header blocks
+  decoded with ``hpack``, and a cache for blocks of indexed fields only (what a client
+  sends once its table is warm: decoding them changes nothing).
+- gRPC over it: unary and bidirectional-streaming calls, length-prefixed messages,
+  compressed requests (``grpc-encoding`` gzip or deflate), ``grpc-timeout`` deadlines,
+  the receive size limit (RESOURCE_EXHAUSTED), cancellation by RST_STREAM or a closed
+  connection, statuses and messages in trailers (Trailers-Only for calls that fail before
+  answering), UNIMPLEMENTED for unknown methods.
+
+Handlers are called as grpc.aio calls them, ``handler(request, context)``, with a context
+whose ``abort`` ends the call with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, cast
+from urllib.parse import quote
+
+import grpc
+from hpack import Decoder
+from hpack.exceptions import HPACKError
+
+log = logging.getLogger("despina.frontend")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+
+# SETTINGS identifiers
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
+MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 5, 6
+
+# Error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+
+MAX_WINDOW = 2**31 - 1
+# What this server lets a peer send before it says more: a 16 MiB tensor arrives without
+# waiting for a window update. Windows are topped up once half is used.
+RECV_WINDOW = 2**30
+MAX_FRAME = 2**24 - 1  # the largest frame the peer may send us
+MAX_HEADER_BLOCK = 1 << 20
+
+# grpc-status codes
+OK, CANCELLED_CODE, UNKNOWN_CODE, DEADLINE_CODE = 0, 1, 2, 4
+RESOURCE_EXHAUSTED_CODE, UNIMPLEMENTED_CODE, INTERNAL_CODE = 8, 12, 13
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_ACCEPT_ENCODING = b"identity,deflate,gzip"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes | memoryview = b"") -> bytes:
+    n = len(payload)
+    return (
+        bytes((n >> 16, (n >> 8) & 0xFF, n & 0xFF, kind, flags))
+        + stream.to_bytes(4, "big")
+        + bytes(payload)
+    )
+
+
+def _frame_header(kind: int, flags: int, stream: int, n: int) -> bytes:
+    return bytes((n >> 16, (n >> 8) & 0xFF, n & 0xFF, kind, flags)) + stream.to_bytes(4, "big")
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """A literal header field without indexing, new name, no Huffman coding."""
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+
+
+# :status 200 (static index 8), then content-type and grpc-accept-encoding as literals.
+RESPONSE_HEADERS = (
+    b"\x88"
+    + _literal(b"content-type", b"application/grpc")
+    + _literal(b"grpc-accept-encoding", _ACCEPT_ENCODING)
+)
+OK_TRAILERS = _literal(b"grpc-status", b"0")
+
+
+def _status_block(code: int, message: str, with_headers: bool) -> bytes:
+    block = RESPONSE_HEADERS if with_headers else b""
+    block += _literal(b"grpc-status", str(code).encode())
+    if message:
+        # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2, "Responses").
+        block += _literal(
+            b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()
+        )
+    return block
+
+
+class _Abort(Exception):
+    """Raised by ``CallContext.abort``: the call ends with the status set on it."""
+
+
+class CallContext:
+    """The part of grpc.aio's ServicerContext the servicer uses."""
+
+    __slots__ = ("code", "details")
+
+    def __init__(self) -> None:
+        self.code = OK
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        self.code = code.value[0]
+        self.details = details
+        raise _Abort()
+
+
+class _Method:
+    __slots__ = ("streaming", "behaviour", "deserializer", "serializer")
+
+    def __init__(self, handler: grpc.RpcMethodHandler) -> None:
+        self.streaming = bool(handler.request_streaming)
+        self.behaviour = handler.stream_stream if self.streaming else handler.unary_unary
+        self.deserializer = handler.request_deserializer
+        self.serializer = handler.response_serializer
+
+
+class _Requests:
+    """A stream's request messages, as the async iterator a streaming handler reads."""
+
+    __slots__ = ("_queue", "_deserializer")
+
+    def __init__(self, deserializer: Callable | None) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._deserializer = deserializer
+
+    def put(self, message: bytes | BaseException | None) -> None:
+        self._queue.put_nowait(message)
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self._queue.get()
+        if message is None:
+            self._queue.put_nowait(None)  # stays at the end
+            raise StopAsyncIteration
+        if isinstance(message, BaseException):
+            raise message
+        return message if self._deserializer is None else self._deserializer(message)
+
+
+class _Stream:
+    __slots__ = (
+        "sid",
+        "method",
+        "encoding",
+        "deadline",
+        "parts",
+        "size",
+        "need",
+        "compressed",
+        "messages",
+        "requests",
+        "task",
+        "send_window",
+        "pending",
+        "trailers",
+        "headers_sent",
+        "remote_closed",
+        "closed",
+        "timer",
+        "consumed",
+    )
+
+    def __init__(self, sid: int, send_window: int) -> None:
+        self.sid = sid
+        self.method: _Method | None = None
+        self.encoding = ""
+        self.deadline: float | None = None
+        self.parts: list = []  # bytes of the message being read
+        self.size = 0  # bytes in parts
+        self.need = -1  # the message's length once its prefix is read
+        self.compressed = False
+        self.messages: list[bytes] = []  # unary: the request
+        self.requests: _Requests | None = None  # streaming
+        self.task: asyncio.Task | None = None
+        self.send_window = send_window
+        self.pending: deque = deque()  # response bytes waiting for window
+        self.trailers: bytes | None = None  # sent once pending is empty
+        self.headers_sent = False
+        self.remote_closed = False
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.consumed = 0  # received bytes not yet given back in a WINDOW_UPDATE
+
+
+class H2Server:
+    """Listens on (host, port) and serves gRPC calls with ``handlers`` (by full method
+    path, ``/package.Service/Method``)."""
+
+    def __init__(
+        self, handlers: dict[str, grpc.RpcMethodHandler], max_receive: int, max_send: int
+    ) -> None:
+        self.methods = {path: _Method(h) for path, h in handlers.items()}
+        self.max_receive = max_receive
+        self.max_send = max_send
+        self.connections: set[_Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.active_calls = 0
+
+    async def listen(self, host: str, port: int, reuse_port: bool) -> None:
+        loop = asyncio.get_running_loop()
+        hosts: str | None = None if host in ("", "0.0.0.0", "::", "[::]") else host.strip("[]")
+        server = await loop.create_server(
+            lambda: _Connection(self),
+            hosts,
+            port,
+            reuse_port=reuse_port or None,
+        )
+        self._servers.append(server)
+
+    def call_started(self) -> None:
+        self.active_calls += 1
+        self._idle.clear()
+
+    def call_finished(self) -> None:
+        self.active_calls -= 1
+        if self.active_calls <= 0:
+            self._idle.set()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop taking connections and calls; let calls in flight finish for ``grace``
+        seconds, then close every connection."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.goaway()
+        if grace and self.active_calls:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
+        for conn in list(self.connections):
+            conn.close()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: H2Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.preface = False
+        self.decoder = Decoder()
+        self.decoder.max_header_list_size = MAX_HEADER_BLOCK
+        self.indexed_cache: dict[bytes, Any] = {}
+        self.streams: dict[int, _Stream] = {}
+        self.last_sid = 0
+        self.going_away = False
+        self.send_window = 65535  # the connection's, for what we send
+        self.peer_initial_window = 65535
+        self.peer_max_frame = 16384
+        self.consumed = 0  # connection-level bytes received, not yet given back
+        self.header_block: bytearray | None = None  # a HEADERS frame awaiting CONTINUATION
+        self.header_sid = 0
+        self.header_end_stream = False
+        self.out: list = []  # frames to write at the end of this read
+        self.loop = asyncio.get_running_loop()
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are no asyncio.Transport subclass: no isinstance check.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.server.connections.add(self)
+        settings = b"".join(
+            k.to_bytes(2, "big") + v.to_bytes(4, "big")
+            for k, v in (
+                (ENABLE_PUSH, 0),
+                (INITIAL_WINDOW_SIZE, RECV_WINDOW),
+                (MAX_FRAME_SIZE, MAX_FRAME),
+                (MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
+            )
+        )
+        transport.write(
+            _frame(SETTINGS, 0, 0, settings)
+            + _frame(WINDOW_UPDATE, 0, 0, (RECV_WINDOW - 65535).to_bytes(4, "big"))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        for stream in list(self.streams.values()):
+            self._cancel(stream)
+        self.streams.clear()
+        self.transport = None
+
+    def goaway(self, code: int = NO_ERROR) -> None:
+        if self.transport is None or self.going_away:
+            return
+        self.going_away = True
+        self.transport.write(
+            _frame(GOAWAY, 0, 0, self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big"))
+        )
+        if not self.streams:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, code: int) -> None:
+        """A connection error: GOAWAY with ``code`` and close."""
+        if self.transport is None:
+            return
+        self._flush()
+        self.transport.write(
+            _frame(GOAWAY, 0, 0, self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big"))
+        )
+        self.transport.close()
+        self.buf.clear()
+
+    def _flush(self) -> None:
+        if self.out and self.transport is not None:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    # --- reading frames -------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        if not self.preface:
+            if len(buf) < 24:
+                return
+            if buf[:24] != PREFACE:
+                self._fail(PROTOCOL_ERROR)
+                return
+            self.preface = True
+            pos = 24
+        end = len(buf)
+        view = memoryview(buf)
+        failed = 0
+        try:
+            while end - pos >= 9:
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                if length > MAX_FRAME:
+                    raise _ConnectionError(FRAME_SIZE_ERROR)
+                if end - pos - 9 < length:
+                    break
+                kind = buf[pos + 3]
+                flags = buf[pos + 4]
+                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                payload = bytes(view[pos + 9 : pos + 9 + length])
+                pos += 9 + length
+                if self.header_block is not None and kind != CONTINUATION:
+                    raise _ConnectionError(PROTOCOL_ERROR)
+                if kind == DATA:
+                    self._on_data(sid, flags, payload)
+                elif kind == HEADERS:
+                    self._on_headers(sid, flags, payload)
+                elif kind == CONTINUATION:
+                    self._on_continuation(sid, flags, payload)
+                elif kind == SETTINGS:
+                    self._on_settings(flags, payload)
+                elif kind == WINDOW_UPDATE:
+                    self._on_window_update(sid, payload)
+                elif kind == PING:
+                    if not flags & ACK:
+                        self.out.append(_frame(PING, ACK, 0, payload))
+                elif kind == RST_STREAM:
+                    stream = self.streams.pop(sid, None)
+                    if stream is not None:
+                        self._cancel(stream)
+                elif kind == GOAWAY:
+                    self.going_away = True
+                elif kind == PUSH_PROMISE:
+                    raise _ConnectionError(PROTOCOL_ERROR)
+                # PRIORITY and unknown frame types are ignored.
+                if self.transport is None:
+                    break
+        except _ConnectionError as exc:
+            failed = exc.code
+        finally:
+            view.release()
+        if failed:
+            self._fail(failed)
+            return
+        if self.transport is None:
+            return
+        del buf[:pos]
+        self._flush()
+
+    def _on_settings(self, flags: int, payload: bytes) -> None:
+        if flags & ACK:
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        for i in range(0, len(payload), 6):
+            key = int.from_bytes(payload[i : i + 2], "big")
+            value = int.from_bytes(payload[i + 2 : i + 6], "big")
+            if key == INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR)
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == MAX_FRAME_SIZE:
+                if not 16384 <= value <= MAX_FRAME:
+                    raise _ConnectionError(PROTOCOL_ERROR)
+                self.peer_max_frame = value
+            elif key == HEADER_TABLE_SIZE:
+                pass  # our header blocks use no dynamic table
+        self.out.append(_frame(SETTINGS, ACK, 0))
+        self._send_pending()
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            self.send_window += increment
+            self._send_pending()
+            return
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.send_window += increment
+            self._send_stream(stream)
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if flags & PADDED:
+            if not payload:
+                raise _ConnectionError(PROTOCOL_ERROR)
+            pad = payload[0]
+            if pad >= len(payload):
+                raise _ConnectionError(PROTOCOL_ERROR)
+            return payload[1 : len(payload) - pad]
+        return payload
+
+    def _on_headers(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid == 0 or sid % 2 == 0:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        block = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            block = block[5:]
+        end_stream = bool(flags & END_STREAM)
+        if flags & END_HEADERS:
+            self._on_header_block(sid, block, end_stream)
+        else:
+            self.header_block = bytearray(block)
+            self.header_sid = sid
+            self.header_end_stream = end_stream
+
+    def _on_continuation(self, sid: int, flags: int, payload: bytes) -> None:
+        if self.header_block is None or sid != self.header_sid:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        self.header_block += payload
+        if len(self.header_block) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        if flags & END_HEADERS:
+            block = bytes(self.header_block)
+            self.header_block = None
+            self._on_header_block(sid, block, self.header_end_stream)
+
+    def _decode_headers(self, block: bytes) -> Any:
+        # A block of one-byte indexed fields only changes nothing in the decoder's table:
+        # the same block always means the same headers until another kind of block comes.
+        cached = self.indexed_cache.get(block)
+        if cached is not None:
+            return cached
+        try:
+            headers = self.decoder.decode(block, raw=True)
+        except HPACKError:
+            raise _ConnectionError(COMPRESSION_ERROR) from None
+        if all(0x80 < b < 0xFF for b in block):
+            if len(self.indexed_cache) < 64:
+                self.indexed_cache[block] = headers
+        else:
+            self.indexed_cache.clear()
+        return headers
+
+    def _on_header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
+        headers = self._decode_headers(block)
+        stream = self.streams.get(sid)
+        if stream is not None:  # trailers from the client
+            if not end_stream:
+                raise _ConnectionError(PROTOCOL_ERROR)
+            self._end_of_requests(stream)
+            return
+        if sid <= self.last_sid:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        self.last_sid = sid
+        if self.going_away:
+            self.out.append(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            return
+        stream = _Stream(sid, self.peer_initial_window)
+        self.streams[sid] = stream
+        stream.remote_closed = end_stream
+        path = b""
+        content_type = b""
+        for name, value in headers:
+            if name == b":path":
+                path = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"grpc-encoding":
+                stream.encoding = value.decode("latin-1")
+            elif name == b"grpc-timeout":
+                stream.deadline = _timeout(value)
+        if not content_type.startswith(b"application/grpc"):
+            self._status(stream, UNKNOWN_CODE, "invalid gRPC request content-type")
+            return
+        method = self.server.methods.get(path.decode("latin-1"))
+        if method is None:
+            self._status(stream, UNIMPLEMENTED_CODE, "Method not found!")
+            return
+        stream.method = method
+        self.server.call_started()
+        if stream.deadline is not None:
+            stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
+        if method.streaming:
+            stream.requests = _Requests(method.deserializer)
+            stream.task = self.loop.create_task(self._run_stream(stream, method))
+        if end_stream:
+            self._end_of_requests(stream)
+
+    def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        size = len(payload)
+        self.consumed += size
+        if self.consumed >= RECV_WINDOW // 2:
+            self.out.append(_frame(WINDOW_UPDATE, 0, 0, self.consumed.to_bytes(4, "big")))
+            self.consumed = 0
+        stream = self.streams.get(sid)
+        if stream is None or stream.remote_closed:
+            return  # a call already answered (or refused): its data is dropped
+        stream.consumed += size
+        if stream.consumed >= RECV_WINDOW // 2:
+            self.out.append(_frame(WINDOW_UPDATE, 0, sid, stream.consumed.to_bytes(4, "big")))
+            stream.consumed = 0
+        data = self._unpad(flags, payload)
+        if stream.method is not None and not stream.closed:
+            self._read_messages(stream, data)
+        if flags & END_STREAM:
+            self._end_of_requests(stream)
+
+    def _read_messages(self, stream: _Stream, data: bytes) -> None:
+        """Split the stream's bytes into gRPC messages (1-byte flag, 4-byte length)."""
+        view = memoryview(data)
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if stream.need < 0:
+                take = min(5 - stream.size, end - pos)
+                stream.parts.append(view[pos : pos + take])
+                stream.size += take
+                pos += take
+                if stream.size < 5:
+                    return
+                prefix = b"".join(stream.parts)
+                stream.parts = []
+                stream.size = 0
+                stream.compressed = prefix[0] == 1
+                stream.need = int.from_bytes(prefix[1:5], "big")
+                if stream.need > self.server.max_receive:
+                    self._status(
+                        stream,
+                        RESOURCE_EXHAUSTED_CODE,
+                        f"Received message larger than max ({stream.need} vs. "
+                        f"{self.server.max_receive})",
+                    )
+                    return
+            take = min(stream.need - stream.size, end - pos)
+            if take:
+                stream.parts.append(view[pos : pos + take])
+                stream.size += take
+                pos += take
+            if stream.size == stream.need:
+                parts = stream.parts
+                message = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                stream.parts = []
+                stream.size = 0
+                stream.need = -1
+                if stream.compressed:
+                    try:
+                        message = _decompress(stream.encoding, message, self.server.max_receive)
+                    except _CallError as exc:
+                        self._status(stream, exc.code, exc.message)
+                        return
+                if stream.requests is not None:
+                    stream.requests.put(message)
+                else:
+                    stream.messages.append(message)
+
+    def _end_of_requests(self, stream: _Stream) -> None:
+        stream.remote_closed = True
+        if stream.closed or stream.method is None:
+            if stream.closed and not stream.pending and stream.trailers is None:
+                self._forget(stream)
+            return
+        if stream.need >= 0 or stream.size:
+            self._status(stream, INTERNAL_CODE, "the request ended inside a message")
+            return
+        if stream.requests is not None:
+            stream.requests.put(None)
+            return
+        if len(stream.messages) != 1:
+            code = UNIMPLEMENTED_CODE if stream.messages else INTERNAL_CODE
+            self._status(stream, code, f"expected one request message, got {len(stream.messages)}")
+            return
+        stream.task = self.loop.create_task(self._run_unary(stream, stream.method))
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def _run_unary(self, stream: _Stream, method: _Method) -> None:
+        context = CallContext()
+        try:
+            request: Any = stream.messages.pop()
+            if method.deserializer is not None:
+                request = method.deserializer(request)
+            response = await method.behaviour(request, context)
+            if method.serializer is not None:
+                response = method.serializer(response)
+        except _Abort:
+            self._status(stream, context.code, context.details)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            log.exception("gRPC call %s failed", _path_of(self, method))
+            self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
+            return
+        self._send_message(stream, response)
+        self._finish(stream, OK_TRAILERS)
+
+    async def _run_stream(self, stream: _Stream, method: _Method) -> None:
+        context = CallContext()
+        try:
+            responses: AsyncIterator = method.behaviour(stream.requests, context)
+            async for response in responses:
+                if stream.closed:
+                    break
+                if method.serializer is not None:
+                    response = method.serializer(response)
+                self._send_message(stream, response)
+                self._flush()
+        except _Abort:
+            self._status(stream, context.code, context.details)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            log.exception("gRPC call %s failed", _path_of(self, method))
+            self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
+            return
+        self._finish(stream, OK_TRAILERS)
+
+    def _expire(self, stream: _Stream) -> None:
+        stream.timer = None
+        if stream.closed:
+            return
+        task = stream.task
+        self._status(stream, DEADLINE_CODE, "Deadline Exceeded")
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _cancel(self, stream: _Stream) -> None:
+        """The client reset the stream or went away."""
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        if not stream.closed and stream.method is not None:
+            self.server.call_finished()
+        stream.closed = True
+        stream.pending.clear()
+        stream.trailers = None
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _send_message(self, stream: _Stream, message: bytes) -> None:
+        if stream.closed:
+            return
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            self.out.append(_frame(HEADERS, END_HEADERS, stream.sid, RESPONSE_HEADERS))
+        n = len(message)
+        stream.pending.append(b"\x00" + n.to_bytes(4, "big"))
+        if n:
+            stream.pending.append(memoryview(message))
+        self._send_stream(stream)
+
+    def _status(self, stream: _Stream, code: int, message: str) -> None:
+        """End the call with a non-OK status (Trailers-Only when nothing was sent yet)."""
+        if stream.closed:
+            return
+        if stream.headers_sent:
+            stream.pending.clear()
+            self._finish(stream, _status_block(code, message, False))
+        else:
+            stream.headers_sent = True
+            self._finish(stream, _status_block(code, message, True))
+        if stream.task is not None and not stream.task.done():
+            if stream.task is not asyncio.current_task():
+                stream.task.cancel()
+        self._flush()
+
+    def _finish(self, stream: _Stream, trailers: bytes) -> None:
+        if stream.closed:
+            return
+        stream.closed = True
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        if stream.method is not None:
+            self.server.call_finished()
+        if stream.requests is not None:
+            stream.requests.put(asyncio.CancelledError())
+        stream.trailers = trailers
+        self._send_stream(stream)
+        self._flush()
+
+    def _send_pending(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.pending or stream.trailers is not None:
+                self._send_stream(stream)
+                if self.send_window <= 0:
+                    break
+
+    def _send_stream(self, stream: _Stream) -> None:
+        """Send what the windows allow of the stream's pending bytes, then its trailers
+        once nothing is pending."""
+        out = self.out
+        pending = stream.pending
+        max_frame = self.peer_max_frame
+        while pending:
+            room = min(stream.send_window, self.send_window, max_frame)
+            if room <= 0:
+                return
+            chunk = pending[0]
+            if len(chunk) <= room:
+                pending.popleft()
+                # Small pieces (the 5-byte prefix and a small message) go in one frame.
+                while pending and len(chunk) + len(pending[0]) <= room and len(chunk) < 4096:
+                    chunk = bytes(chunk) + bytes(pending.popleft())
+            else:
+                pending[0] = chunk[room:]
+                chunk = chunk[:room]
+            n = len(chunk)
+            stream.send_window -= n
+            self.send_window -= n
+            out.append(_frame_header(DATA, 0, stream.sid, n))
+            out.append(chunk)
+        if stream.trailers is not None:
+            out.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, stream.trailers))
+            stream.trailers = None
+            if stream.remote_closed:
+                self._forget(stream)
+            else:
+                # The client may still be sending: tell it to stop.
+                out.append(_frame(RST_STREAM, 0, stream.sid, NO_ERROR.to_bytes(4, "big")))
+                self._forget(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        self.streams.pop(stream.sid, None)
+        if self.going_away and not self.streams and self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class _CallError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def _decompress(encoding: str, message: bytes, limit: int) -> bytes:
+    if encoding == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise _CallError(
+            UNIMPLEMENTED_CODE, f"Compression algorithm '{encoding or 'identity'}' is disabled."
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(message, limit + 1)
+    except zlib.error as exc:
+        raise _CallError(INTERNAL_CODE, f"Failed to decompress the message: {exc}") from None
+    if len(out) > limit:
+        raise _CallError(
+            RESOURCE_EXHAUSTED_CODE,
+            f"Received message larger than max (more than {limit} bytes once decompressed)",
+        )
+    return out
+
+
+def _timeout(value: bytes) -> float | None:
+    text = value.decode("latin-1")
+    unit = _TIMEOUT_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].isdigit():
+        return None
+    return int(text[:-1]) * unit
+
+
+def _path_of(conn: _Connection, method: _Method) -> str:
+    for path, m in conn.server.methods.items():
+        if m is method:
+            return path
+    return "?"

@@ -1,0 +1,259 @@
+"""The lean gRPC transport (services/frontend/grpc/h2server.py), against grpc's own client
+and raw HTTP/2 frames: calls, statuses, deadlines, cancellation, limits, compression,
+streams, flow control and protocol errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import uvloop
+from hpack import Encoder
+
+from despina.services.frontend.grpc import h2server as h2
+
+LIMIT = 8 << 20
+
+
+class Server:
+    """An H2Server on its own loop in a thread, with test handlers."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.loop = uvloop.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+
+        async def echo(request: bytes, context) -> bytes:
+            return request
+
+        async def fail(request: bytes, context) -> bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad 100% \u00e9 input")
+            raise AssertionError
+
+        async def slow(request: bytes, context) -> bytes:
+            try:
+                await asyncio.sleep(float(request or b"30"))
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return b"late"
+
+        async def big(request: bytes, context) -> bytes:
+            return b"x" * int(request)
+
+        async def crash(request: bytes, context) -> bytes:
+            raise RuntimeError("boom")
+
+        async def stream(requests, context):
+            async for message in requests:
+                yield message + b"!"
+
+        handlers = {
+            f"/t.S/{name}": grpc.unary_unary_rpc_method_handler(fn)
+            for name, fn in (
+                ("Echo", echo),
+                ("Fail", fail),
+                ("Slow", slow),
+                ("Big", big),
+                ("Crash", crash),
+            )
+        }
+        handlers["/t.S/Stream"] = grpc.stream_stream_rpc_method_handler(stream)
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = h2.H2Server(handlers, LIMIT, LIMIT)
+            self.loop.run_until_complete(self.server.listen("127.0.0.1", 0, False))
+            self.port = self.server._servers[0].sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self, grace: float | None = 0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture()
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def channel(server: Server, **options) -> grpc.Channel:
+    opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    return grpc.insecure_channel(f"127.0.0.1:{server.port}", options=opts + list(options.items()))
+
+
+def call(ch: grpc.Channel, name: str, request: bytes, **kw) -> bytes:
+    return ch.unary_unary(f"/t.S/{name}")(request, **kw)
+
+
+def test_unary_calls_large_messages_and_statuses(server):
+    with channel(server) as ch:
+        assert call(ch, "Echo", b"hi", timeout=10) == b"hi"
+        assert call(ch, "Echo", b"", timeout=10) == b""
+        big = bytes(range(256)) * (5 << 12)  # 5 MiB, past the default flow-control windows
+        assert call(ch, "Echo", big, timeout=30) == big
+        assert len(call(ch, "Big", b"6000000", timeout=30)) == 6_000_000
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Fail", b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "bad 100% \u00e9 input"
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Nope", b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Crash", b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNKNOWN
+        assert "boom" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Echo", bytes(LIMIT + 1), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The connection still serves after all of that.
+        assert call(ch, "Echo", b"again", timeout=10) == b"again"
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_compressed_requests(server, compression):
+    with channel(server) as ch:
+        data = b"abc" * 100_000
+        assert call(ch, "Echo", data, timeout=10, compression=compression) == data
+
+
+def test_deadline_and_cancellation_stop_the_handler(server):
+    with channel(server) as ch:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Slow", b"30", timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        assert server.cancelled.wait(5)
+        server.cancelled.clear()
+        future = ch.unary_unary("/t.S/Slow").future(b"30", timeout=30)
+        time.sleep(0.3)
+        future.cancel()
+        assert server.cancelled.wait(5)
+        assert call(ch, "Slow", b"0", timeout=10) == b"late"
+
+
+def test_bidirectional_stream(server):
+    with channel(server) as ch:
+        stream = ch.stream_stream("/t.S/Stream")
+        replies = list(stream(iter([b"a", b"b" * 100_000, b"c"]), timeout=10))
+        assert replies == [b"a!", b"b" * 100_000 + b"!", b"c!"]
+        assert list(stream(iter([]), timeout=10)) == []
+
+
+def test_many_concurrent_calls_on_one_connection(server):
+    with channel(server) as ch:
+        futures = [ch.unary_unary("/t.S/Echo").future(str(i).encode()) for i in range(200)]
+        assert [f.result(timeout=30) for f in futures] == [str(i).encode() for i in range(200)]
+
+
+def test_stop_lets_calls_in_flight_finish(server):
+    with channel(server) as ch:
+        future = ch.unary_unary("/t.S/Slow").future(b"0.5", timeout=30)
+        time.sleep(0.2)
+        server.stop(grace=10)
+        assert future.result(timeout=30) == b"late"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).recv(1)
+
+
+# --- raw frames ------------------------------------------------------------------------
+
+
+def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return bytes((n >> 16, (n >> 8) & 255, n & 255, kind, flags)) + sid.to_bytes(4, "big") + payload
+
+
+def read_frames(sock: socket.socket, until, timeout: float = 5.0) -> list:
+    """Frames (kind, flags, sid, payload) read until ``until(frames)`` is true."""
+    sock.settimeout(timeout)
+    buf = b""
+    frames: list = []
+    while not until(frames):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = int.from_bytes(buf[:3], "big")
+            frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big"), buf[9 : 9 + n]))
+            buf = buf[9 + n :]
+    return frames
+
+
+def test_flow_control_holds_data_for_a_small_window(server):
+    encoder = Encoder()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        # The client allows 100 bytes per stream.
+        settings = h2.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (100).to_bytes(4, "big")
+        headers = encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/t.S/Big"),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+            ]
+        )
+        body = b"\x00" + (4).to_bytes(4, "big") + b"1000"
+        sock.sendall(
+            h2.PREFACE
+            + frame(h2.SETTINGS, 0, 0, settings)
+            + frame(h2.HEADERS, h2.END_HEADERS, 1, headers)
+            + frame(h2.DATA, h2.END_STREAM, 1, body)
+        )
+
+        def data_bytes(frames):
+            return sum(len(f[3]) for f in frames if f[0] == h2.DATA and f[2] == 1)
+
+        frames = read_frames(sock, lambda fs: data_bytes(fs) >= 100)
+        time.sleep(0.3)
+        sock.setblocking(False)
+        try:
+            extra = sock.recv(1 << 16)
+        except BlockingIOError:
+            extra = b""
+        assert data_bytes(frames) == 100 and not extra  # held at the window
+        sock.sendall(frame(h2.WINDOW_UPDATE, 0, 1, (10_000).to_bytes(4, "big")))
+        sock.setblocking(True)
+        more = read_frames(
+            sock,
+            lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs),
+        )
+        assert data_bytes(frames) + data_bytes(more) == 1005  # prefix + message
+
+
+def test_bad_preface_and_unknown_frames(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        frames = read_frames(sock, lambda fs: any(f[0] == h2.GOAWAY for f in fs))
+        goaway = [f for f in frames if f[0] == h2.GOAWAY][0]
+        assert int.from_bytes(goaway[3][4:8], "big") == h2.PROTOCOL_ERROR
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        # An unknown frame type is ignored; a PING is answered.
+        sock.sendall(
+            h2.PREFACE
+            + frame(h2.SETTINGS, 0, 0)
+            + frame(0xAB, 0, 0, b"?")
+            + frame(h2.PING, 0, 0, b"12345678")
+        )
+        frames = read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        assert [f[3] for f in frames if f[0] == h2.PING] == [b"12345678"]
