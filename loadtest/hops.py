@@ -149,6 +149,14 @@ def service_pids(serve_pid: int) -> dict[int, str]:
             elif "--framework" in words:
                 role = f"backend host ({words[words.index('--framework') + 1]})"
             found[int(entry.name)] = role
+    # Python instances are forked from the launcher: same command line, the launcher as parent.
+    for pid, role in list(found.items()):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if found.get(ppid) == "backend host (python)" and role == found[ppid]:
+            found[pid] = "python instance"
     # Several processes of one role (--frontends 2): tell them apart by pid.
     roles = list(found.values())
     return {pid: role if roles.count(role) == 1 else f"{role} {pid}" for pid, role in found.items()}
