@@ -257,3 +257,22 @@ def test_bad_preface_and_unknown_frames(server):
         )
         frames = read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
         assert [f[3] for f in frames if f[0] == h2.PING] == [b"12345678"]
+
+
+def test_header_cache_follows_the_dynamic_table():
+    """Blocks that leave HPACK's dynamic table alone are cached; one that changes it
+    empties the cache, since the same indexed bytes may then mean other headers."""
+
+    async def run() -> None:
+        conn = h2._Connection(h2.H2Server({}, LIMIT, LIMIT))
+        encoder = Encoder()
+        assert conn._decode_headers(encoder.encode([("x-a", "1")])) == [(b"x-a", b"1")]
+        indexed = encoder.encode([("x-a", "1")])
+        assert indexed == b"\xbe"  # the first dynamic entry
+        assert conn._decode_headers(indexed) == [(b"x-a", b"1")]
+        assert indexed in conn.indexed_cache
+        assert conn._decode_headers(encoder.encode([("x-b", "2")])) == [(b"x-b", b"2")]
+        assert not conn.indexed_cache
+        assert conn._decode_headers(b"\xbe") == [(b"x-b", b"2")]  # now the newest entry
+
+    asyncio.run(run())

@@ -292,7 +292,7 @@ class _Connection(asyncio.Protocol):
         self.header_block: bytearray | None = None  # a HEADERS frame awaiting CONTINUATION
         self.header_sid = 0
         self.header_end_stream = False
-        self.out: list = []  # frames to write at the end of this read
+        self.out: list = []  # frames (and message pieces) to write at the end of this read
         self.loop = asyncio.get_running_loop()
 
     # --- connection ---------------------------------------------------------------------
@@ -346,47 +346,64 @@ class _Connection(asyncio.Protocol):
             _frame(GOAWAY, 0, 0, self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big"))
         )
         self.transport.close()
-        self.buf.clear()
+        self.buf = bytearray()
 
     def _flush(self) -> None:
-        if self.out and self.transport is not None:
-            self.transport.write(b"".join(self.out))
-        self.out.clear()
+        out = self.out
+        if out and self.transport is not None:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                # Large message pieces go out as they are (writev), not joined first.
+                self.transport.writelines(out)
+        self.out = []
 
     # --- reading frames -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        # Frames that lie whole in ``data`` (immutable) are read in place: a DATA payload
+        # is a view of it, no copy. Only a frame cut by the end of a read is assembled in
+        # ``buf`` (a bytearray, so payloads taken from it are copied).
         buf = self.buf
-        buf += data
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
         pos = 0
         if not self.preface:
-            if len(buf) < 24:
+            if len(source) < 24:
+                if source is data:
+                    buf += data
                 return
-            if buf[:24] != PREFACE:
+            if source[:24] != PREFACE:
                 self._fail(PROTOCOL_ERROR)
                 return
             self.preface = True
             pos = 24
-        end = len(buf)
-        view = memoryview(buf)
+        end = len(source)
+        view = memoryview(source)
+        copy = source is buf
         failed = 0
         try:
             while end - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                length = (source[pos] << 16) | (source[pos + 1] << 8) | source[pos + 2]
                 if length > MAX_FRAME:
                     raise _ConnectionError(FRAME_SIZE_ERROR)
                 if end - pos - 9 < length:
                     break
-                kind = buf[pos + 3]
-                flags = buf[pos + 4]
-                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(view[pos + 9 : pos + 9 + length])
-                pos += 9 + length
+                kind = source[pos + 3]
+                flags = source[pos + 4]
+                sid = int.from_bytes(source[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                start = pos + 9
+                pos = start + length
                 if self.header_block is not None and kind != CONTINUATION:
                     raise _ConnectionError(PROTOCOL_ERROR)
                 if kind == DATA:
-                    self._on_data(sid, flags, payload)
-                elif kind == HEADERS:
+                    self._on_data(sid, flags, bytes(view[start:pos]) if copy else view[start:pos])
+                    continue
+                payload = bytes(view[start:pos])
+                if kind == HEADERS:
                     self._on_headers(sid, flags, payload)
                 elif kind == CONTINUATION:
                     self._on_continuation(sid, flags, payload)
@@ -411,13 +428,17 @@ class _Connection(asyncio.Protocol):
         except _ConnectionError as exc:
             failed = exc.code
         finally:
-            view.release()
+            if copy:
+                view.release()
         if failed:
             self._fail(failed)
             return
         if self.transport is None:
             return
-        del buf[:pos]
+        if copy:
+            del buf[:pos]
+        elif pos < end:
+            buf += view[pos:]
         self._flush()
 
     def _on_settings(self, flags: int, payload: bytes) -> None:
@@ -458,7 +479,7 @@ class _Connection(asyncio.Protocol):
             self._send_stream(stream)
 
     @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
+    def _unpad(flags: int, payload: Any) -> Any:
         if flags & PADDED:
             if not payload:
                 raise _ConnectionError(PROTOCOL_ERROR)
@@ -494,16 +515,22 @@ class _Connection(asyncio.Protocol):
             self._on_header_block(sid, block, self.header_end_stream)
 
     def _decode_headers(self, block: bytes) -> Any:
-        # A block of one-byte indexed fields only changes nothing in the decoder's table:
-        # the same block always means the same headers until another kind of block comes.
+        # A block that leaves the decoder's dynamic table as it was (indexed fields and
+        # literals not indexed: what a client sends once its table is warm) decodes the
+        # same way until a block that changes the table comes: those are cached.
         cached = self.indexed_cache.get(block)
         if cached is not None:
             return cached
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        count, first, size = len(entries), entries[0] if entries else None, table.maxsize
         try:
             headers = self.decoder.decode(block, raw=True)
         except HPACKError:
             raise _ConnectionError(COMPRESSION_ERROR) from None
-        if all(0x80 < b < 0xFF for b in block):
+        # An insertion puts a new entry first (compared by identity, not value).
+        newest = entries[0] if entries else None
+        if len(entries) == count and newest is first and table.maxsize == size:
             if len(self.indexed_cache) < 64:
                 self.indexed_cache[block] = headers
         else:
@@ -519,7 +546,7 @@ class _Connection(asyncio.Protocol):
             self._end_of_requests(stream)
             return
         if sid <= self.last_sid:
-            raise _ConnectionError(PROTOCOL_ERROR)
+            return  # trailers of a call already answered (the block is decoded: HPACK state)
         self.last_sid = sid
         if self.going_away:
             self.out.append(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
@@ -555,7 +582,7 @@ class _Connection(asyncio.Protocol):
         if end_stream:
             self._end_of_requests(stream)
 
-    def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
+    def _on_data(self, sid: int, flags: int, payload: bytes | memoryview) -> None:
         if sid == 0:
             raise _ConnectionError(PROTOCOL_ERROR)
         size = len(payload)
@@ -576,11 +603,15 @@ class _Connection(asyncio.Protocol):
         if flags & END_STREAM:
             self._end_of_requests(stream)
 
-    def _read_messages(self, stream: _Stream, data: bytes) -> None:
+    def _read_messages(self, stream: _Stream, data: bytes | memoryview) -> None:
         """Split the stream's bytes into gRPC messages (1-byte flag, 4-byte length)."""
+        end = len(data)
+        if stream.need >= 0 and stream.size + end < stream.need:
+            stream.parts.append(data)  # the middle of a large message: the usual case
+            stream.size += end
+            return
         view = memoryview(data)
         pos = 0
-        end = len(data)
         while pos < end:
             if stream.need < 0:
                 take = min(5 - stream.size, end - pos)
@@ -767,10 +798,27 @@ class _Connection(asyncio.Protocol):
         pending = stream.pending
         max_frame = self.peer_max_frame
         while pending:
-            room = min(stream.send_window, self.send_window, max_frame)
+            room = min(stream.send_window, self.send_window)
             if room <= 0:
                 return
             chunk = pending[0]
+            if len(chunk) > max_frame and room > max_frame:
+                # A large piece: as many full frames as the windows allow, in one go.
+                size = len(chunk)
+                frames = min(size, room) // max_frame
+                header = _frame_header(DATA, 0, stream.sid, max_frame)
+                for i in range(0, frames * max_frame, max_frame):
+                    out.append(header)
+                    out.append(chunk[i : i + max_frame])
+                taken = frames * max_frame
+                stream.send_window -= taken
+                self.send_window -= taken
+                if taken == size:
+                    pending.popleft()
+                else:
+                    pending[0] = chunk[taken:]
+                continue
+            room = min(room, max_frame)
             if len(chunk) <= room:
                 pending.popleft()
                 # Small pieces (the 5-byte prefix and a small message) go in one frame.
