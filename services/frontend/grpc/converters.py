@@ -249,7 +249,7 @@ def decode_infer_request(
                         f"{_show(shape)})"
                     )
             else:
-                _check_bytes_elements(data, count, name, shape)
+                dtypes.check_bytes_elements(data, count, name, shape)
         inputs.append(InputTensor(name, datatype, shape, data, parameters))
     if raw_index != raw_count:
         raise invalid_arg(
@@ -301,35 +301,6 @@ def _typed_contents(
             )
         array = array.astype(dtype)
     return array.tobytes()
-
-
-def _check_bytes_elements(
-    data: bytes | memoryview, count: int, name: str, shape: list[int]
-) -> None:
-    """Walk the length prefixes of a raw BYTES input: it must hold exactly ``count``."""
-    pos, end, found = 0, len(data), 0
-    while pos < end:
-        if pos + 4 > end:
-            raise invalid_arg(
-                f"malformed BYTES data for input '{name}': the length of element {found} is "
-                "cut off; each element is a 4-byte little-endian length, then its bytes"
-            )
-        (length,) = _LEN.unpack_from(data, pos)
-        pos += 4 + length
-        if pos > end:
-            raise invalid_arg(
-                f"malformed BYTES data for input '{name}': element {found} declares {length} "
-                f"bytes, past the end of the input's {end} bytes"
-            )
-        found += 1
-    if found != count:
-        raise invalid_arg(
-            f"unexpected number of string elements {found} for input '{name}', expecting "
-            f"{count} for shape {_show(shape)}"
-        )
-
-
-# -- parameters -----------------------------------------------------------------------
 
 
 def _value(param: pb.InferParameter, key: str) -> ParamValue:
