@@ -32,7 +32,6 @@ response, so each tensor is copied once on its way in and once on its way out.
 from __future__ import annotations
 
 import base64
-import struct
 from typing import Any
 
 import numpy as np
@@ -55,7 +54,6 @@ from despina.services.frontend.inference import (
 ENABLE_FINAL_RESPONSE = "triton_enable_empty_final_response"
 FINAL_RESPONSE = "triton_final_response"
 
-_LEN = struct.Struct("<I")
 _ITEM_SIZE = {name: dtypes.item_size(name) for name in dtypes.TRITON_TYPES}
 
 # datatype -> (typed contents field, numpy dtype of that field, numpy dtype of the tensor)
