@@ -123,6 +123,10 @@ def test_unary_calls_large_messages_and_statuses(server):
         with pytest.raises(grpc.RpcError) as info:
             call(ch, "Echo", bytes(LIMIT + 1), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Big", str(LIMIT + 1).encode(), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Sent message larger than max" in info.value.details()
         # The connection still serves after all of that.
         assert call(ch, "Echo", b"again", timeout=10) == b"again"
 

@@ -693,8 +693,8 @@ class _Connection(asyncio.Protocol):
             log.exception("gRPC call %s failed", _path_of(self, method))
             self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
             return
-        self._send_message(stream, response)
-        self._finish(stream, OK_TRAILERS)
+        if self._send_message(stream, response):
+            self._finish(stream, OK_TRAILERS)
 
     async def _run_stream(self, stream: _Stream, method: _Method) -> None:
         context = CallContext()
@@ -705,7 +705,8 @@ class _Connection(asyncio.Protocol):
                     break
                 if method.serializer is not None:
                     response = method.serializer(response)
-                self._send_message(stream, response)
+                if not self._send_message(stream, response):
+                    return
                 self._flush()
         except _Abort:
             self._status(stream, context.code, context.details)
@@ -742,9 +743,18 @@ class _Connection(asyncio.Protocol):
 
     # --- writing --------------------------------------------------------------------------
 
-    def _send_message(self, stream: _Stream, message: bytes) -> None:
+    def _send_message(self, stream: _Stream, message: bytes) -> bool:
+        """Queue one response message; False (and the call ended with
+        RESOURCE_EXHAUSTED) when it is larger than the send limit."""
         if stream.closed:
-            return
+            return False
+        if len(message) > self.server.max_send:
+            self._status(
+                stream,
+                RESOURCE_EXHAUSTED_CODE,
+                f"Sent message larger than max ({len(message)} vs. {self.server.max_send})",
+            )
+            return False
         if not stream.headers_sent:
             stream.headers_sent = True
             self.out.append(_frame(HEADERS, END_HEADERS, stream.sid, RESPONSE_HEADERS))
@@ -753,6 +763,7 @@ class _Connection(asyncio.Protocol):
         if n:
             stream.pending.append(memoryview(message))
         self._send_stream(stream)
+        return True
 
     def _status(self, stream: _Stream, code: int, message: str) -> None:
         """End the call with a non-OK status (Trailers-Only when nothing was sent yet)."""
