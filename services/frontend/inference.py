@@ -8,7 +8,10 @@ length-prefixed serialized form (``common.dtypes.serialize_bytes``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from despina.common.errors import invalid_arg
 
 ParamValue = bool | int | float | str
 
@@ -66,3 +69,37 @@ class InferenceResult:
     # Shared-memory blocks the outputs' bytes live in, lent by a backend host: the
     # protocol adapter calls ``DataPlane.release`` once its response holds a copy.
     leases: list = field(default_factory=list)
+
+
+_SEQUENCE_FLAGS = ("sequence_start", "sequence_end")
+_UINT_REQUEST_PARAMS = ("priority", "timeout")
+
+
+def check_request_parameter(
+    key: str, value: ParamValue, show: Callable[[object], str], bool_spelling: str
+) -> None:
+    """Triton's checks on a request-level parameter, for both protocols: reserved
+    ``triton_*`` keys, and the types of the sequence, priority and timeout parameters.
+    ``show`` renders a value and ``bool_spelling`` names a boolean the way the caller's
+    protocol writes them. Raises INVALID_ARG."""
+    if key.startswith("triton_"):
+        raise invalid_arg(
+            f"parameter '{key}': keys starting with 'triton_' are reserved for Triton "
+            "usage and should not be specified"
+        )
+    if key == "sequence_id":
+        if not (type(value) is str or (type(value) is int and value >= 0)):
+            raise invalid_arg(
+                "unable to parse 'sequence_id': it must be a non-negative integer or a "
+                f"string, got {show(value)}"
+            )
+    elif key in _SEQUENCE_FLAGS:
+        if type(value) is not bool:
+            raise invalid_arg(
+                f"unable to parse '{key}': it must be {bool_spelling}, got {show(value)}"
+            )
+    elif key in _UINT_REQUEST_PARAMS:
+        if type(value) is not int or value < 0:
+            raise invalid_arg(
+                f"unable to parse '{key}': it must be a non-negative integer, got {show(value)}"
+            )

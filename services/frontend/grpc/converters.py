@@ -48,6 +48,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    check_request_parameter,
 )
 
 # A stream request parameter Triton reads itself: it asks for a flag on the final response.
@@ -72,8 +73,6 @@ _CONTENTS: dict[str, tuple[str, np.dtype, np.dtype]] = {
     "BYTES": ("bytes_contents", np.dtype(np.object_), np.dtype(np.object_)),
 }
 
-_SEQUENCE_FLAGS = ("sequence_start", "sequence_end")
-_UINT_REQUEST_PARAMS = ("priority", "timeout")
 _SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
 
 
@@ -318,27 +317,7 @@ def _request_parameters(params) -> dict[str, ParamValue]:  # a protobuf map
         if key == ENABLE_FINAL_RESPONSE:
             continue  # read by the stream handler
         value = _value(param, key)
-        if key.startswith("triton_"):
-            raise invalid_arg(
-                f"parameter '{key}': keys starting with 'triton_' are reserved for Triton "
-                "usage and should not be specified"
-            )
-        if key == "sequence_id":
-            if not (type(value) is str or (type(value) is int and value >= 0)):
-                raise invalid_arg(
-                    "unable to parse 'sequence_id': it must be a non-negative integer or a "
-                    f"string, got {value!r}"
-                )
-        elif key in _SEQUENCE_FLAGS:
-            if type(value) is not bool:
-                raise invalid_arg(
-                    f"unable to parse '{key}': it must be a bool_param, got {value!r}"
-                )
-        elif key in _UINT_REQUEST_PARAMS:
-            if type(value) is not int or value < 0:
-                raise invalid_arg(
-                    f"unable to parse '{key}': it must be a non-negative integer, got {value!r}"
-                )
+        check_request_parameter(key, value, repr, "a bool_param")
         out[key] = value
     return out
 

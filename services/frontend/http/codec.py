@@ -38,6 +38,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    check_request_parameter,
 )
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
@@ -60,8 +61,6 @@ _UINT32 = np.dtype(np.uint32)
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64", "BF16"))
 
 # Request parameters whose JSON type Triton checks at the HTTP edge.
-_SEQUENCE_FLAGS = ("sequence_start", "sequence_end")
-_UINT_REQUEST_PARAMS = ("priority", "timeout")
 _SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
 
 
@@ -272,29 +271,8 @@ def _request_parameters(params_json: object) -> tuple[dict[str, ParamValue], boo
                 )
             binary_output = value
             continue
-        if key.startswith("triton_"):
-            raise invalid_arg(
-                f"parameter '{key}': keys starting with 'triton_' are reserved for Triton "
-                "usage and should not be specified"
-            )
-        if key == "sequence_id":
-            if not (type(value) is str or (type(value) is int and value >= 0)):
-                raise invalid_arg(
-                    "unable to parse 'sequence_id': it must be a non-negative integer or a "
-                    f"string, got {_show(value)}"
-                )
-        elif key in _SEQUENCE_FLAGS:
-            if type(value) is not bool:
-                raise invalid_arg(
-                    f"unable to parse '{key}': it must be true or false, got {_show(value)}"
-                )
-        elif key in _UINT_REQUEST_PARAMS:
-            if type(value) is not int or value < 0:
-                raise invalid_arg(
-                    f"unable to parse '{key}': it must be a non-negative integer, "
-                    f"got {_show(value)}"
-                )
-        elif not _is_scalar(value):
+        check_request_parameter(key, value, _show, "true or false")
+        if not _is_scalar(value):
             raise invalid_arg(
                 f"parameter '{key}' has invalid type {_json_type(value)}; it should be an "
                 "int, float, bool or string"
