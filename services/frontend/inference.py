@@ -103,3 +103,32 @@ def check_request_parameter(
             raise invalid_arg(
                 f"unable to parse '{key}': it must be a non-negative integer, got {show(value)}"
             )
+
+
+_SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
+
+
+def check_io_parameter(
+    key: str,
+    value: object,
+    role: str,
+    name: str,
+    show: Callable[[object], str],
+    string_spelling: str,
+) -> None:
+    """Triton's checks on a tensor's shared-memory parameters, for both protocols: the
+    region a string, offset and byte size non-negative integers. ``role`` is "input" or
+    "output"; ``show`` and ``string_spelling`` word the message as the protocol does.
+    Raises INVALID_ARG."""
+    if key == "shared_memory_region":
+        if type(value) is not str:
+            raise invalid_arg(
+                f"unable to parse 'shared_memory_region' of {role} '{name}': it must be a "
+                f"{string_spelling}, got {show(value)}"
+            )
+    elif key in _SHM_UINT_PARAMS:
+        if type(value) is not int or value < 0:
+            raise invalid_arg(
+                f"unable to parse '{key}' of {role} '{name}': it must be a non-negative "
+                f"integer, got {show(value)}"
+            )

@@ -48,6 +48,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    check_io_parameter,
     check_request_parameter,
 )
 
@@ -72,8 +73,6 @@ _CONTENTS: dict[str, tuple[str, np.dtype, np.dtype]] = {
     "FP64": ("fp64_contents", np.dtype(np.float64), np.dtype(np.float64)),
     "BYTES": ("bytes_contents", np.dtype(np.object_), np.dtype(np.object_)),
 }
-
-_SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
 
 
 # Messages at least this large take the path that leaves tensor bytes out of protobuf
@@ -326,7 +325,7 @@ def _input_parameters(params, name: str) -> dict[str, ParamValue]:
     out: dict[str, ParamValue] = {}
     for key, param in params.items():
         value = _value(param, key)
-        _check_io_parameter(key, value, "input", name)
+        check_io_parameter(key, value, "input", name, repr, "string_param")
         out[key] = value
     return out
 
@@ -342,28 +341,13 @@ def _output_parameters(params, name: str) -> dict[str, ParamValue]:
                     f"non-negative integer, got {value!r}"
                 )
         else:
-            _check_io_parameter(key, value, "output", name)
+            check_io_parameter(key, value, "output", name, repr, "string_param")
         out[key] = value
     if "shared_memory_region" in out and "classification" in out:
         raise invalid_arg(
             f"output '{name}' can't set both 'shared_memory_region' and 'classification'"
         )
     return out
-
-
-def _check_io_parameter(key: str, value: ParamValue, role: str, name: str) -> None:
-    if key == "shared_memory_region":
-        if type(value) is not str:
-            raise invalid_arg(
-                f"unable to parse 'shared_memory_region' of {role} '{name}': it must be a "
-                f"string_param, got {value!r}"
-            )
-    elif key in _SHM_UINT_PARAMS:
-        if type(value) is not int or value < 0:
-            raise invalid_arg(
-                f"unable to parse '{key}' of {role} '{name}': it must be a non-negative "
-                f"integer, got {value!r}"
-            )
 
 
 def encode_parameters(params: dict[str, ParamValue], target) -> None:  # a protobuf map

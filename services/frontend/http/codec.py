@@ -38,6 +38,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    check_io_parameter,
     check_request_parameter,
 )
 
@@ -61,7 +62,6 @@ _UINT32 = np.dtype(np.uint32)
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64", "BF16"))
 
 # Request parameters whose JSON type Triton checks at the HTTP edge.
-_SHM_UINT_PARAMS = ("shared_memory_offset", "shared_memory_byte_size")
 
 
 # -- request ------------------------------------------------------------------------
@@ -360,19 +360,8 @@ def _decode_outputs(outputs_json: object) -> list[OutputRequest]:
 
 
 def _check_io_parameter(key: str, value: object, role: str, name: str) -> None:
-    if key == "shared_memory_region":
-        if type(value) is not str:
-            raise invalid_arg(
-                f"unable to parse 'shared_memory_region' of {role} '{name}': it must be a "
-                f"string, got {_show(value)}"
-            )
-    elif key in _SHM_UINT_PARAMS:
-        if type(value) is not int or value < 0:
-            raise invalid_arg(
-                f"unable to parse '{key}' of {role} '{name}': it must be a non-negative "
-                f"integer, got {_show(value)}"
-            )
-    elif not _is_scalar(value):
+    check_io_parameter(key, value, role, name, _show, "string")
+    if not _is_scalar(value):
         raise invalid_arg(
             f"parameter '{key}' of {role} '{name}' has invalid type {_json_type(value)}; it "
             "should be an int, float, bool or string"
