@@ -20,22 +20,16 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from local_despina import despina
+
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- floors ---------------------------------------------------------------------------
@@ -190,40 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ZeroMQ round trip {zmq_us:.0f} us (hop ~{zmq_us / 2:.0f} us)"
     )
 
-    port, grpc_port = free_port(), free_port()
-    log = tempfile.NamedTemporaryFile(prefix="despina-hops-", suffix=".log", delete=False)
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={ROOT / 'model_repository'}",
-            f"--http-port={port}",
-            f"--grpc-port={grpc_port}",
-            *args.serve_args.split(),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     report: dict = {"stream_round_trip_us": stream_us, "zmq_round_trip_us": zmq_us, "runs": []}
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/v2/health/ready", timeout=1
-                ) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"despina did not become ready; log in {log.name}")
-            time.sleep(0.1)
+    with despina(args.serve_args.split(), "hops") as served:
+        serve, port = served.proc, served.http_port
         pids = service_pids(serve.pid)
         for c in [int(x) for x in args.concurrency.split(",")]:
             before = {pid: cpu_seconds(pid) for pid in pids}
@@ -312,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
                     capture_output=True,
                 )
             load.wait()
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(30)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     return 0

@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from local_despina import despina
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("http-binary", "grpc", "http-shm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def numpy_copy_ms(nbytes: int, repeat: int = 20) -> float:
@@ -55,38 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out")
     parser.add_argument("--md-out")
     args = parser.parse_args(argv)
-    http, grpc = free_port(), free_port()
-    log = tempfile.NamedTemporaryFile(prefix="despina-tensors-", suffix=".log", delete=False)
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={ROOT / 'model_repository'}",
-            f"--http-port={http}",
-            f"--grpc-port={grpc}",
-            "--allow-client-shm=true",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     rows = []
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{http}/v2/health/ready", timeout=1
-                ) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"despina did not become ready; log in {log.name}")
-            time.sleep(0.1)
+    with despina(["--allow-client-shm=true"], "tensors") as served:
+        http, grpc = served.http_port, served.grpc_port
         for mib in [int(x) for x in args.sizes_mib.split(",")]:
             nbytes = mib << 20
             floor = numpy_copy_ms(nbytes)
@@ -140,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mib} MiB: numpy copy {floor:.2f} ms ({row['numpy_copy_mb_s']:.0f} MB/s); {cells}",
                 flush=True,
             )
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(30)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     if args.md_out:
