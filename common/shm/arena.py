@@ -5,7 +5,8 @@ An arena is a few large ``/dev/shm`` segments carved by a first-fit free list. T
 process that allocates a block owns it and is the only one that frees it; it hands
 ``Shm(key, offset, size)`` refs to peers, who map the segment read-only through
 ``ShmMapper`` and must be done with the bytes before the owner is told so (for a
-frontend's input blocks: when the request's reply arrives). Segments are mapped with
+frontend's input blocks: when the request's reply arrives). ``ShmMapper`` maps
+read-write only where asked to (a client's output region). Segments are mapped with
 ``mmap`` directly, not ``multiprocessing.shared_memory`` (its resource tracker may unlink
 segments it does not own).
 """
@@ -195,6 +196,13 @@ class ShmMapper:
     """Maps shared-memory objects by key, caching at most ``capacity`` mappings (least
     recently used dropped first). Safe in one thread only.
 
+    A view is read-only unless asked ``writable``: the object is then opened
+    ``O_RDONLY`` and mapped ``PROT_READ``, so a reader cannot scribble on a client's
+    input region, and an object the server may only read still serves as input. Read
+    and write mappings are cached apart (one key may hold one of each) rather than one
+    upgraded to read-write: an upgrade would hand later reads a writable mapping, and
+    would have to unmap a mapping whose views may still be alive.
+
     Each ``view`` checks the object as it is now (one ``stat``): a key that no longer
     exists, an object replaced under the same key, or one shrunk below the block gives a
     clear INVALID_ARG instead of stale data or a SIGBUS.
@@ -202,9 +210,13 @@ class ShmMapper:
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._maps: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()
+        # (path, writable) -> (inode, mapping)
+        self._maps: OrderedDict[tuple[str, bool], tuple[int, mmap.mmap]] = OrderedDict()
 
-    def view(self, key: str, offset: int, size: int) -> memoryview:
+    def view(self, key: str, offset: int, size: int, *, writable: bool = False) -> memoryview:
+        """``size`` bytes at ``offset`` in object ``key``; a read-only memoryview unless
+        ``writable``. Raises INVALID_ARG (recoverable: the request fails, the mapper
+        stays usable) for a bad key, a missing object or a block outside it."""
         path = shm_path(key)
         try:
             st = os.stat(path)
@@ -218,41 +230,48 @@ class ShmMapper:
                 f"shared memory block [{offset}, {offset + size}) is outside '{key}' "
                 f"of {st.st_size} bytes"
             )
-        cached = self._maps.get(key)
+        slot = (path, writable)
+        cached = self._maps.get(slot)
         if cached is None or cached[0] != st.st_ino or len(cached[1]) < offset + size:
-            mm = self._map(key, path)
+            mm = self._map(key, slot)
         else:
             mm = cached[1]
-            self._maps.move_to_end(key)
+            self._maps.move_to_end(slot)
         return memoryview(mm)[offset : offset + size]
 
-    def _map(self, key: str, path: str) -> mmap.mmap:
-        self.forget(key)
+    def _map(self, key: str, slot: tuple[str, bool]) -> mmap.mmap:
+        path, writable = slot
+        cached = self._maps.pop(slot, None)
+        if cached is not None:
+            _close(cached[1])
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
             raise invalid_arg(f"shared memory object '{key}' does not exist") from None
         except PermissionError:
-            raise invalid_arg(
-                f"shared memory object '{key}' cannot be opened for reading and writing"
-            ) from None
+            mode = "reading and writing" if writable else "reading"
+            raise invalid_arg(f"shared memory object '{key}' cannot be opened for {mode}") from None
         try:
             st = os.fstat(fd)
             if st.st_size == 0:
                 raise invalid_arg(f"shared memory object '{key}' is empty")
-            mm = mmap.mmap(fd, st.st_size)
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            mm = mmap.mmap(fd, st.st_size, access=access)
         finally:
             os.close(fd)
-        self._maps[key] = (st.st_ino, mm)
+        self._maps[slot] = (st.st_ino, mm)
         while len(self._maps) > self.capacity:
             _, (_, old) = self._maps.popitem(last=False)
             _close(old)
         return mm
 
     def forget(self, key: str) -> None:
-        cached = self._maps.pop(key, None)
-        if cached is not None:
-            _close(cached[1])
+        """Drop both mappings of ``key`` (live views keep theirs until they go)."""
+        path = shm_path(key)
+        for writable in (False, True):
+            cached = self._maps.pop((path, writable), None)
+            if cached is not None:
+                _close(cached[1])
 
 
 def _close(mm: mmap.mmap) -> None:

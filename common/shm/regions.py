@@ -5,7 +5,8 @@ The registry lives in the scheduler, so every frontend sees the same registratio
 (Triton keeps them in its one server process). Registering checks that the object
 exists in /dev/shm and is large enough; a request names a region and an offset in it,
 and ``resolve`` turns that into the object key and absolute offset the backend host
-maps, refusing anything that leaves the region.
+maps (read-only for an input, read-write for an output: ``ShmMapper``), refusing
+anything that leaves the region. The scheduler itself only ``stat``s the object.
 """
 
 from __future__ import annotations

@@ -129,6 +129,8 @@ class BackendHost:
         self.host_id = host_id or f"{framework}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.instance_of = instance_of
         self.instances: dict[tuple[str, str, int], LoadedInstance] = {}
+        # Read-only for inputs, so no backend can write into a client's input region;
+        # read-write only for the client output regions encode_response fills.
         self.mapper = ShmMapper(capacity=16)
         self.cuda = CudaMapper()  # opens clients' CUDA IPC handles, only when one is used
         # Outputs this large go into this host's arena when the frontend shares /dev/shm
@@ -543,7 +545,7 @@ def encode_response(
                         "results"
                     )
                 if isinstance(target, m.Shm):
-                    mapper.view(target.key, target.offset, size)[:] = buf
+                    mapper.view(target.key, target.offset, size, writable=True)[:] = buf
                     ref: m.TensorRef = m.Shm(target.key, target.offset, size)
                 else:
                     assert cuda is not None

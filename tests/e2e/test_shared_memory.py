@@ -96,6 +96,53 @@ def test_inputs_and_outputs_in_shared_memory(client, regions):
     np.testing.assert_array_equal(diffs, a - b)
 
 
+def mappings_of(server, key: str) -> dict[int, list[str]]:
+    """pid -> the permissions of each of its mappings of ``key``, over the server's
+    processes that map it."""
+    found: dict[int, list[str]] = {}
+    for pid in server.child_pids(""):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                perms = [line.split()[1] for line in f if line.rstrip().endswith(f"/dev/shm{key}")]
+        except OSError:
+            continue
+        if perms:
+            found[pid] = perms
+    return found
+
+
+@pytest.mark.parametrize(
+    ("model", "datatype"), [("simple", np.int32), ("add_sub", np.float32)], ids=["onnx", "python"]
+)
+def test_input_regions_are_mapped_read_only(server, client, regions, model, datatype):
+    """Region A holds only inputs, region B only outputs: the backend host maps A
+    read-only and B read-write, and no other process maps either."""
+    a = np.arange(16, dtype=datatype).reshape(1, 16)
+    b = np.full((1, 16), 3, datatype)
+    in_name, in_key, in_handle = regions(2 * a.nbytes)
+    out_name, out_key, out_handle = regions(2 * a.nbytes)
+    shm.set_shared_memory_region(in_handle, [a, b])
+    client.register_system_shared_memory(in_name, in_key, 2 * a.nbytes)
+    client.register_system_shared_memory(out_name, out_key, 2 * a.nbytes)
+    triton_type = "INT32" if datatype == np.int32 else "FP32"
+    inputs, outputs = [], []
+    for i in range(2):
+        inp = httpclient.InferInput(f"INPUT{i}", [1, 16], triton_type)
+        inp.set_shared_memory(in_name, a.nbytes, offset=i * a.nbytes)
+        inputs.append(inp)
+        out = httpclient.InferRequestedOutput(f"OUTPUT{i}", binary_data=True)
+        out.set_shared_memory(out_name, a.nbytes, offset=i * a.nbytes)
+        outputs.append(out)
+    client.infer(model, inputs, outputs=outputs)
+    np.testing.assert_array_equal(
+        shm.get_contents_as_numpy(out_handle, datatype, [1, 16], offset=a.nbytes), a - b
+    )
+    readers, writers = mappings_of(server, in_key), mappings_of(server, out_key)
+    assert readers and all(perms == ["r--s"] for perms in readers.values()), readers
+    assert writers and all(perms == ["rw-s"] for perms in writers.values()), writers
+    assert readers.keys() == writers.keys()
+
+
 def test_shm_inputs_with_body_outputs_and_python_model(client, regions):
     a = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
     name, key, handle = regions(2 * a.nbytes)
