@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
-import zmq
 
 from despina.common import messages as m
-from despina.common import streams, transport
+from despina.common import outbox, streams
 from despina.common.errors import Code, ServerError, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
+
+if TYPE_CHECKING:
+    from despina.common.transport import SocketDriver
 
 log = logging.getLogger("despina.frontend")
 
@@ -175,17 +178,22 @@ class SchedulerClient:
         self._next_id = 1
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.FrontendInbound).decode
-        self._to_scheduler: transport.SocketDriver | _StreamToScheduler | None = None
+        self._to_scheduler: SocketDriver | _StreamToScheduler | None = None
         self._replies: asyncio.AbstractServer | None = None
-        self._outbox: transport.Outbox | None = None
+        self._outbox: outbox.Outbox | None = None
 
     async def start(self) -> None:
         self._replies = await streams.serve(
             self.listen_endpoint, lambda link, burst: self._on_burst(burst, link)
         )
-        self._outbox = transport.Outbox(self._flush)
+        self._outbox = outbox.Outbox(self._flush)
         zmq_endpoint = zeromq_endpoint(self.scheduler_endpoint)
         if zmq_endpoint is not None:
+            # Imported only here: pyzmq costs every frontend ~5 MiB it would not use.
+            import zmq
+
+            from despina.common import transport
+
             dealer = transport.configure(transport.make_context().socket(zmq.DEALER))
             dealer.connect(zmq_endpoint)
             self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
@@ -336,7 +344,7 @@ class SchedulerClient:
             self._flush_requests(items)
 
     def _flush_requests(self, items: list) -> None:
-        frames = transport.FrameList()
+        frames = outbox.FrameList()
         requests = []
         for wire, buffers in items:
             for tensor, buf in zip(wire.inputs, buffers):

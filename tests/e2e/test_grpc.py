@@ -948,6 +948,26 @@ def test_tls(tmp_path, repository, mutual):
         wait_model_ready(client, "simple")
         assert client.get_server_metadata().name == "despina"
         tls_infer(client)
+        # grpc.aio serves TLS: statuses and streams through its context, not h2server's.
+        with pytest.raises(InferenceServerException) as info:
+            client.get_model_metadata("no_such_model")
+        assert info.value.status() == NOT_FOUND
+        assert "no_such_model" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:
+            client.get_inference_statistics()
+        assert info.value.status() == UNIMPLEMENTED
+        results: queue.Queue = queue.Queue()
+        client.start_stream(lambda result, error: results.put((result, error)))
+        a = np.full((1, 16), 3, np.int32)
+        client.async_stream_infer("simple", make_inputs([("INPUT0", a), ("INPUT1", a)]))
+        client.async_stream_infer("simple", make_inputs([("INPUT0", a)]), request_id="bad")
+        outcomes = [results.get(timeout=30) for _ in range(2)]
+        client.stop_stream()
+        ok = [r for r, e in outcomes if e is None]
+        failed = [e for r, e in outcomes if e is not None]
+        assert len(ok) == 1 and len(failed) == 1, outcomes
+        np.testing.assert_array_equal(ok[0].as_numpy("OUTPUT0"), 2 * a)
+        assert "INPUT1" in failed[0].message()
         client.close()
         plain = grpcclient.InferenceServerClient(srv.grpc_url)
         with pytest.raises(InferenceServerException):

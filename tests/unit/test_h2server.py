@@ -15,6 +15,7 @@ import uvloop
 from hpack import Encoder
 
 from despina.services.frontend.grpc import h2server as h2
+from despina.services.frontend.grpc.errors import Status
 
 LIMIT = 8 << 20
 
@@ -32,7 +33,7 @@ class Server:
             return request
 
         async def fail(request: bytes, context) -> bytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad 100% \u00e9 input")
+            await context.abort(Status.INVALID_ARGUMENT, "bad 100% \u00e9 input")
             raise AssertionError
 
         async def slow(request: bytes, context) -> bytes:
@@ -54,7 +55,7 @@ class Server:
                 yield message + b"!"
 
         handlers = {
-            f"/t.S/{name}": grpc.unary_unary_rpc_method_handler(fn)
+            f"/t.S/{name}": h2.MethodHandler(fn, None, None, streaming=False)
             for name, fn in (
                 ("Echo", echo),
                 ("Fail", fail),
@@ -63,7 +64,7 @@ class Server:
                 ("Crash", crash),
             )
         }
-        handlers["/t.S/Stream"] = grpc.stream_stream_rpc_method_handler(stream)
+        handlers["/t.S/Stream"] = h2.MethodHandler(stream, None, None, streaming=True)
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)

@@ -1,6 +1,8 @@
-"""The gRPC frontend: Triton's ``inference.GRPCInferenceService`` on grpc.aio.
+"""The gRPC frontend: Triton's ``inference.GRPCInferenceService``.
 
 ``servicer`` holds the thin handlers, ``converters`` the protobuf <-> record functions,
-``errors`` the one table from error codes to gRPC status codes, and ``server`` the
-grpc.aio server built from tritonserver's ``--grpc-*`` flags.
+``errors`` the gRPC status codes and the one table from error codes to them, ``h2server``
+the lean HTTP/2 transport that serves plaintext gRPC on the frontend's loop, and
+``server`` the server built from tritonserver's ``--grpc-*`` flags (h2server, or
+grpc.aio for TLS, response compression and custom keepalive settings).
 """

@@ -38,10 +38,10 @@ import numpy as np
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from tritonclient.grpc import service_pb2 as pb
 
 from despina.common import dtypes
 from despina.common.errors import internal, invalid_arg
+from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.inference import (
     InferenceRequest,
     InferenceResult,

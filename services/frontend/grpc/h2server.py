@@ -33,10 +33,9 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, cast
+from typing import Any, NamedTuple, NoReturn, cast
 from urllib.parse import quote
 
-import grpc
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
@@ -135,18 +134,29 @@ class CallContext:
         self.code = OK
         self.details = ""
 
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        self.code = code.value[0]
+    async def abort(self, code: int, details: str = "") -> NoReturn:
+        self.code = int(code)
         self.details = details
         raise _Abort()
+
+
+class MethodHandler(NamedTuple):
+    """One method: ``behaviour(request, context)`` returns the response (unary) or, when
+    ``streaming`` (bidirectional), takes an async iterator of requests and yields
+    responses. A (de)serializer of None passes message bytes through."""
+
+    behaviour: Callable
+    request_deserializer: Callable | None
+    response_serializer: Callable | None
+    streaming: bool
 
 
 class _Method:
     __slots__ = ("streaming", "behaviour", "deserializer", "serializer")
 
-    def __init__(self, handler: grpc.RpcMethodHandler) -> None:
-        self.streaming = bool(handler.request_streaming)
-        self.behaviour = handler.stream_stream if self.streaming else handler.unary_unary
+    def __init__(self, handler: MethodHandler) -> None:
+        self.streaming = handler.streaming
+        self.behaviour = handler.behaviour
         self.deserializer = handler.request_deserializer
         self.serializer = handler.response_serializer
 
@@ -225,9 +235,7 @@ class H2Server:
     """Listens on (host, port) and serves gRPC calls with ``handlers`` (by full method
     path, ``/package.Service/Method``)."""
 
-    def __init__(
-        self, handlers: dict[str, grpc.RpcMethodHandler], max_receive: int, max_send: int
-    ) -> None:
+    def __init__(self, handlers: dict[str, MethodHandler], max_receive: int, max_send: int) -> None:
         self.methods = {path: _Method(h) for path, h in handlers.items()}
         self.max_receive = max_receive
         self.max_send = max_send

@@ -1,9 +1,13 @@
-"""The grpc.aio server for the gRPC frontend, built from tritonserver's ``--grpc-*`` flags.
+"""The gRPC frontend's server, built from tritonserver's ``--grpc-*`` flags.
 
 ``GrpcSettings`` is the one settings object (read from the parsed flags, which
 ``despina.services.flags`` declares); ``start_server`` binds and starts a server that
-runs on the caller's event loop, beside the HTTP frontend. Flags map to gRPC core
-channel arguments as Triton maps them to its gRPC server builder.
+runs on the caller's event loop, beside the HTTP frontend: the lean transport
+(``h2server``) where it can serve the settings, grpc.aio otherwise. Flags map to gRPC
+core channel arguments as Triton maps them to its gRPC server builder.
+
+grpc is imported only when grpc.aio serves: the package costs ~20 MiB of RSS in every
+frontend process.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
-from tritonclient.grpc import service_pb2 as pb
-
+from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
-from despina.services.frontend.grpc.h2server import H2Server
+from despina.services.frontend.grpc.h2server import H2Server, MethodHandler
 from despina.services.frontend.grpc.servicer import InferenceServicer
+
+if TYPE_CHECKING:
+    import grpc
 
 SERVICE = "inference.GRPCInferenceService"
 # Methods whose handlers take and return message bytes (the servicer parses them).
@@ -132,6 +137,8 @@ def server_credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
     root = None
     if settings.use_ssl_mutual or settings.root_cert:
         root = _read(settings.root_cert, "--grpc-root-cert", mode)
+    import grpc
+
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=root, require_client_auth=settings.use_ssl_mutual
     )
@@ -146,27 +153,60 @@ def _read(path: str, flag: str, mode: str) -> bytes:
         raise GrpcSetupError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
-def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+def method_handlers(servicer: InferenceServicer) -> dict[str, MethodHandler]:
     """The service's method handlers by method name, from its descriptor. ``RAW_METHODS``
     get no (de)serializer: their handlers see and return message bytes."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, MethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods:
-        behaviour = getattr(servicer, method.name)
+        if method.client_streaming != method.server_streaming:  # pragma: no cover
+            raise NotImplementedError(f"{method.full_name}: one-way streaming")
         if method.name in RAW_METHODS:
             deserializer = serializer = None
         else:
             deserializer = getattr(pb, method.input_type.name).FromString
             serializer = getattr(pb, method.output_type.name).SerializeToString
-        if method.client_streaming and method.server_streaming:
-            make = grpc.stream_stream_rpc_method_handler
-        elif not (method.client_streaming or method.server_streaming):
-            make = grpc.unary_unary_rpc_method_handler
-        else:  # pragma: no cover - Triton's service has none
-            raise NotImplementedError(f"{method.full_name}: one-way streaming")
-        handlers[method.name] = make(
-            behaviour, request_deserializer=deserializer, response_serializer=serializer
+        handlers[method.name] = MethodHandler(
+            getattr(servicer, method.name), deserializer, serializer, method.server_streaming
         )
     return handlers
+
+
+class _AioContext:
+    """grpc.aio's context as the servicer calls it: ``abort`` with a ``Status``."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    async def abort(self, code: int, details: str = "") -> None:
+        import grpc
+
+        status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
+        await self._context.abort(status, details)
+
+
+def aio_handler(handler: MethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` as grpc.aio's method handler."""
+    import grpc
+
+    behaviour = handler.behaviour
+    if handler.streaming:
+
+        async def stream(requests, context):
+            async for response in behaviour(requests, _AioContext(context)):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+
+    async def unary(request, context):
+        return await behaviour(request, _AioContext(context))
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary, handler.request_deserializer, handler.response_serializer
+    )
 
 
 # Settings the lean transport acts as gRPC core does on their defaults only: keepalive
@@ -208,12 +248,15 @@ async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
                 f"could not listen for gRPC on {settings.target}: {exc.strerror or exc}"
             ) from None
         return lean
+    import grpc
+
     credentials = server_credentials(settings)
     server = grpc.aio.server(options=server_options(settings))
     # One generic handler, not grpc's registered methods (what the generated
     # add_..._to_server does): grpc.aio waits on one pending call per registered method
     # (asyncio.wait over all 21 at every call), measured ~35 us more CPU per call.
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    aio_handlers = {name: aio_handler(h) for name, h in handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, aio_handlers),))
     try:
         if credentials is None:
             server.add_insecure_port(settings.target)

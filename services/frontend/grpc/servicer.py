@@ -23,14 +23,11 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import NoReturn
 
-import grpc
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
-
 from despina.common.errors import ServerError
+from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
-from despina.services.frontend.grpc.errors import GRPC_STATUS
+from despina.services.frontend.grpc.errors import GRPC_STATUS, Status
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
 
 log = logging.getLogger("despina.frontend")
@@ -50,18 +47,21 @@ _UNSUPPORTED_TRACE = "trace settings (the trace extension) are not supported by 
 _UNSUPPORTED_LOG = "log settings (the logging extension) are not supported by Despina yet"
 
 
-async def _fail(context: grpc.aio.ServicerContext, exc: ServerError) -> NoReturn:
+async def _fail(context, exc: ServerError) -> NoReturn:
     """End the call with ``exc``'s status and message (``abort`` raises to do so)."""
-    await context.abort(GRPC_STATUS.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+    await context.abort(GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
     raise AssertionError("unreachable: abort raises")
 
 
-async def _unimplemented(context: grpc.aio.ServicerContext, message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+async def _unimplemented(context, message: str) -> NoReturn:
+    await context.abort(Status.UNIMPLEMENTED, message)
     raise AssertionError("unreachable: abort raises")
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
+    """Every method of ``inference.GRPCInferenceService``, by its name. ``context`` is
+    the transport's call context: ``abort(status, details)`` with a ``Status``."""
+
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self._server_metadata = converters.server_metadata(plane.server_metadata())
