@@ -100,3 +100,39 @@ def test_models_from_two_repositories(policy_server):
     names = {entry["name"] for entry in client.get_model_repository_index()}
     assert {"simple", "latest_two", "slow_pair"} <= names
     client.close()
+
+
+def test_quick_models_answer_right_on_the_loop_and_on_threads(policy_server):
+    """The ONNX host runs several instances: a quick model's executions move from its
+    thread onto the loop once they prove quick, and back to the thread while another
+    execution is running. Every answer stays right through both placements."""
+
+    def quick(i: int) -> None:
+        client = httpclient.InferenceServerClient(policy_server.url)
+        for j in range(50):
+            a = np.full((1, 16), i * 100 + j, np.int32)
+            inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(np.ones((1, 16), np.int32))
+            result = client.infer("simple", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + 1)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - 1)
+        client.close()
+
+    def identity(i: int) -> None:
+        client = httpclient.InferenceServerClient(policy_server.url)
+        for j in range(50):
+            data = np.full((1, 64), i * 100 + j, np.float32)
+            inp = httpclient.InferInput("INPUT0", [1, 64], "FP32")
+            inp.set_data_from_numpy(data)
+            result = client.infer("latest_default", [inp])
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        client.close()
+
+    for i in range(4):  # one after the other: the model proves quick
+        quick(i)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(quick, i) for i in range(4)]
+        futures += [pool.submit(identity, i) for i in range(4)]
+        for future in futures:
+            future.result()
