@@ -194,6 +194,32 @@ def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+# Tensors of at least this many bytes cross between Despina's processes on one machine
+# through shared memory (a frontend's arena for inputs, a backend host's for outputs) and
+# travel as refs; smaller ones ride the socket inline. Chosen by
+# loadtest/inline_threshold.py (loadtest/README.md, "Inline threshold"). The frontend's
+# own default (scheduler_client.DEFAULT_INLINE_THRESHOLD) is the same number.
+INLINE_THRESHOLD = 64 * 1024
+
+
+def byte_count(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 0, got '{value}'")
+    return count
+
+
+def add_inline_threshold(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--inline-threshold",
+        type=byte_count,
+        default=INLINE_THRESHOLD,
+        metavar="BYTES",
+        help="tensors of at least this many bytes pass between Despina's processes through "
+        "shared memory, smaller ones inline on the socket (default %(default)s)",
+    )
+
+
 def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tritonserver flags that act")
     g.add_argument(
@@ -221,6 +247,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="let clients register system shared-memory regions (refused with a clear error otherwise)",
     )
+    add_inline_threshold(parser.add_argument_group("Despina's tensor transport"))
     later = parser.add_argument_group("tritonserver flags accepted, not acted on yet")
     for flag in NOT_YET:
         dest = "ignored_" + flag[2:].replace("-", "_")

@@ -79,6 +79,8 @@ class Supervisor:
         args = self.args
         py = [sys.executable, "-m"]
         verbose = ["--log-verbose", str(args.log_verbose)]
+        # Passed explicitly, so a frontend and its backend hosts always agree.
+        inline = f"--inline-threshold={args.inline_threshold}"
         scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends that want it
         hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts and frontends
         repos: list[str] = []
@@ -114,6 +116,7 @@ class Supervisor:
                         framework,
                         "--scheduler",
                         hosts,
+                        inline,
                         *verbose,
                     ],
                     order=1,
@@ -137,6 +140,7 @@ class Supervisor:
                             "--http-port",
                             str(args.http_port),
                             *grpc_flag_argv(args),
+                            inline,
                             "--exit-timeout-secs",
                             str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),

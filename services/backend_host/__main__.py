@@ -18,6 +18,7 @@ from despina.common.frameworks import FRAMEWORKS
 from despina.common.logs import setup_logging
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.worker import BackendHost
+from despina.services.flags import add_inline_threshold
 
 log = logging.getLogger("despina.backend_host")
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
+    add_inline_threshold(parser)  # outputs this large come back through this host's arena
 
 
 def make_backend(framework: str) -> Backend:
@@ -45,7 +47,7 @@ def make_backend(framework: str) -> Backend:
     raise unsupported(f"the {framework} backend is not available in this build of Despina yet")
 
 
-async def run_instance(spec: InstanceSpec, scheduler: str) -> int:
+async def run_instance(spec: InstanceSpec, scheduler: str, inline_threshold: int) -> int:
     """One Python model instance, in a process the launcher forked: load the model, then
     serve it as a backend host."""
     from despina.services.backend_host.backends.python.launcher import LOAD_FAILED_EXIT
@@ -58,6 +60,7 @@ async def run_instance(spec: InstanceSpec, scheduler: str) -> int:
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
         instance_of=(model, version, index),
     )
+    host.arena_threshold = inline_threshold
     _install_signals(host)
     try:
         instance = make_backend("python").load(spec)
@@ -81,7 +84,7 @@ def run_python(args: argparse.Namespace) -> int:
     spec = PythonLauncher(args.scheduler, host_id=args.host_id).run()
     if spec is None:
         return 0
-    return uvloop.run(run_instance(spec, args.scheduler))
+    return uvloop.run(run_instance(spec, args.scheduler, args.inline_threshold))
 
 
 async def run_host(args: argparse.Namespace) -> int:
@@ -91,6 +94,7 @@ async def run_host(args: argparse.Namespace) -> int:
         log.error("%s", exc.message)
         return 2
     host = BackendHost(args.scheduler, args.framework, backend, host_id=args.host_id)
+    host.arena_threshold = args.inline_threshold
     _install_signals(host)
     await host.run()
     return 0
