@@ -92,8 +92,8 @@ class Supervisor:
                 py
                 + [
                     "despina.services.scheduler",
-                    "--endpoint",
-                    scheduler,
+                    # ZeroMQ only where frontends use it: pyzmq costs ~5 MiB otherwise.
+                    f"--endpoint={scheduler if args.scheduler_transport == 'zmq' else ''}",
                     "--host-endpoint",
                     hosts,
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",

@@ -42,10 +42,10 @@ from despina.services.backend_host.backend import (
     config_dict,
 )
 from despina.services.backend_host.classification import classify, load_labels
+from despina.services.flags import INLINE_THRESHOLD
 
 log = logging.getLogger("despina.backend_host")
 
-ARENA_THRESHOLD = 64 * 1024
 
 HEARTBEAT_INTERVAL_S = 0.2
 
@@ -145,7 +145,7 @@ class BackendHost:
         # Outputs this large go into this host's arena when the frontend shares /dev/shm
         # (a unix-socket reply endpoint); the frontend releases them after sending.
         self.arena = ShmArena(arena_prefix("bh"))
-        self.arena_threshold = ARENA_THRESHOLD
+        self.arena_threshold = INLINE_THRESHOLD
         self._decode_release = m.decoder(m.HostFromFrontend).decode
         # Arena blocks sent to each frontend and not released yet: freed if it goes away.
         self._lent: dict[str, set[tuple[str, int]]] = {}
@@ -530,7 +530,7 @@ def encode_response(
     mapper: ShmMapper,
     cuda: CudaMapper | None = None,
     arena: ShmArena | None = None,
-    arena_threshold: int = ARENA_THRESHOLD,
+    arena_threshold: int = INLINE_THRESHOLD,
 ) -> tuple[m.InferReply, list]:
     """The reply record and its output buffers (None where the output is already in
     shared memory: the client's region when it asked for one, else, for large outputs,

@@ -15,12 +15,12 @@ import time
 from aiohttp import web
 
 from despina.common.logs import setup_logging
-from despina.services.flags import add_grpc_flags, parse_bool
+from despina.services.flags import add_grpc_flags, add_inline_threshold, parse_bool
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.app import build_app
-from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD, SchedulerClient
+from despina.services.frontend.scheduler_client import SchedulerClient
 
 log = logging.getLogger("despina.frontend")
 
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="share the HTTP and gRPC ports with sibling frontends (SO_REUSEPORT)",
     )
-    parser.add_argument("--inline-threshold", type=int, default=DEFAULT_INLINE_THRESHOLD)
+    add_inline_threshold(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
 

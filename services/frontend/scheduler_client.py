@@ -25,6 +25,7 @@ from despina.common import messages as m
 from despina.common import outbox, streams
 from despina.common.errors import Code, ServerError, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
+from despina.services.flags import INLINE_THRESHOLD
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("despina.frontend")
 
-DEFAULT_INLINE_THRESHOLD = 64 * 1024
 QUERY_TIMEOUT_S = 10.0
 
 
@@ -162,7 +162,7 @@ class SchedulerClient:
         scheduler_endpoint: str,
         reply_endpoint: str,
         *,
-        inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
+        inline_threshold: int = INLINE_THRESHOLD,
         arena_segment_size: int = 64 * 1024 * 1024,
     ) -> None:
         self.scheduler_endpoint = scheduler_endpoint

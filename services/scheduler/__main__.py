@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
     )
     parser.add_argument(
-        "--endpoint", default="tcp://0.0.0.0:8010", help="ZeroMQ endpoint frontends connect to"
+        "--endpoint",
+        default="tcp://0.0.0.0:8010",
+        help="ZeroMQ endpoint frontends may connect to (empty: none; frontends connect "
+        "to --host-endpoint by default)",
     )
     parser.add_argument(
         "--host-endpoint",

@@ -20,14 +20,13 @@ import binascii
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 import orjson
-import zmq
 
 from despina.common import messages as m
-from despina.common import streams, transport
+from despina.common import outbox, streams
 from despina.common.errors import Code, ServerError, invalid_arg, not_found, unavailable
 from despina.common.model_config import instance_count
 from despina.common.shm.regions import RegionRegistry
@@ -36,6 +35,9 @@ from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.dynamic_batcher import DynamicBatcher
 from despina.services.scheduler.interface import ModelScheduler, Pending, Slot
 from despina.services.scheduler.repository import Model, ModelVersion, State, scan
+
+if TYPE_CHECKING:
+    from despina.common.transport import SocketDriver
 
 log = logging.getLogger("despina.scheduler")
 
@@ -88,8 +90,8 @@ class SchedulerServer:
         self._encode = m.encoder().encode
         self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
         self._decode_stream = m.decoder(m.SchedulerFromFrontend | m.SchedulerFromHost).decode
-        self._driver: transport.SocketDriver | None = None
-        self._outbox: transport.Outbox | None = None
+        self._driver: SocketDriver | None = None
+        self._outbox: outbox.Outbox | None = None
         self._stopping = asyncio.Event()
         for model in self.models.values():
             for version in model.versions:
@@ -112,17 +114,24 @@ class SchedulerServer:
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        ctx = transport.make_context()
-        sock = transport.configure(ctx.socket(zmq.ROUTER))
-        sock.bind(self.endpoint)
-        self._driver = transport.SocketDriver(sock, self._on_frontend_burst)
-        self._outbox = transport.Outbox(self._flush)
+        if self.endpoint:
+            # Imported only here: pyzmq costs ~5 MiB where no frontend speaks ZeroMQ.
+            import zmq
+
+            from despina.common import transport
+
+            ctx = transport.make_context()
+            sock = transport.configure(ctx.socket(zmq.ROUTER))
+            sock.bind(self.endpoint)
+            self._driver = transport.SocketDriver(sock, self._on_frontend_burst)
+        self._outbox = outbox.Outbox(self._flush)
         host_server = await streams.serve(
             self.host_endpoint, self._on_stream_burst, self._on_host_lost
         )
         log.info(
-            "scheduler listening at %s (frontends) and %s (backend hosts) with %d model(s) in %s",
-            self.endpoint,
+            "scheduler listening at %s (frontends) and %s (backend hosts and frontends) "
+            "with %d model(s) in %s",
+            self.endpoint or "no ZeroMQ endpoint",
             self.host_endpoint,
             len(self.models),
             ", ".join(map(str, self.repositories)),
@@ -133,7 +142,8 @@ class SchedulerServer:
             host_server.close()
             for link in list(self.hosts):
                 link.close()
-            self._driver.close()
+            if self._driver is not None:
+                self._driver.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -270,7 +280,7 @@ class SchedulerServer:
             if isinstance(items[0], m.InferReply):
                 self._send_frontend(peer, m.ReplyBatch(items))
                 continue
-            frames = transport.FrameList()
+            frames = outbox.FrameList()
             executions: list[m.Execution] = []
             for slot, pendings in items:
                 requests = []

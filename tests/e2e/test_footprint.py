@@ -2,7 +2,8 @@
 A Python instance process holds numpy and the Python backend, not protobuf, gRPC or
 ZeroMQ; it is forked from the launcher, which has imported those already, and gets its
 config as Triton's JSON; the supervisor runs no event loop and reads configs in a
-forked child."""
+forked child. The scheduler and the frontends load pyzmq only when told to speak
+ZeroMQ, and a frontend loads gRPC core only for TLS, compression or keepalive settings."""
 
 from __future__ import annotations
 
@@ -112,11 +113,13 @@ def test_each_process_loads_only_what_it_uses(tmp_path):
             assert loaded_libraries(pid) == {"numpy", "uvloop"}
         assert loaded_libraries(srv.proc.pid) == set()  # the supervisor
         (scheduler,) = srv.child_pids("despina.services.scheduler")
-        assert not loaded_libraries(scheduler) & {"grpc", "aiohttp", "onnxruntime", "torch"}
+        # No frontend speaks ZeroMQ by default: neither side loads pyzmq.
+        assert loaded_libraries(scheduler) == {"protobuf", "uvloop"}
         (onnx,) = srv.child_pids("--framework onnxruntime")
         assert not loaded_libraries(onnx) & {"grpc", "aiohttp", "zmq", "torch"}
         (frontend,) = srv.child_pids("despina.services.frontend")
-        assert not loaded_libraries(frontend) & {"onnxruntime", "torch"}
+        # Plaintext gRPC runs on the lean transport: no gRPC core in the frontend.
+        assert loaded_libraries(frontend) == {"protobuf", "aiohttp", "numpy", "uvloop"}
     finally:
         assert srv.stop() == 0
 
@@ -140,5 +143,28 @@ def test_instance_restarted_after_a_crash_is_forked_again(tmp_path):
                 time.sleep(0.1)
         assert again["pid"] != first["pid"] and again["ppid"] == first["ppid"]
         assert again["loaded"] == [] and again["config"] == first["config"]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_zeromq_transport_when_asked_for(tmp_path):
+    """``--scheduler-transport=zmq``: frontends reach the scheduler over ZeroMQ, and
+    only then do both load pyzmq."""
+    repo = tmp_path / "repo"
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
+    srv = DespinaServer(repo, tmp_path / "serve.log", ["--scheduler-transport=zmq"]).start()
+    try:
+        client = httpclient.InferenceServerClient(srv.url)
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
+        inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        for inp in inputs:
+            inp.set_data_from_numpy(a)
+        np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), 2 * a)
+        client.close()
+        (scheduler,) = srv.child_pids("despina.services.scheduler")
+        (frontend,) = srv.child_pids("despina.services.frontend")
+        assert "zmq" in loaded_libraries(scheduler)
+        assert "zmq" in loaded_libraries(frontend)
+        assert "scheduler listening at ipc://" in srv.log()
     finally:
         assert srv.stop() == 0

@@ -13,7 +13,6 @@ from despina.services import cli
 from despina.services.backend_host.__main__ import add_arguments as backend_arguments
 from despina.services.flags import INLINE_THRESHOLD
 from despina.services.frontend.__main__ import add_arguments as frontend_arguments
-from despina.services.frontend.scheduler_client import DEFAULT_INLINE_THRESHOLD
 from despina.services.supervisor import Child, Supervisor
 
 SHIPPED = Path(__file__).resolve().parents[2] / "model_repository"
@@ -76,7 +75,6 @@ def test_every_service_defaults_to_one_threshold():
     parser = argparse.ArgumentParser()
     frontend_arguments(parser)
     assert parser.parse_args([]).inline_threshold == INLINE_THRESHOLD
-    assert DEFAULT_INLINE_THRESHOLD == INLINE_THRESHOLD
 
 
 def test_a_negative_threshold_is_refused(monkeypatch, capsys):
