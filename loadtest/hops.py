@@ -11,7 +11,7 @@ floor each kind of hop costs on this machine, measured in the same run.
    loadtest/perf.py (HTTP JSON) at each concurrency, and reads each service process's CPU
    time from /proc before and after the window: CPU microseconds per request, per process.
 3. With py-spy installed (``pip install py-spy``) and ``--profile DIR``, a 3 s raw profile of
-   each process under the last load, for flame graphs.
+   each process in turn, under HTTP load at c=8, for flame graphs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from local_despina import despina
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
+PROFILE_S = 3
 
 
 # --- floors ---------------------------------------------------------------------------
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     "-c",
                     "8",
                     "-d",
-                    "6",
+                    # one profile after the other, each under load, sampled alone
+                    str(PROFILE_S * len(pids) + 3),
                     "--warmup",
                     "0",
                     "--protocol",
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         "-p",
                         str(pid),
                         "-d",
-                        "3",
+                        str(PROFILE_S),
                         "-r",
                         "250",
                         "-f",
