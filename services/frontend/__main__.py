@@ -11,18 +11,21 @@ import os
 import signal
 import sys
 import time
-
-from aiohttp import web
+from typing import Protocol
 
 from despina.common.logs import setup_logging
 from despina.services.flags import add_grpc_flags, add_inline_threshold, parse_bool
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
-from despina.services.frontend.http.app import build_app
 from despina.services.frontend.scheduler_client import SchedulerClient
 
 log = logging.getLogger("despina.frontend")
+
+# DESPINA_HTTP_TRANSPORT=lean serves HTTP/REST with the lean transport (http/lean.py, on
+# httptools); "aiohttp" (the default) with aiohttp (http/app.py). Each is imported only
+# when it serves: aiohttp costs ~15-20 MiB of RSS in every frontend process.
+HTTP_TRANSPORT_ENV = "DESPINA_HTTP_TRANSPORT"
 
 EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
 
@@ -83,6 +86,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
+class HttpServer(Protocol):
+    """The HTTP/REST server, whichever transport serves it."""
+
+    async def start(self, host: str, port: int, reuse_port: bool) -> None:
+        """Listen; raises OSError."""
+
+    async def stop_listening(self) -> None:
+        """Take no new connections; requests on open ones are still served."""
+
+    async def stop(self, grace: float) -> None:
+        """Let requests in flight finish for ``grace`` seconds, then close everything."""
+
+
+class LeanHttp:
+    def __init__(self, plane: DataPlane) -> None:
+        from despina.services.frontend.http.lean import LeanHttpServer
+
+        self.server = LeanHttpServer(plane)
+
+    async def start(self, host: str, port: int, reuse_port: bool) -> None:
+        await self.server.listen(host, port, reuse_port)
+
+    async def stop_listening(self) -> None:
+        self.server.stop_listening()
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+class AiohttpHttp:
+    def __init__(self, plane: DataPlane) -> None:
+        from aiohttp import web
+
+        from despina.services.frontend.http.app import build_app
+
+        self.runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
+        self.site: web.TCPSite | None = None
+
+    async def start(self, host: str, port: int, reuse_port: bool) -> None:
+        from aiohttp import web
+
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None)
+        await self.site.start()
+
+    async def stop_listening(self) -> None:
+        if self.site is not None:
+            await self.site.stop()
+
+    async def stop(self, grace: float) -> None:
+        await self.runner.cleanup()
+
+
 async def amain(args: argparse.Namespace) -> int:
     client = SchedulerClient(
         args.scheduler,
@@ -97,21 +153,22 @@ async def amain(args: argparse.Namespace) -> int:
         log.error("could not set up the scheduler connection: %s", exc)
         return EXIT_CONFIG
     plane = DataPlane(client)
-    runner: web.AppRunner | None = None
-    site: web.TCPSite | None = None
+    http_server: HttpServer | None = None
     grpc_server = None
     if args.allow_http:
-        runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, args.http_address, args.http_port, reuse_port=args.reuse_port or None
-        )
+        transport = os.environ.get(HTTP_TRANSPORT_ENV, "aiohttp")
+        if transport not in ("lean", "aiohttp"):
+            log.error("%s must be 'lean' or 'aiohttp', got %r", HTTP_TRANSPORT_ENV, transport)
+            client.close()
+            return EXIT_CONFIG
+        http_server = LeanHttp(plane) if transport == "lean" else AiohttpHttp(plane)
         try:
-            await site.start()
+            await http_server.start(args.http_address, args.http_port, args.reuse_port)
         except OSError as exc:
             log.error(
                 "could not listen for HTTP on %s:%d: %s", args.http_address, args.http_port, exc
             )
+            await http_server.stop(0)
             client.close()
             return EXIT_CONFIG
         log.info("Started HTTPService at %s:%d", args.http_address, args.http_port)
@@ -121,8 +178,8 @@ async def amain(args: argparse.Namespace) -> int:
             grpc_server = await start_server(plane, settings)
         except GrpcSetupError as exc:
             log.error("%s", exc)
-            if runner is not None:
-                await runner.cleanup()
+            if http_server is not None:
+                await http_server.stop(0)
             client.close()
             return EXIT_CONFIG
         log.info(
@@ -139,8 +196,8 @@ async def amain(args: argparse.Namespace) -> int:
     grpc_stopping = None
     if grpc_server is not None:
         grpc_stopping = asyncio.ensure_future(grpc_server.stop(args.exit_timeout_secs))
-    if site is not None:
-        await site.stop()
+    if http_server is not None:
+        await http_server.stop_listening()
     deadline = time.monotonic() + args.exit_timeout_secs
     while client.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -151,8 +208,8 @@ async def amain(args: argparse.Namespace) -> int:
         # then close what is left (idle streams a client keeps open).
         await grpc_server.stop(0.5)
         await grpc_stopping
-    if runner is not None:
-        await runner.cleanup()
+    if http_server is not None:
+        await http_server.stop(0.5)
     client.close()
     return 0
 

@@ -1,0 +1,681 @@
+"""A lean HTTP/1.1 transport for the REST frontend: an ``asyncio.Protocol`` on the
+frontend's loop, parsing with ``httptools`` (llhttp).
+
+aiohttp builds a protocol, a router match, a request and a response object per request
+and passes the body through a stream reader: ~20-25 % of the frontend's CPU in the
+profiles (loadtest/results/profiles-*), and its import ~15-20 MiB of RSS. This server
+serves the same routes as ``app.build_app`` (same ``DataPlane`` calls, same ``codec``
+functions, same statuses, bodies and headers) with one parser per connection and one
+bytes join per response. ``DESPINA_HTTP_TRANSPORT=lean`` picks it
+(``services/frontend/__main__.py``).
+
+What it implements: keep-alive (HTTP/1.1's default, ``Connection: close``, HTTP/1.0),
+pipelined requests answered in order, chunked request bodies, ``Expect: 100-continue``,
+percent-decoded path segments, large binary request bodies read straight into a
+shared-memory block (as ``app.infer`` does), large responses written from their parts
+and their blocks released once the transport has sent them, read flow control (a
+connection stops reading while a request is handled and more piles up, or while the
+client does not read its answers), 404 for unknown paths and 405 (with ``Allow``) for a
+known path and another method, as aiohttp answers; malformed HTTP gets 400 and the
+connection is closed. A client that goes away cancels its request.
+
+Sync routes (liveness, server metadata, errors) are answered in the parser's callbacks;
+routes that await the data plane run as one task per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+import orjson
+
+from despina.common.errors import Code, ServerError, invalid_arg
+from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.http import codec
+from despina.services.frontend.http.errors import HTTP_STATUS
+
+log = logging.getLogger("despina.frontend")
+
+JSON = b"Content-Type: application/json\r\n"
+OCTETS = b"Content-Type: application/octet-stream\r\n"
+TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
+CLOSE = b"Connection: close\r\n"
+KEEP_ALIVE = b"Connection: keep-alive\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+HEADER_LENGTH = codec.HEADER_LENGTH_HEADER.encode()
+# Responses this large go out from their parts (app.STREAM_RESPONSE_BYTES; app.py is not
+# imported here: it imports aiohttp).
+STREAM_RESPONSE_BYTES = 1 << 20
+
+# Read flow control: while a request is handled, a connection stops reading once this
+# many complete requests wait behind it, or once the next one's body holds this much.
+MAX_PIPELINED = 16
+MAX_BUFFERED = 1 << 20
+# Write flow control: the transport calls pause_writing above HIGH_WATER and
+# resume_writing only once its buffer is empty (low water 0), so a large response's
+# shared-memory parts are known to be sent when it resumes.
+HIGH_WATER = 1 << 16
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+    return line
+
+
+class _Request:
+    """One request as the parser reads it; its body is ``parts`` (joined when complete)
+    or, for a large binary infer body, ``block`` (shared memory, owned by this request
+    until its handler hands it to the data plane, ``drop``-ped in every case)."""
+
+    __slots__ = (
+        "url",
+        "method",
+        "length",
+        "header_length",
+        "expect",
+        "route",
+        "args",
+        "parts",
+        "size",
+        "block",
+        "filled",
+        "keep_alive",
+        "http10",
+        "error",
+        "body",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.method = b""
+        self.length: int | None = None  # Content-Length
+        self.header_length: str | None = None  # Inference-Header-Content-Length
+        self.expect = False
+        self.route: Callable | None = None
+        self.args: tuple = ()
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.block: Any = None
+        self.filled = 0
+        self.keep_alive = True
+        self.http10 = False
+        # A response decided before the handler runs: (status, body, content type, headers)
+        self.error: tuple[int, bytes, bytes, bytes] | None = None
+        self.body = b""
+
+
+def _error_reply(exc: ServerError) -> tuple[int, bytes, bytes, bytes]:
+    return HTTP_STATUS.get(exc.code, 400), codec.encode_error(exc.message), JSON, b""
+
+
+NOT_FOUND = (404, b"404: Not Found", TEXT, b"")
+TOO_LARGE = 413
+
+
+class LeanHttpServer:
+    """Listens on (host, port) and serves the REST routes of ``app.build_app`` with
+    ``plane``. Connections, tasks and blocks live on the caller's loop; not thread-safe."""
+
+    def __init__(self, plane: DataPlane, *, client_max_size: int = 2**31) -> None:
+        self.plane = plane
+        self.client_max_size = client_max_size
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def listen(self, host: str, port: int, reuse_port: bool) -> None:
+        """Bind and listen; raises OSError (port taken, bad address)."""
+        loop = asyncio.get_running_loop()
+        hosts: str | None = None if host in ("", "0.0.0.0", "::", "[::]") else host.strip("[]")
+        server = await loop.create_server(
+            lambda: _Connection(self), hosts, port, reuse_port=reuse_port or None
+        )
+        self._servers.append(server)
+
+    def stop_listening(self) -> None:
+        """Take no more connections; open ones are still served."""
+        for server in self._servers:
+            server.close()
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening, close idle connections, let busy ones finish their requests for
+        ``grace`` seconds (each closes once answered), then close every connection."""
+        self.stop_listening()
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests, answers them in order."""
+
+    def __init__(self, server: LeanHttpServer) -> None:
+        self.server = server
+        self.plane = server.plane
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.current: _Request | None = None  # being read
+        self.queue: deque[_Request] = deque()  # read, not yet answered
+        self.task: asyncio.Task | None = None  # the request being answered, if async
+        self.broken = False  # malformed input: answer what came before, then 400 and close
+        self.read_paused = False
+        self.write_paused = False
+        self.drained: asyncio.Future | None = None
+
+    # --- connection -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are no asyncio.Transport subclass: no isinstance check.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=0)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        if self.task is not None:
+            self.task.cancel()  # its handler drops its block and releases its result
+        plane = self.plane
+        if self.current is not None:
+            plane.drop(self.current.block)
+            self.current = None
+        for req in self.queue:
+            plane.drop(req.block)
+        self.queue.clear()
+        self._wake_drained()
+
+    def idle(self) -> bool:
+        return self.task is None and not self.queue and self.current is None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drained()
+        if self.task is None:
+            self._next()
+        self._flow()
+
+    def _wake_drained(self) -> None:
+        drained = self.drained
+        if drained is not None:
+            self.drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    def _flow(self) -> None:
+        """Pause or resume reading (see MAX_PIPELINED)."""
+        transport = self.transport
+        if transport is None or self.broken:
+            return
+        pause = self.write_paused or (
+            self.task is not None
+            and (
+                len(self.queue) >= MAX_PIPELINED
+                or (self.current is not None and self.current.size > MAX_BUFFERED)
+            )
+        )
+        if pause != self.read_paused:
+            self.read_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+        except httptools.HttpParserError as exc:
+            self._malformed(str(exc).encode())
+        if self.task is None:
+            self._next()
+        else:
+            self._flow()
+
+    def _malformed(self, reason: bytes) -> None:
+        self.broken = True
+        if self.current is not None:
+            self.plane.drop(self.current.block)
+        req = self.current or _Request()
+        self.current = None
+        req.block = None
+        req.keep_alive = False
+        req.method = b""
+        req.error = (400, b"400: Bad Request\n\n" + reason, TEXT, b"")
+        self.queue.append(req)
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _upgrade(self) -> None:
+        """No upgrades (nor CONNECT) here: answer the request as plain HTTP/1.1, then
+        close. llhttp skips the body of an upgrade request: one that had a body gets 400."""
+        queue = self.queue
+        last = queue[-1] if queue else None
+        if last is None or self.current is not None:
+            self._malformed(b"incomplete upgrade request")
+            return
+        self.broken = True
+        last.keep_alive = False
+        if last.length and last.error is None:
+            self.plane.drop(last.block)
+            last.block = None
+            last.error = (400, b"400: Bad Request\n\nupgrades are not supported", TEXT, b"")
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        req = self.current
+        if req is not None:
+            req.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.current
+        if req is None:
+            return
+        n = len(name)
+        if n == 14:
+            if name.lower() == b"content-length":
+                req.length = int(value)  # llhttp has checked it is a number
+        elif n == 31:
+            if name.lower() == b"inference-header-content-length":
+                req.header_length = value.decode("latin-1")
+        elif n == 6 and name.lower() == b"expect":
+            req.expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        if req is None:
+            return
+        parser = self.parser
+        req.method = method = parser.get_method()
+        req.http10 = parser.get_http_version() == "1.0"
+        url = req.url
+        q = url.find(b"?")
+        route = _route(method, url if q < 0 else url[:q])
+        if type(route) is tuple and len(route) == 4:
+            req.error = route
+            return
+        req.route, req.args = route  # type: ignore[misc]
+        length = req.length
+        if length is not None and length > self.server.client_max_size:
+            req.error = _too_large(self.server.client_max_size, length)
+            req.keep_alive = False
+            return
+        if req.route is _infer and req.header_length is not None:
+            try:
+                header_length = codec.parse_header_length(req.header_length)
+                if header_length is not None and length is not None:
+                    # Large binary tensors: the body goes straight into shared memory,
+                    # where the backend host reads the inputs in place.
+                    req.block = self.plane.body_block(length)
+            except ServerError as exc:
+                req.error = _error_reply(exc)
+                return
+        if req.expect and not req.http10 and self.transport is not None:
+            self.transport.write(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.current
+        if req is None or req.error is not None:
+            return
+        n = len(body)
+        block = req.block
+        if block is not None:
+            end = req.filled + n
+            block.view[req.filled : end] = body  # llhttp stops at Content-Length
+            req.filled = end
+            return
+        req.parts.append(body)
+        req.size += n
+        if req.size > self.server.client_max_size:
+            req.error = _too_large(self.server.client_max_size, req.size)
+            req.keep_alive = False
+            req.parts = []
+
+    def on_message_complete(self) -> None:
+        req = self.current
+        if req is None:
+            return
+        self.current = None
+        req.keep_alive = req.keep_alive and self.parser.should_keep_alive()
+        if req.error is not None:
+            req.parts = []
+        elif req.block is None:
+            parts = req.parts
+            req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            req.parts = []
+        self.queue.append(req)
+
+    # --- answering --------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Answer queued requests in order: sync ones now, the first async one in a task
+        (which calls back here when done)."""
+        queue = self.queue
+        while queue and self.task is None and not self.write_paused:
+            if self.transport is None:
+                return
+            req = queue.popleft()
+            if req.error is not None:
+                self._reply(req, *req.error)
+                continue
+            route = req.route
+            assert route is not None
+            if route in _SYNC:
+                route(self, req, *req.args)
+                continue
+            self.task = self.loop.create_task(self._run(req, route(self, req, *req.args)))
+        self._flow()
+
+    async def _run(self, req: _Request, handler: Awaitable[None]) -> None:
+        try:
+            await handler
+        except asyncio.CancelledError:
+            return  # the connection is gone
+        except Exception as exc:
+            log.exception("HTTP %s %s failed", req.method.decode(), req.url.decode("latin-1"))
+            if self.transport is not None:
+                self._reply(req, 500, codec.encode_error(f"internal error: {exc}"), JSON, b"")
+        self.task = None
+        if self.transport is not None:
+            self._next()
+
+    def _reply(
+        self, req: _Request, status: int, body: bytes, content_type: bytes, headers: bytes
+    ) -> None:
+        """Write one response (the body omitted for HEAD); close after it when the
+        request or the server says so."""
+        transport = self.transport
+        if transport is None:
+            return
+        close = not req.keep_alive or self.server.closing
+        transport.write(
+            b"".join(
+                (
+                    _status_line(status),
+                    content_type,
+                    b"Content-Length: %d\r\n" % len(body),
+                    headers,
+                    CLOSE if close else KEEP_ALIVE if req.http10 else b"",
+                    b"\r\n",
+                    b"" if req.method == b"HEAD" else body,
+                )
+            )
+        )
+        if close:
+            self._close_after(transport)
+
+    def _close_after(self, transport: asyncio.Transport) -> None:
+        for queued in self.queue:
+            self.plane.drop(queued.block)
+        self.queue.clear()
+        self.broken = True  # read nothing more
+        transport.close()
+
+    async def _send_parts(
+        self, req: _Request, parts: list, size: int, content_type: bytes, headers: bytes
+    ) -> None:
+        """Write a large response from its parts (views of shared memory included) and
+        return once the transport has sent them all."""
+        transport = self.transport
+        if transport is None:
+            return
+        close = not req.keep_alive or self.server.closing
+        head = b"".join(
+            (
+                _status_line(200),
+                content_type,
+                b"Content-Length: %d\r\n" % size,
+                headers,
+                CLOSE if close else KEEP_ALIVE if req.http10 else b"",
+                b"\r\n",
+            )
+        )
+        transport.writelines([head, *parts])
+        while self.transport is not None and transport.get_write_buffer_size():
+            if self.write_paused:
+                # resume_writing comes once the buffer is empty (low water 0).
+                self.drained = self.loop.create_future()
+                await self.drained
+            else:
+                await asyncio.sleep(0.001)
+        if close and self.transport is not None:
+            self._close_after(transport)
+
+
+def _too_large(limit: int, size: int) -> tuple[int, bytes, bytes, bytes]:
+    return (
+        TOO_LARGE,
+        f"Maximum request body size {limit} exceeded, actual body size {size}".encode(),
+        TEXT,
+        b"",
+    )
+
+
+# --- routes ---------------------------------------------------------------------------------
+# Each handler answers through conn._reply (or _send_parts); those in _SYNC return
+# before awaiting anything and run without a task.
+
+
+def _live(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200, b"", b"", b"")
+
+
+async def _ready(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200 if await conn.plane.ready() else 400, b"", b"", b"")
+
+
+def _server_metadata(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200, conn.plane.server_metadata(), JSON, b"")
+
+
+async def _model_ready(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    ok = await conn.plane.model_ready(model, version)
+    conn._reply(req, 200 if ok else 400, b"", b"", b"")
+
+
+async def _answer_json(conn: _Connection, req: _Request, pending: Awaitable[bytes]) -> None:
+    try:
+        body = await pending
+    except ServerError as exc:
+        conn._reply(req, *_error_reply(exc))
+        return
+    conn._reply(req, 200, body, JSON, b"")
+
+
+async def _answer_empty(conn: _Connection, req: _Request, pending: Awaitable[None]) -> None:
+    try:
+        await pending
+    except ServerError as exc:
+        conn._reply(req, *_error_reply(exc))
+        return
+    conn._reply(req, 200, b"", b"", b"")
+
+
+def _model_metadata(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.model_metadata(model, version))
+
+
+def _model_config(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.model_config(model, version))
+
+
+def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.repository_index())
+
+
+def _repository_control(conn: _Connection, req: _Request, model: str) -> None:
+    conn._reply(
+        req,
+        *_error_reply(
+            ServerError(
+                Code.UNSUPPORTED,
+                "explicit model load/unload is not supported yet: Despina runs in model "
+                "control mode 'none' (every model in the repository is loaded at start)",
+            )
+        ),
+    )
+
+
+async def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    plane = conn.plane
+    block = req.block
+    req.block = None  # this handler owns it now
+    try:
+        header_length = codec.parse_header_length(req.header_length)
+        body = block.view if block is not None else req.body
+        inference = codec.decode_infer_request(body, header_length, model, version)
+        inference.body_block = block
+        result = await plane.infer(inference)
+        try:
+            parts, json_length = codec.encode_infer_response_parts(result, inference)
+            if json_length is None:
+                content_type, headers = JSON, b""
+            else:
+                content_type = OCTETS
+                headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
+            if len(parts) == 1:
+                conn._reply(req, 200, parts[0], content_type, headers)
+                return
+            size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+            if size < STREAM_RESPONSE_BYTES:
+                conn._reply(req, 200, b"".join(parts), content_type, headers)
+                return
+            # Large outputs go out from where they are (shared memory), not joined; the
+            # blocks are released once the transport has written them.
+            await conn._send_parts(req, parts, size, content_type, headers)
+        finally:
+            plane.release(result)
+    except ServerError as exc:
+        conn._reply(req, *_error_reply(exc))
+    finally:
+        plane.drop(block)
+
+
+def _shm_status(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.shm_status(cuda, name))
+
+
+async def _shm_register_call(plane: DataPlane, cuda: bool, name: str, body: bytes) -> None:
+    try:
+        args = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_arg(f"failed to parse the registration JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise invalid_arg("the registration body must be a JSON object")
+    await plane.shm_register(cuda, name, args)
+
+
+def _shm_register(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_empty(conn, req, _shm_register_call(conn.plane, cuda, name, req.body))
+
+
+def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_empty(conn, req, conn.plane.shm_unregister(cuda, name))
+
+
+_SYNC = frozenset({_live, _server_metadata, _repository_control})
+_SHM_ROOTS = {"systemsharedmemory": False, "cudasharedmemory": True}
+
+
+def _segment(raw: str) -> str:
+    return unquote(raw) if "%" in raw else raw
+
+
+def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, bytes, bytes, bytes]:
+    """(handler, its arguments) for a request, or the reply for a path that matches no
+    route (404) or a route another method serves (405, with ``Allow``), as aiohttp
+    routes ``app.build_app``'s table: each ``{name}`` one non-empty path segment."""
+    if not path.startswith(b"/v2"):
+        return NOT_FOUND
+    segments = path.decode("utf-8", "replace").split("/")
+    if segments[1] != "v2":
+        return NOT_FOUND
+    get = True
+    found: tuple[Callable, tuple] | None = None
+    match segments[2:]:
+        case ["models", model, *rest] if model:
+            model = _segment(model)
+            version = ""
+            if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                version = _segment(rest[1])
+                rest = rest[2:]
+            match rest:
+                case []:
+                    found = _model_metadata, (model, version)
+                case ["ready"]:
+                    found = _model_ready, (model, version)
+                case ["config"]:
+                    found = _model_config, (model, version)
+                case ["infer"]:
+                    found, get = (_infer, (model, version)), False
+        case ["health", "live"]:
+            found = _live, ()
+        case ["health", "ready"]:
+            found = _ready, ()
+        case []:
+            found = _server_metadata, ()
+        case ["repository", "index"]:
+            found, get = (_repository_index, ()), False
+        case ["repository", "models", model, "load" | "unload"] if model:
+            found, get = (_repository_control, (_segment(model),)), False
+        case [root, *rest] if root in _SHM_ROOTS:
+            cuda = _SHM_ROOTS[root]
+            match rest:
+                case ["status"]:
+                    found = _shm_status, (cuda, "")
+                case ["region", name, "status"] if name:
+                    found = _shm_status, (cuda, _segment(name))
+                case ["region", name, "register"] if name:
+                    found, get = (_shm_register, (cuda, _segment(name))), False
+                case ["region", name, "unregister"] if name:
+                    found, get = (_shm_unregister, (cuda, _segment(name))), False
+                case ["unregister"]:
+                    found, get = (_shm_unregister, (cuda, "")), False
+    if found is None:
+        return NOT_FOUND
+    if method != (b"GET" if get else b"POST"):
+        allow = b"Allow: GET\r\n" if get else b"Allow: POST\r\n"
+        return 405, b"405: Method Not Allowed", TEXT, allow
+    return found
