@@ -152,6 +152,24 @@ class DespinaServer:
         return self.proc.returncode
 
 
+def serve_shipped_over(transport: str, tmp_path_factory, models: tuple[str, ...]) -> DespinaServer:
+    """A started ``despina serve`` of some shipped models whose frontend serves HTTP
+    with ``transport`` (``DESPINA_HTTP_TRANSPORT``, inherited by the server only)."""
+    repo = tmp_path_factory.mktemp(f"{transport}-repo")
+    for model in models:
+        shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
+    before = os.environ.get("DESPINA_HTTP_TRANSPORT")
+    os.environ["DESPINA_HTTP_TRANSPORT"] = transport
+    try:
+        log = tmp_path_factory.mktemp(f"{transport}-logs") / "serve.log"
+        return DespinaServer(repo, log).start()
+    finally:
+        if before is None:
+            del os.environ["DESPINA_HTTP_TRANSPORT"]
+        else:
+            os.environ["DESPINA_HTTP_TRANSPORT"] = before
+
+
 @pytest.fixture(scope="session")
 def generator():
     return load_generator()

@@ -3,7 +3,8 @@ A Python instance process holds numpy and the Python backend, not protobuf, gRPC
 ZeroMQ; it is forked from the launcher, which has imported those already, and gets its
 config as Triton's JSON; the supervisor runs no event loop and reads configs in a
 forked child. The scheduler and the frontends load pyzmq only when told to speak
-ZeroMQ, and a frontend loads gRPC core only for TLS, compression or keepalive settings."""
+ZeroMQ; a frontend loads gRPC core only for TLS, compression or keepalive settings, and
+aiohttp only when DESPINA_HTTP_TRANSPORT=aiohttp asks for it."""
 
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ def test_each_process_loads_only_what_it_uses(tmp_path):
         (onnx,) = srv.child_pids("--framework onnxruntime")
         assert not loaded_libraries(onnx) & {"grpc", "aiohttp", "zmq", "torch"}
         (frontend,) = srv.child_pids("despina.services.frontend")
-        # Plaintext gRPC runs on the lean transport: no gRPC core in the frontend.
-        assert loaded_libraries(frontend) == {"protobuf", "aiohttp", "numpy", "uvloop"}
+        # HTTP and plaintext gRPC run on the lean transports: neither aiohttp nor gRPC
+        # core in the frontend.
+        assert loaded_libraries(frontend) == {"protobuf", "numpy", "uvloop"}
     finally:
         assert srv.stop() == 0
 

@@ -7,33 +7,20 @@ bodies and responses, clients that go away. The routes' behaviour is the e2e tes
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import time
 
 import numpy as np
 import pytest
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
+from conftest import DespinaServer, serve_shipped_over
 
 IDENTITY = "/v2/models/identity_fp32/infer"
 
 
 @pytest.fixture(scope="module")
 def lean(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("lean-repo")
-    for model in ("simple", "identity_fp32"):
-        shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    before = os.environ.get("DESPINA_HTTP_TRANSPORT")
-    os.environ["DESPINA_HTTP_TRANSPORT"] = "lean"
-    try:
-        srv = DespinaServer(repo, tmp_path_factory.mktemp("lean-logs") / "serve.log").start()
-    finally:
-        if before is None:
-            del os.environ["DESPINA_HTTP_TRANSPORT"]
-        else:
-            os.environ["DESPINA_HTTP_TRANSPORT"] = before
+    srv = serve_shipped_over("lean", tmp_path_factory, ("simple", "identity_fp32"))
     yield srv
     assert srv.stop() == 0
 
