@@ -1,4 +1,6 @@
-"""The HTTP/REST frontend: KServe v2 routes with Triton's extensions, on aiohttp.
+"""The HTTP/REST frontend on aiohttp: KServe v2 routes with Triton's extensions. The
+fallback transport (``DESPINA_HTTP_TRANSPORT=aiohttp``); ``lean.py`` serves by default,
+the same routes with the same behaviour.
 
 Routes are thin: decode with ``codec``, call the data plane, encode. No middleware sits
 on the path (each costs microseconds per request, and the frontend is the bottleneck:

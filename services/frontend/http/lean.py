@@ -6,8 +6,8 @@ and passes the body through a stream reader: ~20-25 % of the frontend's CPU in t
 profiles (loadtest/results/profiles-*), and its import ~15-20 MiB of RSS. This server
 serves the same routes as ``app.build_app`` (same ``DataPlane`` calls, same ``codec``
 functions, same statuses, bodies and headers) with one parser per connection and one
-bytes join per response. ``DESPINA_HTTP_TRANSPORT=lean`` picks it
-(``services/frontend/__main__.py``).
+bytes join per response. It serves by default; ``DESPINA_HTTP_TRANSPORT=aiohttp``
+picks aiohttp instead (``services/frontend/__main__.py``).
 
 What it implements: keep-alive (HTTP/1.1's default, ``Connection: close``, HTTP/1.0),
 pipelined requests answered in order, chunked request bodies, ``Expect: 100-continue``,
