@@ -121,6 +121,26 @@ async def zmq_round_trip(seconds: float) -> float:
 # --- Despina under load -------------------------------------------------------------------
 
 
+def perf_argv(port: int, args: argparse.Namespace, concurrency: int, seconds: float) -> list:
+    """perf.py driving ``args.model`` over ``args.protocol``, no warm-up."""
+    return [
+        sys.executable,
+        str(ROOT / "loadtest" / "perf.py"),
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--model",
+        args.model,
+        "-c",
+        str(concurrency),
+        "-d",
+        str(seconds),
+        "--warmup",
+        "0",
+        "--protocol",
+        args.protocol,
+    ]
+
+
 def service_pids(serve_pid: int) -> dict[int, str]:
     pgid = os.getpgid(serve_pid)
     found = {}
@@ -192,24 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in [int(x) for x in args.concurrency.split(",")]:
             before = {pid: cpu_seconds(pid) for pid in pids}
             out = subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT / "loadtest" / "perf.py"),
-                    "--url",
-                    f"http://127.0.0.1:{port}",
-                    "--model",
-                    args.model,
-                    "-c",
-                    str(c),
-                    "-d",
-                    str(args.duration),
-                    "--warmup",
-                    "0",
-                    "--protocol",
-                    args.protocol,
-                    "--json-out",
-                    "/dev/stdout",
-                ],
+                perf_argv(port, args, c, args.duration) + ["--json-out", "/dev/stdout"],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -234,24 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
+            # One profile after the other, each under load, sampled alone.
             load = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "loadtest" / "perf.py"),
-                    "--url",
-                    f"http://127.0.0.1:{port}",
-                    "--model",
-                    args.model,
-                    "-c",
-                    "8",
-                    "-d",
-                    # one profile after the other, each under load, sampled alone
-                    str(PROFILE_S * len(pids) + 3),
-                    "--warmup",
-                    "0",
-                    "--protocol",
-                    args.protocol,
-                ],
+                perf_argv(port, args, 8, PROFILE_S * len(pids) + 3),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

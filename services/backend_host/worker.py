@@ -342,11 +342,11 @@ class BackendHost:
         except ServerError as exc:
             self._finish(execution, None, exc)
             return
-        if li.executor is None or (not self._inflight and li.cost_s < INLINE_BELOW_S):
-            self._inflight += 1
+        inline = li.executor is None or (not self._inflight and li.cost_s < INLINE_BELOW_S)
+        self._inflight += 1
+        if inline:
             self._finish(execution, *_timed_run(li, requests), started=True)
         else:
-            self._inflight += 1
             future = asyncio.get_running_loop().run_in_executor(
                 li.executor, _timed_run, li, requests
             )

@@ -586,7 +586,7 @@ class _Connection(asyncio.Protocol):
             stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
         if method.streaming:
             stream.requests = _Requests(method.deserializer)
-            stream.task = self.loop.create_task(self._run_stream(stream, method))
+            stream.task = self.loop.create_task(self._run(stream, method))
         if end_stream:
             self._end_of_requests(stream)
 
@@ -679,19 +679,18 @@ class _Connection(asyncio.Protocol):
             code = UNIMPLEMENTED_CODE if stream.messages else INTERNAL_CODE
             self._status(stream, code, f"expected one request message, got {len(stream.messages)}")
             return
-        stream.task = self.loop.create_task(self._run_unary(stream, stream.method))
+        stream.task = self.loop.create_task(self._run(stream, stream.method))
 
     # --- calls ----------------------------------------------------------------------------
 
-    async def _run_unary(self, stream: _Stream, method: _Method) -> None:
+    async def _run(self, stream: _Stream, method: _Method) -> None:
+        """Run one call's handler; a status ends the call however the handler ends."""
         context = CallContext()
         try:
-            request: Any = stream.messages.pop()
-            if method.deserializer is not None:
-                request = method.deserializer(request)
-            response = await method.behaviour(request, context)
-            if method.serializer is not None:
-                response = method.serializer(response)
+            if method.streaming:
+                done = await self._stream_responses(stream, method, context)
+            else:
+                done = await self._unary_response(stream, method, context)
         except _Abort:
             self._status(stream, context.code, context.details)
             return
@@ -701,31 +700,31 @@ class _Connection(asyncio.Protocol):
             log.exception("gRPC call %s failed", _path_of(self, method))
             self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
             return
-        if self._send_message(stream, response):
+        if done:
             self._finish(stream, OK_TRAILERS)
 
-    async def _run_stream(self, stream: _Stream, method: _Method) -> None:
-        context = CallContext()
-        try:
-            responses: AsyncIterator = method.behaviour(stream.requests, context)
-            async for response in responses:
-                if stream.closed:
-                    break
-                if method.serializer is not None:
-                    response = method.serializer(response)
-                if not self._send_message(stream, response):
-                    return
-                self._flush()
-        except _Abort:
-            self._status(stream, context.code, context.details)
-            return
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:
-            log.exception("gRPC call %s failed", _path_of(self, method))
-            self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
-            return
-        self._finish(stream, OK_TRAILERS)
+    async def _unary_response(self, stream: _Stream, method: _Method, context: CallContext) -> bool:
+        request: Any = stream.messages.pop()
+        if method.deserializer is not None:
+            request = method.deserializer(request)
+        response = await method.behaviour(request, context)
+        if method.serializer is not None:
+            response = method.serializer(response)
+        return self._send_message(stream, response)
+
+    async def _stream_responses(
+        self, stream: _Stream, method: _Method, context: CallContext
+    ) -> bool:
+        responses: AsyncIterator = method.behaviour(stream.requests, context)
+        async for response in responses:
+            if stream.closed:
+                break
+            if method.serializer is not None:
+                response = method.serializer(response)
+            if not self._send_message(stream, response):
+                return False
+            self._flush()
+        return True
 
     def _expire(self, stream: _Stream) -> None:
         stream.timer = None

@@ -20,8 +20,6 @@ from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 
 JSON = "application/json"
-STREAM_RESPONSE_BYTES = 1 << 20
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -104,7 +102,9 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
         info = request.match_info
         block = None
         try:
-            header_length = codec.parse_header_length(request.headers.get(HEADER_LENGTH))
+            header_length = codec.parse_header_length(
+                request.headers.get(codec.HEADER_LENGTH_HEADER)
+            )
             size = request.content_length
             if header_length is not None and size is not None:
                 block = plane.body_block(size)
@@ -121,10 +121,12 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
             result = await plane.infer(inference)
             try:
                 parts, json_length = codec.encode_infer_response_parts(result, inference)
-                headers = {} if json_length is None else {HEADER_LENGTH: str(json_length)}
+                headers = (
+                    {} if json_length is None else {codec.HEADER_LENGTH_HEADER: str(json_length)}
+                )
                 content_type = JSON if json_length is None else "application/octet-stream"
                 size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-                if size < STREAM_RESPONSE_BYTES:
+                if size < codec.STREAM_RESPONSE_BYTES:
                     body = parts[0] if len(parts) == 1 else b"".join(parts)
                     return web.Response(body=body, content_type=content_type, headers=headers)
                 # Large outputs go out from where they are (shared memory), not joined.

@@ -43,6 +43,9 @@ from despina.services.frontend.inference import (
 )
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
+# Infer responses this large go out from their parts (shared memory included), not
+# joined into one bytes object; both HTTP transports use it.
+STREAM_RESPONSE_BYTES = 1 << 20
 
 _LEN = struct.Struct("<I")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY

@@ -50,9 +50,6 @@ CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 HEADER_LENGTH = codec.HEADER_LENGTH_HEADER.encode()
-# Responses this large go out from their parts (app.STREAM_RESPONSE_BYTES; app.py is not
-# imported here: it imports aiohttp).
-STREAM_RESPONSE_BYTES = 1 << 20
 
 # Read flow control: while a request is handled, a connection stops reading once this
 # many complete requests wait behind it, or once the next one's body holds this much.
@@ -579,7 +576,7 @@ async def _infer(conn: _Connection, req: _Request, model: str, version: str) -> 
                 conn._reply(req, 200, parts[0], content_type, headers)
                 return
             size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-            if size < STREAM_RESPONSE_BYTES:
+            if size < codec.STREAM_RESPONSE_BYTES:
                 conn._reply(req, 200, b"".join(parts), content_type, headers)
                 return
             # Large outputs go out from where they are (shared memory), not joined; the
