@@ -16,7 +16,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 ParamValue = bool | int | float | str
 
@@ -78,7 +78,8 @@ class Error(msgspec.Struct, array_like=True):
 class Infer(msgspec.Struct, array_like=True):
     """One inference request. ``rid`` is its sending frontend's id for it; the scheduler
     fills ``sid`` (its own id, unique while in flight) and ``reply_to`` (the frontend's
-    reply endpoint) before handing it to a backend host."""
+    reply endpoint) before handing it to a backend host. A request a frontend sends a
+    host directly (see ``Routes``) has ``sid`` 0: no scheduler tracks it."""
 
     rid: int
     model: str
@@ -146,6 +147,36 @@ class QueryReply(msgspec.Struct, tag="query_reply", array_like=True):
     qid: int
     body: bytes = b""  # JSON document, as the protocol returns it
     error: Error | None = None
+
+
+class Signature(msgspec.Struct, array_like=True):
+    """What a request to a model must look like (from its config): checked by whoever
+    accepts the request, the scheduler or a frontend on a direct route."""
+
+    name: str
+    max_batch_size: int
+    inputs: dict[str, tuple[str, list[int]]]  # name -> (datatype, dims without batch)
+    required: list[str]
+    outputs: list[str]
+
+
+class Route(msgspec.Struct, array_like=True):
+    """A ready model version that needs no scheduling decision beyond "a free instance"
+    (Triton's default scheduler: no batcher, no sequences, no ensemble, no cache)."""
+
+    model: str
+    version: str
+    default: bool  # what a request naming no version runs on
+    signature: Signature
+    instances: list[tuple[str, int]]  # (host_id, instance index)
+
+
+class Routes(msgspec.Struct, tag="routes", array_like=True):
+    """Scheduler -> frontend, whole, whenever it changes: the model versions the frontend
+    may send straight to a backend host over that host's link (``HostLink``), keeping the
+    scheduler off the request's path. Everything else goes through the scheduler."""
+
+    routes: list[Route]
 
 
 class ReplyBatch(msgspec.Struct, tag="replies", array_like=True):
@@ -217,6 +248,21 @@ class Completion(msgspec.Struct, tag="done", array_like=True):
     undelivered: list[tuple[str, int, str, str]] = []
 
 
+class Introduce(msgspec.Struct, tag="introduce", array_like=True):
+    """Scheduler -> backend host: open a link to each of these frontends' reply
+    endpoints now (not at the first reply), so they can send direct requests."""
+
+    endpoints: list[str]
+
+
+class HostLink(msgspec.Struct, tag="host_link", array_like=True):
+    """Backend host -> frontend, first on the link it opened to the frontend's reply
+    endpoint: the link is this host's. The frontend sends it ``ExecuteBatch`` for the
+    instances ``Routes`` lists, and ``Release`` for output blocks; replies come back on it."""
+
+    host_id: str
+
+
 class Release(msgspec.Struct, tag="release", array_like=True):
     """Frontend -> backend host, on the stream the replies came by: these output blocks
     of the host's arena have been sent to the client and may be reused."""
@@ -227,9 +273,9 @@ class Release(msgspec.Struct, tag="release", array_like=True):
 # What each socket may receive: one decoder per socket.
 SchedulerFromFrontend = FrontendHello | InferBatch | Query
 SchedulerFromHost = HostHello | LoadResult | Completion
-FrontendInbound = ReplyBatch | QueryReply
-HostInbound = LoadModel | UnloadModel | ExecuteBatch
-HostFromFrontend = Release
+FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink
+HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce
+HostFromFrontend = Release | ExecuteBatch
 
 
 def encoder() -> msgspec.msgpack.Encoder:

@@ -20,7 +20,7 @@ commands:
 
 def serve(argv: list[str]) -> int:
     from despina.common.logs import setup_logging
-    from despina.services.flags import add_triton_flags, report_ignored
+    from despina.services.flags import add_triton_flags, parse_bool, report_ignored
     from despina.services.supervisor import Supervisor
 
     parser = argparse.ArgumentParser(
@@ -42,6 +42,15 @@ def serve(argv: list[str]) -> int:
         default="stream",
         help="how frontends reach the scheduler: a unix-socket stream (measured ~10x cheaper "
         "per hop here) or ZeroMQ",
+    )
+    group.add_argument(
+        "--direct-routes",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="frontends send requests for default-scheduled models (no batcher, no "
+        "sequences) straight to a backend host; false: every request passes the scheduler",
     )
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)

@@ -97,6 +97,7 @@ class Supervisor:
                     "--host-endpoint",
                     hosts,
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
+                    f"--direct-routes={'true' if args.direct_routes else 'false'}",
                     *repos,
                     *verbose,
                 ],

@@ -7,6 +7,12 @@ reports completions to the scheduler in one message. The stream is the host's id
 if it closes, the scheduler fails what was in flight here, and this host reconnects
 with a clean slate.
 
+The host also opens a link to each frontend the scheduler introduces, and says whose it
+is (``HostLink``): frontends send requests for direct routes over it (no scheduler
+between), and the replies to everything that frontend asked come back on it. A direct
+request is the frontend's to track: no completion for it goes to the scheduler, and if
+this host dies, the frontend sees its link close and fails what it had sent.
+
 Instances run on the loop's thread when the host has a single instance (no thread hop),
 otherwise each instance has a thread of its own so instances run side by side (ONNX
 Runtime and PyTorch release the GIL while they compute).
@@ -146,7 +152,7 @@ class BackendHost:
         # (a unix-socket reply endpoint); the frontend releases them after sending.
         self.arena = ShmArena(arena_prefix("bh"))
         self.arena_threshold = INLINE_THRESHOLD
-        self._decode_release = m.decoder(m.HostFromFrontend).decode
+        self._decode_frontend = m.decoder(m.HostFromFrontend).decode
         # Arena blocks sent to each frontend and not released yet: freed if it goes away.
         self._lent: dict[str, set[tuple[str, int]]] = {}
         self._encode = m.encoder().encode
@@ -266,6 +272,10 @@ class BackendHost:
                     self.on_unload(msg)
                 for key in [k for k in self.instances if k[:2] == (msg.model, msg.version)]:
                     self._unload_instance(key)
+            elif isinstance(msg, m.Introduce):
+                hello = self._encode(m.HostLink(self.host_id))
+                for endpoint in msg.endpoints:
+                    self._reply_stream(endpoint).send([hello])
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -397,15 +407,9 @@ class BackendHost:
                     self.arena_threshold,
                 )
             self._outbox.put(req.reply_to, reply)
-        self._outbox.put(
-            None,
-            (
-                execution.model,
-                execution.version,
-                execution.instance,
-                [r.sid for r in execution.requests],
-            ),
-        )
+        sids = [r.sid for r in execution.requests if r.sid]
+        if sids:  # a direct request (sid 0) is its frontend's to track, not the scheduler's
+            self._outbox.put(None, (execution.model, execution.version, execution.instance, sids))
 
     def _flush(self, pending: dict) -> None:
         done = pending.pop(None, None)
@@ -445,12 +449,16 @@ class BackendHost:
         return stream
 
     def _on_frontend_burst(self, link: streams.FramedProtocol, burst: list[list]) -> None:
-        """Release messages: output blocks the frontend has sent on to its client."""
+        """Direct requests, and releases of output blocks the frontend has sent on."""
         for frames in burst:
             try:
-                msg = self._decode_release(frames[0])
+                msg = self._decode_frontend(frames[0])
             except msgspec.DecodeError as exc:
                 log.warning("dropping an undecodable message from a frontend: %s", exc)
+                continue
+            if isinstance(msg, m.ExecuteBatch):
+                for execution in msg.executions:
+                    self._start(execution, frames)
                 continue
             for endpoint, stream in self._reply_streams.items():
                 if stream.link is link:
@@ -472,7 +480,10 @@ class BackendHost:
     def _on_undelivered(self, tags: list) -> None:
         """Replies that could not reach their frontend: the scheduler tells it instead,
         and their arena blocks are free again."""
-        for replies, endpoint, blocks in tags:
+        for tag in tags:
+            if tag is None:
+                continue  # a HostLink the frontend did not get: it keeps using the scheduler
+            replies, endpoint, blocks = tag
             self._undelivered.extend(replies)
             self._give_back(endpoint, blocks)
         self._flush({})

@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="let clients register system shared-memory regions",
     )
+    parser.add_argument(
+        "--direct-routes",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="let frontends send requests for default-scheduled models straight to a "
+        "backend host (false: every request passes through the scheduler)",
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
@@ -55,6 +64,7 @@ async def amain(args: argparse.Namespace) -> int:
             args.host_endpoint,
             [Path(p) for p in args.model_repository],
             allow_client_shm=args.allow_client_shm,
+            direct_routes=args.direct_routes,
         )
     except ServerError as exc:
         log.error("%s", exc.message)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from despina.common import messages as m
 from despina.common import model_config
 from despina.common.errors import ServerError, invalid_arg
 from despina.common.model_config import ModelConfig
@@ -44,10 +45,8 @@ class Model:
     error: str = ""  # why the config itself could not be used
     versions: dict[str, ModelVersion] = field(default_factory=dict)
     config_json: bytes = b""
-    # input name -> (datatype, dims) for request validation
-    inputs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
-    required_inputs: tuple[str, ...] = ()
-    outputs: dict[str, str] = field(default_factory=dict)
+    # What requests must look like (common/validate.py checks them against it).
+    signature: m.Signature | None = None
 
     def ready_versions(self) -> list[str]:
         return [v for v, mv in self.versions.items() if mv.state is State.READY]
@@ -93,10 +92,12 @@ def read_model(path: Path) -> Model:
         return model
     model.config = config
     model.config_json = model_config.config_json(config)
-    model.inputs = {
-        io.name: (model_config.datatype(io), tuple(int(d) for d in io.dims)) for io in config.input
-    }
-    model.required_inputs = tuple(io.name for io in config.input if not io.optional)
-    model.outputs = {io.name: model_config.datatype(io) for io in config.output}
+    model.signature = m.Signature(
+        path.name,
+        config.max_batch_size,
+        {io.name: (model_config.datatype(io), [int(d) for d in io.dims]) for io in config.input},
+        [io.name for io in config.input if not io.optional],
+        [io.name for io in config.output],
+    )
     model.versions = {v: ModelVersion(path.name, v) for v in versions}
     return model

@@ -6,6 +6,12 @@ against its model's config, queues it on that model version's scheduler, and han
 batches to free instances on the backend hosts, one message per host per wake. Backend
 hosts reply to the frontends directly and report completions back here in batches.
 
+Direct routes: a model version whose scheduling is Triton's default scheduler (any free
+instance, no batcher, no sequences, no cache) needs no decision here, so the scheduler
+publishes it to every frontend (``Routes``) and introduces each backend host to each
+frontend (``Introduce``); frontends then send such requests straight to an instance's
+host, and this process is off their path (one process and two wake-ups less per request).
+
 Failure handling: a request that cannot run gets an error reply to its frontend; a
 backend host whose stream closes (it died, or the network dropped it) has its in-flight
 requests failed with UNAVAILABLE at once, and its models placed again when a host of the
@@ -28,8 +34,9 @@ import orjson
 from despina.common import messages as m
 from despina.common import outbox, streams
 from despina.common.errors import Code, ServerError, invalid_arg, not_found, unavailable
-from despina.common.model_config import instance_count
+from despina.common.model_config import ModelConfig, instance_count
 from despina.common.shm.regions import RegionRegistry
+from despina.common.validate import check_request
 from despina.services.scheduler import validate
 from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.dynamic_batcher import DynamicBatcher
@@ -75,8 +82,10 @@ class SchedulerServer:
         repositories: list[Path],
         *,
         allow_client_shm: bool = False,
+        direct_routes: bool = True,
     ) -> None:
         self.endpoint = endpoint
+        self.direct_routes = direct_routes
         self.host_endpoint = host_endpoint
         self.allow_client_shm = allow_client_shm
         self.regions = RegionRegistry()
@@ -86,6 +95,7 @@ class SchedulerServer:
         self.hosts: dict[HostLink, Host] = {}
         self.inflight: dict[int, InFlight] = {}
         self.frontends: dict[str, FrontendId] = {}  # reply endpoint -> frontend
+        self._routes = m.Routes([])  # what the frontends were last told
         self._next_sid = 1
         self._encode = m.encoder().encode
         self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
@@ -173,6 +183,12 @@ class SchedulerServer:
             self._send_frontend(identity, self._answer(msg))
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
+            self.frontends[msg.reply_endpoint] = identity
+            if self.direct_routes:
+                self._send_frontend(identity, self._routes)
+                introduce = self._encode(m.Introduce([msg.reply_endpoint]))
+                for host in self.hosts.values():
+                    host.link.send([introduce])
 
     def _on_stream_burst(self, link: HostLink, burst: list[list]) -> None:
         """Streams carry backend hosts and, when they choose streams, frontends: the
@@ -199,6 +215,10 @@ class SchedulerServer:
         host = self.hosts.get(link)
         if host is not None:
             self._host_gone(host, "its connection closed")
+            return
+        for endpoint, frontend in list(self.frontends.items()):
+            if frontend is link:
+                del self.frontends[endpoint]
 
     def _on_infer(
         self, identity: FrontendId, batch: m.InferBatch, frames: list, touched: set
@@ -214,7 +234,8 @@ class SchedulerServer:
                 if model is None:
                     raise not_found(f"Request for unknown model: '{req.model}' is not found")
                 version = validate.resolve_version(model, req.version)
-                validate.check_request(model, req, buffers)
+                assert model.signature is not None  # a model with a version has a config
+                check_request(model.signature, req, buffers)
                 self._resolve_regions(req)
             except ServerError as exc:
                 self._reply_error(identity, req, exc)
@@ -446,6 +467,8 @@ class SchedulerServer:
             return
         host = Host(link, hello.host_id, hello.framework, hello.pid, hello.instance_of)
         self.hosts[link] = host
+        if self.direct_routes and self.frontends:
+            self._send_host(host, m.Introduce(list(self.frontends)))
         if hello.instance_of is None:
             log.info(
                 "backend host %s (%s, pid %d) joined", hello.host_id, hello.framework, hello.pid
@@ -484,10 +507,12 @@ class SchedulerServer:
             mv.state, mv.reason = State.READY, ""
             log.info("successfully loaded '%s' version %s", mv.name, mv.version)
         touched.add(key)
+        self._publish_routes()
 
     def _load_failed(self, mv: ModelVersion, error: str) -> None:
         mv.state, mv.reason = State.UNAVAILABLE, f"load failed: {error}"
         log.error("failed to load '%s' version %s: %s", mv.name, mv.version, error)
+        self._publish_routes()
         for host in self.hosts.values():
             if (mv.name, mv.version) in host.loads:
                 host.loads.discard((mv.name, mv.version))
@@ -559,4 +584,48 @@ class SchedulerServer:
                     p.request,
                     unavailable(f"model '{key[0]}' lost its instances: {mv.reason}"),
                 )
+        self._publish_routes()
         self._place()
+
+    # --- direct routes ---------------------------------------------------------------------
+
+    def _publish_routes(self) -> None:
+        """Tell every frontend the direct routes, when they changed."""
+        if not self.direct_routes:
+            return
+        routes = m.Routes([])
+        for model in self.models.values():
+            if model.config is None or model.signature is None:
+                continue
+            if _needs_scheduler(model.config):
+                continue
+            default = model.default_version()
+            for version, mv in model.versions.items():
+                sched = self.schedulers[(model.name, version)]
+                if mv.state is not State.READY or type(sched) is not DefaultScheduler:
+                    continue
+                instances = [
+                    (self.hosts[slot.host].host_id, slot.index)
+                    for slot in sched.slots
+                    if slot.host in self.hosts
+                ]
+                if instances:
+                    routes.routes.append(
+                        m.Route(model.name, version, version == default, model.signature, instances)
+                    )
+        if routes == self._routes:
+            return
+        self._routes = routes
+        for frontend in self.frontends.values():
+            self._send_frontend(frontend, routes)
+
+
+def _needs_scheduler(config: ModelConfig) -> bool:
+    """What only the scheduler can do for a model: order sequences, walk an ensemble,
+    answer from the response cache (batching is the scheduler type's business)."""
+    return (
+        config.HasField("sequence_batching")
+        or config.HasField("ensemble_scheduling")
+        or config.platform == "ensemble"
+        or config.response_cache.enable
+    )

@@ -1,4 +1,4 @@
-"""services/scheduler/validate.py: request checks and version resolution against models
+"""common/validate.py and services/scheduler/validate.py: request checks and version resolution against models
 read from real model folders."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError
+from despina.common.validate import check_request
 from despina.services.scheduler.repository import Model, State, read_model
-from despina.services.scheduler.validate import check_request, resolve_version
+from despina.services.scheduler.validate import resolve_version
 
 BATCHED = """
 backend: "python"
@@ -103,7 +104,7 @@ GOOD = [
 @pytest.mark.parametrize(("model", "inputs", "outputs"), GOOD)
 def test_good_requests_pass(models: dict[str, Model], model: str, inputs, outputs) -> None:
     req, buffers = request(inputs, outputs)
-    check_request(models[model], req, buffers)
+    check_request(models[model].signature, req, buffers)
 
 
 B0 = ("INPUT0", "FP32", [1, 16])
@@ -260,7 +261,7 @@ def test_bad_requests_are_invalid_arg(
 ) -> None:
     req, buffers = request(inputs, outputs, sizes)
     with pytest.raises(ServerError) as exc_info:
-        check_request(models[model], req, buffers)
+        check_request(models[model].signature, req, buffers)
     assert exc_info.value.code is Code.INVALID_ARG
     assert message in exc_info.value.message, exc_info.value.message
 
@@ -268,13 +269,13 @@ def test_bad_requests_are_invalid_arg(
 def test_non_batched_shape_error_has_no_batch_note(models: dict[str, Model]) -> None:
     req, buffers = request([("X", "UINT8", [16]), ("S", "BOOL", [])])
     with pytest.raises(ServerError) as exc_info:
-        check_request(models["plain"], req, buffers)
+        check_request(models["plain"].signature, req, buffers)
     assert "NOTE" not in exc_info.value.message
 
 
 def test_bytes_inputs_skip_the_byte_size_check(models: dict[str, Model]) -> None:
     req, buffers = request([B0, B1, ("TEXT", "BYTES", [1, 1])], sizes={2: 3})
-    check_request(models["batched"], req, buffers)
+    check_request(models["batched"].signature, req, buffers)
 
 
 @pytest.mark.parametrize(("size", "ok"), [(64, True), (63, False), (128, False), (0, False)])
@@ -292,10 +293,10 @@ def test_shm_inputs_use_the_ref_size(models: dict[str, Model], size: int, ok: bo
     )
     buffers = [None, b"\x00" * 8]
     if ok:
-        check_request(models["batched"], req, buffers)
+        check_request(models["batched"].signature, req, buffers)
         return
     with pytest.raises(ServerError) as exc_info:
-        check_request(models["batched"], req, buffers)
+        check_request(models["batched"].signature, req, buffers)
     assert exc_info.value.code is Code.INVALID_ARG
     assert f"Expected 64, got {size}" in exc_info.value.message
 
