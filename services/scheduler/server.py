@@ -183,12 +183,7 @@ class SchedulerServer:
             self._send_frontend(identity, self._answer(msg))
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
-            self.frontends[msg.reply_endpoint] = identity
-            if self.direct_routes:
-                self._send_frontend(identity, self._routes)
-                introduce = self._encode(m.Introduce([msg.reply_endpoint]))
-                for host in self.hosts.values():
-                    host.link.send([introduce])
+            self._frontend_joined(identity, msg.reply_endpoint)
 
     def _on_stream_burst(self, link: HostLink, burst: list[list]) -> None:
         """Streams carry backend hosts and, when they choose streams, frontends: the
@@ -223,7 +218,9 @@ class SchedulerServer:
     def _on_infer(
         self, identity: FrontendId, batch: m.InferBatch, frames: list, touched: set
     ) -> None:
-        self.frontends[batch.reply_to] = identity
+        if self.frontends.get(batch.reply_to) is not identity:
+            # A frontend this scheduler has not met (it restarted; ZeroMQ said no hello).
+            self._frontend_joined(identity, batch.reply_to)
         for req in batch.requests:
             try:
                 buffers = [
@@ -588,6 +585,16 @@ class SchedulerServer:
         self._place()
 
     # --- direct routes ---------------------------------------------------------------------
+
+    def _frontend_joined(self, identity: FrontendId, reply_endpoint: str) -> None:
+        """Remember the frontend, give it the routes, and introduce the hosts to it."""
+        self.frontends[reply_endpoint] = identity
+        if not self.direct_routes:
+            return
+        self._send_frontend(identity, self._routes)
+        introduce = self._encode(m.Introduce([reply_endpoint]))
+        for host in self.hosts.values():
+            host.link.send([introduce])
 
     def _publish_routes(self) -> None:
         """Tell every frontend the direct routes, when they changed."""

@@ -18,12 +18,12 @@ from conftest import SHIPPED_REPOSITORY, DespinaServer
 
 
 @pytest.fixture()
-def fresh_server(tmp_path, generator):
+def fresh_server(request, tmp_path, generator):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
     generator.python_slow(repo)
-    srv = DespinaServer(repo, tmp_path / "serve.log").start()
+    srv = DespinaServer(repo, tmp_path / "serve.log", getattr(request, "param", [])).start()
     yield srv
     srv.stop()
 
@@ -47,6 +47,11 @@ def wait_model_ready(client, model: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"model {model} did not become ready again")
 
 
+# A direct request is failed by the frontend that sent it (the host's link closed), a
+# scheduled one by the scheduler (the host's stream closed): same status, same words.
+@pytest.mark.parametrize(
+    "fresh_server", [[], ["--direct-routes=false"]], ids=["direct", "scheduled"], indirect=True
+)
 def test_python_instance_killed_mid_request(fresh_server):
     client = httpclient.InferenceServerClient(fresh_server.url)
     first = slow_request(fresh_server.url, 0)
