@@ -162,7 +162,8 @@ class Signature(msgspec.Struct, array_like=True):
 
 class Route(msgspec.Struct, array_like=True):
     """A ready model version that needs no scheduling decision beyond "a free instance"
-    (Triton's default scheduler: no batcher, no sequences, no ensemble, no cache)."""
+    (Triton's default scheduler, or a dynamic batcher without priorities or queue
+    policies: the backend host batches what it is sent; no sequences, ensemble, cache)."""
 
     model: str
     version: str

@@ -11,7 +11,9 @@ The host also opens a link to each frontend the scheduler introduces, and says w
 is (``HostLink``): frontends send requests for direct routes over it (no scheduler
 between), and the replies to everything that frontend asked come back on it. A direct
 request is the frontend's to track: no completion for it goes to the scheduler, and if
-this host dies, the frontend sees its link close and fails what it had sent.
+this host dies, the frontend sees its link close and fails what it had sent. Direct
+requests for a model with dynamic batching wait in their instance's ``LocalBatcher`` and
+run in batches by Triton's rules, as the scheduler's batcher would run them.
 
 Instances run on the loop's thread when the host has a single instance (no thread hop),
 otherwise each instance has a thread of its own so instances run side by side (ONNX
@@ -27,6 +29,7 @@ import os
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ import numpy as np
 
 from despina.common import dtypes, outbox, streams
 from despina.common import messages as m
+from despina.common.batching import BatchRules, batch_rules, batch_size, plan_batch
 from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, internal, invalid_arg
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
@@ -62,6 +66,43 @@ HEARTBEAT_INTERVAL_S = 0.2
 INLINE_BELOW_S = 200e-6
 
 
+class LocalBatcher:
+    """Direct requests for one instance of a dynamically batched model, waiting for it:
+    the next batch goes when the instance is free and the queue holds a full batch (the
+    max or a preferred size) or its oldest request has waited the queue delay. One
+    batch runs at a time (the host is where it runs: nothing to send ahead). Loop only."""
+
+    __slots__ = ("rules", "queue", "arrivals", "running", "pumping", "timer")
+
+    def __init__(self, rules: BatchRules) -> None:
+        self.rules = rules
+        self.queue: deque[tuple[m.Infer, ExecRequest]] = deque()
+        self.arrivals: deque[float] = deque()
+        self.running = False
+        self.pumping = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, req: m.Infer, exec_req: ExecRequest) -> None:
+        self.queue.append((req, exec_req))
+        self.arrivals.append(time.monotonic())
+
+    def next_batch(self) -> tuple[int, float]:
+        """(requests to run now, 0) or (0, seconds until the oldest has waited enough)."""
+        rules = self.rules
+        count, full = plan_batch(
+            [batch_size(req) for req, _ in self.queue], rules.max_batch_size, rules.preferred
+        )
+        waited = time.monotonic() - self.arrivals[0]
+        if full or waited >= rules.delay_s:
+            return count, 0.0
+        return 0, rules.delay_s - waited
+
+    def take(self, count: int) -> list[tuple[m.Infer, ExecRequest]]:
+        for _ in range(count):
+            self.arrivals.popleft()
+        return [self.queue.popleft() for _ in range(count)]
+
+
 @dataclass(eq=False)
 class LoadedInstance:
     instance: ModelInstance
@@ -72,6 +113,12 @@ class LoadedInstance:
     cost_s: float = 1.0
     _labels: dict[str, list[str]] | None = None
     _batched: bool | None = None
+    batcher: LocalBatcher | None = None
+
+    def __post_init__(self) -> None:
+        rules = batch_rules(config_dict(self.spec.config))
+        if rules is not None:
+            self.batcher = LocalBatcher(rules)
 
     def labels(self, output: str) -> list[str]:
         """The classification labels of ``output`` (its ``label_filename``), read once."""
@@ -161,6 +208,7 @@ class BackendHost:
         self._undelivered: list[tuple[str, int, str, str]] = []
         self._stopping = asyncio.Event()
         self._inflight = 0
+        self._to_pump: set[LoadedInstance] = set()  # local batchers this burst added to
         self._link: streams.FramedProtocol | None = None
         self._outbox: outbox.Outbox | None = None
         self._load_error = ""
@@ -247,7 +295,7 @@ class BackendHost:
 
     async def _drain(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self._inflight and time.monotonic() < deadline:
+        while (self._inflight or self._queued()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     # --- inbound ------------------------------------------------------------------------
@@ -322,10 +370,26 @@ class BackendHost:
                 li.executor.shutdown(wait=False)
                 li.executor = None
 
+    def _queued(self) -> int:
+        return sum(len(li.batcher.queue) for li in self.instances.values() if li.batcher)
+
     def _unload_instance(self, key: tuple[str, str, int]) -> None:
         li = self.instances.pop(key, None)
         if li is None:
             return
+        batcher = li.batcher
+        if batcher is not None and batcher.queue:
+            if batcher.timer is not None:
+                batcher.timer.cancel()
+            waiting = [req for req, _ in batcher.take(len(batcher.queue))]
+            self._finish(
+                m.Execution(key[0], key[1], key[2], waiting),
+                None,
+                ServerError(
+                    Code.UNAVAILABLE,
+                    f"model '{key[0]}' instance {key[2]} was unloaded before the request ran",
+                ),
+            )
         try:
             li.instance.unload()
         except Exception:
@@ -352,15 +416,67 @@ class BackendHost:
         except ServerError as exc:
             self._finish(execution, None, exc)
             return
+        batcher = li.batcher
+        if batcher is not None and not execution.requests[0].sid:
+            # Direct requests of a batched model: into the queue; the caller pumps it
+            # once the whole burst is in, so one wake's requests can share a batch.
+            for req, exec_req in zip(execution.requests, requests):
+                batcher.add(req, exec_req)
+            self._to_pump.add(li)
+            return
+        self._launch(li, execution, requests)
+
+    def _launch(
+        self,
+        li: LoadedInstance,
+        execution: m.Execution,
+        requests: list[ExecRequest],
+        batched: LoadedInstance | None = None,
+    ) -> None:
+        """Run one execution: on the loop when that is cheaper, else on the instance's
+        thread. ``batched``: the instance whose LocalBatcher formed it (pumped after)."""
         inline = li.executor is None or (not self._inflight and li.cost_s < INLINE_BELOW_S)
         self._inflight += 1
         if inline:
-            self._finish(execution, *_timed_run(li, requests), started=True)
+            self._finish(execution, *_timed_run(li, requests), started=True, batched=batched)
         else:
             future = asyncio.get_running_loop().run_in_executor(
                 li.executor, _timed_run, li, requests
             )
-            future.add_done_callback(lambda f: self._finish(execution, *f.result(), started=True))
+            future.add_done_callback(
+                lambda f: self._finish(execution, *f.result(), started=True, batched=batched)
+            )
+
+    def _pump(self, li: LoadedInstance) -> None:
+        """Run the instance's next local batches while it is free and one is due."""
+        batcher = li.batcher
+        assert batcher is not None
+        if batcher.pumping:
+            return  # a batch that ran on the loop finished inside this pump's loop
+        if batcher.timer is not None:
+            batcher.timer.cancel()
+            batcher.timer = None
+        batcher.pumping = True
+        try:
+            spec = li.spec
+            while batcher.queue and not batcher.running:
+                if (
+                    self.instances.get((spec.model_name, spec.version, spec.instance_index))
+                    is not li
+                ):
+                    return  # unloaded; its queue was answered then
+                count, wait_s = batcher.next_batch()
+                if not count:
+                    batcher.timer = asyncio.get_running_loop().call_later(wait_s, self._pump, li)
+                    return
+                batch = batcher.take(count)
+                execution = m.Execution(
+                    spec.model_name, spec.version, spec.instance_index, [r for r, _ in batch]
+                )
+                batcher.running = True
+                self._launch(li, execution, [e for _, e in batch], batched=li)
+        finally:
+            batcher.pumping = False
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
         inputs = {}
@@ -383,6 +499,7 @@ class BackendHost:
         responses: list[ExecResponse] | None,
         batch_error: ServerError | None,
         started: bool = False,
+        batched: LoadedInstance | None = None,
     ) -> None:
         if started:
             self._inflight -= 1
@@ -410,6 +527,9 @@ class BackendHost:
         sids = [r.sid for r in execution.requests if r.sid]
         if sids:  # a direct request (sid 0) is its frontend's to track, not the scheduler's
             self._outbox.put(None, (execution.model, execution.version, execution.instance, sids))
+        if batched is not None and batched.batcher is not None:
+            batched.batcher.running = False
+            self._pump(batched)
 
     def _flush(self, pending: dict) -> None:
         done = pending.pop(None, None)
@@ -450,6 +570,14 @@ class BackendHost:
 
     def _on_frontend_burst(self, link: streams.FramedProtocol, burst: list[list]) -> None:
         """Direct requests, and releases of output blocks the frontend has sent on."""
+        try:
+            self._on_frontend_messages(link, burst)
+        finally:
+            to_pump, self._to_pump = self._to_pump, set()
+            for li in to_pump:
+                self._pump(li)
+
+    def _on_frontend_messages(self, link: streams.FramedProtocol, burst: list[list]) -> None:
         for frames in burst:
             try:
                 msg = self._decode_frontend(frames[0])

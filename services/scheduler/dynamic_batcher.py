@@ -18,34 +18,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from despina.common.batching import BatchRules, batch_size, plan_batch
 from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.interface import Pending, Slot
 
 
 def batch_size_of(pending: Pending) -> int:
-    inputs = pending.request.inputs
-    return inputs[0].shape[0] if inputs and inputs[0].shape else 1
-
-
-def plan_batch(sizes: list[int], max_batch_size: int, preferred: list[int]) -> tuple[int, bool]:
-    """How many queued requests (sizes in queue order) make the next batch, and whether
-    that batch is full (max size or a preferred size), so it need not wait. Pure."""
-    total = count = 0
-    best_preferred = 0
-    for size in sizes:
-        if total + size > max_batch_size:
-            break
-        total += size
-        count += 1
-        if total in preferred:
-            best_preferred = count
-    if count == 0 and sizes:
-        return 1, True  # a single request larger than max_batch_size was refused earlier
-    if total == max_batch_size or (count < len(sizes)):
-        return count, True
-    if best_preferred:
-        return best_preferred, True
-    return count, False
+    return batch_size(pending.request)
 
 
 class DynamicBatcher(DefaultScheduler):
@@ -53,18 +32,12 @@ class DynamicBatcher(DefaultScheduler):
     thread-safe: used from the scheduler's loop only. ``wake`` re-runs this model's
     dispatch when the queue delay of the oldest request runs out."""
 
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_queue_delay_us: int,
-        preferred_batch_sizes: list[int],
-        wake: Callable[[], None],
-    ) -> None:
+    def __init__(self, rules: BatchRules, wake: Callable[[], None]) -> None:
         super().__init__()
         self.arrivals: deque[float] = deque()
-        self.max_batch_size = max(1, max_batch_size)
-        self.delay = max_queue_delay_us / 1e6
-        self.preferred = sorted(p for p in preferred_batch_sizes if 0 < p <= self.max_batch_size)
+        self.max_batch_size = rules.max_batch_size
+        self.delay = rules.delay_s
+        self.preferred = list(rules.preferred)
         self._wake = wake
         self._timer: asyncio.TimerHandle | None = None
 

@@ -6,11 +6,12 @@ against its model's config, queues it on that model version's scheduler, and han
 batches to free instances on the backend hosts, one message per host per wake. Backend
 hosts reply to the frontends directly and report completions back here in batches.
 
-Direct routes: a model version whose scheduling is Triton's default scheduler (any free
-instance, no batcher, no sequences, no cache) needs no decision here, so the scheduler
-publishes it to every frontend (``Routes``) and introduces each backend host to each
-frontend (``Introduce``); frontends then send such requests straight to an instance's
-host, and this process is off their path (one process and two wake-ups less per request).
+Direct routes: a model version that needs no decision here beyond "a free instance"
+(Triton's default scheduler, or a plain dynamic batcher, which the backend host applies
+to its own queue) is published to every frontend (``Routes``), and each backend host is
+introduced to each frontend (``Introduce``); frontends then send such requests straight
+to an instance's host, and this process is off their path (one process and two wake-ups
+less per request). Sequences, ensembles, the response cache and priority queues stay here.
 
 Failure handling: a request that cannot run gets an error reply to its frontend; a
 backend host whose stream closes (it died, or the network dropped it) has its in-flight
@@ -33,6 +34,7 @@ import orjson
 
 from despina.common import messages as m
 from despina.common import outbox, streams
+from despina.common.batching import batch_rules
 from despina.common.errors import Code, ServerError, invalid_arg, not_found, unavailable
 from despina.common.model_config import ModelConfig, instance_count
 from despina.common.shm.regions import RegionRegistry
@@ -108,17 +110,11 @@ class SchedulerServer:
                 self.schedulers[(model.name, version)] = self._make_scheduler(model, version)
 
     def _make_scheduler(self, model: Model, version: str) -> ModelScheduler:
-        config = model.config
-        assert config is not None
-        if config.HasField("dynamic_batching") and config.max_batch_size > 0:
-            batching = config.dynamic_batching
+        assert model.config is not None
+        rules = batch_rules(orjson.loads(model.config_json))
+        if rules is not None:
             key = (model.name, version)
-            return DynamicBatcher(
-                config.max_batch_size,
-                batching.max_queue_delay_microseconds,
-                list(batching.preferred_batch_size),
-                lambda: self._dispatch(key),
-            )
+            return DynamicBatcher(rules, lambda: self._dispatch(key))
         return DefaultScheduler()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -609,7 +605,7 @@ class SchedulerServer:
             default = model.default_version()
             for version, mv in model.versions.items():
                 sched = self.schedulers[(model.name, version)]
-                if mv.state is not State.READY or type(sched) is not DefaultScheduler:
+                if mv.state is not State.READY or not isinstance(sched, DefaultScheduler):
                     continue
                 instances = [
                     (self.hosts[slot.host].host_id, slot.index)
@@ -629,10 +625,16 @@ class SchedulerServer:
 
 def _needs_scheduler(config: ModelConfig) -> bool:
     """What only the scheduler can do for a model: order sequences, walk an ensemble,
-    answer from the response cache (batching is the scheduler type's business)."""
+    answer from the response cache, queue by priority or with queue policies. Plain
+    dynamic batching is not on the list: a backend host batches its direct requests by
+    the same rules (worker.LocalBatcher)."""
+    batching = config.dynamic_batching
     return (
         config.HasField("sequence_batching")
         or config.HasField("ensemble_scheduling")
         or config.platform == "ensemble"
         or config.response_cache.enable
+        or batching.priority_levels > 0
+        or batching.HasField("default_queue_policy")
+        or len(batching.priority_queue_policy) > 0
     )

@@ -1,7 +1,8 @@
-"""Direct routes: a request for a model on Triton's default scheduler goes from the
-frontend straight to a backend host, so it is answered while the scheduler process is
-frozen (SIGSTOP); a dynamically batched model still waits for the scheduler, and so does
-every model when the server runs with ``--direct-routes=false``."""
+"""Direct routes: a request for a model on Triton's default scheduler, or with plain
+dynamic batching (the backend host batches), goes from the frontend straight to a
+backend host, so it is answered while the scheduler process is frozen (SIGSTOP); a model
+queued by priority still waits for the scheduler, and so does every model when the
+server runs with ``--direct-routes=false``."""
 
 from __future__ import annotations
 
@@ -19,12 +20,19 @@ from tritonclient.utils import InferenceServerException
 from conftest import SHIPPED_REPOSITORY, DespinaServer
 
 
+def _copy_simple(root, name: str, extra: str) -> None:
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", root / name)
+    config = (root / name / "config.pbtxt").read_text().replace('"simple"', f'"{name}"')
+    (root / name / "config.pbtxt").write_text(config + extra)
+
+
 def _repository(root):
     shutil.copytree(SHIPPED_REPOSITORY / "simple", root / "simple")
-    shutil.copytree(SHIPPED_REPOSITORY / "simple", root / "simple_dyn")
-    config = (root / "simple_dyn" / "config.pbtxt").read_text().replace('"simple"', '"simple_dyn"')
-    (root / "simple_dyn" / "config.pbtxt").write_text(
-        config + "dynamic_batching { max_queue_delay_microseconds: 100 }\n"
+    _copy_simple(root, "simple_dyn", "dynamic_batching { max_queue_delay_microseconds: 100 }\n")
+    _copy_simple(
+        root,
+        "simple_prio",
+        "dynamic_batching { priority_levels: 2 default_priority_level: 1 }\n",
     )
     return root
 
@@ -87,15 +95,16 @@ def grpc_infer(server: DespinaServer, model: str):
         client.close()
 
 
-def test_default_scheduled_model_is_served_while_the_scheduler_is_frozen(direct_server):
-    http_infer(direct_server, "simple")  # the routes have reached the frontend
+@pytest.mark.parametrize("model", ["simple", "simple_dyn"])
+def test_model_is_served_while_the_scheduler_is_frozen(direct_server, model):
+    http_infer(direct_server, model)  # the routes have reached the frontend
     with scheduler_frozen(direct_server):
         for _ in range(3):
-            result = http_infer(direct_server, "simple")
+            result = http_infer(direct_server, model)
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), A + B)
             np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), A - B)
             assert result.get_response()["model_version"] == "1"
-        result = grpc_infer(direct_server, "simple")
+        result = grpc_infer(direct_server, model)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), A - B)
         # The frontend checks what it sends directly, with Triton's words.
         client = httpclient.InferenceServerClient(direct_server.url, network_timeout=10)
@@ -104,21 +113,21 @@ def test_default_scheduled_model_is_served_while_the_scheduler_is_frozen(direct_
         other = httpclient.InferInput("INPUT1", [1, 16], "INT32")
         other.set_data_from_numpy(B)
         with pytest.raises(InferenceServerException) as info:
-            client.infer("simple", [wrong, other])
+            client.infer(model, [wrong, other])
         assert info.value.status() == "400"
-        assert "data-type is 'FP32', but model 'simple' expects 'INT32'" in info.value.message()
+        assert f"data-type is 'FP32', but model '{model}' expects 'INT32'" in info.value.message()
         client.close()
 
 
-def test_batched_model_waits_for_the_scheduler(direct_server):
+def test_priority_queued_model_waits_for_the_scheduler(direct_server):
     np.testing.assert_array_equal(
-        http_infer(direct_server, "simple_dyn").as_numpy("OUTPUT0"), A + B
+        http_infer(direct_server, "simple_prio").as_numpy("OUTPUT0"), A + B
     )
     with scheduler_frozen(direct_server):
         with pytest.raises(TimeoutError):  # the client gave up: no answer came
-            http_infer(direct_server, "simple_dyn", timeout=1.0)
+            http_infer(direct_server, "simple_prio", timeout=1.0)
     np.testing.assert_array_equal(
-        http_infer(direct_server, "simple_dyn").as_numpy("OUTPUT1"), A - B
+        http_infer(direct_server, "simple_prio").as_numpy("OUTPUT1"), A - B
     )
 
 

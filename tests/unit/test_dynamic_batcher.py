@@ -1,10 +1,10 @@
-"""Batch planning is a pure function: table-tested."""
+"""Batch planning and the batching rules read from a config are pure functions: table-tested."""
 
 from __future__ import annotations
 
 import pytest
 
-from despina.services.scheduler.dynamic_batcher import plan_batch
+from despina.common.batching import BatchRules, batch_rules, plan_batch
 
 
 @pytest.mark.parametrize(
@@ -24,3 +24,25 @@ from despina.services.scheduler.dynamic_batcher import plan_batch
 )
 def test_plan_batch(sizes, max_batch, preferred, expected):
     assert plan_batch(sizes, max_batch, preferred) == expected
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ({"max_batch_size": 8}, None),  # no dynamic_batching
+        ({"max_batch_size": 0, "dynamic_batching": {}}, None),  # cannot batch
+        ({"max_batch_size": 8, "dynamic_batching": {}}, BatchRules(8, 0.0, ())),
+        (
+            {
+                "max_batch_size": 8,
+                "dynamic_batching": {
+                    "max_queue_delay_microseconds": 500,
+                    "preferred_batch_size": [8, 4, 16, 0],
+                },
+            },
+            BatchRules(8, 0.0005, (4, 8)),  # sorted, and only sizes a batch can have
+        ),
+    ],
+)
+def test_batch_rules_from_triton_json(config, expected):
+    assert batch_rules(config) == expected
