@@ -1,6 +1,7 @@
 """What one wake of the loop produced, sent once per peer: ``Outbox`` gathers items per
-peer and flushes them together on the next loop iteration; ``FrameList`` builds the frame
-list of one outgoing message (DESIGN.md, "The hot path").
+peer and flushes them together on the next loop iteration, or in groups of
+``BURST_LIMIT`` while the wake goes on; ``FrameList`` builds the frame list of one
+outgoing message (DESIGN.md, "The hot path").
 
 No ZeroMQ here: the stream hops (common/streams.py) use these too, and a backend host
 needs nothing else of common/transport.py.
@@ -13,6 +14,14 @@ import logging
 from collections.abc import Callable
 
 log = logging.getLogger("despina.common.transport")
+
+# A peer's items are sent as soon as this many are waiting, not only at the end of the
+# loop iteration: under load a wake brings dozens of requests (one per connection), and
+# holding them all until the last is parsed leaves the next process idle meanwhile, so
+# the processes take turns instead of overlapping. Measured on 2 vCPUs (loadtest/README,
+# "The hot path"): 4 against no limit, HTTP c=32 +23 %, dynamic batching c=32 +15 %,
+# gRPC c=32 +15 %; 1, 2 and 8 within noise of 4.
+BURST_LIMIT = 4
 
 
 class FrameList:
@@ -35,14 +44,16 @@ class FrameList:
 class Outbox:
     """Collects items per peer during one loop iteration and flushes them together.
 
-    ``flush`` is called with ``{peer: [items...]}`` once, soon after the first ``put``.
+    ``flush`` is called with ``{peer: [items...]}`` once, soon after the first ``put``,
+    and at once with ``{peer: items}`` whenever a peer's items reach ``limit``.
     """
 
-    def __init__(self, flush: Callable[[dict], None]) -> None:
+    def __init__(self, flush: Callable[[dict], None], limit: int = BURST_LIMIT) -> None:
         self._flush_cb = flush
         self._pending: dict = {}
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
+        self._limit = limit
 
     def put(self, peer: object, item: object) -> None:
         items = self._pending.get(peer)
@@ -50,6 +61,13 @@ class Outbox:
             self._pending[peer] = [item]
         else:
             items.append(item)
+            if len(items) >= self._limit:
+                del self._pending[peer]
+                try:
+                    self._flush_cb({peer: items})
+                except Exception:
+                    log.exception("outbox flush failed")
+                return
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
