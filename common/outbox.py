@@ -19,8 +19,8 @@ log = logging.getLogger("despina.common.transport")
 # loop iteration: under load a wake brings dozens of requests (one per connection), and
 # holding them all until the last is parsed leaves the next process idle meanwhile, so
 # the processes take turns instead of overlapping. Measured on 2 vCPUs (loadtest/README,
-# "The hot path"): 4 against no limit, HTTP c=32 +23 %, dynamic batching c=32 +15 %,
-# gRPC c=32 +15 %; 1, 2 and 8 within noise of 4.
+# "The hot path"): 4 against no limit, medians of 6 rounds, HTTP c=8 +14 %, c=32 +23 %,
+# dynamic batching c=32 +15 %, gRPC c=32 +20 %; 1, 2, 8 and 16 within noise of 4.
 BURST_LIMIT = 4
 
 

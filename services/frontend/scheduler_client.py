@@ -12,9 +12,10 @@ released when the request's reply (or error) arrives, which is after the backend
 done reading it.
 
 Direct routes: for the model versions the scheduler lists in ``Routes`` (Triton's default
-scheduler: any free instance will do), this client checks the request against the
-model's signature itself and sends it straight to the least busy instance's backend
-host, over the link that host opened to the reply listener (``HostLink``). The scheduler
+scheduler, or a plain dynamic batcher, which the host applies: any free instance will
+do), this client checks the request against the model's signature itself and sends it
+straight to the least busy instance's backend host, over the link that host opened to
+the reply listener (``HostLink``). The scheduler
 is then off the request's path: two processes and three wake-ups per request instead of
 three and five. Requests naming client shared-memory regions still pass the scheduler,
 which owns the region registry.
