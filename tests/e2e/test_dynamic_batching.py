@@ -1,5 +1,6 @@
 """The dynamic batcher gathers concurrent requests into one execution, for Python and
-ONNX Runtime models, and every request gets its own right answer back."""
+ONNX Runtime models, and every request gets its own right answer back: where the backend
+host batches what frontends send it directly, and where the scheduler batches."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ output [
 """
 
 
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
+# Batched by the backend host (direct routes, the default) and by the scheduler.
+@pytest.fixture(scope="module", params=[[], ["--direct-routes=false"]], ids=["host", "scheduler"])
+def batching_server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
     (root / "probe" / "1").mkdir(parents=True)
     (root / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
@@ -56,7 +58,8 @@ def batching_server(tmp_path_factory):
     config = (root / "simple_dyn" / "config.pbtxt").read_text().replace('"simple"', '"simple_dyn"')
     config += "dynamic_batching { max_queue_delay_microseconds: 300000 }\n"
     (root / "simple_dyn" / "config.pbtxt").write_text(config)
-    srv = DespinaServer(root, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    srv = DespinaServer(root, tmp_path_factory.mktemp("logs") / "serve.log", request.param)
+    srv.start()
     yield srv
     srv.stop()
 
