@@ -417,7 +417,7 @@ class BackendHost:
             self._finish(execution, None, exc)
             return
         batcher = li.batcher
-        if batcher is not None and not execution.requests[0].sid:
+        if batcher is not None and execution.requests and not execution.requests[0].sid:
             # Direct requests of a batched model: into the queue; the caller pumps it
             # once the whole burst is in, so one wake's requests can share a batch.
             for req, exec_req in zip(execution.requests, requests):
