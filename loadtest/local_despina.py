@@ -1,5 +1,6 @@
 """``despina serve`` on free loopback ports, for the loadtest scripts that measure
-Despina alone (hops.py, tensors.py): started, waited for, always stopped."""
+Despina alone (hops.py, tensors.py, overhead.py, compare's ONNX rows): started, waited
+for, always stopped."""
 
 from __future__ import annotations
 
@@ -33,8 +34,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def despina(extra_args: list[str], tag: str, timeout: float = 60.0) -> Iterator[Served]:
-    """Serve the shipped repository until the block ends; SystemExit if never ready."""
+def despina(
+    extra_args: list[str], tag: str, timeout: float = 60.0, env: dict | None = None
+) -> Iterator[Served]:
+    """Serve the shipped repository until the block ends; SystemExit if never ready.
+    ``env``: the server's environment (compare's ``--despina-ref`` sets PYTHONPATH)."""
     http, grpc = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix=f"despina-{tag}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
@@ -51,6 +55,7 @@ def despina(extra_args: list[str], tag: str, timeout: float = 60.0) -> Iterator[
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + timeout

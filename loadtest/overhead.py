@@ -18,13 +18,15 @@ Each round, in turn:
 
 Overhead = server p50 - paced ``run`` p50 (and - back-to-back, as the stricter figure);
 above the floor = server p50 - floor p50. Prints one table and writes JSON with
-``--json-out``.
+``--json-out``. ``compare`` runs the same measurement in each of its rounds (``measure``,
+``summarize``, ``floor_server``) and shows it as Despina-only rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -150,39 +152,36 @@ def _serve_floor(port: int) -> None:
     uvloop.run(main())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="simple", help="an ONNX model of model_repository/")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("-d", "--duration", type=float, default=5.0)
-    parser.add_argument("--json-out")
-    args = parser.parse_args(argv)
-
-    floor_port = free_port()
-    floor = mp.get_context("fork").Process(target=_serve_floor, args=(floor_port,), daemon=True)
+@contextlib.contextmanager
+def floor_server():
+    """The one-process floor server, forked, on a free port; yields its URL."""
+    port = free_port()
+    floor = mp.get_context("fork").Process(target=_serve_floor, args=(port,), daemon=True)
     floor.start()
-    rounds: list[dict] = []
-    with despina([], "overhead") as served:
-        http = f"http://127.0.0.1:{served.http_port}"
-        grpc = f"127.0.0.1:{served.grpc_port}"
-        for rnd in range(args.rounds):
-            record: dict = {}
-            for protocol in PROTOCOLS:
-                url = grpc if protocol == "grpc" else http
-                record[protocol] = perf_p50(url, args.model, protocol, args.duration)
-            record["floor"] = perf_p50(
-                f"http://127.0.0.1:{floor_port}", "floor", "http-binary", args.duration
-            )
-            calls = int(args.duration / (record["http-binary"] / 1e3))
-            record["run_back_to_back_us"] = session_p50_us(args.model, 0.0, 5000)
-            record["run_paced_us"] = session_p50_us(
-                args.model, record["http-binary"] / 1e3, min(calls, 5000)
-            )
-            rounds.append(record)
-            print(f"round {rnd + 1}: {json.dumps(record)}", flush=True)
-    floor.terminate()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        floor.terminate()
+        floor.join(5)
 
-    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+def measure(http_url: str, grpc_url: str, floor_url: str, model: str, seconds: float) -> dict:
+    """One round: the server's p50 per protocol, the floor's, and ``run`` in-process."""
+    record: dict = {}
+    for protocol in PROTOCOLS:
+        url = grpc_url if protocol == "grpc" else http_url
+        record[protocol] = perf_p50(url, model, protocol, seconds)
+    record["floor"] = perf_p50(floor_url, "floor", "http-binary", seconds)
+    calls = int(seconds / (record["http-binary"] / 1e3))
+    record["run_back_to_back_us"] = session_p50_us(model, 0.0, 5000)
+    record["run_paced_us"] = session_p50_us(model, record["http-binary"] / 1e3, min(calls, 5000))
+    return record
+
+
+def summarize(rounds: list[dict]) -> tuple[dict, list[dict]]:
+    """Medians over the rounds, and one row per protocol with the overheads in µs."""
+    keys = (*PROTOCOLS, "floor", "run_back_to_back_us", "run_paced_us")
+    med = {k: statistics.median(r[k] for r in rounds) for k in keys}
     rows = []
     for protocol in PROTOCOLS:
         p50_us = med[protocol] * 1e3
@@ -195,6 +194,25 @@ def main(argv: list[str] | None = None) -> None:
                 "above_floor_us": round(p50_us - med["floor"] * 1e3),
             }
         )
+    return med, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="simple", help="an ONNX model of model_repository/")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-d", "--duration", type=float, default=5.0)
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+
+    rounds: list[dict] = []
+    with floor_server() as floor_url, despina([], "overhead") as served:
+        http = f"http://127.0.0.1:{served.http_port}"
+        grpc = f"127.0.0.1:{served.grpc_port}"
+        for rnd in range(args.rounds):
+            rounds.append(measure(http, grpc, floor_url, args.model, args.duration))
+            print(f"round {rnd + 1}: {json.dumps(rounds[-1])}", flush=True)
+    med, rows = summarize(rounds)
     print(
         f"\n{platform.processor() or platform.machine()}, nproc={os.cpu_count()}, "
         f"model {args.model}, {args.rounds} rounds of {args.duration:g} s, medians:"
