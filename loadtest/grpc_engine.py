@@ -1,4 +1,5 @@
-"""gRPC load for perf.py (``--protocol grpc``): KServe v2 ``ModelInfer`` over HTTP/2.
+"""gRPC load for perf.py: KServe v2 ``ModelInfer`` over HTTP/2 (``--protocol grpc``), and
+Triton's bidirectional ``ModelStreamInfer`` (``--protocol grpc-stream``).
 
 Two engines send the same pre-serialized ``ModelInferRequest`` (inputs in
 ``raw_input_contents``, as ``tritonclient.grpc`` sends them):
@@ -13,7 +14,10 @@ Two engines send the same pre-serialized ``ModelInferRequest`` (inputs in
 - ``python``: ``grpc.aio`` in spawned worker processes, C coroutines each with one call in
   flight (closed loop) or calls launched on a schedule (``--rate``), bytes in and bytes
   out (no protobuf work per call). It costs the client several times more CPU per call
-  than h2load, so it is the fallback when h2load is not installed.
+  than h2load, so it is the fallback when h2load is not installed. It is also the only
+  engine for ``grpc-stream``: C streams, each kept open for the whole run with one
+  request in flight (written, then its response read); a response carrying
+  ``error_message`` counts as an error. Closed loop only.
 
 Needs ``grpcio`` and ``tritonclient[grpc]`` (for the protobuf classes); the Despina venv
 has both.
@@ -38,6 +42,7 @@ from time import perf_counter_ns
 import numpy as np
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -146,6 +151,32 @@ def preflight(address: str, request: bytes, timeout: float = 30.0) -> int:
     return len(response)
 
 
+def stream_error(response: bytes) -> str | None:
+    """The ``error_message`` of a serialized ModelStreamInferResponse, if it has one:
+    field 1, a string, present on the wire only when not empty."""
+    if response[:1] != b"\n":
+        return None
+    return _pb().ModelStreamInferResponse.FromString(response).error_message
+
+
+def preflight_stream(address: str, request: bytes, timeout: float = 30.0) -> int:
+    """One request over a real ModelStreamInfer stream; returns the response size."""
+    import grpc
+
+    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        call = channel.stream_stream(STREAM_METHOD)
+        try:
+            [response] = list(call(iter([request]), timeout=timeout))
+        except grpc.RpcError as exc:
+            raise GrpcSetupError(f"preflight: {exc.code().name}: {exc.details()}") from None
+        except ValueError:
+            raise GrpcSetupError("preflight: the stream did not answer exactly once") from None
+    error = stream_error(response)
+    if error:
+        raise GrpcSetupError(f"preflight: the stream answered an error: {error}")
+    return len(response)
+
+
 # ---------------------------------------------------------------------------------------
 # h2load
 # ---------------------------------------------------------------------------------------
@@ -243,12 +274,13 @@ def run_h2load(
 # ---------------------------------------------------------------------------------------
 
 
-async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
+async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns, stream=False):
     import grpc
 
     channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
     await channel.channel_ready()
     call = channel.unary_unary(METHOD)
+    open_stream = channel.stream_stream(STREAM_METHOD)
     lat = array("q")
     state = {"recording": False, "stopped": False, "errors": 0, "warmup_errors": 0}
     first_error: list[str] = []
@@ -272,6 +304,27 @@ async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
     async def closed_loop() -> None:
         while not state["stopped"]:
             await one(perf_counter_ns())
+
+    async def stream_loop() -> None:
+        """One stream for the whole run, one request in flight on it."""
+        streaming = open_stream()
+        try:
+            while not state["stopped"]:
+                t0 = perf_counter_ns()
+                await streaming.write(request)
+                response = await streaming.read()
+                if response is grpc.aio.EOF:
+                    error(RuntimeError("the server ended the stream"))
+                    return
+                message = stream_error(response)
+                if message:
+                    error(RuntimeError(message))
+                elif state["recording"]:
+                    lat.append(perf_counter_ns() - t0)
+        except Exception as exc:  # noqa: BLE001 - every failure counts as an error
+            error(exc)
+        finally:
+            streaming.cancel()
 
     backlog: deque[int] = deque()
     in_flight = [0]
@@ -304,10 +357,11 @@ async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
     pipe.send({"ready": True})
     start_ns = pipe.recv()
     await asyncio.sleep(max(0.0, (start_ns - perf_counter_ns()) / 1e9))
+    loop_of_one = stream_loop if stream else closed_loop
     tasks = (
         [asyncio.ensure_future(open_loop(start_ns))]
         if rate
-        else [asyncio.ensure_future(closed_loop()) for _ in range(nconn)]
+        else [asyncio.ensure_future(loop_of_one()) for _ in range(nconn)]
     )
     await asyncio.sleep(max(0.0, (start_ns + warmup_ns - perf_counter_ns()) / 1e9))
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -334,10 +388,12 @@ async def _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
     }
 
 
-def _aio_worker(pipe, address, request, nconn, rate, warmup_ns, dur_ns):
+def _aio_worker(pipe, address, request, nconn, rate, warmup_ns, dur_ns, stream):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        result = asyncio.run(_aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns))
+        result = asyncio.run(
+            _aio_drive(pipe, address, request, nconn, rate, warmup_ns, dur_ns, stream)
+        )
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         result = {"fatal": f"grpc worker: {type(exc).__name__}: {exc}"}
     pipe.send(result)
@@ -355,8 +411,10 @@ def run_aio(
     server_pids: list[int],
     cpu_seconds_of,
     split,
+    stream: bool = False,
 ) -> dict:
-    """Spawned workers (gRPC must not be initialized before a fork), one loop each."""
+    """Spawned workers (gRPC must not be initialized before a fork), one loop each;
+    ``stream``: over ModelStreamInfer streams instead of unary calls."""
     ctx = mp.get_context("spawn")
     parts = min(processes, concurrency)
     workers = []
@@ -373,6 +431,7 @@ def run_aio(
                     rate / parts,
                     int(warmup_s * 1e9),
                     int(duration_s * 1e9),
+                    stream,
                 ),
                 daemon=True,
             )

@@ -2,7 +2,7 @@
 """Despina's load generator: KServe v2 load for one model, closed loop or at a fixed rate.
 
     python loadtest/perf.py --url http://127.0.0.1:8000 --model add_sub -c 8 -d 10 \
-        --protocol http-json|http-binary|http-shm|grpc [--warmup 2] [--sweep 1,8,32] \
+        --protocol http-json|http-binary|http-shm|grpc|grpc-stream [--warmup 2] [--sweep 1,8,32] \
         [--rate 1000,2000] [--json-out FILE] [--csv-out FILE] [--plot FILE.png]
 
 It learns the model's inputs from ``GET /v2/models/{model}`` and ``/config`` (gRPC:
@@ -64,7 +64,7 @@ try:
 except ImportError:  # pragma: no cover - optional speed-up
     uvloop = None  # type: ignore[assignment]
 
-PROTOCOLS = ("http-json", "http-binary", "http-shm", "grpc")
+PROTOCOLS = ("http-json", "http-binary", "http-shm", "grpc", "grpc-stream")
 PERCENTILES = (50, 90, 95, 99)
 
 # Triton type -> numpy dtype used to generate data. BF16 travels as raw uint16 bits.
@@ -1141,7 +1141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("concurrency, processes and duration must be positive")
     if any(r < 0 for r in args.rates):
         p.error("--rate must be positive")
-    grpc = args.protocol == "grpc"
+    grpc = args.protocol in ("grpc", "grpc-stream")
+    if args.protocol == "grpc-stream":
+        if args.engine in ("h2load", "wrk"):
+            p.error("--protocol grpc-stream is driven by grpc.aio only (--engine python)")
+        if any(args.rates):
+            p.error("--protocol grpc-stream runs closed loop only: drop --rate")
+        args.engine = "python"
     if args.engine == "auto":
         if grpc:
             import grpc_engine
@@ -1173,11 +1179,16 @@ def _run_grpc(args: argparse.Namespace) -> tuple[list[dict], dict]:
         rng = np.random.default_rng(args.seed)
         raws = [(s, _raw_bytes(s, random_tensor(rng, s))) for s in inputs]
         request = grpc_engine.build_request(args.model, args.model_version, raws, outputs)
-        response_size = grpc_engine.preflight(address, request)
+        stream = args.protocol == "grpc-stream"
+        if stream:
+            response_size = grpc_engine.preflight_stream(address, request)
+        else:
+            response_size = grpc_engine.preflight(address, request)
         tensor_bytes = sum(len(r) for _, r in raws)
         shapes = " ".join(f"{s.name}:{s.datatype}{list(s.shape)}" for s in inputs)
         print(
-            f"# {args.model} via grpc://{address} engine={args.engine} inputs {shapes}"
+            f"# {args.model} via grpc://{address}{' streams' if stream else ''}"
+            f" engine={args.engine} inputs {shapes}"
             f" request={len(request)}B response={response_size}B",
             file=sys.stderr,
         )
@@ -1205,6 +1216,7 @@ def _run_grpc(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     args.server_pids,
                     cpu_seconds_of,
                     _split,
+                    stream,
                 )
             records.append(_report(raw, args, concurrency, rate, tensor_bytes))
     except grpc_engine.GrpcSetupError as exc:
@@ -1301,7 +1313,7 @@ def _run_http(args: argparse.Namespace) -> tuple[list[dict], dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.protocol == "grpc":
+        if args.protocol in ("grpc", "grpc-stream"):
             records, info = _run_grpc(args)
         else:
             records, info = _run_http(args)

@@ -1,0 +1,72 @@
+"""loadtest/perf.py drives every protocol it offers against a real server: a short run
+per protocol, no errors, and results a person can read (infer/s and percentiles)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).resolve().parents[2] / "loadtest" / "perf.py"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "model"),
+    [
+        ("http-json", "add_sub"),
+        ("http-binary", "simple"),
+        ("http-shm", "simple"),
+        ("grpc", "add_sub"),
+        ("grpc-stream", "simple"),
+    ],
+)
+def test_perf_drives_each_protocol(server, tmp_path, protocol, model):
+    url = server.grpc_url if protocol.startswith("grpc") else f"http://{server.url}"
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PERF),
+            "--url",
+            url,
+            "--model",
+            model,
+            "--protocol",
+            protocol,
+            "-c",
+            "2",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--engine",
+            "python",
+            "--json-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["protocol"] == protocol
+    assert run["errors"] == 0 and run["first_error"] is None
+    assert run["requests"] > 10 and run["infer_per_s"] > 0
+    assert 0 < run["p50_ms"] <= run["p99_ms"]
+    assert f"{protocol} c=2 infer/s=" in proc.stdout
+
+
+def test_perf_refuses_a_rate_on_streams(server):
+    proc = subprocess.run(
+        [sys.executable, str(PERF), "--url", server.grpc_url, "--model", "simple"]
+        + ["--protocol", "grpc-stream", "--rate", "100", "-d", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "grpc-stream runs closed loop only" in proc.stderr
