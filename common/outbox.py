@@ -13,6 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from despina.common import messages as m
+
 log = logging.getLogger("despina.common.transport")
 
 # A peer's items are sent as soon as this many are waiting, not only at the end of the
@@ -35,6 +37,13 @@ class FrameList:
     def add(self, buf: bytes | memoryview) -> int:
         self.frames.append(buf)
         return len(self.frames) - 1
+
+    def inline(self, tensors: list[m.Tensor], buffers: list) -> None:
+        """Point each tensor that has bytes in ``buffers`` (aligned; None: its data is
+        already in shared memory) at a frame of this message holding them."""
+        for tensor, buf in zip(tensors, buffers):
+            if buf is not None:
+                tensor.ref = m.Inline(self.add(buf))
 
     def finish(self, header: bytes) -> list:
         self.frames[0] = header

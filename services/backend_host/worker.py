@@ -537,9 +537,7 @@ class BackendHost:
             frames = outbox.FrameList()
             records = []
             for reply, buffers in replies:
-                for tensor, buf in zip(reply.outputs, buffers):
-                    if buf is not None:
-                        tensor.ref = m.Inline(frames.add(buf))
+                frames.inline(reply.outputs, buffers)
                 records.append(reply)
             blocks = [
                 (t.ref.key, t.ref.offset)

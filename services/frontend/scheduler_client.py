@@ -423,9 +423,7 @@ class SchedulerClient:
         executions = []
         for entry in entries:
             wire = entry.wire
-            for tensor, buf in zip(wire.inputs, entry.buffers):
-                if buf is not None:
-                    tensor.ref = m.Inline(frames.add(buf))
+            frames.inline(wire.inputs, entry.buffers)
             executions.append(m.Execution(wire.model, wire.version, entry.target.index, [wire]))
         if not link.send(frames.finish(self._encode(m.ExecuteBatch(executions)))):
             for entry in entries:
@@ -437,9 +435,7 @@ class SchedulerClient:
         frames = outbox.FrameList()
         requests = []
         for wire, buffers in items:
-            for tensor, buf in zip(wire.inputs, buffers):
-                if buf is not None:
-                    tensor.ref = m.Inline(frames.add(buf))
+            frames.inline(wire.inputs, buffers)
             requests.append(wire)
         assert self._to_scheduler is not None
         header = self._encode(m.InferBatch(self.reply_endpoint, requests))

@@ -300,9 +300,7 @@ class SchedulerServer:
                 requests = []
                 for p in pendings:
                     req = p.request
-                    for tensor, buf in zip(req.inputs, p.buffers):
-                        if buf is not None:
-                            tensor.ref = m.Inline(frames.add(buf))
+                    frames.inline(req.inputs, p.buffers)
                     req.sid = sid = self._next_sid
                     self._next_sid += 1
                     self.inflight[sid] = InFlight(p.frontend, req.reply_to, req.rid, slot)
