@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_despina import despina
+from local_despina import despina, perf_argv, perf_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -121,26 +121,6 @@ async def zmq_round_trip(seconds: float) -> float:
 # --- Despina under load -------------------------------------------------------------------
 
 
-def perf_argv(port: int, args: argparse.Namespace, concurrency: int, seconds: float) -> list:
-    """perf.py driving ``args.model`` over ``args.protocol``, no warm-up."""
-    return [
-        sys.executable,
-        str(ROOT / "loadtest" / "perf.py"),
-        "--url",
-        f"http://127.0.0.1:{port}",
-        "--model",
-        args.model,
-        "-c",
-        str(concurrency),
-        "-d",
-        str(seconds),
-        "--warmup",
-        "0",
-        "--protocol",
-        args.protocol,
-    ]
-
-
 def service_pids(serve_pid: int) -> dict[int, str]:
     pgid = os.getpgid(serve_pid)
     found = {}
@@ -207,18 +187,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"stream_round_trip_us": stream_us, "zmq_round_trip_us": zmq_us, "runs": []}
     with despina(args.serve_args.split(), "hops") as served:
-        serve, port = served.proc, served.http_port
+        serve, url = served.proc, f"http://127.0.0.1:{served.http_port}"
         pids = service_pids(serve.pid)
         for c in [int(x) for x in args.concurrency.split(",")]:
             before = {pid: cpu_seconds(pid) for pid in pids}
-            out = subprocess.run(
-                perf_argv(port, args, c, args.duration) + ["--json-out", "/dev/stdout"],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            run = perf_run(url, args.model, args.protocol, c, args.duration, 0)
             after = {pid: cpu_seconds(pid) for pid in pids}
-            run = json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]
             done = run["infer_per_s"] * args.duration
             per_process = {
                 pids[pid]: round((after[pid] - before[pid]) / done * 1e6, 1) for pid in pids
@@ -239,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             # One profile after the other, each under load, sampled alone.
             load = subprocess.Popen(
-                perf_argv(port, args, 8, PROFILE_S * len(pids) + 3),
+                perf_argv(url, args.model, args.protocol, 8, PROFILE_S * len(pids) + 3, 0),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

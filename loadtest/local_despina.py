@@ -1,10 +1,12 @@
 """``despina serve`` on free loopback ports, for the loadtest scripts that measure
 Despina alone (hops.py, tensors.py, overhead.py, compare's ONNX rows): started, waited
-for, always stopped."""
+for, always stopped; and perf.py run against it as a child process (its CPU is then the
+client's alone, and the parent's own work does not slow it)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -17,6 +19,57 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PERF = ROOT / "loadtest" / "perf.py"
+
+
+def perf_argv(
+    url: str,
+    model: str,
+    protocol: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    *extra: str,
+) -> list[str]:
+    """The command line of one perf.py run (closed loop at ``concurrency``)."""
+    return [
+        sys.executable,
+        str(PERF),
+        "--url",
+        url,
+        "--model",
+        model,
+        "--protocol",
+        protocol,
+        "-c",
+        str(concurrency),
+        "-d",
+        str(seconds),
+        "--warmup",
+        str(warmup),
+        *extra,
+    ]
+
+
+def perf_run(
+    url: str,
+    model: str,
+    protocol: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    *extra: str,
+) -> dict:
+    """One perf.py run (``perf_argv``'s arguments); its result record. Raises
+    subprocess.CalledProcessError, with perf.py's stderr, when the run fails."""
+    out = subprocess.run(
+        perf_argv(url, model, protocol, concurrency, seconds, warmup, *extra)
+        + ["--json-out", "/dev/stdout"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]
 
 
 def free_port() -> int:

@@ -32,43 +32,18 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from local_despina import ROOT, despina, free_port
+from local_despina import ROOT, despina, free_port, perf_run
 
 PROTOCOLS = ("http-binary", "grpc")
 
 
 def perf_p50(url: str, model: str, protocol: str, seconds: float) -> float:
     """p50 ms of one perf.py run at c=1."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "loadtest" / "perf.py"),
-            "--url",
-            url,
-            "--model",
-            model,
-            "--protocol",
-            protocol,
-            "-c",
-            "1",
-            "-d",
-            str(seconds),
-            "--warmup",
-            "1",
-            "--json-out",
-            "/dev/stdout",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]["p50_ms"]
+    return perf_run(url, model, protocol, 1, seconds, 1)["p50_ms"]
 
 
 def session_p50_us(model: str, gap_s: float, calls: int) -> float:

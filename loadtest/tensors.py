@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from local_despina import despina
+from local_despina import despina, perf_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("http-binary", "grpc", "http-shm")
@@ -59,38 +59,25 @@ def main(argv: list[str] | None = None) -> int:
             }
             for protocol in PROTOCOLS:
                 url = f"127.0.0.1:{grpc}" if protocol == "grpc" else f"http://127.0.0.1:{http}"
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        str(ROOT / "loadtest" / "perf.py"),
-                        "--url",
+                try:
+                    run = perf_run(
                         url,
-                        "--model",
                         "identity_fp32",
-                        "--protocol",
                         protocol,
-                        "-c",
-                        "1",
-                        "-d",
-                        str(args.duration),
-                        "--warmup",
-                        "1",
+                        1,
+                        args.duration,
+                        1,
                         "--shape-override",
                         str(nbytes // 4),
-                        "--json-out",
-                        "/dev/stdout",
-                    ],
-                    capture_output=True,
-                    text=True,
-                )
-                try:
-                    run = json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]
+                    )
                     row[protocol] = {
                         "ms_p50": run["p50_ms"],
                         "mb_s": nbytes / 1e6 / (run["p50_ms"] / 1e3),
                     }
-                except (ValueError, KeyError, IndexError):
-                    row[protocol] = {"error": (out.stderr or out.stdout)[-300:]}
+                except subprocess.CalledProcessError as exc:
+                    row[protocol] = {"error": (exc.stderr or exc.stdout)[-300:]}
+                except (ValueError, KeyError, IndexError) as exc:
+                    row[protocol] = {"error": f"unreadable perf.py output: {exc}"}
             rows.append(row)
             cells = ", ".join(
                 f"{p} {row[p]['ms_p50']:.2f} ms ({row[p]['mb_s']:.0f} MB/s)"
