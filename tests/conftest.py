@@ -204,6 +204,16 @@ def server(repository, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def server_without_client_shm(tmp_path_factory):
+    """``simple`` on a server started without --allow-client-shm (Triton's flag)."""
+    repo = tmp_path_factory.mktemp("repo-no-shm")
+    (repo / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
+    srv = DespinaServer(repo, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture()
 def http_client(server):
     import tritonclient.http as httpclient

@@ -19,8 +19,6 @@ from test_grpc import INVALID, assert_still_serving, infer_error, raw_request
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
-
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
 ONES = np.ones((1, 16), np.int32)
 NBYTES = ONES.nbytes  # 64: one [1, 16] INT32 tensor of the "simple" model
@@ -193,28 +191,21 @@ def test_keys_cannot_escape_dev_shm(client, key):
     assert_still_serving(client)
 
 
-def test_registration_is_refused_without_the_flag(tmp_path, regions):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
-    srv = DespinaServer(repo, tmp_path / "serve.log").start()
+def test_registration_is_refused_without_the_flag(server_without_client_shm, regions):
+    client = grpcclient.InferenceServerClient(server_without_client_shm.grpc_url)
     try:
-        client = grpcclient.InferenceServerClient(srv.grpc_url)
-        try:
-            name, key, _ = regions.make(64)
-            with pytest.raises(InferenceServerException) as info:
-                client.register_system_shared_memory(name, key, 64)
-            assert info.value.status() == UNAVAILABLE
-            assert info.value.message() == (
-                "client shared memory is disabled on this server: start it with "
-                "--allow-client-shm=true to let clients register regions"
-            )
-            assert not client.get_system_shared_memory_status().regions
-            assert_still_serving(client)
-        finally:
-            client.close()
+        name, key, _ = regions.make(64)
+        with pytest.raises(InferenceServerException) as info:
+            client.register_system_shared_memory(name, key, 64)
+        assert info.value.status() == UNAVAILABLE
+        assert info.value.message() == (
+            "client shared memory is disabled on this server: start it with "
+            "--allow-client-shm=true to let clients register regions"
+        )
+        assert not client.get_system_shared_memory_status().regions
+        assert_still_serving(client)
     finally:
-        srv.stop()
+        client.close()
 
 
 def test_a_region_destroyed_while_registered_fails_the_request_not_the_server(client, regions):

@@ -15,8 +15,6 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
-
 
 @pytest.fixture()
 def regions():
@@ -308,21 +306,14 @@ def test_region_removed_while_registered(client, regions):
     client.unregister_system_shared_memory(name)
 
 
-def test_registration_refused_without_the_flag(tmp_path, regions):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
-    srv = DespinaServer(repo, tmp_path / "serve.log").start()
-    try:
-        client = httpclient.InferenceServerClient(srv.url)
-        name, key, _ = regions(64)
-        with pytest.raises(InferenceServerException) as info:
-            client.register_system_shared_memory(name, key, 64)
-        assert "--allow-client-shm" in info.value.message()
-        assert client.get_system_shared_memory_status() == []
-        client.close()
-    finally:
-        srv.stop()
+def test_registration_refused_without_the_flag(server_without_client_shm, regions):
+    client = httpclient.InferenceServerClient(server_without_client_shm.url)
+    name, key, _ = regions(64)
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory(name, key, 64)
+    assert "--allow-client-shm" in info.value.message()
+    assert client.get_system_shared_memory_status() == []
+    client.close()
 
 
 def test_cuda_shared_memory_answers_clearly_without_a_gpu(server, client):
