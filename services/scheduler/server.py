@@ -214,8 +214,9 @@ class SchedulerServer:
     def _on_infer(
         self, identity: FrontendId, batch: m.InferBatch, frames: list, touched: set
     ) -> None:
-        if self.frontends.get(batch.reply_to) is not identity:
+        if self.frontends.get(batch.reply_to) != identity:
             # A frontend this scheduler has not met (it restarted; ZeroMQ said no hello).
+            # ``!=``: a ZeroMQ identity is a new bytes object in every message.
             self._frontend_joined(identity, batch.reply_to)
         for req in batch.requests:
             try:
