@@ -15,10 +15,9 @@ Direct routes: for the model versions the scheduler lists in ``Routes`` (Triton'
 scheduler, or a plain dynamic batcher, which the host applies: any free instance will
 do), this client checks the request against the model's signature itself and sends it
 straight to the least busy instance's backend host, over the link that host opened to
-the reply listener (``HostLink``). The scheduler
-is then off the request's path: two processes and three wake-ups per request instead of
-three and five. Requests naming client shared-memory regions still pass the scheduler,
-which owns the region registry.
+the reply listener (``HostLink``). The scheduler is then off the request's path: two
+processes and three wake-ups per request instead of three and five. Requests naming
+client shared-memory regions still pass the scheduler, which owns the region registry.
 """
 
 from __future__ import annotations
