@@ -81,6 +81,12 @@ class Outbox:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_now(self) -> None:
+        """Send what is waiting now, not on the next loop iteration: for a caller that
+        knows its wake's work is done (a backend host, after a whole burst)."""
+        if self._pending:
+            self._flush()
+
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, {}

@@ -20,7 +20,7 @@ commands:
 
 def serve(argv: list[str]) -> int:
     from despina.common.logs import setup_logging
-    from despina.services.flags import add_triton_flags, parse_bool, report_ignored
+    from despina.services.flags import add_busy_poll, add_triton_flags, parse_bool, report_ignored
     from despina.services.supervisor import Supervisor
 
     parser = argparse.ArgumentParser(
@@ -52,6 +52,7 @@ def serve(argv: list[str]) -> int:
         help="frontends send requests for default-scheduled models (no batcher, no "
         "sequences) straight to a backend host; false: every request passes the scheduler",
     )
+    add_busy_poll(group)
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
     report_ignored(args)

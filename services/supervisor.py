@@ -81,6 +81,7 @@ class Supervisor:
         verbose = ["--log-verbose", str(args.log_verbose)]
         # Passed explicitly, so a frontend and its backend hosts always agree.
         inline = f"--inline-threshold={args.inline_threshold}"
+        poll = f"--busy-poll-us={args.busy_poll_us}"
         scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends that want it
         hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts and frontends
         repos: list[str] = []
@@ -118,6 +119,7 @@ class Supervisor:
                         "--scheduler",
                         hosts,
                         inline,
+                        poll,
                         *verbose,
                     ],
                     order=1,
@@ -142,6 +144,7 @@ class Supervisor:
                             str(args.http_port),
                             *grpc_flag_argv(args),
                             inline,
+                            poll,
                             "--exit-timeout-secs",
                             str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),

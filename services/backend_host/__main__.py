@@ -18,7 +18,7 @@ from despina.common.frameworks import FRAMEWORKS
 from despina.common.logs import setup_logging
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.worker import BackendHost
-from despina.services.flags import add_inline_threshold
+from despina.services.flags import add_busy_poll, add_inline_threshold
 
 log = logging.getLogger("despina.backend_host")
 
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
     add_inline_threshold(parser)  # outputs this large come back through this host's arena
+    add_busy_poll(parser)
 
 
 def make_backend(framework: str) -> Backend:
@@ -47,20 +48,21 @@ def make_backend(framework: str) -> Backend:
     raise unsupported(f"the {framework} backend is not available in this build of Despina yet")
 
 
-async def run_instance(spec: InstanceSpec, scheduler: str, inline_threshold: int) -> int:
+async def run_instance(spec: InstanceSpec, args: argparse.Namespace) -> int:
     """One Python model instance, in a process the launcher forked: load the model, then
     serve it as a backend host."""
     from despina.services.backend_host.backends.python.launcher import LOAD_FAILED_EXIT
 
     model, version, index = spec.model_name, spec.version, spec.instance_index
     host = BackendHost(
-        scheduler,
+        args.scheduler,
         "python",
         None,
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
         instance_of=(model, version, index),
+        busy_poll_s=args.busy_poll_us / 1e6,
     )
-    host.arena_threshold = inline_threshold
+    host.arena_threshold = args.inline_threshold
     _install_signals(host)
     try:
         instance = make_backend("python").load(spec)
@@ -84,7 +86,7 @@ def run_python(args: argparse.Namespace) -> int:
     spec = PythonLauncher(args.scheduler, host_id=args.host_id).run()
     if spec is None:
         return 0
-    return uvloop.run(run_instance(spec, args.scheduler, args.inline_threshold))
+    return uvloop.run(run_instance(spec, args))
 
 
 async def run_host(args: argparse.Namespace) -> int:
@@ -93,7 +95,13 @@ async def run_host(args: argparse.Namespace) -> int:
     except ServerError as exc:
         log.error("%s", exc.message)
         return 2
-    host = BackendHost(args.scheduler, args.framework, backend, host_id=args.host_id)
+    host = BackendHost(
+        args.scheduler,
+        args.framework,
+        backend,
+        host_id=args.host_id,
+        busy_poll_s=args.busy_poll_us / 1e6,
+    )
     host.arena_threshold = args.inline_threshold
     _install_signals(host)
     await host.run()

@@ -14,7 +14,12 @@ import time
 from typing import Protocol
 
 from despina.common.logs import setup_logging
-from despina.services.flags import add_grpc_flags, add_inline_threshold, parse_bool
+from despina.services.flags import (
+    add_busy_poll,
+    add_grpc_flags,
+    add_inline_threshold,
+    parse_bool,
+)
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
@@ -84,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the HTTP and gRPC ports with sibling frontends (SO_REUSEPORT)",
     )
     add_inline_threshold(parser)
+    add_busy_poll(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
 
@@ -146,6 +152,7 @@ async def amain(args: argparse.Namespace) -> int:
         args.scheduler,
         args.reply_endpoint,
         inline_threshold=args.inline_threshold,
+        busy_poll_s=args.busy_poll_us / 1e6,
     )
     if args.advertise_endpoint:
         client.reply_endpoint = args.advertise_endpoint

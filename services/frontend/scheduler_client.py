@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import msgspec
 import numpy as np
 
+from despina.common import busypoll, outbox, streams
 from despina.common import messages as m
-from despina.common import outbox, streams
 from despina.common.errors import Code, ServerError, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.common.validate import check_request
@@ -198,6 +198,7 @@ class SchedulerClient:
         *,
         inline_threshold: int = INLINE_THRESHOLD,
         arena_segment_size: int = 64 * 1024 * 1024,
+        busy_poll_s: float = 0.0,
     ) -> None:
         self.scheduler_endpoint = scheduler_endpoint
         self.listen_endpoint = reply_endpoint
@@ -221,12 +222,16 @@ class SchedulerClient:
         self._to_scheduler: SocketDriver | _StreamToScheduler | None = None
         self._replies: asyncio.AbstractServer | None = None
         self._outbox: outbox.Outbox | None = None
+        self._busy_poll_s = busy_poll_s
+        self._poll: busypoll.BusyPoll | None = None
 
     async def start(self) -> None:
         self._replies = await streams.serve(
             self.listen_endpoint, lambda link, burst: self._on_burst(burst, link), self._link_lost
         )
         self._outbox = outbox.Outbox(self._flush)
+        # Poll while a few requests are out: their replies come within the budget.
+        self._poll = busypoll.BusyPoll(self._busy_poll_s, self._lightly_loaded)
         zmq_endpoint = zeromq_endpoint(self.scheduler_endpoint)
         if zmq_endpoint is not None:
             # Imported only here: pyzmq costs every frontend ~5 MiB it would not use.
@@ -414,6 +419,12 @@ class SchedulerClient:
                 self._flush_direct(link, [e for e in entries if isinstance(e, _Direct)])
         if items:
             self._flush_requests(items)
+        if self._lightly_loaded():
+            assert self._poll is not None
+            self._poll.arm()
+
+    def _lightly_loaded(self) -> bool:
+        return 0 < len(self._pending) <= busypoll.LIGHT_LOAD
 
     def _flush_direct(self, link: streams.FramedProtocol, entries: list[_Direct]) -> None:
         """One ExecuteBatch to one host: an execution per request, as Triton's default
