@@ -6,7 +6,9 @@ floor each kind of hop costs on this machine, measured in the same run.
 
 1. Floors: a round trip over a plain unix-socket stream (common/streams.py's framing) and
    over ZeroMQ DEALER/ROUTER (common/transport.py), each driven the way the services
-   drive them; half a round trip is one hop.
+   drive them; half a round trip is one hop. Then what waking a process costs: a round
+   trip between two processes over a socket pair, both asleep in ``recv`` between
+   messages, and both polling (non-blocking ``recv`` in a loop, as --busy-poll-us does).
 2. Despina: starts ``despina serve`` on the shipped repository, drives the model with
    loadtest/perf.py (HTTP JSON) at each concurrency, and reads each service process's CPU
    time from /proc before and after the window: CPU microseconds per request, per process.
@@ -162,6 +164,42 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def process_round_trip(seconds: float, poll: bool) -> float:
+    """p50 µs of a 64-byte round trip to a forked echo process over a socket pair; with
+    ``poll`` both ends spin on non-blocking ``recv`` instead of sleeping in it."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+
+    def recv(sock: socket.socket) -> bytes:
+        while True:
+            try:
+                return sock.recv(64)
+            except BlockingIOError:
+                pass
+
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        theirs.setblocking(not poll)
+        while data := recv(theirs):
+            theirs.send(data)
+        os._exit(0)
+    theirs.close()
+    ours.setblocking(not poll)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter_ns()
+        ours.send(b"x")
+        recv(ours)
+        times.append(time.perf_counter_ns() - start)
+    ours.close()
+    os.waitpid(pid, 0)
+    times.sort()
+    return times[len(times) // 2] / 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,12 +218,21 @@ def main(argv: list[str] | None = None) -> int:
 
     stream_us = uvloop.run(stream_round_trip(args.floor_seconds))
     zmq_us = uvloop.run(zmq_round_trip(args.floor_seconds))
+    asleep_us = process_round_trip(args.floor_seconds, poll=False)
+    polling_us = process_round_trip(args.floor_seconds, poll=True)
     print(
         f"floor: unix-stream round trip {stream_us:.0f} us (hop ~{stream_us / 2:.0f} us), "
-        f"ZeroMQ round trip {zmq_us:.0f} us (hop ~{zmq_us / 2:.0f} us)"
+        f"ZeroMQ round trip {zmq_us:.0f} us (hop ~{zmq_us / 2:.0f} us); between two "
+        f"processes p50 {asleep_us:.0f} us asleep, {polling_us:.0f} us polling"
     )
 
-    report: dict = {"stream_round_trip_us": stream_us, "zmq_round_trip_us": zmq_us, "runs": []}
+    report: dict = {
+        "stream_round_trip_us": stream_us,
+        "zmq_round_trip_us": zmq_us,
+        "process_round_trip_asleep_us": asleep_us,
+        "process_round_trip_polling_us": polling_us,
+        "runs": [],
+    }
     with despina(args.serve_args.split(), "hops") as served:
         serve, url = served.proc, f"http://127.0.0.1:{served.http_port}"
         pids = service_pids(serve.pid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -70,6 +71,15 @@ def perf_run(
         check=True,
     )
     return json.loads(out.stdout[out.stdout.index("{") :])["runs"][0]
+
+
+def proc_stat_busy() -> tuple[float, float]:
+    """CPU seconds this machine spent busy, and those the hypervisor stole from it."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def free_port() -> int:

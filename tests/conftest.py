@@ -90,7 +90,11 @@ class DespinaServer:
             start_new_session=True,
         )
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()  # never leave a server that did not come up running
+                raise
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:

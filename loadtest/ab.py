@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""A/B of Despina's own settings: one ``despina serve`` per arm (its extra flags), all up
+at once, driven in turn by perf.py, round after round, so every arm sees the same
+machine; medians per load and arm, and the ratio of each arm to the first.
+
+    python loadtest/ab.py --arm off=--busy-poll-us=0 --arm on= \\
+        --load simple:http-binary:1 --load add_sub:http-json:32 --rounds 3 -d 4 \\
+        [--out results/busy-poll-ab-<timestamp>.txt]
+
+An arm is ``NAME=FLAGS`` (space-separated ``despina serve`` flags; empty: the
+defaults); a load is ``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped
+repository (an arm's flags may add ``--model-repository=DIR``). Each run's line gives the CPU the
+hypervisor stole meanwhile (cores): on this kind of VM a run with more than ~0.15 is
+slower for that reason alone, so rounds, not single runs, carry the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+import time
+
+from local_despina import despina, perf_run, proc_stat_busy
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS, got '{text}'")
+    return name, flags.split()
+
+
+def parse_load(text: str) -> tuple[str, str, int]:
+    try:
+        model, protocol, concurrency = text.split(":")
+        return model, protocol, int(concurrency)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MODEL:PROTOCOL:CONCURRENCY, got '{text}'"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arm", type=parse_arm, action="append", required=True)
+    parser.add_argument("--load", type=parse_load, action="append", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-d", "--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--out", help="also write every line to this file")
+    args = parser.parse_args(argv)
+
+    out = open(args.out, "w") if args.out else None  # noqa: SIM115
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if out is not None:
+            out.write(line + "\n")
+            out.flush()
+
+    arms = dict(args.arm)
+    if len(arms) != len(args.arm):
+        parser.error("arm names must differ")
+    say(f"# {time.strftime('%Y-%m-%d %H:%M')} ab.py {' '.join(sys.argv[1:])}")
+    runs: dict[tuple, list[dict]] = {}
+    with contextlib.ExitStack() as stack:
+        served = {name: stack.enter_context(despina(flags, name)) for name, flags in arms.items()}
+        for rnd in range(1, args.rounds + 1):
+            for model, protocol, concurrency in args.load:
+                for name, srv in served.items():
+                    url = (
+                        f"127.0.0.1:{srv.grpc_port}"
+                        if protocol.startswith("grpc")
+                        else f"http://127.0.0.1:{srv.http_port}"
+                    )
+                    (_, steal0), t0 = proc_stat_busy(), time.perf_counter()
+                    try:
+                        rec = perf_run(
+                            url, model, protocol, concurrency, args.duration, args.warmup
+                        )
+                    except subprocess.CalledProcessError as exc:
+                        raise SystemExit(
+                            f"perf.py failed against arm {name}:\n{exc.stderr}"
+                        ) from None
+                    (_, steal1), t1 = proc_stat_busy(), time.perf_counter()
+                    rec["steal_cores"] = (steal1 - steal0) / (t1 - t0)
+                    runs.setdefault((model, protocol, concurrency, name), []).append(rec)
+                    say(
+                        f"round={rnd} arm={name} {model} {protocol} c={concurrency} "
+                        f"infer/s={rec['infer_per_s']:.0f} p50={rec['p50_ms']:.3f} "
+                        f"p99={rec['p99_ms']:.3f} ms errors={rec['errors']} "
+                        f"client_cpu={rec['client_cpu_us_per_infer']:.0f}us/infer "
+                        f"steal={rec['steal_cores']:.2f}"
+                    )
+    first = args.arm[0][0]
+    say(f"\n## medians of {args.rounds} rounds; ratio: infer/s against arm '{first}'")
+    say("| load | arm | infer/s | p50 ms | p99 ms | ratio |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for model, protocol, concurrency in args.load:
+        base = statistics.median(
+            r["infer_per_s"] for r in runs[(model, protocol, concurrency, first)]
+        )
+        for name in arms:
+            recs = runs[(model, protocol, concurrency, name)]
+            ips = statistics.median(r["infer_per_s"] for r in recs)
+            say(
+                f"| {model} {protocol} c={concurrency} | {name} | {ips:,.0f} | "
+                f"{statistics.median(r['p50_ms'] for r in recs):.3f} | "
+                f"{statistics.median(r['p99_ms'] for r in recs):.3f} | {ips / base:.2f} |"
+            )
+    if out is not None:
+        out.close()
+
+
+if __name__ == "__main__":
+    main()
