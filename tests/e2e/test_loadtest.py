@@ -70,3 +70,43 @@ def test_perf_refuses_a_rate_on_streams(server):
     )
     assert proc.returncode == 2
     assert "grpc-stream runs closed loop only" in proc.stderr
+
+
+def test_ab_compares_two_settings_on_real_servers(tmp_path):
+    """loadtest/ab.py starts one server per arm, drives each load against each arm, and
+    ends with a table of medians and ratios against the first arm."""
+    out = tmp_path / "ab.txt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PERF.parent / "ab.py"),
+            "--arm",
+            "off=--busy-poll-us=0",
+            "--arm",
+            "on=",
+            "--load",
+            "simple:http-binary:1",
+            "--rounds",
+            "1",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PERF.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    runs = [line for line in lines if line.startswith("round=1 ")]
+    assert [line.split()[1] for line in runs] == ["arm=off", "arm=on"]
+    assert all("errors=0" in line for line in runs)
+    rows = [line.split(" | ") for line in lines if line.startswith("| simple http-binary c=1 |")]
+    assert [row[1] for row in rows] == ["off", "on"]
+    assert rows[0][-1] == "1.00 |"
+    for row in rows:
+        assert float(row[2].replace(",", "")) > 0  # infer/s measured
