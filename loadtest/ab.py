@@ -8,7 +8,8 @@ machine; medians per load and arm, and the ratio of each arm to the first.
         [--out results/busy-poll-ab-<timestamp>.txt]
 
 An arm is ``NAME=FLAGS`` (space-separated ``despina serve`` flags; empty: the
-defaults); a load is ``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped
+defaults), or ``NAME@REF=FLAGS`` to serve git ``REF``'s code instead of the working tree
+(``--arm before@HEAD~1= --arm after=`` measures a change); a load is ``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped
 repository (an arm's flags may add ``--model-repository=DIR``). Each run's line gives the CPU the
 hypervisor stole meanwhile (cores): on this kind of VM a run with more than ~0.15 is
 slower for that reason alone, so rounds, not single runs, carry the result.
@@ -18,19 +19,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from local_despina import despina, perf_run, proc_stat_busy
+from local_despina import despina, despina_overlay, perf_run, proc_stat_busy
 
 
-def parse_arm(text: str) -> tuple[str, list[str]]:
-    name, sep, flags = text.partition("=")
+def parse_arm(text: str) -> tuple[str, str, list[str]]:
+    """NAME[@REF]=FLAGS -> (name, ref or "", flags)."""
+    head, sep, flags = text.partition("=")
+    name, _, ref = head.partition("@")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS, got '{text}'")
-    return name, flags.split()
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS or NAME@REF=FLAGS, got '{text}'")
+    return name, ref, flags.split()
 
 
 def parse_load(text: str) -> tuple[str, str, int]:
@@ -61,13 +67,19 @@ def main(argv: list[str] | None = None) -> None:
             out.write(line + "\n")
             out.flush()
 
-    arms = dict(args.arm)
+    arms = {name: (ref, flags) for name, ref, flags in args.arm}
     if len(arms) != len(args.arm):
         parser.error("arm names must differ")
     say(f"# {time.strftime('%Y-%m-%d %H:%M')} ab.py {' '.join(sys.argv[1:])}")
     runs: dict[tuple, list[dict]] = {}
     with contextlib.ExitStack() as stack:
-        served = {name: stack.enter_context(despina(flags, name)) for name, flags in arms.items()}
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="despina-ab-")))
+        served = {}
+        for name, (ref, flags) in arms.items():
+            env = None
+            if ref:
+                env = {**os.environ, "PYTHONPATH": despina_overlay(ref, tmp / name)}
+            served[name] = stack.enter_context(despina(flags, name, env=env))
         for rnd in range(1, args.rounds + 1):
             for model, protocol, concurrency in args.load:
                 for name, srv in served.items():
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"client_cpu={rec['client_cpu_us_per_infer']:.0f}us/infer "
                         f"steal={rec['steal_cores']:.2f}"
                     )
-    first = args.arm[0][0]
+    first = args.arm[0][0]  # its name
     say(f"\n## medians of {args.rounds} rounds; ratio: infer/s against arm '{first}'")
     say("| load | arm | infer/s | p50 ms | p99 ms | ratio |")
     say("| --- | --- | --- | --- | --- | --- |")

@@ -82,6 +82,24 @@ def proc_stat_busy() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
+def despina_overlay(ref: str, tmp: Path) -> str:
+    """A PYTHONPATH under which ``despina`` is the code of git ``ref`` (the editable
+    install's finder comes after PYTHONPATH)."""
+    src = tmp / "despina-src"
+    site = tmp / "despina-site" / "despina"
+    src.mkdir(parents=True)
+    site.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "common", "services"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    (site / "common").symlink_to(src / "common")
+    (site / "services").symlink_to(src / "services")
+    return str(site.parent)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
