@@ -1,6 +1,6 @@
 """What one wake of the loop produced, sent once per peer: ``Outbox`` gathers items per
-peer and flushes them together on the next loop iteration, or in groups of
-``BURST_LIMIT`` while the wake goes on; ``FrameList`` builds the frame list of one
+peer and flushes them together on the next loop iteration, in groups of
+``BURST_LIMIT`` while the wake goes on, or at once when its owner says so (``flush_now``); ``FrameList`` builds the frame list of one
 outgoing message (DESIGN.md, "The hot path").
 
 No ZeroMQ here: the stream hops (common/streams.py) use these too, and a backend host
@@ -83,7 +83,8 @@ class Outbox:
 
     def flush_now(self) -> None:
         """Send what is waiting now, not on the next loop iteration: for a caller that
-        knows its wake's work is done (a backend host, after a whole burst)."""
+        knows there is nothing more to gather (a backend host after a whole burst, a
+        frontend with one or two requests in flight)."""
         if self._pending:
             self._flush()
 
