@@ -1,7 +1,8 @@
 """What one wake of the loop produced, sent once per peer: ``Outbox`` gathers items per
 peer and flushes them together on the next loop iteration, in groups of
-``BURST_LIMIT`` while the wake goes on, or at once when its owner says so (``flush_now``); ``FrameList`` builds the frame list of one
-outgoing message (DESIGN.md, "The hot path").
+``BURST_LIMIT`` while the wake goes on, or at once when its owner says so
+(``flush_now``); ``FrameList`` builds the frame list of one outgoing message (DESIGN.md,
+"The hot path").
 
 No ZeroMQ here: the stream hops (common/streams.py) use these too, and a backend host
 needs nothing else of common/transport.py.
