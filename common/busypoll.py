@@ -9,8 +9,9 @@ sleeping in those gaps halves its latency.
 
 ``BusyPoll.arm`` keeps the loop turning (each turn polls the loop's sockets with a zero
 timeout, then yields the CPU to whatever else is runnable on it) until ``budget_s`` has
-passed or ``waiting()`` turns false (what it waits for came). The owner arms it only under light load: under heavy
-load the loop has work of its own, and polling would take CPU the other processes need.
+passed or ``waiting()`` turns false (what it waits for came). The owner arms it only
+under light load: under heavy load the loop has work of its own, and polling would take
+CPU the other processes need.
 An idle server never polls, since only a message sent arms it. Polls that run out with
 nothing come are misses; after ``MISSES`` in a row only one arm in ``PROBE_EVERY`` polls,
 until one catches a message again, so a trickle of requests costs little CPU.

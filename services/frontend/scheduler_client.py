@@ -358,7 +358,7 @@ class SchedulerClient:
         else:
             direct.outstanding += 1
             self._outbox.put(self._host_links[direct.host_id], _Direct(direct, wire, buffers))
-        if len(self._pending) <= busypoll.LIGHT_LOAD:
+        if self._lightly_loaded():
             # Under light load there is no burst to gather: send now, not a loop turn later.
             self._outbox.flush_now()
         return fut
