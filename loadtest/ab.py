@@ -9,10 +9,11 @@ machine; medians per load and arm, and the ratio of each arm to the first.
 
 An arm is ``NAME=FLAGS`` (space-separated ``despina serve`` flags; empty: the
 defaults), or ``NAME@REF=FLAGS`` to serve git ``REF``'s code instead of the working tree
-(``--arm before@HEAD~1= --arm after=`` measures a change); a load is ``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped
-repository (an arm's flags may add ``--model-repository=DIR``). Each run's line gives the CPU the
-hypervisor stole meanwhile (cores): on this kind of VM a run with more than ~0.15 is
-slower for that reason alone, so rounds, not single runs, carry the result.
+(``--arm before@HEAD~1= --arm after=`` measures a change). A load is
+``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped repository (an arm's flags may add
+``--model-repository=DIR``). Each run's line gives the CPU the hypervisor stole
+meanwhile (cores): on this kind of VM a run with more than ~0.15 is slower for that
+reason alone, so rounds, not single runs, carry the result.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_despina import despina, despina_overlay, perf_run, proc_stat_busy
+from local_despina import despina, despina_overlay, perf_run, steal_meter
 
 
 def parse_arm(text: str) -> tuple[str, str, list[str]]:
@@ -83,22 +84,17 @@ def main(argv: list[str] | None = None) -> None:
         for rnd in range(1, args.rounds + 1):
             for model, protocol, concurrency in args.load:
                 for name, srv in served.items():
-                    url = (
-                        f"127.0.0.1:{srv.grpc_port}"
-                        if protocol.startswith("grpc")
-                        else f"http://127.0.0.1:{srv.http_port}"
-                    )
-                    (_, steal0), t0 = proc_stat_busy(), time.perf_counter()
+                    url = srv.url_for(protocol)
                     try:
-                        rec = perf_run(
-                            url, model, protocol, concurrency, args.duration, args.warmup
-                        )
+                        with steal_meter() as meter:
+                            rec = perf_run(
+                                url, model, protocol, concurrency, args.duration, args.warmup
+                            )
                     except subprocess.CalledProcessError as exc:
                         raise SystemExit(
                             f"perf.py failed against arm {name}:\n{exc.stderr}"
                         ) from None
-                    (_, steal1), t1 = proc_stat_busy(), time.perf_counter()
-                    rec["steal_cores"] = (steal1 - steal0) / (t1 - t0)
+                    rec.update(meter)
                     runs.setdefault((model, protocol, concurrency, name), []).append(rec)
                     say(
                         f"round={rnd} arm={name} {model} {protocol} c={concurrency} "

@@ -100,6 +100,19 @@ def despina_overlay(ref: str, tmp: Path) -> str:
     return str(site.parent)
 
 
+@contextlib.contextmanager
+def steal_meter() -> Iterator[dict]:
+    """Measures the block: afterwards ``meter["steal_cores"]`` holds the CPU (in cores)
+    the hypervisor stole while it ran."""
+    meter: dict = {}
+    (_, steal0), t0 = proc_stat_busy(), time.perf_counter()
+    try:
+        yield meter
+    finally:
+        (_, steal1), t1 = proc_stat_busy(), time.perf_counter()
+        meter["steal_cores"] = round((steal1 - steal0) / (t1 - t0), 3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +125,12 @@ class Served:
     http_port: int
     grpc_port: int
     log: str
+
+    def url_for(self, protocol: str) -> str:
+        """perf.py's ``--url`` for one of its protocols."""
+        if protocol.startswith("grpc"):
+            return f"127.0.0.1:{self.grpc_port}"
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 @contextlib.contextmanager

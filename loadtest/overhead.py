@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rounds: list[dict] = []
     with floor_server() as floor_url, despina([], "overhead") as served:
-        http = f"http://127.0.0.1:{served.http_port}"
-        grpc = f"127.0.0.1:{served.grpc_port}"
+        http, grpc = served.url_for("http-binary"), served.url_for("grpc")
         for rnd in range(args.rounds):
             rounds.append(measure(http, grpc, floor_url, args.model, args.duration))
             print(f"round {rnd + 1}: {json.dumps(rounds[-1])}", flush=True)
