@@ -1,5 +1,5 @@
-"""``despina serve --inline-threshold`` reaches every frontend and backend host it starts,
-and each of them parses it with its own flags."""
+"""``despina serve --inline-threshold`` (and ``--busy-poll-us``) reaches every frontend and
+backend host it starts, and each of them parses it with its own flags."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from despina.services import cli
 from despina.services.backend_host.__main__ import add_arguments as backend_arguments
-from despina.services.flags import INLINE_THRESHOLD
+from despina.services.flags import BUSY_POLL_US, INLINE_THRESHOLD
 from despina.services.frontend.__main__ import add_arguments as frontend_arguments
 from despina.services.supervisor import Child, Supervisor
 
@@ -81,3 +81,23 @@ def test_a_negative_threshold_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         planned_children(monkeypatch, "--inline-threshold=-1")
     assert "expected a number of bytes >= 0" in capsys.readouterr().err
+
+
+def test_serve_passes_the_busy_poll_budget_to_frontends_and_backend_hosts(monkeypatch):
+    frontends, hosts = services(planned_children(monkeypatch, "--busy-poll-us", "250"))
+    for child in frontends + hosts:
+        assert "--busy-poll-us=250" in child.argv, child.name
+        assert parsed(child).busy_poll_us == 250, child.name
+    frontends, hosts = services(planned_children(monkeypatch))
+    for child in frontends + hosts:
+        assert parsed(child).busy_poll_us == BUSY_POLL_US, child.name
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "expected a number of µs >= 0"), ("soon", "invalid microseconds value")],
+)
+def test_a_bad_busy_poll_budget_is_refused(monkeypatch, capsys, value, message):
+    with pytest.raises(SystemExit):
+        planned_children(monkeypatch, f"--busy-poll-us={value}")
+    assert message in capsys.readouterr().err
