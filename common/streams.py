@@ -15,6 +15,7 @@ peer is gone; TCP keepalive catches peers that vanish without closing (a cut net
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -28,6 +29,18 @@ MAX_FRAMES = 1 << 16
 MAX_FRAME_BYTES = 1 << 34
 # Past this much unsent data to one peer the peer is treated as stuck.
 MAX_WRITE_BUFFER = 1 << 31
+
+
+@functools.lru_cache(maxsize=64)
+def _lengths(count: int) -> struct.Struct:
+    """The frame lengths of a message of ``count`` frames."""
+    return struct.Struct(f"<{count}I")
+
+
+@functools.lru_cache(maxsize=64)
+def _header(count: int) -> struct.Struct:
+    """A message's head: its frame count, then each frame's length."""
+    return struct.Struct(f"<I{count}I")
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -79,33 +92,39 @@ class FramedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        buf += data
+        if buf:
+            # The rest of a message that came in pieces: parse once it is all here.
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        self._need = 0
         burst: list[list] = []
         pos = 0
-        end = len(buf)
-        while True:
-            if end - pos < 4:
-                break
-            (count,) = _U32.unpack_from(buf, pos)
-            head = 4 + 4 * count
+        end = len(data)
+        while end - pos >= 4:
+            (count,) = _U32.unpack_from(data, pos)
             if count > MAX_FRAMES:
                 self._fail(f"a message claims {count} frames")
                 return
+            head = 4 + 4 * count
             if end - pos < head:
                 break
-            lengths = struct.unpack_from(f"<{count}I", buf, pos + 4)
+            lengths = _lengths(count).unpack_from(data, pos + 4)
             total = head + sum(lengths)
             if end - pos < total:
+                self._need = total
                 break
             offset = pos + head
             frames = []
             for length in lengths:
-                frames.append(bytes(buf[offset : offset + length]))
+                frames.append(data[offset : offset + length])
                 offset += length
             burst.append(frames)
             pos += total
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            buf += memoryview(data)[pos:]
         if burst:
             try:
                 self._on_burst(self, burst)
@@ -129,8 +148,8 @@ class FramedProtocol(asyncio.Protocol):
             )
             transport.close()
             return False
-        sizes = [len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames]
-        header = struct.pack(f"<I{len(frames)}I", len(frames), *sizes)
+        sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+        header = _header(len(frames)).pack(len(frames), *sizes)
         if sum(sizes) < 65536:
             transport.write(header + b"".join(frames))
         else:
