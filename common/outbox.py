@@ -1,8 +1,8 @@
 """What one wake of the loop produced, sent once per peer: ``Outbox`` gathers items per
 peer and flushes them together on the next loop iteration, in groups of
-``BURST_LIMIT`` while the wake goes on, or at once when its owner says so
-(``flush_now``); ``FrameList`` builds the frame list of one outgoing message (DESIGN.md,
-"The hot path").
+``BURST_LIMIT`` while the wake goes on, or at once when its owner says so (``put(...,
+now=True)``, the end of a ``gathering`` block); ``FrameList`` builds the frame list of
+one outgoing message (DESIGN.md, "The hot path").
 
 No ZeroMQ here: the stream hops (common/streams.py) use these too, and a backend host
 needs nothing else of common/transport.py.
@@ -63,31 +63,34 @@ class Outbox:
         self._pending: dict = {}
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
+        self._gathering = False
         self._limit = limit
+        # ``with outbox.gathering:`` items put in the block are sent when it ends (or in
+        # groups of ``limit``), not on the next loop iteration: for the handler of a
+        # whole burst (a backend host), which knows when there is nothing more to gather.
+        self.gathering = _Gathering(self)
 
-    def put(self, peer: object, item: object) -> None:
+    def put(self, peer: object, item: object, now: bool = False) -> None:
+        """Queue ``item`` for ``peer``. ``now``: send it, and all that waits, at once (a
+        caller that knows there is nothing more to gather: a frontend with one or two
+        requests in flight), without a loop callback."""
         items = self._pending.get(peer)
         if items is None:
             self._pending[peer] = [item]
         else:
             items.append(item)
-            if len(items) >= self._limit:
+            if len(items) >= self._limit and not now:
                 del self._pending[peer]
                 try:
                     self._flush_cb({peer: items})
                 except Exception:
                     log.exception("outbox flush failed")
                 return
-        if not self._scheduled:
+        if now:
+            self._flush()
+        elif not self._scheduled and not self._gathering:
             self._scheduled = True
             self._loop.call_soon(self._flush)
-
-    def flush_now(self) -> None:
-        """Send what is waiting now, not on the next loop iteration: for a caller that
-        knows there is nothing more to gather (a backend host after a whole burst, a
-        frontend with one or two requests in flight)."""
-        if self._pending:
-            self._flush()
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -97,3 +100,21 @@ class Outbox:
                 self._flush_cb(pending)
             except Exception:
                 log.exception("outbox flush failed")
+
+
+class _Gathering:
+    """``Outbox.gathering``: a reusable context manager (no generator per burst)."""
+
+    __slots__ = ("_outbox",)
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def __enter__(self) -> None:
+        self._outbox._gathering = True
+
+    def __exit__(self, *_exc: object) -> None:
+        outbox = self._outbox
+        outbox._gathering = False
+        if outbox._pending:
+            outbox._flush()

@@ -307,6 +307,11 @@ class BackendHost:
     # --- inbound ------------------------------------------------------------------------
 
     def _on_burst(self, burst: list[list]) -> None:
+        assert self._outbox is not None
+        with self._outbox.gathering:  # the burst's replies leave when it is handled
+            self._on_scheduler_messages(burst)
+
+    def _on_scheduler_messages(self, burst: list[list]) -> None:
         for frames in burst:
             try:
                 msg = self._decode(frames[0])
@@ -330,8 +335,6 @@ class BackendHost:
                 hello = self._encode(m.HostLink(self.host_id))
                 for endpoint in msg.endpoints:
                     self._reply_stream(endpoint).send([hello])
-        assert self._outbox is not None
-        self._outbox.flush_now()
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -544,19 +547,20 @@ class BackendHost:
         for endpoint, replies in pending.items():
             frames = outbox.FrameList()
             records = []
+            blocks: list[tuple[str, int]] = []
             for reply, buffers in replies:
                 frames.inline(reply.outputs, buffers)
                 records.append(reply)
-            blocks = [
-                (t.ref.key, t.ref.offset)
-                for r in records
-                for t in r.outputs
-                if isinstance(t.ref, m.Shm) and t.ref.key.startswith(self.arena.prefix)
-            ]
-            self._lent.setdefault(endpoint, set()).update(blocks)
-            tag = ([(endpoint, r.rid, r.model, r.version) for r in records], endpoint, blocks)
+                if None in buffers:  # outputs in shared memory: this arena's are lent
+                    blocks.extend(
+                        (t.ref.key, t.ref.offset)
+                        for t in reply.outputs
+                        if isinstance(t.ref, m.Shm) and t.ref.key.startswith(self.arena.prefix)
+                    )
+            if blocks:
+                self._lent.setdefault(endpoint, set()).update(blocks)
             self._reply_stream(endpoint).send(
-                frames.finish(self._encode(m.ReplyBatch(records))), tag
+                frames.finish(self._encode(m.ReplyBatch(records))), (records, endpoint, blocks)
             )
         if done or self._undelivered:
             undelivered, self._undelivered = self._undelivered, []
@@ -579,16 +583,17 @@ class BackendHost:
         return stream
 
     def _on_frontend_burst(self, link: streams.FramedProtocol, burst: list[list]) -> None:
-        """Direct requests, and releases of output blocks the frontend has sent on."""
-        try:
-            self._on_frontend_messages(link, burst)
-        finally:
-            to_pump, self._to_pump = self._to_pump, set()
-            for li in to_pump:
-                self._pump(li)
-            # The burst's replies leave now: a loop iteration later costs ~15 µs at c=1.
-            assert self._outbox is not None
-            self._outbox.flush_now()
+        """Direct requests, and releases of output blocks the frontend has sent on. The
+        burst's replies leave when it is handled: a loop iteration later costs ~15 µs at
+        c=1."""
+        assert self._outbox is not None
+        with self._outbox.gathering:
+            try:
+                self._on_frontend_messages(link, burst)
+            finally:
+                to_pump, self._to_pump = self._to_pump, set()
+                for li in to_pump:
+                    self._pump(li)
 
     def _on_frontend_messages(self, link: streams.FramedProtocol, burst: list[list]) -> None:
         for frames in burst:
@@ -624,8 +629,8 @@ class BackendHost:
         for tag in tags:
             if tag is None:
                 continue  # a HostLink the frontend did not get: it keeps using the scheduler
-            replies, endpoint, blocks = tag
-            self._undelivered.extend(replies)
+            records, endpoint, blocks = tag
+            self._undelivered.extend((endpoint, r.rid, r.model, r.version) for r in records)
             self._give_back(endpoint, blocks)
         self._flush({})
 
@@ -676,6 +681,11 @@ def _error_reply(req: m.Infer, code: str, message: str) -> tuple[m.InferReply, l
     return m.InferReply(req.rid, req.model, req.version, [], m.Error(code, message)), []
 
 
+# Outputs up to this size are copied into bytes (one call, ~0.1 µs) rather than viewed
+# in place (~1.5 µs of numpy calls): the copy is cheaper until it is tens of KiB.
+COPY_BELOW = 16 * 1024
+
+
 def encode_response(
     req: m.Infer,
     response: ExecResponse,
@@ -697,18 +707,21 @@ def encode_response(
     tensors: list[m.Tensor] = []
     buffers: list = []
     wanted = req.outputs
+    targets = req.output_targets
     try:
         for name, value in response.outputs.items():
             if wanted and name not in wanted:
                 continue
-            arr = np.asarray(value)
+            arr = value if type(value) is np.ndarray else np.asarray(value)
             datatype = dtypes.from_numpy(arr.dtype)
             if datatype == "BYTES":
                 buf: bytes | memoryview = dtypes.serialize_bytes(arr)
+            elif arr.nbytes <= COPY_BELOW:
+                buf = arr.tobytes()
             else:
                 buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data
-            shape = [int(d) for d in arr.shape]
-            target = req.output_targets.get(name)
+            shape = list(arr.shape)
+            target = targets.get(name) if targets else None
             if isinstance(target, (m.Shm, m.CudaIpc)):
                 size = len(buf)
                 if size > target.size:

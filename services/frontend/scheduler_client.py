@@ -353,14 +353,13 @@ class SchedulerClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, blocks, set(targets), direct)
         assert self._outbox is not None
+        # Under light load there is no burst to gather: send now, not a loop turn later.
+        now = self._lightly_loaded()
         if direct is None:
-            self._outbox.put(None, (wire, buffers))
+            self._outbox.put(None, (wire, buffers), now)
         else:
             direct.outstanding += 1
-            self._outbox.put(self._host_links[direct.host_id], _Direct(direct, wire, buffers))
-        if self._lightly_loaded():
-            # Under light load there is no burst to gather: send now, not a loop turn later.
-            self._outbox.flush_now()
+            self._outbox.put(self._host_links[direct.host_id], _Direct(direct, wire, buffers), now)
         return fut
 
     def _pick(self, targets: list[_Target]) -> _Target | None:

@@ -48,6 +48,9 @@ class OnnxRuntimeInstance:
         self.string_inputs = {
             i.name for i in self.session.get_inputs() if i.type == "tensor(string)"
         }
+        self.string_outputs = {
+            o.name for o in self.session.get_outputs() if o.type == "tensor(string)"
+        }
         self.batched = config.max_batch_size > 0  # type: ignore[attr-defined]
         self.config_outputs = {o.name: model_config.datatype(o) for o in config.output}  # type: ignore[attr-defined]
 
@@ -69,16 +72,15 @@ class OnnxRuntimeInstance:
     def _run(self, inputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         names = wanted or self.output_names
         try:
-            results = self.session.run(names, self._feed(inputs))
+            results = self.session.run(names, self._feed(inputs) if self.string_inputs else inputs)
         except Exception as exc:
             raise internal(f"onnxruntime failed to run the model: {exc}") from None
-        out = {}
-        for name, value in zip(names, results):
-            if value.dtype == object:
-                value = np.array(
-                    [str(x).encode() for x in value.reshape(-1)], dtype=object
-                ).reshape(value.shape)
-            out[name] = value
+        out = dict(zip(names, results))
+        for name in self.string_outputs.intersection(out):
+            value = out[name]
+            out[name] = np.array(
+                [str(x).encode() for x in value.reshape(-1)], dtype=object
+            ).reshape(value.shape)
         return out
 
     def execute(self, requests: list[ExecRequest]) -> list[ExecResponse]:
