@@ -7,6 +7,8 @@ the protocol edge.
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
 from despina.common.errors import ServerError
@@ -69,6 +71,12 @@ class DataPlane:
         result: InferenceResult = await self.client.infer(request)
         result.id = request.id
         return result
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future:
+        """``infer`` without a coroutine, for a caller that answers from a callback: the
+        future resolves to the result (its ``id`` not set) or raises ServerError; this
+        raises ServerError at once for what is refused before sending."""
+        return self.client.infer(request)
 
     def release(self, result: InferenceResult) -> None:
         self.client.release(result)

@@ -26,6 +26,7 @@ routes that await the data plane run as one task per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
+from despina.services.frontend.inference import InferenceRequest, InferenceResult
 
 log = logging.getLogger("despina.frontend")
 
@@ -176,7 +178,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.current: _Request | None = None  # being read
         self.queue: deque[_Request] = deque()  # read, not yet answered
-        self.task: asyncio.Task | None = None  # the request being answered, if async
+        # What the request being answered waits on (a task, or an inference's future)
+        self.task: asyncio.Future | None = None
         self.broken = False  # malformed input: answer what came before, then 400 and close
         self.read_paused = False
         self.write_paused = False
@@ -387,8 +390,8 @@ class _Connection(asyncio.Protocol):
     # --- answering --------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Answer queued requests in order: sync ones now, the first async one in a task
-        (which calls back here when done)."""
+        """Answer queued requests in order: sync ones now, up to the first that waits
+        (in a task or on a future, whose end calls back here)."""
         queue = self.queue
         while queue and self.task is None and not self.write_paused:
             if self.transport is None:
@@ -411,12 +414,16 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             return  # the connection is gone
         except Exception as exc:
-            log.exception("HTTP %s %s failed", req.method.decode(), req.url.decode("latin-1"))
-            if self.transport is not None:
-                self._reply(req, 500, codec.encode_error(f"internal error: {exc}"), JSON, b"")
+            self._failed(req, exc)
         self.task = None
         if self.transport is not None:
             self._next()
+
+    def _failed(self, req: _Request, exc: Exception) -> None:
+        """A handler raised what it should not have: log it, answer 500."""
+        log.exception("HTTP %s %s failed", req.method.decode(), req.url.decode("latin-1"))
+        if self.transport is not None:
+            self._reply(req, 500, codec.encode_error(f"internal error: {exc}"), JSON, b"")
 
     def _reply(
         self, req: _Request, status: int, body: bytes, content_type: bytes, headers: bytes
@@ -492,7 +499,8 @@ def _too_large(limit: int, size: int) -> tuple[int, bytes, bytes, bytes]:
 
 # --- routes ---------------------------------------------------------------------------------
 # Each handler answers through conn._reply (or _send_parts); those in _SYNC return
-# before awaiting anything and run without a task.
+# before awaiting anything and run without a task (one that waits for a future sets
+# conn.task to it and answers from the future's callback); the others run in a task.
 
 
 def _live(conn: _Connection, req: _Request) -> None:
@@ -555,7 +563,11 @@ def _repository_control(conn: _Connection, req: _Request, model: str) -> None:
     )
 
 
-async def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
+def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    """Decode the request and send it on now, in the parser's callback: no task, no
+    coroutine (they cost a c=1 request ~15 µs, DESIGN.md "The hot path"). Answers at once
+    when it cannot be sent; else ``conn.task`` is the pending result, and ``_infer_done``
+    answers when it resolves (or drops the body when the connection went away)."""
     plane = conn.plane
     block = req.block
     req.block = None  # this handler owns it now
@@ -564,30 +576,97 @@ async def _infer(conn: _Connection, req: _Request, model: str, version: str) -> 
         body = block.view if block is not None else req.body
         inference = codec.decode_infer_request(body, header_length, model, version)
         inference.body_block = block
-        result = await plane.infer(inference)
-        try:
-            parts, json_length = codec.encode_infer_response_parts(result, inference)
-            if json_length is None:
-                content_type, headers = JSON, b""
-            else:
-                content_type = OCTETS
-                headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
-            if len(parts) == 1:
-                conn._reply(req, 200, parts[0], content_type, headers)
-                return
-            size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-            if size < codec.STREAM_RESPONSE_BYTES:
-                conn._reply(req, 200, b"".join(parts), content_type, headers)
-                return
-            # Large outputs go out from where they are (shared memory), not joined; the
-            # blocks are released once the transport has written them.
-            await conn._send_parts(req, parts, size, content_type, headers)
-        finally:
-            plane.release(result)
+        pending = plane.submit(inference)
     except ServerError as exc:
-        conn._reply(req, *_error_reply(exc))
-    finally:
         plane.drop(block)
+        conn._reply(req, *_error_reply(exc))
+        return
+    except Exception as exc:
+        plane.drop(block)
+        conn._failed(req, exc)
+        return
+    conn.task = pending
+    pending.add_done_callback(functools.partial(_infer_done, conn, req, inference, block))
+
+
+def _infer_done(
+    conn: _Connection,
+    req: _Request,
+    inference: InferenceRequest,
+    block: Any,
+    pending: asyncio.Future,
+) -> None:
+    plane = conn.plane
+    if pending.cancelled():  # the connection is gone; the data plane frees the rest
+        plane.drop(block)
+        return
+    conn.task = None
+    try:
+        _answer_infer(conn, req, inference, block, pending.result())
+    except ServerError as exc:
+        plane.drop(block)
+        conn._reply(req, *_error_reply(exc))
+    except Exception as exc:
+        plane.drop(block)
+        conn._failed(req, exc)
+    if conn.task is None:
+        conn._next()
+
+
+def _answer_infer(
+    conn: _Connection,
+    req: _Request,
+    inference: InferenceRequest,
+    block: Any,
+    result: InferenceResult,
+) -> None:
+    """Write the response; the result's blocks and the request body are released once
+    it is written (for a large one, by the task that streams it)."""
+    plane = conn.plane
+    result.id = inference.id
+    streamed = False
+    try:
+        parts, json_length = codec.encode_infer_response_parts(result, inference)
+        if json_length is None:
+            content_type, headers = JSON, b""
+        else:
+            content_type = OCTETS
+            headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
+        if len(parts) == 1:
+            conn._reply(req, 200, parts[0], content_type, headers)
+            return
+        size = sum(p.nbytes if type(p) is memoryview else len(p) for p in parts)
+        if size < codec.STREAM_RESPONSE_BYTES:
+            conn._reply(req, 200, b"".join(parts), content_type, headers)
+            return
+        # Large outputs go out from where they are (shared memory), not joined.
+        streamed = True
+        conn.task = conn.loop.create_task(
+            conn._run(
+                req, _stream_result(conn, req, result, block, parts, size, content_type, headers)
+            )
+        )
+    finally:
+        if not streamed:
+            plane.release(result)
+            plane.drop(block)
+
+
+async def _stream_result(
+    conn: _Connection,
+    req: _Request,
+    result: InferenceResult,
+    block: Any,
+    parts: list,
+    size: int,
+    content_type: bytes,
+    headers: bytes,
+) -> None:
+    try:
+        await conn._send_parts(req, parts, size, content_type, headers)
+    finally:
+        conn.plane.release(result)
+        conn.plane.drop(block)
 
 
 def _shm_status(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
@@ -612,7 +691,7 @@ def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> 
     return _answer_empty(conn, req, conn.plane.shm_unregister(cuda, name))
 
 
-_SYNC = frozenset({_live, _server_metadata, _repository_control})
+_SYNC = frozenset({_live, _server_metadata, _repository_control, _infer})
 _SHM_ROOTS = {"systemsharedmemory": False, "cudasharedmemory": True}
 
 
