@@ -48,6 +48,9 @@ class InferenceRequest:
     # data that are views of it travel as refs to it, with no copy. The scheduler client
     # takes it over (and frees it when the reply arrives).
     body_block: object | None = None
+    # Shared by the requests a ``codec.HeaderMemo`` rebuilt from one header: the
+    # signatures (by id) they were found to fit, so the rest skip that check.
+    checked: dict[int, object] | None = None
 
 
 @dataclass(slots=True)

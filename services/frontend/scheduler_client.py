@@ -340,12 +340,19 @@ class SchedulerClient:
         direct = None if route is None else self._pick(route[1])
         if direct is not None:
             assert route is not None
-            try:
-                check_request(route[0].signature, wire, buffers)
-            except ServerError:
-                for key, offset in blocks:
-                    self.arena.release(key, offset)
-                raise
+            signature = route[0].signature
+            checked = request.checked
+            if checked is None or checked.get(id(signature)) is not signature:
+                try:
+                    check_request(signature, wire, buffers)
+                except ServerError:
+                    for key, offset in blocks:
+                        self.arena.release(key, offset)
+                    raise
+                if checked is not None:
+                    if len(checked) >= 8:  # signatures of versions since unloaded
+                        checked.clear()
+                    checked[id(signature)] = signature
             wire.version = route[0].version
             wire.reply_to = self.reply_endpoint
         # A client that goes away cancels this future; the entry stays until the reply

@@ -283,3 +283,51 @@ def test_frontend_does_not_load_aiohttp(lean):
     (frontend,) = lean.child_pids("despina.services.frontend")
     maps = open(f"/proc/{frontend}/maps").read()
     assert "httptools" in maps and "aiohttp" not in maps
+
+
+def binary_simple(a: np.ndarray, b: np.ndarray, model: str = "simple") -> bytes:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "INT32",
+                    "shape": [1, 16],
+                    "parameters": {"binary_data_size": 64},
+                }
+                for name in ("INPUT0", "INPUT1")
+            ],
+            "outputs": [{"name": "OUTPUT1", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return post(
+        f"/v2/models/{model}/infer",
+        header + a.tobytes() + b.tobytes(),
+        f"Inference-Header-Content-Length: {len(header)}\r\n",
+    )
+
+
+def test_a_repeated_header_gets_each_request_data_and_each_model_check(lean):
+    """The connection remembers the last binary header (codec.HeaderMemo): requests that
+    repeat it are answered from their own bytes, and sent to another model, it is
+    checked against that model's inputs."""
+    rng = np.random.default_rng(7)
+    conn = Conn(lean)
+    for _ in range(4):
+        a, b = rng.integers(-1000, 1000, (2, 1, 16), dtype=np.int32)
+        conn.send(binary_simple(a, b))
+        status, headers, body = conn.response()
+        assert status == 200, body
+        json_length = int(headers["inference-header-content-length"])
+        np.testing.assert_array_equal(np.frombuffer(body[json_length:], np.int32), (a - b)[0])
+    conn.send(binary_simple(a, b, "identity_fp32"))
+    status, _, body = conn.response()
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert "'INPUT0' data-type is 'INT32'" in error and "'identity_fp32'" in error, error
+    conn.send(binary_simple(b, a))  # and back: still answered
+    status, headers, body = conn.response()
+    assert status == 200
+    json_length = int(headers["inference-header-content-length"])
+    np.testing.assert_array_equal(np.frombuffer(body[json_length:], np.int32), (b - a)[0])
+    conn.close()

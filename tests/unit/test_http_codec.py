@@ -12,6 +12,7 @@ import pytest
 from despina.common import dtypes
 from despina.common.errors import Code, ServerError
 from despina.services.frontend.http.codec import (
+    HeaderMemo,
     decode_infer_request,
     encode_error,
     encode_infer_response,
@@ -320,6 +321,85 @@ def test_body_may_be_a_bytearray_or_memoryview():
     for wrapped in (bytearray(body), memoryview(body)):
         (tensor,) = decode_infer_request(wrapped, header_length, "m", "1").inputs
         assert bytes(tensor.data) == blob
+
+
+def _mixed_request(a: np.ndarray, j: list[int]) -> tuple[bytes, int]:
+    """A binary FP32 input, a JSON INT64 input, a shared-memory input, two outputs."""
+    doc = {
+        "id": "r1",
+        "parameters": {"binary_data_output": True, "priority": 2},
+        "inputs": [
+            {"name": "A", "datatype": "FP32", "shape": [4], "parameters": {"binary_data_size": 16}},
+            {"name": "J", "datatype": "INT64", "shape": [2], "data": j},
+            {
+                "name": "S",
+                "datatype": "FP32",
+                "shape": [2],
+                "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8},
+            },
+        ],
+        "outputs": [{"name": "O", "parameters": {"binary_data": True}}, {"name": "P"}],
+    }
+    return request_body(doc, a.tobytes())  # type: ignore[return-value]
+
+
+def _fields(req: InferenceRequest) -> tuple:
+    return (
+        req.model,
+        req.version,
+        req.id,
+        [
+            (t.name, t.datatype, t.shape, None if t.data is None else bytes(t.data), t.parameters)
+            for t in req.inputs
+        ],
+        req.outputs,
+        req.parameters,
+        req.binary_output,
+    )
+
+
+def test_header_memo_rebuilds_a_repeated_header_with_the_new_data():
+    memo = HeaderMemo()
+    first_a, second_a = np.arange(4, dtype=np.float32), np.full(4, 9.5, np.float32)
+    body, header_length = _mixed_request(first_a, [7, 8])
+    first = decode_infer_request(body, header_length, "m", "1", memo)
+    assert _fields(first) == _fields(decode_infer_request(body, header_length, "m", "1"))
+    body2, header_length2 = _mixed_request(second_a, [7, 8])
+    assert header_length2 == header_length
+    second = decode_infer_request(body2, header_length2, "other", "2", memo)
+    assert _fields(second) == _fields(decode_infer_request(body2, header_length2, "other", "2"))
+    assert bytes(second.inputs[0].data) == second_a.tobytes()
+    assert bytes(first.inputs[0].data) == first_a.tobytes()  # each keeps its own data
+    assert second.checked is first.checked is memo.checked
+    # A new header (the JSON data changed) is decoded, then remembered in its place.
+    body3, header_length3 = _mixed_request(second_a, [1, 2])
+    third = decode_infer_request(body3, header_length3, "m", "1", memo)
+    assert bytes(third.inputs[1].data) == np.array([1, 2], np.int64).tobytes()
+    assert third.checked is memo.checked is not first.checked
+
+
+def test_header_memo_never_skips_a_check_that_depends_on_the_body():
+    memo = HeaderMemo()
+    body, header_length = _mixed_request(np.arange(4, dtype=np.float32), [7, 8])
+    decode_infer_request(body, header_length, "m", "1", memo)
+    # The same header with a binary part of another length is decoded, and refused.
+    with pytest.raises(ServerError, match="additional input data"):
+        decode_infer_request(body + b"\0", header_length, "m", "1", memo)
+    # BYTES elements are checked against the bytes of each request: never remembered.
+    good = dtypes.serialize_bytes(np.array([b"ab", b"cd"], np.object_))
+    doc = one_input("BYTES", [2], parameters={"binary_data_size": len(good)})
+    body, header_length = request_body(doc, good)
+    decode_infer_request(body, header_length, "m", "1", memo)
+    assert memo.total == -1
+    bad = struct.pack("<I", 9) + b"abcdefgh"  # as long, but its first element overruns it
+    body, header_length = request_body(doc, bad)
+    with pytest.raises(ServerError, match="malformed BYTES data"):
+        decode_infer_request(body, header_length, "m", "1", memo)
+    # A body that is not bytes (a shared-memory block's view) is never remembered.
+    body, header_length = _mixed_request(np.arange(4, dtype=np.float32), [7, 8])
+    fresh = HeaderMemo()
+    decode_infer_request(memoryview(body), header_length, "m", "1", fresh)
+    assert fresh.total == -1
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.drained: asyncio.Future | None = None
+        self.memo = codec.HeaderMemo()  # the last binary infer header, decoded
 
     # --- connection -------------------------------------------------------------------------
 
@@ -574,7 +575,7 @@ def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
     try:
         header_length = codec.parse_header_length(req.header_length)
         body = block.view if block is not None else req.body
-        inference = codec.decode_infer_request(body, header_length, model, version)
+        inference = codec.decode_infer_request(body, header_length, model, version, conn.memo)
         inference.body_block = block
         pending = plane.submit(inference)
     except ServerError as exc:
