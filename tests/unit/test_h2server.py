@@ -66,6 +66,32 @@ class Server:
         }
         handlers["/t.S/Stream"] = h2.MethodHandler(stream, None, None, streaming=True)
 
+        def start(request: bytes, answer):
+            """A call started without a task: answers at once, or from a future."""
+            if request == b"now":
+                answer(request + b"!", Status.OK, "")
+                return None
+            if request == b"fail":
+                answer(None, Status.INVALID_ARGUMENT, "no")
+                return None
+            if request == b"crash":
+                raise RuntimeError("boom")
+            pending = self.loop.create_future()
+            self.loop.call_later(
+                float(request), lambda: pending.done() or pending.set_result(request + b"!")
+            )
+
+            def done(f: asyncio.Future) -> None:
+                if f.cancelled():
+                    self.cancelled.set()
+                else:
+                    answer(f.result(), Status.OK, "")
+
+            pending.add_done_callback(done)
+            return pending
+
+        handlers["/t.S/Started"] = h2.MethodHandler(echo, None, None, False, start)
+
         def run() -> None:
             asyncio.set_event_loop(self.loop)
             self.server = h2.H2Server(handlers, LIMIT, LIMIT)
@@ -153,6 +179,30 @@ def test_deadline_and_cancellation_stop_the_handler(server):
         future.cancel()
         assert server.cancelled.wait(5)
         assert call(ch, "Slow", b"0", timeout=10) == b"late"
+
+
+def test_calls_started_without_a_task(server):
+    with channel(server) as ch:
+        assert call(ch, "Started", b"now", timeout=10) == b"now!"
+        assert call(ch, "Started", b"0.01", timeout=10) == b"0.01!"
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Started", b"fail", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "no"
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Started", b"crash", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNKNOWN
+        assert "boom" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            call(ch, "Started", b"30", timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert server.cancelled.wait(5)  # the deadline cancelled what the call waited on
+        server.cancelled.clear()
+        future = ch.unary_unary("/t.S/Started").future(b"30", timeout=30)
+        time.sleep(0.3)
+        future.cancel()
+        assert server.cancelled.wait(5)
+        assert call(ch, "Started", b"now", timeout=10) == b"now!"
 
 
 def test_bidirectional_stream(server):

@@ -33,6 +33,7 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, NamedTuple, NoReturn, cast
 from urllib.parse import quote
 
@@ -143,22 +144,30 @@ class CallContext:
 class MethodHandler(NamedTuple):
     """One method: ``behaviour(request, context)`` returns the response (unary) or, when
     ``streaming`` (bidirectional), takes an async iterator of requests and yields
-    responses. A (de)serializer of None passes message bytes through."""
+    responses. A (de)serializer of None passes message bytes through.
+
+    ``start`` (optional, unary methods without (de)serializers): the call without a task
+    or coroutine (~15 µs of a c=1 call): ``start(request, answer)`` returns the future
+    the call waits on, cancelled if the call ends first, or None once it has answered;
+    it answers with ``answer(response, OK, "")`` or ``answer(None, status, message)``."""
 
     behaviour: Callable
     request_deserializer: Callable | None
     response_serializer: Callable | None
     streaming: bool
+    start: Callable | None = None
 
 
 class _Method:
-    __slots__ = ("streaming", "behaviour", "deserializer", "serializer")
+    __slots__ = ("streaming", "behaviour", "deserializer", "serializer", "start")
 
     def __init__(self, handler: MethodHandler) -> None:
         self.streaming = handler.streaming
         self.behaviour = handler.behaviour
         self.deserializer = handler.request_deserializer
         self.serializer = handler.response_serializer
+        raw = self.deserializer is None and self.serializer is None
+        self.start = handler.start if raw and not self.streaming else None
 
 
 class _Requests:
@@ -679,9 +688,24 @@ class _Connection(asyncio.Protocol):
             code = UNIMPLEMENTED_CODE if stream.messages else INTERNAL_CODE
             self._status(stream, code, f"expected one request message, got {len(stream.messages)}")
             return
-        stream.task = self.loop.create_task(self._run(stream, stream.method))
+        method = stream.method
+        if method.start is None:
+            stream.task = self.loop.create_task(self._run(stream, method))
+            return
+        try:
+            stream.task = method.start(stream.messages.pop(), partial(self._answer, stream))
+        except Exception as exc:
+            log.exception("gRPC call %s failed", _path_of(self, method))
+            self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
 
     # --- calls ----------------------------------------------------------------------------
+
+    def _answer(self, stream: _Stream, response: bytes | None, code: int, message: str) -> None:
+        """How a call started without a task (``MethodHandler.start``) ends."""
+        if code != OK:
+            self._status(stream, int(code), message)
+        elif response is not None and self._send_message(stream, response):
+            self._finish(stream, OK_TRAILERS)
 
     async def _run(self, stream: _Stream, method: _Method) -> None:
         """Run one call's handler; a status ends the call however the handler ends."""

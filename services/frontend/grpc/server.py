@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 SERVICE = "inference.GRPCInferenceService"
 # Methods whose handlers take and return message bytes (the servicer parses them).
 RAW_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+# Unary methods the servicer can also start without a coroutine (h2server uses them).
+UNARY_STARTS = {"ModelInfer": "start_model_infer"}
 
 # Triton's --grpc-infer-response-compression-level -> grpc_compression_level.
 COMPRESSION_LEVELS = {"none": 0, "low": 1, "med": 2, "high": 3}
@@ -166,7 +168,11 @@ def method_handlers(servicer: InferenceServicer) -> dict[str, MethodHandler]:
             deserializer = getattr(pb, method.input_type.name).FromString
             serializer = getattr(pb, method.output_type.name).SerializeToString
         handlers[method.name] = MethodHandler(
-            getattr(servicer, method.name), deserializer, serializer, method.server_streaming
+            getattr(servicer, method.name),
+            deserializer,
+            serializer,
+            method.server_streaming,
+            getattr(servicer, UNARY_STARTS.get(method.name, ""), None),
         )
     return handlers
 

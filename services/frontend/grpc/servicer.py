@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NoReturn
 
@@ -104,6 +104,42 @@ class InferenceServicer:
         return converters.repository_index(body, request.ready)
 
     # --- inference ------------------------------------------------------------------------
+
+    def start_model_infer(
+        self, request: bytes, answer: Callable[[bytes | None, int, str], None]
+    ) -> asyncio.Future | None:
+        """``ModelInfer`` without a coroutine, for a transport that answers from a
+        callback (``h2server``): sends the request on now and returns the future it
+        waits on (cancel it to abandon the call), or None when it has answered already.
+        ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``."""
+        plane = self.plane
+        try:
+            inference = converters.decode_message(request)
+            pending = plane.submit(inference)
+        except ServerError as exc:
+            answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+            return None
+
+        def done(pending: asyncio.Future) -> None:
+            if pending.cancelled():
+                return  # the call ended (deadline, reset); the data plane frees the rest
+            try:
+                result = pending.result()
+            except ServerError as exc:
+                answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+                return
+            result.id = inference.id
+            try:
+                response = converters.serialize_infer_response(result, inference)
+            except ServerError as exc:
+                answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+                return
+            finally:
+                plane.release(result)
+            answer(response, Status.OK, "")
+
+        pending.add_done_callback(done)
+        return pending
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
         plane = self.plane
