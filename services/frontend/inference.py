@@ -48,9 +48,103 @@ class InferenceRequest:
     # data that are views of it travel as refs to it, with no copy. The scheduler client
     # takes it over (and frees it when the reply arrives).
     body_block: object | None = None
-    # Shared by the requests a ``codec.HeaderMemo`` rebuilt from one header: the
+    # Shared by the requests a ``RequestMemo`` rebuilt from one template: the
     # signatures (by id) they were found to fit, so the rest skip that check.
     checked: dict[int, object] | None = None
+
+
+class RequestMemo:
+    """The last request one client sent, as a template: a client sends the same metadata
+    with every request of the same shapes (tritonclient, perf_analyzer), and a request
+    whose bytes repeat it, tensor data aside, is rebuilt from this with its own data,
+    without decoding or checking the metadata again; what the data plane checked
+    against the model's signature stays checked (``InferenceRequest.checked``): ~35 µs
+    of a c=1 request on 2 vCPUs. Each protocol's codec says what "the same" is
+    (``key``: the body's leading bytes, ``marks``: bytes expected at offsets after it)
+    and where each input's data lies (``remember``). Owned by one connection or
+    servicer; holds no request bytes, only where each input's data lies."""
+
+    __slots__ = (
+        "key",
+        "total",
+        "marks",
+        "model",
+        "version",
+        "request_id",
+        "inputs",
+        "outputs",
+        "params",
+        "binary",
+        "checked",
+    )
+
+    def __init__(self) -> None:
+        self.key = b""
+        self.total = -1  # the body's length; -1: nothing remembered
+        self.marks: list[tuple[int, bytes]] = []
+        self.model = self.version = self.request_id = ""
+        # (name, datatype, shape, parameters, start of its data in the body or -1, end,
+        # its data when not in the body: converted JSON or typed contents, or None)
+        self.inputs: list[tuple] = []
+        self.outputs: list[OutputRequest] = []
+        self.params: dict[str, ParamValue] = {}
+        self.binary = False
+        self.checked: dict[int, object] = {}
+
+    def matches(self, body: bytes) -> bool:
+        if len(body) != self.total or not body.startswith(self.key):
+            return False
+        for offset, mark in self.marks:
+            if not body.startswith(mark, offset):
+                return False
+        return True
+
+    def remember(
+        self,
+        body: bytes,
+        key_length: int,
+        request: InferenceRequest,
+        spans: list[tuple[int, int] | None],
+        marks: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        """Remember ``request``, decoded from ``body``: ``spans`` gives, per input, where
+        its data lies in the body (None: it is not the body's)."""
+        self.inputs = [
+            (t.name, t.datatype, t.shape, t.parameters, -1, 0, t.data)
+            if span is None
+            else (t.name, t.datatype, t.shape, t.parameters, span[0], span[1], None)
+            for t, span in zip(request.inputs, spans)
+        ]
+        self.key = body[:key_length]
+        self.total = len(body)
+        self.marks = marks or []
+        self.model, self.version = request.model, request.version
+        self.request_id = request.id
+        self.outputs = request.outputs
+        self.params = request.parameters
+        self.binary = request.binary_output
+        self.checked = {}
+        request.checked = self.checked
+
+    def forget(self) -> None:
+        self.total = -1
+
+    def rebuild(self, body: bytes, model: str, version: str) -> InferenceRequest:
+        view = memoryview(body)
+        request = InferenceRequest(
+            model,
+            version,
+            self.request_id,
+            [
+                InputTensor(name, datatype, shape, data if start < 0 else view[start:end], p)
+                for name, datatype, shape, p, start, end, data in self.inputs
+            ],
+            self.outputs,
+            self.params,
+            self.binary,
+        )
+        request.checked = self.checked
+        return request
 
 
 @dataclass(slots=True)

@@ -295,6 +295,22 @@ def test_add_sub_models(client, model, dtype):
     assert len(response.raw_output_contents) == 2
 
 
+def test_repeated_requests_each_get_their_own_data(client):
+    """Requests that repeat the same fields but their tensor bytes are rebuilt from the
+    servicer's RequestMemo: each is answered from its own bytes, and a request with the
+    same fields for another batch size is decoded and checked anew."""
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        a, b = (rng.integers(-1000, 1000, size=(1, 16)).astype(np.int32) for _ in range(2))
+        result = client.infer("simple", add_sub_inputs(a, b))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    a = np.zeros((9, 16), np.int32)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", add_sub_inputs(a, a))
+    assert "batch-size must be <= 8" in info.value.message()
+
+
 def test_requested_output_subset_and_version(client):
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     result = client.infer(

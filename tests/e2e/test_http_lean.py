@@ -308,7 +308,7 @@ def binary_simple(a: np.ndarray, b: np.ndarray, model: str = "simple") -> bytes:
 
 
 def test_a_repeated_header_gets_each_request_data_and_each_model_check(lean):
-    """The connection remembers the last binary header (codec.HeaderMemo): requests that
+    """The connection remembers the last binary header (inference.RequestMemo): requests that
     repeat it are answered from their own bytes, and sent to another model, it is
     checked against that model's inputs."""
     rng = np.random.default_rng(7)

@@ -10,7 +10,7 @@ from tritonclient.utils import serialize_byte_tensor
 
 from despina.common.errors import Code, ServerError
 from despina.services.frontend.grpc import converters as c
-from despina.services.frontend.inference import InferenceResult, OutputTensor
+from despina.services.frontend.inference import InferenceResult, OutputTensor, RequestMemo
 
 
 def request_with(*tensors, raw: list[bytes] | None = None, **kw) -> pb.ModelInferRequest:
@@ -254,3 +254,70 @@ def test_control_plane_documents():
     assert status.regions["r"].key == "/k" and status.regions["r"].byte_size == 64
     cuda = c.shm_status(orjson.dumps([{"name": "g", "device_id": 1, "byte_size": 4}]), cuda=True)
     assert cuda.regions["g"].device_id == 1
+
+
+def _fields(req) -> tuple:
+    return (
+        req.model,
+        req.version,
+        req.id,
+        [
+            (t.name, t.datatype, t.shape, None if t.data is None else bytes(t.data), t.parameters)
+            for t in req.inputs
+        ],
+        req.outputs,
+        req.parameters,
+    )
+
+
+def _small_request(a: np.ndarray, b: np.ndarray) -> pb.ModelInferRequest:
+    request = request_with(
+        ("A", "FP32", [1, 4]), ("T", "INT32", [2]), ("B", "INT8", [3]), raw=[a.tobytes()], id="x"
+    )
+    request.inputs[1].contents.int_contents.extend([5, 6])
+    request.raw_input_contents.append(b.tobytes())
+    request.outputs.add(name="O")
+    request.parameters["priority"].int64_param = 1
+    return request
+
+
+def test_memo_rebuilds_a_repeated_message_with_the_new_data():
+    memo = RequestMemo()
+    a, b = np.arange(4, dtype=np.float32), np.arange(3, dtype=np.int8)
+    first = c.decode_message(_small_request(a, b).SerializeToString(), memo)
+    assert memo.total > 0
+    message = _small_request(a * 2, b + 1).SerializeToString()
+    second = c.decode_message(message, memo)
+    assert _fields(second) == _fields(c.decode_message(message))
+    assert bytes(second.inputs[0].data) == (a * 2).tobytes()
+    assert bytes(second.inputs[2].data) == (b + 1).tobytes()
+    assert bytes(second.inputs[1].data) == np.array([5, 6], np.int32).tobytes()
+    assert bytes(first.inputs[0].data) == a.tobytes()
+    assert second.checked is first.checked is memo.checked
+
+
+def test_memo_decodes_what_it_cannot_vouch_for():
+    memo = RequestMemo()
+    a, b = np.arange(4, dtype=np.float32), np.arange(3, dtype=np.int8)
+    c.decode_message(_small_request(a, b).SerializeToString(), memo)
+    # The same fields with the raw bytes split otherwise (as long in all): decoded, refused.
+    request = _small_request(a, b)
+    request.raw_input_contents[0] = a.tobytes()[:-1]
+    request.raw_input_contents[1] = b.tobytes() + b"\0"
+    with pytest.raises(ServerError, match="unexpected total byte size"):
+        c.decode_message(request.SerializeToString(), memo)
+    # Raw entries that are not the message's tail: decoded each time, not remembered.
+    head = _small_request(a, b)
+    del head.raw_input_contents[:]
+    message = (
+        pb.ModelInferRequest(raw_input_contents=[a.tobytes(), b.tobytes()]).SerializeToString()
+        + head.SerializeToString()
+    )
+    fresh = RequestMemo()
+    assert _fields(c.decode_message(message, fresh)) == _fields(c.decode_message(message))
+    assert fresh.total == -1
+    # BYTES elements are checked against each request's bytes: never remembered.
+    strings = serialize_byte_tensor(np.array([b"x", b"yz"], object)).item()
+    message = request_with(("S", "BYTES", [2]), raw=[strings]).SerializeToString()
+    c.decode_message(message, fresh)
+    assert fresh.total == -1

@@ -12,7 +12,6 @@ import pytest
 from despina.common import dtypes
 from despina.common.errors import Code, ServerError
 from despina.services.frontend.http.codec import (
-    HeaderMemo,
     decode_infer_request,
     encode_error,
     encode_infer_response,
@@ -23,6 +22,7 @@ from despina.services.frontend.inference import (
     InferenceResult,
     OutputRequest,
     OutputTensor,
+    RequestMemo,
 )
 
 # datatype, JSON values, the array those values stand for
@@ -359,7 +359,7 @@ def _fields(req: InferenceRequest) -> tuple:
 
 
 def test_header_memo_rebuilds_a_repeated_header_with_the_new_data():
-    memo = HeaderMemo()
+    memo = RequestMemo()
     first_a, second_a = np.arange(4, dtype=np.float32), np.full(4, 9.5, np.float32)
     body, header_length = _mixed_request(first_a, [7, 8])
     first = decode_infer_request(body, header_length, "m", "1", memo)
@@ -379,7 +379,7 @@ def test_header_memo_rebuilds_a_repeated_header_with_the_new_data():
 
 
 def test_header_memo_never_skips_a_check_that_depends_on_the_body():
-    memo = HeaderMemo()
+    memo = RequestMemo()
     body, header_length = _mixed_request(np.arange(4, dtype=np.float32), [7, 8])
     decode_infer_request(body, header_length, "m", "1", memo)
     # The same header with a binary part of another length is decoded, and refused.
@@ -397,7 +397,7 @@ def test_header_memo_never_skips_a_check_that_depends_on_the_body():
         decode_infer_request(body, header_length, "m", "1", memo)
     # A body that is not bytes (a shared-memory block's view) is never remembered.
     body, header_length = _mixed_request(np.arange(4, dtype=np.float32), [7, 8])
-    fresh = HeaderMemo()
+    fresh = RequestMemo()
     decode_infer_request(memoryview(body), header_length, "m", "1", fresh)
     assert fresh.total == -1
 

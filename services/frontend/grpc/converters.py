@@ -48,6 +48,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    RequestMemo,
     check_io_parameter,
     check_request_parameter,
 )
@@ -83,6 +84,7 @@ LARGE_MESSAGE = 64 * 1024
 # ModelInferRequest.raw_input_contents = 7, ModelInferResponse.raw_output_contents = 6,
 # ModelStreamInferResponse.infer_response = 2: length-delimited (wire type 2).
 _RAW_INPUT_FIELD = 7
+_RAW_INPUT_KEY = b"\x3a"  # (7 << 3) | 2
 _RAW_OUTPUT_KEY = b"\x32"  # (6 << 3) | 2
 _STREAM_INFER_KEY = b"\x12"  # (2 << 3) | 2
 
@@ -172,10 +174,49 @@ def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryv
         raise invalid_arg(f"malformed ModelInferRequest: {exc}") from None
 
 
-def decode_message(data: bytes) -> InferenceRequest:
-    """``parse_infer_request`` then ``decode_infer_request``."""
-    request, raw = parse_infer_request(data)
-    return decode_infer_request(request, raw)
+def decode_message(data: bytes, memo: RequestMemo | None = None) -> InferenceRequest:
+    """``parse_infer_request`` then ``decode_infer_request``. ``memo``: a small message
+    that repeats the last one's fields but for ``raw_input_contents`` (its key, with the
+    entries' tags and lengths) is rebuilt from it; otherwise it remembers this one."""
+    if memo is not None and len(data) < LARGE_MESSAGE:
+        if memo.matches(data):
+            return memo.rebuild(data, memo.model, memo.version)
+        message, raw = parse_infer_request(data)
+        request = decode_infer_request(message, raw)
+        _remember(memo, data, message, request)
+        return request
+    message, raw = parse_infer_request(data)
+    return decode_infer_request(message, raw)
+
+
+def _remember(
+    memo: RequestMemo, data: bytes, message: pb.ModelInferRequest, request: InferenceRequest
+) -> None:
+    """Kept when the raw input entries are the message's tail (as protobuf serializes
+    fields, in number order): the rest of the message is the memo's key, the entries'
+    tags and lengths its marks. BYTES elements are checked against each request's
+    bytes: such a request is not kept."""
+    memo.forget()
+    raw_inputs = []  # (index, size) of each input with raw contents, in order
+    for index, (tensor, decoded) in enumerate(zip(message.inputs, request.inputs)):
+        if decoded.data is None or tensor.HasField("contents"):
+            continue
+        if decoded.datatype == "BYTES":
+            return
+        raw_inputs.append((index, len(decoded.data)))
+    heads = [_RAW_INPUT_KEY + _varint(size) for _, size in raw_inputs]
+    offset = len(data) - sum(len(head) + size for head, (_, size) in zip(heads, raw_inputs))
+    spans: list[tuple[int, int] | None] = [None] * len(request.inputs)
+    marks = []
+    key_length = offset
+    for head, (index, size) in zip(heads, raw_inputs):
+        if offset < 0 or not data.startswith(head, offset):
+            return  # fields in another order: decoded each time
+        marks.append((offset, head))
+        offset += len(head)
+        spans[index] = (offset, offset + size)
+        offset += size
+    memo.remember(data, key_length, request, spans, marks)
 
 
 # -- inference request ----------------------------------------------------------------

@@ -12,7 +12,8 @@ registers them without a protobuf (de)serializer): ``converters`` parses and ser
 them, keeping large tensors out of protobuf's copies.
 
 One servicer serves every call of its frontend process; it keeps no per-call state
-outside the calls' own coroutines.
+outside the calls' own coroutines (its ``RequestMemo`` is the last request's fields,
+decoded, for the next call that repeats them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import GRPC_STATUS, Status
-from despina.services.frontend.inference import InferenceRequest, InferenceResult
+from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
 
 log = logging.getLogger("despina.frontend")
 
@@ -65,6 +66,9 @@ class InferenceServicer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self._server_metadata = converters.server_metadata(plane.server_metadata())
+        # The last small ModelInferRequest's fields, decoded (see RequestMemo): one for
+        # the process, since a call does not know its connection.
+        self.memo = RequestMemo()
 
     # --- health and metadata --------------------------------------------------------------
 
@@ -114,7 +118,7 @@ class InferenceServicer:
         ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``."""
         plane = self.plane
         try:
-            inference = converters.decode_message(request)
+            inference = converters.decode_message(request, self.memo)
             pending = plane.submit(inference)
         except ServerError as exc:
             answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
@@ -144,7 +148,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: bytes, context) -> bytes:
         plane = self.plane
         try:
-            inference = converters.decode_message(request)
+            inference = converters.decode_message(request, self.memo)
             result = await plane.infer(inference)
             try:
                 return converters.serialize_infer_response(result, inference)

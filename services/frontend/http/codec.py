@@ -38,6 +38,7 @@ from despina.services.frontend.inference import (
     InputTensor,
     OutputRequest,
     ParamValue,
+    RequestMemo,
     check_io_parameter,
     check_request_parameter,
 )
@@ -86,93 +87,12 @@ def parse_header_length(value: str | None) -> int | None:
     return int(text)
 
 
-class HeaderMemo:
-    """The last binary request header one connection sent, decoded. A client sends the
-    same JSON header with every request of the same shapes (tritonclient,
-    perf_analyzer); a request whose header and body length match the last one is rebuilt
-    from this, with its own tensor data, without parsing or checking its JSON again, and
-    what the data plane checked against the model's signature stays checked
-    (``InferenceRequest.checked``): ~35 µs of a c=1 request on 2 vCPUs. Owned by one
-    connection (the codec stays free of shared state); holds no request bytes, only
-    where each binary input lies in the body."""
-
-    __slots__ = (
-        "header",
-        "total",
-        "request_id",
-        "inputs",
-        "outputs",
-        "params",
-        "binary",
-        "checked",
-    )
-
-    def __init__(self) -> None:
-        self.header = b""
-        self.total = -1
-        self.request_id = ""
-        # (name, datatype, shape, parameters, offset of its binary data or -1, size, data)
-        self.inputs: list[tuple] = []
-        self.outputs: list[OutputRequest] = []
-        self.params: dict[str, ParamValue] = {}
-        self.binary = False
-        self.checked: dict[int, object] = {}
-
-    def matches(self, body: bytes, header_length: int) -> bool:
-        return (
-            header_length == len(self.header)
-            and len(body) == self.total
-            and body.startswith(self.header)
-        )
-
-    def remember(self, body: bytes, header_length: int, request: InferenceRequest) -> None:
-        offset = header_length
-        inputs = []
-        for t in request.inputs:
-            data = t.data
-            if type(data) is memoryview:
-                size = data.nbytes
-                if t.datatype == "BYTES":
-                    self.total = -1  # its elements are checked against the data each time
-                    return
-                inputs.append((t.name, t.datatype, t.shape, t.parameters, offset, size, None))
-                offset += size
-            else:
-                inputs.append((t.name, t.datatype, t.shape, t.parameters, -1, 0, data))
-        self.header = body[:header_length]
-        self.total = len(body)
-        self.request_id = request.id
-        self.inputs = inputs
-        self.outputs = request.outputs
-        self.params = request.parameters
-        self.binary = request.binary_output
-        self.checked = {}
-        request.checked = self.checked
-
-    def rebuild(self, body: bytes, model: str, version: str) -> InferenceRequest:
-        view = memoryview(body)
-        request = InferenceRequest(
-            model,
-            version,
-            self.request_id,
-            [
-                InputTensor(name, datatype, shape, view[o : o + n] if o >= 0 else data, params)
-                for name, datatype, shape, params, o, n, data in self.inputs
-            ],
-            self.outputs,
-            self.params,
-            self.binary,
-        )
-        request.checked = self.checked
-        return request
-
-
 def decode_infer_request(
     body: bytes | bytearray | memoryview,
     header_length: int | None,
     model: str,
     version: str,
-    memo: HeaderMemo | None = None,
+    memo: RequestMemo | None = None,
 ) -> InferenceRequest:
     """Decode an inference request body into an ``InferenceRequest``.
 
@@ -182,18 +102,18 @@ def decode_infer_request(
     for as long as the request is in use. JSON input data is converted to raw
     little-endian bytes (BYTES to the length-prefixed form).
 
-    ``memo``: the connection's ``HeaderMemo``, for a body in ``bytes`` with a binary
-    header: the request is rebuilt from it when the header is the last one again, and
-    it remembers this one otherwise.
+    ``memo``: the connection's ``RequestMemo``, for a body in ``bytes`` with a binary
+    header (its key): the request is rebuilt from it when the header and the body's
+    length are the last one's again, and it remembers this one otherwise.
 
     Raises INVALID_ARG for anything malformed, UNSUPPORTED for a raw binary request
     (header length 0). Only that request fails.
     """
     if memo is not None and header_length and type(body) is bytes:
-        if memo.matches(body, header_length):
+        if header_length == len(memo.key) and memo.matches(body):
             return memo.rebuild(body, model, version)
         request = decode_infer_request(body, header_length, model, version)
-        memo.remember(body, header_length, request)
+        _remember(memo, body, header_length, request)
         return request
     total = len(body)
     if header_length is None:
@@ -262,6 +182,23 @@ def decode_infer_request(
 
     # Positional: keyword arguments cost a slots dataclass twice as much on this path.
     return InferenceRequest(model, version, request_id, inputs, outputs, parameters, binary_output)
+
+
+def _remember(memo: RequestMemo, body: bytes, header_length: int, req: InferenceRequest) -> None:
+    """The header is the memo's key; the binary inputs' data follow it in order. BYTES
+    elements are checked against each request's bytes: such a request is not kept."""
+    spans: list[tuple[int, int] | None] = []
+    offset = header_length
+    for t in req.inputs:
+        if type(t.data) is not memoryview:
+            spans.append(None)
+            continue
+        if t.datatype == "BYTES":
+            memo.forget()
+            return
+        spans.append((offset, offset + t.data.nbytes))
+        offset += t.data.nbytes
+    memo.remember(body, header_length, req, spans)
 
 
 def _decode_input(

@@ -41,7 +41,7 @@ from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
-from despina.services.frontend.inference import InferenceRequest, InferenceResult
+from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
 
 log = logging.getLogger("despina.frontend")
 
@@ -184,7 +184,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.drained: asyncio.Future | None = None
-        self.memo = codec.HeaderMemo()  # the last binary infer header, decoded
+        self.memo = RequestMemo()  # the last binary infer header, decoded
 
     # --- connection -------------------------------------------------------------------------
 
