@@ -76,6 +76,7 @@ class RequestMemo:
         "params",
         "binary",
         "checked",
+        "reply",
     )
 
     def __init__(self) -> None:
@@ -90,6 +91,8 @@ class RequestMemo:
         self.params: dict[str, ParamValue] = {}
         self.binary = False
         self.checked: dict[int, object] = {}
+        # The last response to this template, as its codec encoded it (for reuse)
+        self.reply: tuple | None = None
 
     def matches(self, body: bytes) -> bool:
         if len(body) != self.total or not body.startswith(self.key):
@@ -124,6 +127,7 @@ class RequestMemo:
         self.params = request.parameters
         self.binary = request.binary_output
         self.checked = {}
+        self.reply = None
         request.checked = self.checked
 
     def forget(self) -> None:

@@ -10,7 +10,12 @@ from tritonclient.utils import serialize_byte_tensor
 
 from despina.common.errors import Code, ServerError
 from despina.services.frontend.grpc import converters as c
-from despina.services.frontend.inference import InferenceResult, OutputTensor, RequestMemo
+from despina.services.frontend.inference import (
+    InferenceResult,
+    OutputRequest,
+    OutputTensor,
+    RequestMemo,
+)
 
 
 def request_with(*tensors, raw: list[bytes] | None = None, **kw) -> pb.ModelInferRequest:
@@ -321,3 +326,29 @@ def test_memo_decodes_what_it_cannot_vouch_for():
     message = request_with(("S", "BYTES", [2]), raw=[strings]).SerializeToString()
     c.decode_message(message, fresh)
     assert fresh.total == -1
+
+
+def test_reply_memo_writes_the_same_bytes_as_protobuf():
+    memo = RequestMemo()
+    a, b = np.arange(4, dtype=np.float32), np.arange(3, dtype=np.int8)
+    request = c.decode_message(_small_request(a, b).SerializeToString(), memo)
+    request.outputs = [OutputRequest("O"), OutputRequest("S", False, {"shared_memory_region": "r"})]
+    for o in (
+        np.arange(6, dtype=np.float32),
+        np.full(6, 2, np.float32),
+        np.arange(2, dtype=np.float32),
+    ):
+        result = InferenceResult(
+            "m",
+            "",
+            "x",
+            [
+                OutputTensor("O", "FP32", [1, o.size], o.tobytes()),
+                OutputTensor("S", "FP32", [2], None),
+            ],
+        )
+        message = c.serialize_infer_response(result, request, memo)
+        assert message == c.encode_infer_response(result, request).SerializeToString()
+        parsed = pb.ModelInferResponse.FromString(message)
+        assert parsed.raw_output_contents == [o.tobytes(), b""]
+    assert memo.reply is not None

@@ -15,6 +15,7 @@ from despina.services.frontend.http.codec import (
     decode_infer_request,
     encode_error,
     encode_infer_response,
+    encode_infer_response_parts,
     parse_header_length,
 )
 from despina.services.frontend.inference import (
@@ -708,3 +709,40 @@ def test_round_trip_through_tritonclient(binary):
 
 def test_encode_error():
     assert orjson.loads(encode_error('bad "input"')) == {"error": 'bad "input"'}
+
+
+def test_reply_memo_reuses_the_json_of_a_repeated_response():
+    memo = RequestMemo()
+    body, header_length = _mixed_request(np.arange(4, dtype=np.float32), [7, 8])
+    request = decode_infer_request(body, header_length, "m", "1", memo)
+    request.outputs = [OutputRequest("O", True), OutputRequest("P", True)]
+
+    def result(o: np.ndarray, p: np.ndarray) -> InferenceResult:
+        return InferenceResult(
+            "m",
+            "1",
+            "r1",
+            [
+                OutputTensor("O", "FP32", list(o.shape), o.tobytes()),
+                OutputTensor("P", "INT64", list(p.shape), p.tobytes()),
+            ],
+        )
+
+    for o, p in [
+        (np.arange(3, dtype=np.float32), np.arange(2)),
+        (np.full(3, 7, np.float32), np.array([9, 9])),  # same shapes: the JSON is reused
+        (np.arange(5, dtype=np.float32), np.arange(2)),  # another shape: encoded anew
+    ]:
+        parts, json_length = encode_infer_response_parts(result(o, p), request, memo)
+        fresh, fresh_length = encode_infer_response_parts(result(o, p), request)
+        assert (b"".join(parts), json_length) == (b"".join(fresh), fresh_length)
+        assert b"".join(parts[1:]) == o.tobytes() + p.tobytes()
+    assert memo.reply is not None
+    # An output sent as JSON values carries them in the JSON: never reused.
+    request.outputs = [OutputRequest("O", False)]
+    memo.reply = None
+    o = np.arange(3, dtype=np.float32)
+    res = InferenceResult("m", "1", "r1", [OutputTensor("O", "FP32", [3], o.tobytes())])
+    parts, json_length = encode_infer_response_parts(res, request, memo)
+    assert json_length is None and orjson.loads(parts[0])["outputs"][0]["data"] == [0, 1, 2]
+    assert memo.reply is None

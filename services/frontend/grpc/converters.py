@@ -462,6 +462,10 @@ def encode_infer_response(
     return response
 
 
+def _nbytes(data: bytes | memoryview | None) -> int:
+    return -1 if data is None else data.nbytes if type(data) is memoryview else len(data)
+
+
 def _output_bytes(result: InferenceResult) -> int:
     total = 0
     for output in result.outputs:
@@ -483,11 +487,36 @@ def _raw_entries(parts: list, raw: list) -> int:
     return size
 
 
-def serialize_infer_response(result: InferenceResult, request: InferenceRequest) -> bytes:
+def serialize_infer_response(
+    result: InferenceResult, request: InferenceRequest, memo: RequestMemo | None = None
+) -> bytes:
     """``encode_infer_response``, serialized. Large outputs are copied once, straight
-    from where they are (a backend host's shared memory) into the message bytes."""
+    from where they are (a backend host's shared memory) into the message bytes.
+    ``memo``: the servicer's ``RequestMemo``; a small response that repeats the last
+    one's fields (the same request template, outputs of the same names, types, shapes
+    and sizes) reuses them, followed by this one's ``raw_output_contents``."""
     if _output_bytes(result) < LARGE_MESSAGE:
-        return encode_infer_response(result, request).SerializeToString()
+        if memo is None or result.parameters:
+            return encode_infer_response(result, request).SerializeToString()
+        key = (
+            result.model,
+            result.version,
+            request.id,
+            tuple((o.name, o.datatype, tuple(o.shape), _nbytes(o.data)) for o in result.outputs),
+        )
+        reply = memo.reply
+        if reply is None or reply[0] is not request.outputs or reply[1] != key:
+            entries: list = []
+            head = encode_infer_response(result, request, None, entries).SerializeToString()
+            # Outputs written into a client region have an empty entry (see encode).
+            empty = [i for i, data in enumerate(entries) if type(data) is bytes and not data]
+            reply = memo.reply = (request.outputs, key, head, empty)
+        entries = [o.data for o in result.outputs]
+        for i in reply[3]:
+            entries[i] = b""
+        message: list = [reply[2]]
+        _raw_entries(message, entries)
+        return b"".join(message)
     raw: list = []
     head = encode_infer_response(result, request, None, raw).SerializeToString()
     parts: list = [head]

@@ -134,7 +134,7 @@ class InferenceServicer:
                 return
             result.id = inference.id
             try:
-                response = converters.serialize_infer_response(result, inference)
+                response = converters.serialize_infer_response(result, inference, self.memo)
             except ServerError as exc:
                 answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
                 return

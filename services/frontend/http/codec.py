@@ -547,7 +547,7 @@ def encode_infer_response(
 
 
 def encode_infer_response_parts(
-    result: InferenceResult, request: InferenceRequest
+    result: InferenceResult, request: InferenceRequest, memo: RequestMemo | None = None
 ) -> tuple[list[bytes | memoryview], int | None]:
     """Encode a result as (body parts, Inference-Header-Content-Length or None). The
     parts are the JSON header, then each binary output's bytes as they are (views into
@@ -564,13 +564,61 @@ def encode_infer_response_parts(
     ``binary_data_size``), since a JSON string cannot carry it losslessly and clients
     such as tritonclient read either form.
 
+    ``memo``: the connection's ``RequestMemo``; a response that repeats the last one's
+    JSON (the same request template, outputs of the same names, types, shapes and sizes,
+    all binary) reuses it.
+
     Raises INTERNAL when an output's bytes do not match its shape and datatype.
     """
+    key = None
+    if memo is not None and not result.parameters:
+        key = _reply_key(result, request)
+        reply = memo.reply
+        if reply is not None and reply[0] is request.outputs and reply[1] == key:
+            header, json_length, indices = reply[2:]
+            outputs = result.outputs
+            return [header, *[outputs[i].data for i in indices]], json_length
+    parts, json_length, indices = _encode_parts(result, request)
+    if key is not None and indices is not None:
+        memo.reply = (request.outputs, key, parts[0], json_length, indices)  # type: ignore[union-attr]
+    return parts, json_length
+
+
+def _reply_key(result: InferenceResult, request: InferenceRequest) -> tuple:
+    """What a response's JSON depends on, but for the request's outputs (compared by
+    identity: a RequestMemo's template's)."""
+    return (
+        result.model,
+        result.version,
+        result.id,
+        request.binary_output,
+        tuple(
+            (
+                o.name,
+                o.datatype,
+                tuple(o.shape),
+                -1
+                if o.data is None
+                else o.data.nbytes
+                if type(o.data) is memoryview
+                else len(o.data),
+            )
+            for o in result.outputs
+        ),
+    )
+
+
+def _encode_parts(
+    result: InferenceResult, request: InferenceRequest
+) -> tuple[list[bytes | memoryview], int | None, list[int] | None]:
+    """``encode_infer_response_parts`` without the memo; the third item lists the outputs
+    whose bytes follow the JSON, or is None when an output's values are in the JSON."""
     requested = {o.name: o for o in request.outputs} if request.outputs else None
     outputs_json = []
     blobs: list[bytes | memoryview] = []
+    indices: list[int] | None = []
     any_binary = False
-    for output in result.outputs:
+    for index, output in enumerate(result.outputs):
         name, datatype, shape, data = output.name, output.datatype, output.shape, output.data
         wanted = requested.get(name) if requested is not None else None
         if wanted is None:
@@ -602,6 +650,7 @@ def encode_infer_response_parts(
                 outputs_json.append(
                     {"name": name, "datatype": datatype, "shape": shape, "data": values}
                 )
+                indices = None
                 continue
         outputs_json.append(
             {
@@ -614,6 +663,8 @@ def encode_infer_response_parts(
         any_binary = True
         if size:
             blobs.append(data)
+            if indices is not None:
+                indices.append(index)
 
     doc: dict[str, object] = {"model_name": result.model, "model_version": result.version}
     if request.id:
@@ -628,8 +679,8 @@ def encode_infer_response_parts(
             f"failed to encode the response JSON for model '{result.model}': {e}"
         ) from None
     if not any_binary:
-        return [header], None
-    return [header, *blobs], len(header)
+        return [header], None, indices
+    return [header, *blobs], len(header), indices
 
 
 def _bytes_to_strings(name: str, shape: list[int], data: bytes | memoryview) -> list[str] | None:

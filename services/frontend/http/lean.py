@@ -627,7 +627,7 @@ def _answer_infer(
     result.id = inference.id
     streamed = False
     try:
-        parts, json_length = codec.encode_infer_response_parts(result, inference)
+        parts, json_length = codec.encode_infer_response_parts(result, inference, conn.memo)
         if json_length is None:
             content_type, headers = JSON, b""
         else:
