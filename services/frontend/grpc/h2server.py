@@ -623,6 +623,12 @@ class _Connection(asyncio.Protocol):
     def _read_messages(self, stream: _Stream, data: bytes | memoryview) -> None:
         """Split the stream's bytes into gRPC messages (1-byte flag, 4-byte length)."""
         end = len(data)
+        if stream.need < 0 and not stream.size and end >= 5 and stream.requests is None:
+            # A unary call's whole message in one frame, the usual case: no joins.
+            need = int.from_bytes(data[1:5], "big")
+            if end == 5 + need and data[0] == 0 and need <= self.server.max_receive:
+                stream.messages.append(bytes(data[5:]))
+                return
         if stream.need >= 0 and stream.size + end < stream.need:
             stream.parts.append(data)  # the middle of a large message: the usual case
             stream.size += end

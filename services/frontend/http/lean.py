@@ -333,7 +333,13 @@ class _Connection(asyncio.Protocol):
         req.http10 = parser.get_http_version() == "1.0"
         url = req.url
         q = url.find(b"?")
-        route = _route(method, url if q < 0 else url[:q])
+        path = url if q < 0 else url[:q]
+        route = _ROUTES.get((method, path))
+        if route is None:
+            route = _route(method, path)
+            if len(_ROUTES) >= 256:  # many distinct paths: start over
+                _ROUTES.clear()
+            _ROUTES[(method, path)] = route
         if type(route) is tuple and len(route) == 4:
             req.error = route
             return
@@ -692,6 +698,8 @@ def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> 
     return _answer_empty(conn, req, conn.plane.shm_unregister(cuda, name))
 
 
+# (method, path) -> what _route made of it: most requests repeat a few paths.
+_ROUTES: dict[tuple[bytes, bytes], tuple] = {}
 _SYNC = frozenset({_live, _server_metadata, _repository_control, _infer})
 _SHM_ROOTS = {"systemsharedmemory": False, "cudasharedmemory": True}
 
