@@ -23,7 +23,8 @@ What it implements, for the servicer's methods (``server.method_handlers``):
   answering), UNIMPLEMENTED for unknown methods.
 
 Handlers are called as grpc.aio calls them, ``handler(request, context)``, with a context
-whose ``abort`` ends the call with a status.
+whose ``abort`` ends the call with a status; a unary method that can also be started
+without a coroutine (``MethodHandler.start``: ModelInfer) is, in the frame parser.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ client does not read its answers), 404 for unknown paths and 405 (with ``Allow``
 known path and another method, as aiohttp answers; malformed HTTP gets 400 and the
 connection is closed. A client that goes away cancels its request.
 
-Sync routes (liveness, server metadata, errors) are answered in the parser's callbacks;
-routes that await the data plane run as one task per request.
+Sync routes (liveness, server metadata, errors) are answered in the parser's callbacks,
+and so is infer: it is sent on from there and answered from its future's callback (no
+task, no coroutine: they cost a c=1 request ~15 µs). The other routes that await the
+data plane run as one task per request.
 """
 
 from __future__ import annotations
