@@ -1,5 +1,6 @@
 """common/outbox.py: items per peer go out together at the end of the loop iteration,
-or in groups of the burst limit while the iteration goes on."""
+or in groups of the burst limit while the iteration goes on; at once with ``now``, and at
+the end of a ``gathering`` block, with no loop callback either way."""
 
 from __future__ import annotations
 
@@ -48,3 +49,41 @@ def test_default_limit_is_the_measured_one():
         return flushed
 
     assert asyncio.run(scenario()) == [{"a": list(range(outbox.BURST_LIMIT))}]
+
+
+def test_now_sends_it_with_all_that_waits_without_a_loop_callback():
+    async def scenario():
+        flushed: list[dict] = []
+        box = outbox.Outbox(flushed.append)
+        box.put("a", 1)
+        box.put("b", 2, now=True)  # what waited for "a" goes with it, in one flush
+        during = list(flushed)
+        handles = len(asyncio.get_running_loop()._ready)  # type: ignore[attr-defined]
+        box.put("c", 3, now=True)
+        assert len(asyncio.get_running_loop()._ready) == handles  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        return during, flushed
+
+    during, flushed = asyncio.run(scenario())
+    assert during == [{"a": [1], "b": [2]}]
+    assert flushed == [{"a": [1], "b": [2]}, {"c": [3]}]
+
+
+def test_gathering_sends_the_block_items_at_its_end():
+    async def scenario():
+        flushed: list[dict] = []
+        box = outbox.Outbox(flushed.append, limit=4)
+        ready = len(asyncio.get_running_loop()._ready)  # type: ignore[attr-defined]
+        with box.gathering:
+            for i in range(6):
+                box.put("a", i)
+            box.put("b", "x")
+            assert flushed == [{"a": [0, 1, 2, 3]}]  # the limit still applies
+        assert flushed == [{"a": [0, 1, 2, 3]}, {"a": [4, 5], "b": ["x"]}]
+        assert len(asyncio.get_running_loop()._ready) == ready  # no flush was scheduled
+        box.put("c", 1)  # after the block: the next iteration again
+        assert len(flushed) == 2
+        await asyncio.sleep(0)
+        return flushed
+
+    assert asyncio.run(scenario())[-1] == {"c": [1]}
