@@ -574,7 +574,7 @@ def _repository_control(conn: _Connection, req: _Request, model: str) -> None:
 
 def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
     """Decode the request and send it on now, in the parser's callback: no task, no
-    coroutine (they cost a c=1 request ~15 µs, DESIGN.md "The hot path"). Answers at once
+    coroutine (loadtest/README.md, "Less Python per request"). Answers at once
     when it cannot be sent; else ``conn.task`` is the pending result, and ``_infer_done``
     answers when it resolves (or drops the body when the connection went away)."""
     plane = conn.plane
