@@ -233,3 +233,18 @@ def check_io_parameter(
                 f"unable to parse '{key}' of {role} '{name}': it must be a non-negative "
                 f"integer, got {show(value)}"
             )
+
+
+def outputs_key(result: InferenceResult) -> tuple:
+    """What a result's outputs look like on the wire, but for their bytes: name, type,
+    shape and byte size (-1: in the client's region). A codec reuses the encoding of the
+    last response to a ``RequestMemo`` template while this stays the same."""
+    return tuple(
+        (
+            o.name,
+            o.datatype,
+            tuple(o.shape),
+            -1 if o.data is None else o.data.nbytes if type(o.data) is memoryview else len(o.data),
+        )
+        for o in result.outputs
+    )

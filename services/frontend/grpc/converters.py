@@ -51,6 +51,7 @@ from despina.services.frontend.inference import (
     RequestMemo,
     check_io_parameter,
     check_request_parameter,
+    outputs_key,
 )
 
 # A stream request parameter Triton reads itself: it asks for a flag on the final response.
@@ -462,10 +463,6 @@ def encode_infer_response(
     return response
 
 
-def _nbytes(data: bytes | memoryview | None) -> int:
-    return -1 if data is None else data.nbytes if type(data) is memoryview else len(data)
-
-
 def _output_bytes(result: InferenceResult) -> int:
     total = 0
     for output in result.outputs:
@@ -498,12 +495,7 @@ def serialize_infer_response(
     if _output_bytes(result) < LARGE_MESSAGE:
         if memo is None or result.parameters:
             return encode_infer_response(result, request).SerializeToString()
-        key = (
-            result.model,
-            result.version,
-            request.id,
-            tuple((o.name, o.datatype, tuple(o.shape), _nbytes(o.data)) for o in result.outputs),
-        )
+        key = (result.model, result.version, request.id, outputs_key(result))
         reply = memo.reply
         if reply is None or reply[0] is not request.outputs or reply[1] != key:
             entries: list = []

@@ -41,6 +41,7 @@ from despina.services.frontend.inference import (
     RequestMemo,
     check_io_parameter,
     check_request_parameter,
+    outputs_key,
 )
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
@@ -572,7 +573,7 @@ def encode_infer_response_parts(
     """
     key = None
     if memo is not None and not result.parameters:
-        key = _reply_key(result, request)
+        key = (result.model, result.version, result.id, request.binary_output, outputs_key(result))
         reply = memo.reply
         if reply is not None and reply[0] is request.outputs and reply[1] == key:
             header, json_length, indices = reply[2:]
@@ -582,30 +583,6 @@ def encode_infer_response_parts(
     if key is not None and indices is not None:
         memo.reply = (request.outputs, key, parts[0], json_length, indices)  # type: ignore[union-attr]
     return parts, json_length
-
-
-def _reply_key(result: InferenceResult, request: InferenceRequest) -> tuple:
-    """What a response's JSON depends on, but for the request's outputs (compared by
-    identity: a RequestMemo's template's)."""
-    return (
-        result.model,
-        result.version,
-        result.id,
-        request.binary_output,
-        tuple(
-            (
-                o.name,
-                o.datatype,
-                tuple(o.shape),
-                -1
-                if o.data is None
-                else o.data.nbytes
-                if type(o.data) is memoryview
-                else len(o.data),
-            )
-            for o in result.outputs
-        ),
-    )
 
 
 def _encode_parts(
