@@ -174,6 +174,23 @@ def serve_shipped_over(transport: str, tmp_path_factory, models: tuple[str, ...]
             os.environ["DESPINA_HTTP_TRANSPORT"] = before
 
 
+def request_fields(req) -> tuple:
+    """An ``InferenceRequest`` as comparable values (tensor data as bytes): what a
+    ``RequestMemo`` rebuilds must equal what the codec decodes."""
+    return (
+        req.model,
+        req.version,
+        req.id,
+        [
+            (t.name, t.datatype, t.shape, None if t.data is None else bytes(t.data), t.parameters)
+            for t in req.inputs
+        ],
+        req.outputs,
+        req.parameters,
+        req.binary_output,
+    )
+
+
 @pytest.fixture(scope="session")
 def generator():
     return load_generator()

@@ -17,6 +17,8 @@ from despina.services.frontend.inference import (
     RequestMemo,
 )
 
+from conftest import request_fields
+
 
 def request_with(*tensors, raw: list[bytes] | None = None, **kw) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="m", **kw)
@@ -261,20 +263,6 @@ def test_control_plane_documents():
     assert cuda.regions["g"].device_id == 1
 
 
-def _fields(req) -> tuple:
-    return (
-        req.model,
-        req.version,
-        req.id,
-        [
-            (t.name, t.datatype, t.shape, None if t.data is None else bytes(t.data), t.parameters)
-            for t in req.inputs
-        ],
-        req.outputs,
-        req.parameters,
-    )
-
-
 def _small_request(a: np.ndarray, b: np.ndarray) -> pb.ModelInferRequest:
     request = request_with(
         ("A", "FP32", [1, 4]), ("T", "INT32", [2]), ("B", "INT8", [3]), raw=[a.tobytes()], id="x"
@@ -293,7 +281,7 @@ def test_memo_rebuilds_a_repeated_message_with_the_new_data():
     assert memo.total > 0
     message = _small_request(a * 2, b + 1).SerializeToString()
     second = c.decode_message(message, memo)
-    assert _fields(second) == _fields(c.decode_message(message))
+    assert request_fields(second) == request_fields(c.decode_message(message))
     assert bytes(second.inputs[0].data) == (a * 2).tobytes()
     assert bytes(second.inputs[2].data) == (b + 1).tobytes()
     assert bytes(second.inputs[1].data) == np.array([5, 6], np.int32).tobytes()
@@ -319,7 +307,9 @@ def test_memo_decodes_what_it_cannot_vouch_for():
         + head.SerializeToString()
     )
     fresh = RequestMemo()
-    assert _fields(c.decode_message(message, fresh)) == _fields(c.decode_message(message))
+    assert request_fields(c.decode_message(message, fresh)) == request_fields(
+        c.decode_message(message)
+    )
     assert fresh.total == -1
     # BYTES elements are checked against each request's bytes: never remembered.
     strings = serialize_byte_tensor(np.array([b"x", b"yz"], object)).item()

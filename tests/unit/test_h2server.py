@@ -165,19 +165,25 @@ def test_compressed_requests(server, compression):
         assert call(ch, "Echo", data, timeout=10, compression=compression) == data
 
 
+def assert_deadline_and_cancel_stop(server: Server, ch: grpc.Channel, method: str) -> None:
+    """A call of ``method`` that would take 30 s: its deadline ends it at once, and so
+    does the client cancelling it; either way the server cancels what it waited on."""
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        call(ch, method, b"30", timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    assert server.cancelled.wait(5)
+    server.cancelled.clear()
+    future = ch.unary_unary(f"/t.S/{method}").future(b"30", timeout=30)
+    time.sleep(0.3)
+    future.cancel()
+    assert server.cancelled.wait(5)
+
+
 def test_deadline_and_cancellation_stop_the_handler(server):
     with channel(server) as ch:
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as info:
-            call(ch, "Slow", b"30", timeout=0.3)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 5
-        assert server.cancelled.wait(5)
-        server.cancelled.clear()
-        future = ch.unary_unary("/t.S/Slow").future(b"30", timeout=30)
-        time.sleep(0.3)
-        future.cancel()
-        assert server.cancelled.wait(5)
+        assert_deadline_and_cancel_stop(server, ch, "Slow")
         assert call(ch, "Slow", b"0", timeout=10) == b"late"
 
 
@@ -193,15 +199,7 @@ def test_calls_started_without_a_task(server):
             call(ch, "Started", b"crash", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNKNOWN
         assert "boom" in info.value.details()
-        with pytest.raises(grpc.RpcError) as info:
-            call(ch, "Started", b"30", timeout=0.3)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert server.cancelled.wait(5)  # the deadline cancelled what the call waited on
-        server.cancelled.clear()
-        future = ch.unary_unary("/t.S/Started").future(b"30", timeout=30)
-        time.sleep(0.3)
-        future.cancel()
-        assert server.cancelled.wait(5)
+        assert_deadline_and_cancel_stop(server, ch, "Started")
         assert call(ch, "Started", b"now", timeout=10) == b"now!"
 
 

@@ -26,6 +26,8 @@ from despina.services.frontend.inference import (
     RequestMemo,
 )
 
+from conftest import request_fields
+
 # datatype, JSON values, the array those values stand for
 TYPES = [
     ("BOOL", [True, False, True], np.array([True, False, True])),
@@ -344,31 +346,20 @@ def _mixed_request(a: np.ndarray, j: list[int]) -> tuple[bytes, int]:
     return request_body(doc, a.tobytes())  # type: ignore[return-value]
 
 
-def _fields(req: InferenceRequest) -> tuple:
-    return (
-        req.model,
-        req.version,
-        req.id,
-        [
-            (t.name, t.datatype, t.shape, None if t.data is None else bytes(t.data), t.parameters)
-            for t in req.inputs
-        ],
-        req.outputs,
-        req.parameters,
-        req.binary_output,
-    )
-
-
 def test_header_memo_rebuilds_a_repeated_header_with_the_new_data():
     memo = RequestMemo()
     first_a, second_a = np.arange(4, dtype=np.float32), np.full(4, 9.5, np.float32)
     body, header_length = _mixed_request(first_a, [7, 8])
     first = decode_infer_request(body, header_length, "m", "1", memo)
-    assert _fields(first) == _fields(decode_infer_request(body, header_length, "m", "1"))
+    assert request_fields(first) == request_fields(
+        decode_infer_request(body, header_length, "m", "1")
+    )
     body2, header_length2 = _mixed_request(second_a, [7, 8])
     assert header_length2 == header_length
     second = decode_infer_request(body2, header_length2, "other", "2", memo)
-    assert _fields(second) == _fields(decode_infer_request(body2, header_length2, "other", "2"))
+    assert request_fields(second) == request_fields(
+        decode_infer_request(body2, header_length2, "other", "2")
+    )
     assert bytes(second.inputs[0].data) == second_a.tobytes()
     assert bytes(first.inputs[0].data) == first_a.tobytes()  # each keeps its own data
     assert second.checked is first.checked is memo.checked
