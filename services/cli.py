@@ -20,7 +20,13 @@ commands:
 
 def serve(argv: list[str]) -> int:
     from despina.common.logs import setup_logging
-    from despina.services.flags import add_busy_poll, add_triton_flags, parse_bool, report_ignored
+    from despina.services.flags import (
+        add_busy_poll,
+        add_triton_flags,
+        parse_bool,
+        refuse_unsupported_security,
+        report_ignored,
+    )
     from despina.services.supervisor import Supervisor
 
     parser = argparse.ArgumentParser(
@@ -55,6 +61,11 @@ def serve(argv: list[str]) -> int:
     add_busy_poll(group)
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
+    refused = refuse_unsupported_security(args)
+    if refused:
+        for line in refused:
+            print(f"despina serve: error: {line}", file=sys.stderr)
+        return 2
     report_ignored(args)
     return Supervisor(args).run()
 

@@ -288,6 +288,40 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+# Accepted-but-unsupported flags whose meaning is to restrict what a client may do: were
+# they ignored, the server would serve exactly what the operator meant to forbid. Given,
+# they stop the server before it listens (fail closed). flag -> what it would restrict.
+FAIL_CLOSED = {
+    "--http-restricted-api": "HTTP API groups to clients that send a given header",
+    "--grpc-restricted-protocol": "gRPC protocol groups to clients that send a given header",
+}
+
+
+def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
+    """Why the server must not start: one line for each security-relevant flag that was
+    given but is not supported, and for an explicit model-control mode that would serve
+    models nobody named (Despina loads the whole repository until model control exists).
+    Empty when the command line is safe to serve."""
+    problems = []
+    for flag, what in FAIL_CLOSED.items():
+        if getattr(args, "ignored_" + flag[2:].replace("-", "_"), None) is not None:
+            problems.append(
+                f"{flag} restricts {what}, and Despina does not support it yet: refusing to "
+                "start rather than serve without the restriction; remove the flag, or put "
+                "the restriction in front of Despina (a proxy that checks the header)"
+            )
+    mode = getattr(args, "ignored_model_control_mode", None)
+    loads = getattr(args, "ignored_load_model", None) or []
+    if mode == "explicit" and "*" not in loads:
+        problems.append(
+            "--model-control-mode=explicit serves only the models named by --load-model, "
+            "and Despina does not support model control yet (it would load the whole "
+            "repository): refusing to start; use --model-control-mode=none, or "
+            "--load-model=* to serve every model"
+        )
+    return problems
+
+
 def report_ignored(args: argparse.Namespace) -> list[str]:
     """Log each tritonserver flag that was given but does nothing yet; return their names."""
     given = []

@@ -1,0 +1,75 @@
+"""Security flags fail closed (#12 item 9): a flag that would restrict what clients may
+do, given to a server that cannot honour it yet, stops the server before it listens."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from despina.services.flags import add_triton_flags, refuse_unsupported_security
+
+from conftest import free_port
+
+
+def _serve(repository, *flags: str) -> subprocess.CompletedProcess:
+    http_port = free_port()
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "despina.services.cli",
+            "serve",
+            f"--model-repository={repository}",
+            f"--http-port={http_port}",
+            f"--grpc-port={free_port()}",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ), http_port
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (
+            ["--http-restricted-api=model-repository:admin-key=secret"],
+            "--http-restricted-api restricts HTTP API groups",
+        ),
+        (
+            ["--grpc-restricted-protocol", "shared-memory:admin-key=secret"],
+            "--grpc-restricted-protocol restricts gRPC protocol groups",
+        ),
+        (
+            ["--model-control-mode=explicit", "--load-model=simple"],
+            "--model-control-mode=explicit serves only the models named by --load-model",
+        ),
+        (["--model-control-mode", "explicit"], "refusing to start"),
+    ],
+)
+def test_unsupported_security_flag_stops_the_server(tmp_path, flags, says):
+    done, http_port = _serve(tmp_path, *flags)
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+    assert "refusing to start" in done.stderr
+    # Nothing was served, not even for a moment after the refusal.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", http_port)) != 0
+
+
+def test_explicit_mode_loading_every_model_is_safe(tmp_path):
+    """``--load-model=*`` names every model, which is what Despina serves, and poll mode
+    loads what none mode does: neither is refused."""
+    parser = argparse.ArgumentParser()
+    add_triton_flags(parser)
+    args = parser.parse_args(
+        ["--model-repository", str(tmp_path), "--model-control-mode=explicit", "--load-model=*"]
+    )
+    assert refuse_unsupported_security(args) == []
+    args = parser.parse_args(["--model-repository", str(tmp_path), "--model-control-mode=poll"])
+    assert refuse_unsupported_security(args) == []
