@@ -2,22 +2,29 @@
 extension): the registry, its bounds checks and its status documents.
 
 The registry lives in the scheduler, so every frontend sees the same registrations
-(Triton keeps them in its one server process). Registering checks that the object
-exists in /dev/shm and is large enough; a request names a region and an offset in it,
+(Triton keeps them in its one server process). Registering opens the object as shm_open
+would, without following links (``open_object``), and checks that it is a plain object
+of the shm filesystem, large enough, and not one of Despina's own arena segments; every
+refusal gets the one message of ``_refused``, so registration is no oracle for which
+files exist, what they are or how large. A request names a region and an offset in it,
 and ``resolve`` turns that into the object key and absolute offset the backend host
-maps (read-only for an input, read-write for an output: ``ShmMapper``), refusing
-anything that leaves the region. The scheduler itself only ``stat``s the object.
+maps (read-only for an input, written with ``pwrite`` for an output: ``ShmMapper``,
+which opens it the same safe way), refusing anything that leaves the region. The
+scheduler itself only opens and ``fstat``s the object.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from despina.common import cuda
 from despina.common.errors import Code, ServerError, invalid_arg, not_found
 from despina.common.messages import CudaIpc, Shm
-from despina.common.shm.arena import shm_path
+from despina.common.shm.arena import is_reserved, open_object
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +87,10 @@ class RegionRegistry:
         return [region.status()]
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
-        """Raises ALREADY_EXISTS for a taken name, INVALID_ARG for a key outside
-        /dev/shm, a missing object, or a region that does not fit in it."""
+        """Raises ALREADY_EXISTS for a taken name, INVALID_ARG for a negative offset or
+        an empty region, and INVALID_ARG with one message, whatever the reason, for a key
+        that is malformed, reserved, missing, not a plain object (a link, a directory, a
+        fifo, a file with other names or on another filesystem) or too small."""
         if not name:
             raise invalid_arg("a shared memory region needs a name")
         if name in self._regions or name in self._cuda:
@@ -93,18 +102,10 @@ class RegionRegistry:
                 f"shared memory region '{name}': offset must be >= 0 and byte_size > 0, got "
                 f"offset {offset} and byte_size {byte_size}"
             )
-        path = shm_path(key)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise invalid_arg(
-                f"Unable to open shared memory region: '{key}' does not exist in /dev/shm"
-            ) from None
-        if offset + byte_size > size:
-            raise invalid_arg(
-                f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is "
-                f"beyond the end of '{key}' ({size} bytes)"
-            )
+        reason = _unusable(key, offset + byte_size)
+        if reason is not None:
+            log.info("system shared memory region '%s' refused: key %r %s", name, key, reason)
+            raise _refused(key)
         region = Region(name, key, offset, byte_size)
         self._regions[name] = region
         return region
@@ -141,3 +142,26 @@ class RegionRegistry:
 
     def __len__(self) -> int:
         return len(self._regions)
+
+
+def _refused(key: str) -> ServerError:
+    """The one answer to a key that cannot be registered, whatever the reason."""
+    return invalid_arg(f"Unable to open shared memory region: '{key}'")
+
+
+def _unusable(key: str, end: int) -> str | None:
+    """Why ``key`` cannot hold a region ending at ``end`` (for the log), or None."""
+    if is_reserved(key):
+        return "is reserved for Despina's own segments"
+    try:
+        fd, st = open_object(key)
+    except ServerError:
+        return "is not a single name in the shm filesystem"
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror})"
+    except ValueError:
+        return "is not a valid name"
+    os.close(fd)
+    if end > st.st_size:
+        return f"is too small ({st.st_size} bytes, region ends at {end})"
+    return None

@@ -310,3 +310,70 @@ def test_mapper_forget_remaps(raw_shm, prefix: str) -> None:
     mapper.forget(key)
     mapper.forget("never-mapped")
     assert bytes(mapper.view(key, 0, 20)) == b"b" * 20
+
+
+# --- a full shm filesystem -------------------------------------------------------------
+
+
+def allocated_bytes(key: str) -> int:
+    return os.stat(os.path.join(SHM_DIR, key)).st_blocks * 512
+
+
+def test_blocks_are_reserved_before_they_are_handed_out(arena: ShmArena) -> None:
+    """posix_fallocate: the pages of a block exist before anyone touches them, so a full
+    shm filesystem is an error at allocation, not a SIGBUS at the first store."""
+    key, offset, view = arena.allocate(10_000)
+    assert allocated_bytes(key) >= offset + 10_000
+    big, _, _ = arena.allocate(2 * SEGMENT)  # a large segment of its own
+    assert allocated_bytes(big) >= 2 * SEGMENT
+
+
+@pytest.fixture()
+def small_shm(tmp_path, monkeypatch):
+    """A 1 MiB tmpfs standing in for /dev/shm (arena.SHM_DIR); skips where mounting is
+    not allowed (not root)."""
+    from despina.common.shm import arena as arena_module
+
+    mountpoint = tmp_path / "shm"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root needed): {mounted.stderr.strip()}")
+    monkeypatch.setattr(arena_module, "SHM_DIR", str(mountpoint))
+    monkeypatch.setattr(arena_module, "_shm_dev", None)
+    yield mountpoint
+    monkeypatch.undo()
+    arena_module._shm_dev = None
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_shm_filesystem_fails_the_allocation_not_the_process(small_shm, prefix) -> None:
+    arena = ShmArena(prefix, 256 * 1024)
+    try:
+        blocks = [arena.allocate(250 * 1024) for _ in range(4)]  # 4 x 256 KiB segments
+        for _, _, view in blocks:
+            view[:] = b"x" * len(view)
+        with pytest.raises(ServerError) as info:
+            arena.allocate(250 * 1024)
+        assert info.value.code is Code.UNAVAILABLE
+        message = info.value.message
+        assert message.startswith(f"out of shared memory: {small_shm} (1 MiB in all, ")
+        assert "docker run --shm-size, compose shm_size" in message
+        with pytest.raises(ServerError) as info:
+            arena.allocate(3 << 20)  # a large segment: removed again, nothing reserved
+        assert info.value.code is Code.UNAVAILABLE
+        assert len(os.listdir(small_shm)) == 5  # the 4 segments and the one that failed
+        # Once a block is back, the next request fits again, in reserved pages.
+        key, offset, _ = blocks[0]
+        arena.release(key, offset)
+        again = arena.allocate(250 * 1024)
+        assert again[:2] == (key, offset)
+        again[2][:] = b"y" * len(again[2])
+    finally:
+        arena.close()
+    assert os.listdir(small_shm) == []

@@ -114,3 +114,71 @@ def test_a_read_only_object_serves_reads_but_not_writes(make_object) -> None:
     with pytest.raises(ServerError) as info:
         mapper.view(key, 0, 16, writable=True)
     assert "cannot be opened for reading and writing" in info.value.message
+
+
+def test_writes_go_through_pwrite_without_a_mapping(make_object) -> None:
+    key, path = make_object(bytes(32))
+    mapper = ShmMapper()
+    mapper.write(key, 8, b"abcd")
+    mapper.write(key, 16, memoryview(np.arange(4, dtype=np.uint8)))
+    with open(path, "rb") as f:
+        assert f.read() == bytes(8) + b"abcd" + bytes(4) + bytes([0, 1, 2, 3]) + bytes(12)
+    assert permissions_of(path) == []  # nothing mapped: a shrunk file cannot SIGBUS a write
+    with pytest.raises(ServerError) as info:
+        mapper.write(key, 30, b"abcd")
+    assert info.value.code is Code.INVALID_ARG
+    assert info.value.message == f"shared memory block [30, 34) is outside '{key}' of 32 bytes"
+    os.truncate(path, 10)
+    with pytest.raises(ServerError) as info:
+        mapper.write(key, 8, b"abcd")
+    assert info.value.message == f"shared memory block [8, 12) is outside '{key}' of 10 bytes"
+    os.truncate(path, 32)
+    mapper.write(key, 8, b"wxyz")
+    with open(path, "rb") as f:
+        assert f.read(12) == bytes(8) + b"wxyz"
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_key_swapped_for_a_symlink_is_refused(tmp_path, make_object, writable: bool) -> None:
+    """Registered as a plain object, then replaced by a link to a file elsewhere (the
+    TOCTOU of a registration check): no read of it, no write into it."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 64)
+    key, path = make_object(b"a" * 64)
+    mapper = ShmMapper()
+    assert bytes(mapper.view(key, 0, 4, writable=writable)) == b"aaaa"
+    mapper.write(key, 0, b"bbbb")
+    os.unlink(path)
+    os.symlink(secret, path)
+    expected = (
+        f"shared memory object '{key}' is no longer a plain shared memory object "
+        "(was it replaced while registered?)"
+    )
+    with pytest.raises(ServerError) as info:
+        mapper.view(key, 0, 4, writable=writable)
+    assert (info.value.code, info.value.message) == (Code.INVALID_ARG, expected)
+    with pytest.raises(ServerError) as info:
+        mapper.write(key, 0, b"pwnd")
+    assert (info.value.code, info.value.message) == (Code.INVALID_ARG, expected)
+    assert secret.read_bytes() == b"s" * 64
+
+
+def test_directories_fifos_and_hard_links_are_refused(make_object) -> None:
+    key, path = make_object(b"a" * 64)
+    linked = path + "_link"
+    os.link(path, linked)
+    fifo = path + "_fifo"
+    os.mkfifo(fifo)
+    folder = path + "_dir"
+    os.mkdir(folder)
+    try:
+        for name in (key, key + "_link", key + "_fifo", key + "_dir"):
+            with pytest.raises(ServerError) as info:
+                ShmMapper().view(name, 0, 0)
+            assert info.value.code is Code.INVALID_ARG
+            assert "is no longer a plain shared memory object" in info.value.message
+    finally:
+        os.unlink(linked)
+        os.unlink(fifo)
+        os.rmdir(folder)
+    assert bytes(ShmMapper().view(key, 0, 2)) == b"aa"  # one name again: fine
