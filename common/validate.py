@@ -13,7 +13,9 @@ def _shape_str(shape: object) -> str:
 
 
 def check_request(sig: m.Signature, req: m.Infer, buffers: list) -> None:
-    """Raise INVALID_ARG naming what to fix when ``req`` does not fit the model.
+    """Raise INVALID_ARG naming what to fix when ``req`` does not fit the model: among
+    the rest, a shape whose non-zero dimensions span more than ``dtypes.MAX_ELEMENTS``
+    and a byte size that is not the shape's (both with Python ints: no overflow).
     ``buffers`` align with ``req.inputs``: inline bytes, or None for a ref (its size)."""
     name = sig.name
     max_batch = sig.max_batch_size
@@ -63,7 +65,13 @@ def check_request(sig: m.Signature, req: m.Infer, buffers: list) -> None:
                     f"input '{tensor.name}' batch size {shape[0]} does not match other "
                     f"inputs' batch size {batch} for model '{name}'"
                 )
-        expected_bytes = dtypes.byte_size(datatype, shape)
+        # Python ints: a count past 2**64 is a number, not an overflow. A shape numpy
+        # can't build ([0, 2**62]) is refused here too, whichever frontend sent it.
+        count = dtypes.element_count(shape)
+        if count > dtypes.MAX_ELEMENTS or not count:
+            dtypes.check_shape(tensor.name, shape, count)
+        item = dtypes.item_size(datatype)
+        expected_bytes = item * count if item else -1
         actual = len(buf) if buf is not None else tensor.ref.size  # type: ignore[union-attr]
         if expected_bytes >= 0 and actual != expected_bytes:
             raise invalid_arg(

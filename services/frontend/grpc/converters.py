@@ -77,6 +77,9 @@ _CONTENTS: dict[str, tuple[str, np.dtype, np.dtype]] = {
 }
 
 
+MAX_ELEMENTS = dtypes.MAX_ELEMENTS
+MAX_DIMS = dtypes.MAX_DIMS
+
 # Messages at least this large take the path that leaves tensor bytes out of protobuf
 # (below it, protobuf's C parser and serializer are cheaper than walking the wire format
 # in Python). The frontend's inline threshold: smaller tensors are copied anyway.
@@ -99,58 +102,84 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]] | None:
+# The most top-level fields a large ModelInferRequest may have: a request has a handful
+# plus two per input (its tensor and its raw entry) and one per output or parameter.
+# ``_split_field`` walks them in Python (~0.3 µs each); protobuf's parser, run on a
+# message of millions of tiny fields, would hold the loop for seconds.
+MAX_FIELDS = 4096
+
+
+def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
     """Split the top-level entries of length-delimited ``field`` out of a serialized
-    message: (the message without them, their payloads as views of ``data``). None when
-    the bytes are not a well-formed message at the top level: the caller lets protobuf
-    parse them and say what is wrong."""
+    message: (the message without them, their payloads as views of ``data``).
+
+    O(number of fields), never O(bytes): a length-delimited field is skipped by its
+    length, a varint is at most 10 bytes, and the walk refuses more than ``MAX_FIELDS``
+    fields. Raises INVALID_ARG for what is no protobuf message (field number 0, a group,
+    an invalid wire type, a field cut off) or has too many fields."""
     view = memoryview(data)
     end = len(data)
     kept: list[memoryview] = []
     found: list[memoryview] = []
     pos = 0
     span = 0  # start of the bytes kept since the last entry taken out
+    fields = 0
     while pos < end:
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise invalid_arg(
+                f"malformed ModelInferRequest: more than {MAX_FIELDS} top-level fields "
+                "(inputs, outputs, raw_input_contents and parameters entries together)"
+            )
         start = pos
-        key = shift = 0
-        while True:  # the tag, a varint
-            if pos >= end or shift > 63:
-                return None
-            b = data[pos]
-            pos += 1
-            key |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-        wire = key & 7
-        if wire == 2 or wire == 0:
-            value = shift = 0
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a tag of more than one byte: field numbers from 16 (unknown)
+            key &= 0x7F
+            shift = 7
             while True:
                 if pos >= end or shift > 63:
-                    return None
+                    raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
                 b = data[pos]
                 pos += 1
-                value |= (b & 0x7F) << shift
+                key |= (b & 0x7F) << shift
                 if b < 0x80:
                     break
                 shift += 7
-            if wire == 2:
-                if value > end - pos:
-                    return None
-                if key >> 3 == field:
-                    if span < start:
-                        kept.append(view[span:start])
-                    found.append(view[pos : pos + value])
-                    span = pos + value
-                pos += value
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            return None  # groups: not in these messages
+        wire = key & 7
+        if key >> 3 == 0 or wire not in (0, 1, 2, 5):
+            raise invalid_arg(
+                f"malformed ModelInferRequest: field {fields} has field number {key >> 3} "
+                f"and wire type {wire}; no protobuf message has that"
+            )
+        if wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            continue
+        value = shift = 0
+        while True:  # a varint: the value (wire type 0) or the length (2)
+            if pos >= end or shift > 63:
+                raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        if wire == 0:
+            continue
+        if value > end - pos:
+            raise invalid_arg(
+                f"malformed ModelInferRequest: field {fields} declares {value} bytes, past "
+                "the end of the message"
+            )
+        if key >> 3 == field:
+            if span < start:
+                kept.append(view[span:start])
+            found.append(view[pos : pos + value])
+            span = pos + value
+        pos += value
     if pos != end:
-        return None
+        raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
     if not found:
         return data, found
     kept.append(view[span:end])
@@ -161,14 +190,15 @@ def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryv
     """Parse a serialized ``ModelInferRequest``. For a large message, the
     ``raw_input_contents`` entries are left out of the protobuf message and returned as
     views of ``data`` (for ``decode_infer_request``); otherwise the second item is None.
+    A large message's top level is walked first (``_split_field``), so that protobuf
+    parses only its metadata; a small one is protobuf's alone.
 
-    Raises INVALID_ARG when the bytes are no ModelInferRequest.
+    Raises INVALID_ARG when the bytes are no ModelInferRequest or it has more than
+    ``MAX_FIELDS`` top-level fields.
     """
     raw: list[memoryview] | None = None
     if len(data) >= LARGE_MESSAGE:
-        split = _split_field(data, _RAW_INPUT_FIELD)
-        if split is not None:
-            data, raw = split
+        data, raw = _split_field(data, _RAW_INPUT_FIELD)
     try:
         return pb.ModelInferRequest.FromString(data), raw
     except DecodeError as exc:
@@ -249,6 +279,8 @@ def decode_infer_request(
                 f"input '{name}' has unknown datatype '{datatype}'; expected one of "
                 + ", ".join(dtypes.TRITON_TYPES)
             )
+        if len(tensor.shape) > MAX_DIMS:
+            dtypes.check_dims(name, len(tensor.shape))
         shape = tensor.shape[:]  # a list; faster than list(...) on upb containers
         count = 1
         for dim in shape:
@@ -258,6 +290,8 @@ def decode_infer_request(
                 f"unable to parse 'shape' of input '{name}': dimensions must be "
                 f"non-negative integers, got {_show(shape)}"
             )
+        if count > MAX_ELEMENTS or not count:
+            dtypes.check_shape(name, shape, count)
         parameters = _input_parameters(tensor.parameters, name) if tensor.parameters else {}
         data: bytes | memoryview | None
         if "shared_memory_region" in parameters:

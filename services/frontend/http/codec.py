@@ -65,6 +65,8 @@ _FLOAT32 = np.dtype(np.float32)
 _UINT16 = np.dtype(np.uint16)
 _UINT32 = np.dtype(np.uint32)
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64", "BF16"))
+_MAX_DIMS = dtypes.MAX_DIMS
+_MAX_ELEMENTS = dtypes.MAX_ELEMENTS
 
 # Request parameters whose JSON type Triton checks at the HTTP edge.
 
@@ -227,6 +229,8 @@ def _decode_input(
     shape = item.get("shape")
     if type(shape) is not list:
         raise invalid_arg(f"unable to parse 'shape' of input '{name}': it needs a 'shape' array")
+    if len(shape) > _MAX_DIMS:
+        dtypes.check_dims(name, len(shape))
     count = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:
@@ -235,6 +239,8 @@ def _decode_input(
                 f"non-negative integers, got {_show(shape)}"
             )
         count *= dim
+    if count > _MAX_ELEMENTS or not count:
+        dtypes.check_shape(name, shape, count)
 
     params_json = item.get("parameters")
     if params_json is None:
