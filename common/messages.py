@@ -271,12 +271,24 @@ class Release(msgspec.Struct, tag="release", array_like=True):
     blocks: list[tuple[str, int]]  # (key, offset)
 
 
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    """The clients of these requests went away (closed connection, RST_STREAM, deadline):
+    frontend -> scheduler or -> backend host (on the host's link), and scheduler -> host
+    for requests it already sent there. ``reply_to`` and ``rid`` name each request as its
+    frontend knows it. Whoever holds a request that has not started drops it and answers
+    it with a CANCELLED error (the frontend only frees the request's blocks then); one
+    that has started runs to its end."""
+
+    reply_to: str
+    rids: list[int]
+
+
 # What each socket may receive: one decoder per socket.
-SchedulerFromFrontend = FrontendHello | InferBatch | Query
+SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel
 SchedulerFromHost = HostHello | LoadResult | Completion
 FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink
-HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce
-HostFromFrontend = Release | ExecuteBatch
+HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel
+HostFromFrontend = Release | ExecuteBatch | Cancel
 
 
 def encoder() -> msgspec.msgpack.Encoder:

@@ -10,12 +10,29 @@ instead of three).
 
 A peer's death closes its stream at once, so ``on_lost`` is how a process learns that a
 peer is gone; TCP keepalive catches peers that vanish without closing (a cut network).
+
+Limits: a peer that announces a message of more than ``MAX_FRAMES`` frames, a header
+frame of more than ``MAX_HEADER_BYTES`` or a message of more than ``MAX_MESSAGE_BYTES``
+(``DESPINA_MAX_MESSAGE_BYTES``) is cut off as soon as the announcement is read, before
+anything is buffered for it; ``send`` refuses such a message (the caller reports it
+undelivered) rather than have the peer drop the whole link.
+
+Authentication: when ``DESPINA_CLUSTER_SECRET`` (or a file named by
+``DESPINA_CLUSTER_SECRET_FILE``) is set, every TCP stream starts with a mutual
+challenge-response before any message is accepted: the listener sends a random nonce,
+the connecting side answers with its own nonce and HMAC-SHA256(secret, both nonces), and
+the listener proves it knows the secret too. A peer that fails, or says nothing for
+``HANDSHAKE_TIMEOUT_S``, is disconnected. Unix-socket streams need none (the socket
+file's permissions guard them). Without a secret, TCP streams are open to whoever
+reaches the port, and each TCP listener says so in the log when it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -26,7 +43,12 @@ log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
 MAX_FRAMES = 1 << 16
-MAX_FRAME_BYTES = 1 << 34
+# A message's whole size (frame 0 plus its tensor frames) and its header's. Tensors cross
+# a TCP hop inline, so a message may hold a burst of requests' inputs: room for that,
+# not for a peer's claim of terabytes.
+MAX_MESSAGE_BYTES = int(os.environ.get("DESPINA_MAX_MESSAGE_BYTES") or 1 << 31)
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # one frame can be no larger than its message
+MAX_HEADER_BYTES = 1 << 26
 # Past this much unsent data to one peer the peer is treated as stuck.
 MAX_WRITE_BUFFER = 1 << 31
 
@@ -55,6 +77,90 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     raise ValueError(f"endpoint '{endpoint}' is neither unix:///path nor tcp://host:port")
 
 
+# --- authentication of TCP streams --------------------------------------------------
+
+SECRET_ENV = "DESPINA_CLUSTER_SECRET"
+SECRET_FILE_ENV = "DESPINA_CLUSTER_SECRET_FILE"
+HANDSHAKE_TIMEOUT_S = 5.0
+_MAGIC = b"DSPNAUTH"
+_NONCE = 16
+_MAC = 32
+CHALLENGE_BYTES = len(_MAGIC) + _NONCE
+ANSWER_BYTES = _NONCE + _MAC
+
+
+def cluster_secret() -> bytes | None:
+    """The shared secret of this cell's TCP links: ``DESPINA_CLUSTER_SECRET``, else the
+    contents of the file ``DESPINA_CLUSTER_SECRET_FILE`` names (trailing whitespace
+    stripped), else None (unauthenticated). Raises OSError when that file is unreadable."""
+    value = os.environ.get(SECRET_ENV, "")
+    if value:
+        return value.encode()
+    path = os.environ.get(SECRET_FILE_ENV, "")
+    if path:
+        with open(path, "rb") as f:
+            secret = f.read().rstrip()
+        if not secret:
+            raise OSError(f"{SECRET_FILE_ENV} names an empty file: {path}")
+        return secret
+    return None
+
+
+def _mac(secret: bytes, role: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
+    return hmac.new(secret, role + nonce_s + nonce_c, hashlib.sha256).digest()
+
+
+def challenge() -> tuple[bytes, bytes]:
+    """A listener's first bytes on a TCP stream, and the nonce they carry."""
+    nonce = os.urandom(_NONCE)
+    return _MAGIC + nonce, nonce
+
+
+def answer(secret: bytes, challenge_bytes: bytes) -> tuple[bytes, bytes]:
+    """The connecting side's answer to a challenge, and the proof it must get back.
+    Raises ConnectionRefusedError when the bytes are no challenge (the listener has no
+    secret set, or is no Despina stream)."""
+    if len(challenge_bytes) != CHALLENGE_BYTES or not challenge_bytes.startswith(_MAGIC):
+        raise ConnectionRefusedError(
+            f"the peer sent no authentication challenge: is it running without {SECRET_ENV}?"
+        )
+    nonce_s = challenge_bytes[len(_MAGIC) :]
+    nonce_c = os.urandom(_NONCE)
+    return nonce_c + _mac(secret, b"client", nonce_s, nonce_c), _mac(
+        secret, b"server", nonce_s, nonce_c
+    )
+
+
+def check_answer(secret: bytes, nonce_s: bytes, answer_bytes: bytes) -> bytes | None:
+    """The listener's proof to send back, or None when the answer is wrong."""
+    nonce_c, mac = answer_bytes[:_NONCE], answer_bytes[_NONCE:ANSWER_BYTES]
+    if not hmac.compare_digest(mac, _mac(secret, b"client", nonce_s, nonce_c)):
+        return None
+    return _mac(secret, b"server", nonce_s, nonce_c)
+
+
+def authenticate_blocking(sock: socket.socket, secret: bytes) -> None:
+    """The connecting side's handshake on a blocking socket (the Python launcher's).
+    Raises OSError (ConnectionRefusedError when the listener is not convinced or does
+    not convince)."""
+    got = b""
+    while len(got) < CHALLENGE_BYTES:
+        chunk = sock.recv(CHALLENGE_BYTES - len(got))
+        if not chunk:
+            raise ConnectionRefusedError("the peer closed the stream during authentication")
+        got += chunk
+    reply, proof = answer(secret, got)
+    sock.sendall(reply)
+    got = b""
+    while len(got) < _MAC:
+        chunk = sock.recv(_MAC - len(got))
+        if not chunk:
+            raise ConnectionRefusedError("the peer refused this process's cluster secret")
+        got += chunk
+    if not hmac.compare_digest(got, proof):
+        raise ConnectionRefusedError("the peer does not know the cluster secret")
+
+
 def _keepalive(sock: socket.socket | None) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
@@ -72,6 +178,9 @@ class FramedProtocol(asyncio.Protocol):
         self,
         on_burst: Callable[[FramedProtocol, list[list]], None],
         on_lost: Callable[[FramedProtocol], None] | None = None,
+        *,
+        secret: bytes | None = None,
+        listener: bool = False,
     ) -> None:
         self._on_burst = on_burst
         self._on_lost = on_lost
@@ -80,15 +189,108 @@ class FramedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: object = None  # what the owner knows this stream as
         self.closed = False
+        # The handshake (TCP with a cluster secret): until it is done no message is parsed.
+        # The transport reads ``data_received`` once, when it is created, so the handshake
+        # is in front of it from the start; streams without one pay nothing per read.
+        self._secret = secret
+        self._listener = listener
+        self._hs = b""  # handshake bytes received so far
+        self._nonce = b""  # the listener's nonce, or the proof the connecting side expects
+        self._timer: asyncio.TimerHandle | None = None
+        self.authenticated: asyncio.Future | None = None
+        if secret is not None:
+            self.authenticated = asyncio.get_running_loop().create_future()
+            self.data_received = self._handshake_received  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         _keepalive(transport.get_extra_info("socket"))
+        if self._secret is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT_S, self._refuse, "it did not authenticate in time"
+            )
+            if self._listener:
+                hello, self._nonce = challenge()
+                transport.write(hello)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        auth = self.authenticated
+        if auth is not None and (not auth.done() or auth.exception() is not None):
+            if not auth.done():
+                auth.set_exception(
+                    ConnectionRefusedError("the peer closed the stream during authentication")
+                )
+                auth.exception()  # retrieved: nobody may be waiting (a listener's stream)
+            if self._listener:
+                return  # its owner never saw this stream
         if self._on_lost is not None:
             self._on_lost(self)
+
+    def _handshake_received(self, data: bytes) -> None:
+        auth = self.authenticated
+        assert auth is not None and self._secret is not None
+        if auth.done():
+            FramedProtocol.data_received(self, data)
+            return
+        self._hs += data
+        need = ANSWER_BYTES if self._listener else CHALLENGE_BYTES
+        if not self._nonce or self._listener:
+            if len(self._hs) < need:
+                return
+            got, rest = self._hs[:need], self._hs[need:]
+            self._hs = rest
+            if self._listener:
+                proof = check_answer(self._secret, self._nonce, got)
+                if proof is None:
+                    self._refuse("it does not know the cluster secret")
+                    return
+                assert self.transport is not None
+                self.transport.write(proof)
+                self._authenticated()
+                if rest:
+                    FramedProtocol.data_received(self, rest)
+                return
+            try:
+                reply, self._nonce = answer(self._secret, got)
+            except ConnectionRefusedError as exc:
+                self._refuse(str(exc))
+                return
+            assert self.transport is not None
+            self.transport.write(reply)
+        if len(self._hs) < _MAC:
+            return
+        got, rest = self._hs[:_MAC], self._hs[_MAC:]
+        if not hmac.compare_digest(got, self._nonce):
+            self._refuse("it does not know the cluster secret")
+            return
+        self._authenticated()
+        if rest:
+            FramedProtocol.data_received(self, rest)
+
+    def _authenticated(self) -> None:
+        self._hs = self._nonce = b""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self.authenticated is not None
+        self.authenticated.set_result(None)
+
+    def _refuse(self, why: str) -> None:
+        """End a stream whose handshake failed; nothing it sent reaches the owner."""
+        self._timer = None
+        peer = None if self.transport is None else self.transport.get_extra_info("peername")
+        log.warning(
+            "refusing the TCP stream %s %s: %s", "from" if self._listener else "to", peer, why
+        )
+        auth = self.authenticated
+        if auth is not None and not auth.done():
+            auth.set_exception(ConnectionRefusedError(f"authentication failed: {why}"))
+            auth.exception()
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -105,7 +307,7 @@ class FramedProtocol(asyncio.Protocol):
         end = len(data)
         while end - pos >= 4:
             (count,) = _U32.unpack_from(data, pos)
-            if count > MAX_FRAMES:
+            if count > MAX_FRAMES or count == 0:
                 self._fail(f"a message claims {count} frames")
                 return
             head = 4 + 4 * count
@@ -113,6 +315,12 @@ class FramedProtocol(asyncio.Protocol):
                 break
             lengths = _lengths(count).unpack_from(data, pos + 4)
             total = head + sum(lengths)
+            if total > MAX_MESSAGE_BYTES + head or lengths[0] > MAX_HEADER_BYTES:
+                self._fail(
+                    f"a message claims {total - head} bytes (header {lengths[0]}); the limit "
+                    f"is {MAX_MESSAGE_BYTES} (header {MAX_HEADER_BYTES})"
+                )
+                return
             if end - pos < total:
                 self._need = total
                 break
@@ -133,8 +341,10 @@ class FramedProtocol(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         log.error("closing a stream that broke the framing: %s", why)
+        self._buf.clear()
+        self._need = 0
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # what it sent after this is not read
 
     def send(self, frames: list) -> bool:
         """Queue one message; False when the stream is closed or the peer is stuck."""
@@ -150,8 +360,17 @@ class FramedProtocol(asyncio.Protocol):
             return False
         sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
         header = _header(len(frames)).pack(len(frames), *sizes)
-        if sum(sizes) < 65536:
+        total = sum(sizes)
+        if total < 65536:
             transport.write(header + b"".join(frames))
+        elif total > MAX_MESSAGE_BYTES or len(frames) > MAX_FRAMES:
+            log.error(
+                "not sending a message of %d bytes in %d frames: the limit is %d bytes",
+                total,
+                len(frames),
+                MAX_MESSAGE_BYTES,
+            )
+            return False
         else:
             transport.writelines([header, *frames])
         return True
@@ -167,26 +386,47 @@ async def serve(
     on_lost: Callable[[FramedProtocol], None] | None = None,
     on_made: Callable[[FramedProtocol], None] | None = None,
 ) -> asyncio.AbstractServer:
-    """Listen on ``endpoint``; each accepted stream gets its own FramedProtocol."""
+    """Listen on ``endpoint``; each accepted stream gets its own FramedProtocol. A TCP
+    endpoint asks each peer for the cluster secret when one is set (its streams reach
+    ``on_burst``/``on_made`` only once authenticated) and logs a warning when none is.
+    A unix socket is created readable and writable by this user only."""
     loop = asyncio.get_running_loop()
+    where, port = parse_endpoint(endpoint)
+    secret = cluster_secret() if port else None
+    if port and secret is None:
+        log.warning(
+            "TCP links on %s are unauthenticated: any process that reaches this port can "
+            "join as a backend host or frontend; set %s (or %s) on every service",
+            endpoint,
+            SECRET_ENV,
+            SECRET_FILE_ENV,
+        )
 
     def factory() -> FramedProtocol:
-        proto = FramedProtocol(on_burst, on_lost)
+        proto = FramedProtocol(on_burst, on_lost, secret=secret, listener=True)
         if on_made is not None:
             original = proto.connection_made
 
             def made(transport: asyncio.BaseTransport) -> None:
                 original(transport)
-                on_made(proto)
+                if proto.authenticated is None:
+                    on_made(proto)
+                else:
+                    proto.authenticated.add_done_callback(
+                        lambda f: f.cancelled() or f.exception() or on_made(proto)
+                    )
 
             proto.connection_made = made  # type: ignore[method-assign]
         return proto
 
-    where, port = parse_endpoint(endpoint)
     if not port:
         if os.path.exists(where):
             os.unlink(where)
-        return await loop.create_unix_server(factory, where)
+        old = os.umask(0o077)
+        try:
+            return await loop.create_unix_server(factory, where)
+        finally:
+            os.umask(old)
     return await loop.create_server(factory, where, port, reuse_address=True)
 
 
@@ -195,17 +435,27 @@ async def connect(
     on_burst: Callable[[FramedProtocol, list[list]], None],
     on_lost: Callable[[FramedProtocol], None] | None = None,
 ) -> FramedProtocol:
-    """Open one stream to ``endpoint``. Raises OSError when nobody listens there."""
+    """Open one stream to ``endpoint``. Raises OSError when nobody listens there, or
+    (ConnectionRefusedError) when a TCP peer and this process do not prove to each other
+    that they hold the same cluster secret."""
     loop = asyncio.get_running_loop()
     where, port = parse_endpoint(endpoint)
     if not port:
         _, proto = await loop.create_unix_connection(
             lambda: FramedProtocol(on_burst, on_lost), where
         )
-    else:
-        _, proto = await loop.create_connection(
-            lambda: FramedProtocol(on_burst, on_lost), where, port
-        )
+        return proto
+    secret = cluster_secret()
+    _, proto = await loop.create_connection(
+        lambda: FramedProtocol(on_burst, on_lost, secret=secret), where, port
+    )
+    if proto.authenticated is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.authenticated), HANDSHAKE_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            proto._on_lost = None  # never connected, as far as its owner knows
+            proto.close()
+            raise ConnectionRefusedError(f"{endpoint}: {exc or 'no authentication'}") from None
     return proto
 
 

@@ -41,7 +41,7 @@ from despina.common import busypoll, dtypes, outbox, streams
 from despina.common import messages as m
 from despina.common.batching import BatchRules, batch_rules, batch_size, plan_batch
 from despina.common.cuda import CudaMapper
-from despina.common.errors import Code, ServerError, internal, invalid_arg
+from despina.common.errors import Code, ServerError, internal, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.backend_host.backend import (
     Backend,
@@ -64,6 +64,13 @@ HEARTBEAT_INTERVAL_S = 0.2
 # hand-off to a thread and back costs ~100 us of CPU and wall time on a 2-vCPU VM
 # (two wake-ups), several times what a small model's execution takes.
 INLINE_BELOW_S = 200e-6
+
+# An execution on the loop whose instance takes at least this long (moving average) waits
+# for the next loop iteration instead of running inside the burst that brought it: the
+# loop reads its sockets in between, so a Cancel for the requests still waiting is seen
+# before they run. One loop iteration (~15 us) is noise beside such an execution; below
+# this, executions run at once, as they always did.
+YIELD_ABOVE_S = 2e-3
 
 
 class LocalBatcher:
@@ -210,6 +217,16 @@ class BackendHost:
         self._stopping = asyncio.Event()
         self._inflight = 0
         self._to_pump: set[LoadedInstance] = set()  # local batchers this burst added to
+        # Executions handed to a thread or deferred to a later loop iteration, by id, until
+        # they finish: where a Cancel looks for requests that may not have started yet.
+        self._backlog: dict[int, m.Execution] = {}
+        # Executions on the loop waiting for their turn (YIELD_ABOVE_S), in order.
+        self._deferred: deque[tuple[LoadedInstance, m.Execution, list, LoadedInstance | None]]
+        self._deferred = deque()
+        self._deferred_armed = False
+        # (reply_to, rid) of backlog requests whose clients went away: dropped when their
+        # execution starts, forgotten when it finishes. Read by instance threads.
+        self._cancelled: set[tuple[str, int]] = set()
         self._link: streams.FramedProtocol | None = None
         self._outbox: outbox.Outbox | None = None
         self._busy_poll_s = busy_poll_s
@@ -315,12 +332,14 @@ class BackendHost:
         for frames in burst:
             try:
                 msg = self._decode(frames[0])
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, IndexError) as exc:
                 log.warning("dropping an undecodable message: %s", exc)
                 continue
             if isinstance(msg, m.ExecuteBatch):
                 for execution in msg.executions:
                     self._start(execution, frames)
+            elif isinstance(msg, m.Cancel):
+                self._cancel(msg)
             elif isinstance(msg, m.LoadModel):
                 if self.on_load is not None:
                     self.on_load(msg)
@@ -411,6 +430,15 @@ class BackendHost:
     # --- execution ----------------------------------------------------------------------------
 
     def _start(self, execution: m.Execution, frames: list) -> None:
+        """Run (or queue) one execution. Whatever goes wrong with one request becomes
+        that request's error reply; the rest of the execution and of the burst go on."""
+        try:
+            self._start_execution(execution, frames)
+        except Exception as exc:  # a bug: still answer, once, every request not answered
+            log.error("starting an execution failed:\n%s", traceback.format_exc())
+            self._finish(execution, None, internal(f"{type(exc).__name__}: {exc}"))
+
+    def _start_execution(self, execution: m.Execution, frames: list) -> None:
         li = self.instances.get((execution.model, execution.version, execution.instance))
         if li is None:
             self._finish(
@@ -422,41 +450,128 @@ class BackendHost:
                 ),
             )
             return
+        mixed = False
         try:
-            requests = [self._exec_request(req, frames) for req in execution.requests]
-        except ServerError as exc:
-            self._finish(execution, None, exc)
-            return
+            requests: list = [self._exec_request(req, frames) for req in execution.requests]
+        except Exception:
+            # Some request's inputs cannot be read as its shapes say: that request is
+            # answered with its error, the others run (no try per request on the way).
+            requests = [self._exec_request_or_error(req, frames) for req in execution.requests]
+            mixed = True
         batcher = li.batcher
         if batcher is not None and execution.requests and not execution.requests[0].sid:
             # Direct requests of a batched model: into the queue; the caller pumps it
             # once the whole burst is in, so one wake's requests can share a batch.
             for req, exec_req in zip(execution.requests, requests):
-                batcher.add(req, exec_req)
+                if type(exec_req) is ExecResponse:
+                    self._finish(
+                        m.Execution(execution.model, execution.version, execution.instance, [req]),
+                        [exec_req],
+                        None,
+                    )
+                else:
+                    batcher.add(req, exec_req)
             self._to_pump.add(li)
             return
-        self._launch(li, execution, requests)
+        self._launch(li, execution, requests, mixed=mixed)
+
+    def _exec_request_or_error(self, req: m.Infer, frames: list) -> ExecRequest | ExecResponse:
+        """``_exec_request``, or the request's error reply when its inputs are unusable."""
+        try:
+            return self._exec_request(req, frames)
+        except ServerError as exc:
+            return ExecResponse(error=exc)
+        except (ValueError, TypeError, IndexError, OverflowError, MemoryError) as exc:
+            return ExecResponse(error=invalid_arg(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:
+            log.error("reading request %d's inputs failed:\n%s", req.rid, traceback.format_exc())
+            return ExecResponse(error=internal(f"{type(exc).__name__}: {exc}"))
 
     def _launch(
         self,
         li: LoadedInstance,
         execution: m.Execution,
-        requests: list[ExecRequest],
+        requests: list,
         batched: LoadedInstance | None = None,
+        mixed: bool = False,
     ) -> None:
         """Run one execution: on the loop when that is cheaper, else on the instance's
-        thread. ``batched``: the instance whose LocalBatcher formed it (pumped after)."""
+        thread; a slow one on the loop waits for the next loop iteration (YIELD_ABOVE_S).
+        ``batched``: the instance whose LocalBatcher formed it (pumped after). ``mixed``:
+        some of ``requests`` are already answered (an ``ExecResponse``, not run)."""
         inline = li.executor is None or (not self._inflight and li.cost_s < INLINE_BELOW_S)
         self._inflight += 1
+        if inline and li.cost_s < YIELD_ABOVE_S and not self._deferred:
+            if mixed:
+                result = _run_execution(li, execution, requests, None)
+            else:
+                result = _timed_run(li, requests)
+            self._finish(execution, *result, started=True, batched=batched)
+            return
+        self._backlog[id(execution)] = execution
         if inline:
-            self._finish(execution, *_timed_run(li, requests), started=True, batched=batched)
-        else:
+            self._deferred.append((li, execution, requests, batched))
+            if not self._deferred_armed:
+                self._deferred_armed = True
+                asyncio.get_running_loop().call_soon(self._run_deferred)
+            return
+        try:
             future = asyncio.get_running_loop().run_in_executor(
-                li.executor, _timed_run, li, requests
+                li.executor, _run_execution, li, execution, requests, self._cancelled
             )
-            future.add_done_callback(
-                lambda f: self._finish(execution, *f.result(), started=True, batched=batched)
+        except RuntimeError as exc:  # the instance's thread stopped: it was unloaded
+            self._finish(execution, None, unavailable(str(exc)), started=True, batched=batched)
+            return
+        future.add_done_callback(
+            lambda f: self._finish(execution, *f.result(), started=True, batched=batched)
+        )
+
+    def _run_deferred(self) -> None:
+        """Run the oldest deferred execution; the next waits for another loop iteration."""
+        self._deferred_armed = False
+        li, execution, requests, batched = self._deferred.popleft()
+        assert self._outbox is not None
+        try:
+            with self._outbox.gathering:  # its replies leave as soon as it is done
+                result = _run_execution(li, execution, requests, self._cancelled)
+                self._finish(execution, *result, started=True, batched=batched)
+        finally:
+            if self._deferred and not self._deferred_armed:
+                self._deferred_armed = True
+                asyncio.get_running_loop().call_soon(self._run_deferred)
+
+    def _cancel(self, msg: m.Cancel) -> None:
+        """The clients of ``msg``'s requests went away: a request still waiting in a
+        local batcher is answered CANCELLED now; one waiting for its execution to start
+        (deferred, or queued on its instance's thread) is dropped when it would start.
+        A running or finished request is not touched. Loop only."""
+        keys = {(msg.reply_to, rid) for rid in msg.rids}
+        error = ServerError(Code.CANCELLED, "the request was cancelled before it ran")
+        for li in list(self.instances.values()):
+            batcher = li.batcher
+            if batcher is None or not batcher.queue:
+                continue
+            if not any((req.reply_to, req.rid) in keys for req, _ in batcher.queue):
+                continue
+            kept = [
+                (entry, t)
+                for entry, t in zip(batcher.queue, batcher.arrivals)
+                if (entry[0].reply_to, entry[0].rid) not in keys
+            ]
+            dropped = [req for req, _ in batcher.queue if (req.reply_to, req.rid) in keys]
+            batcher.queue = deque(entry for entry, _ in kept)
+            batcher.arrivals = deque(t for _, t in kept)
+            spec = li.spec
+            self._finish(
+                m.Execution(spec.model_name, spec.version, spec.instance_index, dropped),
+                None,
+                error,
             )
+        for execution in self._backlog.values():
+            for req in execution.requests:
+                key = (req.reply_to, req.rid)
+                if key in keys:
+                    self._cancelled.add(key)
 
     def _pump(self, li: LoadedInstance) -> None:
         """Run the instance's next local batches while it is free and one is due."""
@@ -512,28 +627,39 @@ class BackendHost:
         started: bool = False,
         batched: LoadedInstance | None = None,
     ) -> None:
+        """Answer every request of ``execution``, each with its own reply: a request
+        whose outputs cannot be encoded gets its error, the others their outputs."""
         if started:
             self._inflight -= 1
+            if self._backlog:
+                self._backlog.pop(id(execution), None)
         assert self._outbox is not None
+        cancelled = self._cancelled
         for i, req in enumerate(execution.requests):
-            if batch_error is not None:
-                reply = _error_reply(req, batch_error.code.value, batch_error.message)
-            else:
-                assert responses is not None
-                if req.classification:
-                    li = self.instances.get(
-                        (execution.model, execution.version, execution.instance)
+            try:
+                if batch_error is not None:
+                    reply = _error_reply(req, batch_error.code.value, batch_error.message)
+                else:
+                    assert responses is not None
+                    if req.classification:
+                        li = self.instances.get(
+                            (execution.model, execution.version, execution.instance)
+                        )
+                        if li is not None:
+                            li.classify(req, responses[i])
+                    reply = encode_response(
+                        req,
+                        responses[i],
+                        self.mapper,
+                        self.cuda,
+                        self.arena if _shares_shm(req.reply_to) else None,
+                        self.arena_threshold,
                     )
-                    if li is not None:
-                        li.classify(req, responses[i])
-                reply = encode_response(
-                    req,
-                    responses[i],
-                    self.mapper,
-                    self.cuda,
-                    self.arena if _shares_shm(req.reply_to) else None,
-                    self.arena_threshold,
-                )
+            except Exception as exc:
+                log.error("encoding the reply to %d failed:\n%s", req.rid, traceback.format_exc())
+                reply = _error_reply(req, Code.INTERNAL.value, f"{type(exc).__name__}: {exc}")
+            if cancelled:
+                cancelled.discard((req.reply_to, req.rid))
             self._outbox.put(req.reply_to, reply)
         sids = [r.sid for r in execution.requests if r.sid]
         if sids:  # a direct request (sid 0) is its frontend's to track, not the scheduler's
@@ -599,12 +725,15 @@ class BackendHost:
         for frames in burst:
             try:
                 msg = self._decode_frontend(frames[0])
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, IndexError) as exc:
                 log.warning("dropping an undecodable message from a frontend: %s", exc)
                 continue
             if isinstance(msg, m.ExecuteBatch):
                 for execution in msg.executions:
                     self._start(execution, frames)
+                continue
+            if isinstance(msg, m.Cancel):
+                self._cancel(msg)
                 continue
             for endpoint, stream in self._reply_streams.items():
                 if stream.link is link:
@@ -646,6 +775,34 @@ def _timed_run(
         li.cost_s += (time.perf_counter() - start - li.cost_s) / 8
 
 
+def _run_execution(
+    li: LoadedInstance,
+    execution: m.Execution,
+    requests: list,
+    cancelled: set[tuple[str, int]] | None,
+) -> tuple[list[ExecResponse] | None, ServerError | None]:
+    """``_timed_run`` of the requests still to run: those whose client went away
+    (``cancelled``, read as the execution starts) are answered CANCELLED and those
+    already answered (an ``ExecResponse`` in ``requests``) keep their answer. On the loop
+    or the instance's thread."""
+    if cancelled:
+        requests = [
+            _CANCELLED if (req.reply_to, req.rid) in cancelled else r
+            for req, r in zip(execution.requests, requests)
+        ]
+    live = [r for r in requests if type(r) is not ExecResponse]
+    if len(live) == len(requests):
+        return _timed_run(li, requests)
+    if not live:
+        return requests, None
+    responses, error = _timed_run(li, live)
+    answers = iter(responses) if responses is not None else None
+    failed = ExecResponse(error=error)
+    return [
+        r if type(r) is ExecResponse else (next(answers) if answers else failed) for r in requests
+    ], None
+
+
 def _run(
     instance: ModelInstance, requests: list[ExecRequest]
 ) -> tuple[list[ExecResponse] | None, ServerError | None]:
@@ -662,6 +819,11 @@ def _run(
             f"the model returned {len(responses)} responses for {len(requests)} requests"
         )
     return responses, None
+
+
+_CANCELLED = ExecResponse(
+    error=ServerError(Code.CANCELLED, "the request was cancelled before it ran")
+)
 
 
 def to_array(datatype: str, shape: list[int], buf: bytes | memoryview) -> np.ndarray:
@@ -731,7 +893,7 @@ def encode_response(
                         "results"
                     )
                 if isinstance(target, m.Shm):
-                    mapper.view(target.key, target.offset, size, writable=True)[:] = buf
+                    mapper.write(target.key, target.offset, buf)  # pwrite: no SIGBUS
                     ref: m.TensorRef = m.Shm(target.key, target.offset, size)
                 else:
                     assert cuda is not None
@@ -747,6 +909,13 @@ def encode_response(
             else:
                 tensors.append(m.Tensor(name, datatype, shape, m.Inline(0)))
                 buffers.append(buf)
-    except ServerError as exc:
-        return _error_reply(req, exc.code.value, exc.message)
+    except Exception as exc:
+        if arena is not None:  # blocks taken for this reply's earlier outputs
+            for t in tensors:
+                if isinstance(t.ref, m.Shm) and t.ref.key.startswith(arena.prefix):
+                    arena.release(t.ref.key, t.ref.offset)
+        if isinstance(exc, ServerError):
+            return _error_reply(req, exc.code.value, exc.message)
+        log.error("encoding the reply to %d failed:\n%s", req.rid, traceback.format_exc())
+        return _error_reply(req, Code.INTERNAL.value, f"{type(exc).__name__}: {exc}")
     return m.InferReply(req.rid, req.model, req.version, tensors), buffers

@@ -42,6 +42,7 @@ FROM_FRONTEND = [
     m.Query(qid=4, kind="server_ready"),
     m.Query(qid=5, kind="model_metadata", model="simple", version="2"),
     m.Query(qid=6, kind="repository_index"),
+    m.Cancel(reply_to="tcp://fe:8011", rids=[3, 9]),
 ]
 
 FROM_HOST = [
@@ -111,6 +112,7 @@ HOST_INBOUND = [
     ),
     m.ExecuteBatch(executions=[]),
     m.Introduce(endpoints=["unix:///tmp/despina-x/frontend-0", "tcp://fe:8020"]),
+    m.Cancel(reply_to="unix:///tmp/despina-x/frontend-0", rids=[]),
 ]
 
 SOCKETS = [
@@ -126,6 +128,7 @@ SOCKETS = [
             m.ExecuteBatch(
                 executions=[m.Execution("simple", "1", 0, [infer(3, reply_to="unix:///tmp/fe")])]
             ),
+            m.Cancel(reply_to="unix:///tmp/fe", rids=[3]),
         ],
     ),
 ]
