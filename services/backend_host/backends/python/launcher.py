@@ -246,6 +246,13 @@ class PythonLauncher:
         try:
             if port:
                 sock = socket.create_connection((where, port), timeout=2.0)
+                secret = streams.cluster_secret()
+                if secret is not None:
+                    try:
+                        streams.authenticate_blocking(sock, secret)
+                    except OSError:
+                        sock.close()
+                        raise
             else:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
