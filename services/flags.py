@@ -224,6 +224,86 @@ byte_count = _count_of("bytes", "byte_count")
 microseconds = _count_of("µs", "microseconds")
 
 
+def _seconds(value: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got '{value}'")
+    return seconds
+
+
+# The HTTP/1.1 frontend's limits (services/frontend/http/limits.py): Triton's
+# --http-max-input-size and Despina's own; declared by ``despina serve`` and
+# ``despina frontend``, forwarded from the first to the second by ``http_flag_argv``.
+HTTP_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
+    (
+        "--http-max-input-size",
+        byte_count,
+        64 * 1024 * 1024,
+        "maximum input size in bytes for HTTP requests (a request body): larger ones get "
+        "413 before their body is read",
+    ),
+    (
+        "--http-max-header-size",
+        byte_count,
+        64 * 1024,
+        "Despina's own: the most bytes of header fields a request may send (431 beyond)",
+    ),
+    (
+        "--http-max-url-size",
+        byte_count,
+        8 * 1024,
+        "Despina's own: the longest request target (URL) in bytes (414 beyond)",
+    ),
+    (
+        "--http-max-header-count",
+        _count_of("header fields", "header_count"),
+        100,
+        "Despina's own: the most header fields a request may send (431 beyond)",
+    ),
+    (
+        "--http-header-timeout-secs",
+        _seconds,
+        10.0,
+        "Despina's own: a request's headers must arrive within this many seconds of its "
+        "first byte (else 408 and close); a new connection must send its first request "
+        "within it too",
+    ),
+    (
+        "--http-idle-timeout-secs",
+        _seconds,
+        75.0,
+        "Despina's own: a keep-alive connection with no request in flight, or a request "
+        "body that stops arriving, is closed after this many seconds",
+    ),
+    (
+        "--http-max-connections",
+        _count_of("connections", "connection_count"),
+        0,
+        "Despina's own: open HTTP connections per frontend; more are answered 503 and "
+        "closed, and the log says so (0: half the open-file limit)",
+    ),
+    (
+        "--http-max-pending-body-bytes",
+        byte_count,
+        256 * 1024 * 1024,
+        "Despina's own: shared memory a frontend sets aside for request bodies still "
+        "arriving; past it, bodies are held as they arrive and copied once complete",
+    ),
+)
+
+
+def add_http_flags(group: argparse._ActionsContainer) -> None:
+    for flag, kind, default, text in HTTP_FLAGS:
+        group.add_argument(flag, type=kind, default=default, help=text)
+
+
+def http_flag_argv(args: argparse.Namespace) -> list[str]:
+    """The HTTP limit flags of a parsed ``serve`` command line, as ``--flag=value``
+    arguments for a frontend."""
+    return [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag, _, _, _ in HTTP_FLAGS]
+
+
 def add_busy_poll(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--busy-poll-us",
@@ -263,6 +343,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=8002, help="metrics port (metrics are not served yet)"
     )
     g.add_argument("--allow-http", type=parse_bool, nargs="?", const=True, default=True)
+    add_http_flags(g)
     add_grpc_flags(g)
     g.add_argument("--log-verbose", type=int, default=0)
     g.add_argument("--exit-timeout-secs", type=float, default=30.0)

@@ -29,7 +29,7 @@ from pathlib import Path
 from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
 from despina.common.shm.arena import remove_segments_of
-from despina.services.flags import grpc_flag_argv
+from despina.services.flags import grpc_flag_argv, http_flag_argv
 
 log = logging.getLogger("despina.serve")
 
@@ -143,6 +143,7 @@ class Supervisor:
                             "--http-port",
                             str(args.http_port),
                             *grpc_flag_argv(args),
+                            *http_flag_argv(args),
                             inline,
                             poll,
                             "--exit-timeout-secs",

@@ -17,12 +17,14 @@ from despina.common.logs import setup_logging
 from despina.services.flags import (
     add_busy_poll,
     add_grpc_flags,
+    add_http_flags,
     add_inline_threshold,
     parse_bool,
 )
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
+from despina.services.frontend.http.limits import HttpLimits, raise_open_file_limit
 from despina.services.frontend.scheduler_client import SchedulerClient
 
 log = logging.getLogger("despina.frontend")
@@ -82,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--http-address", default="0.0.0.0")
     parser.add_argument("--http-port", type=int, default=8000)
+    add_http_flags(parser)
     add_grpc_flags(parser)
     parser.add_argument(
         "--reuse-port",
@@ -108,10 +111,10 @@ class HttpServer(Protocol):
 
 
 class LeanHttp:
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, limits: HttpLimits) -> None:
         from despina.services.frontend.http.lean import LeanHttpServer
 
-        self.server = LeanHttpServer(plane)
+        self.server = LeanHttpServer(plane, limits)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
         await self.server.listen(host, port, reuse_port)
@@ -124,12 +127,17 @@ class LeanHttp:
 
 
 class AiohttpHttp:
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, limits: HttpLimits) -> None:
         from aiohttp import web
 
-        from despina.services.frontend.http.app import build_app
+        from despina.services.frontend.http.app import build_app, handler_limits
 
-        self.runner = web.AppRunner(build_app(plane), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(
+            build_app(plane, limits),
+            access_log=None,
+            handle_signals=False,
+            **handler_limits(limits),
+        )
         self.site: web.TCPSite | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
@@ -170,7 +178,8 @@ async def amain(args: argparse.Namespace) -> int:
             log.error("%s must be 'lean' or 'aiohttp', got %r", HTTP_TRANSPORT_ENV, transport)
             client.close()
             return EXIT_CONFIG
-        http_server = LeanHttp(plane) if transport == "lean" else AiohttpHttp(plane)
+        limits = HttpLimits.from_args(args)
+        http_server = LeanHttp(plane, limits) if transport == "lean" else AiohttpHttp(plane, limits)
         try:
             await http_server.start(args.http_address, args.http_port, args.reuse_port)
         except OSError as exc:
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("frontend", args.log_verbose)
     keep_large_buffers()
+    raise_open_file_limit()
     import uvloop
 
     sys.exit(uvloop.run(amain(args)))

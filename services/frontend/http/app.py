@@ -5,6 +5,14 @@ the same routes with the same behaviour.
 Routes are thin: decode with ``codec``, call the data plane, encode. No middleware sits
 on the path (each costs microseconds per request, and the frontend is the bottleneck:
 DESIGN.md, "The hot path").
+
+Limits (``limits.HttpLimits``) as far as aiohttp offers them: the maximum input size
+(``client_max_size``; a Content-Length over it gets Triton's JSON 413 before the body is
+read, instead of 100 Continue too), the budget for bodies still arriving in shared
+memory, the idle keep-alive timeout, the URL (request line) and header sizes and the
+header count. What differs from the lean transport: aiohttp answers an oversized request
+line, header field or header count with 400 (not 414 or 431) and limits the size of each
+header field, not their total; it has no header-read timeout and no connection cap.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
+from despina.services.frontend.http.limits import HttpLimits, too_large_message
 
 JSON = "application/json"
 
@@ -51,7 +60,47 @@ async def read_into(request: web.Request, buffer: memoryview) -> memoryview:
     return buffer
 
 
-def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Application:
+def handler_limits(limits: HttpLimits) -> dict[str, float | int]:
+    """The ``web.AppRunner`` (request handler) arguments that enforce ``limits``."""
+    return {
+        "keepalive_timeout": limits.idle_timeout,
+        # The request line: method, URL, version
+        "max_line_size": limits.max_url_size + 32,
+        "max_field_size": limits.max_header_size,
+        "max_headers": limits.max_header_count,
+    }
+
+
+def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Application:
+    limits = limits or HttpLimits()
+    max_input_size = limits.max_input_size
+    pending = [0]  # shared memory reserved for bodies still arriving
+
+    def too_large(request: web.BaseRequest) -> web.Response | None:
+        size = request.content_length
+        if size is None or size <= max_input_size:
+            return None
+        return web.Response(
+            status=413,
+            body=codec.encode_error(too_large_message(size, max_input_size)),
+            content_type=JSON,
+            headers={"Connection": "close"},
+        )
+
+    async def expect_handler(request: web.Request) -> web.Response | None:
+        """Answer ``Expect: 100-continue``: 413 for a body over the limit."""
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
+        expect = request.headers.get("Expect", "")
+        if request.version == (1, 1):  # as aiohttp's default expect handler
+            if expect.lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+            writer = request.writer
+            await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.output_size = 0  # the response has not started
+        return None
+
     async def live(_: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -100,18 +149,33 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
 
     async def infer(request: web.Request) -> web.StreamResponse:
         info = request.match_info
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
         block = None
+        reserved = 0
         try:
             header_length = codec.parse_header_length(
                 request.headers.get(codec.HEADER_LENGTH_HEADER)
             )
             size = request.content_length
-            if header_length is not None and size is not None:
+            if (
+                header_length is not None
+                and size is not None
+                and pending[0] + size <= limits.max_pending_body_bytes
+            ):
                 block = plane.body_block(size)
+                if block is not None:
+                    reserved = size
+                    pending[0] += size
             if block is not None:
                 # Large binary tensors: read the body straight into shared memory, where
                 # the backend host reads the inputs in place (the one copy of DESIGN.md).
-                body: bytes | memoryview = await read_into(request, block.view)
+                try:
+                    body: bytes | memoryview = await read_into(request, block.view)
+                finally:
+                    pending[0] -= reserved
+                    reserved = 0
             else:
                 body = await request.read()
             inference = codec.decode_infer_request(
@@ -149,7 +213,15 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
                 plane.release(result)
         except ServerError as exc:
             return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body over the limit
+            return web.Response(
+                status=413,
+                body=codec.encode_error(too_large_message(None, max_input_size)),
+                content_type=JSON,
+                headers={"Connection": "close"},
+            )
         finally:
+            pending[0] -= reserved
             plane.drop(block)
 
     def shm_routes(cuda: bool):
@@ -161,6 +233,9 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
             return web.Response(body=body, content_type=JSON)
 
         async def register(request: web.Request) -> web.Response:
+            refusal = too_large(request)
+            if refusal is not None:
+                return refusal
             try:
                 try:
                     args = orjson.loads(await request.read())
@@ -182,8 +257,11 @@ def build_app(plane: DataPlane, *, client_max_size: int = 2**31) -> web.Applicat
 
         return status, register, unregister
 
-    app = web.Application(client_max_size=client_max_size)
-    add = app.router.add_route
+    app = web.Application(client_max_size=max_input_size)
+
+    def add(method: str, path: str, handler) -> None:
+        app.router.add_route(method, path, handler, expect_handler=expect_handler)
+
     add("GET", "/v2/health/live", live)
     add("GET", "/v2/health/ready", ready)
     add("GET", "/v2", server_metadata)

@@ -12,12 +12,24 @@ picks aiohttp instead (``services/frontend/__main__.py``).
 What it implements: keep-alive (HTTP/1.1's default, ``Connection: close``, HTTP/1.0),
 pipelined requests answered in order, chunked request bodies, ``Expect: 100-continue``,
 percent-decoded path segments, large binary request bodies read straight into a
-shared-memory block (as ``app.infer`` does), large responses written from their parts
+shared-memory block (as ``app.infer`` does) while the frontend's budget for bodies still
+arriving allows (past it, the body is held as it arrives and copied once complete, so a
+client that announces a large body and sends little holds little), large responses written from their parts
 and their blocks released once the transport has sent them, read flow control (a
 connection stops reading while a request is handled and more piles up, or while the
 client does not read its answers), 404 for unknown paths and 405 (with ``Allow``) for a
 known path and another method, as aiohttp answers; malformed HTTP gets 400 and the
 connection is closed. A client that goes away cancels its request.
+
+Limits (``limits.HttpLimits``, issue #12): a body over the maximum input size gets 413
+as soon as its headers say so (instead of ``100 Continue``), a long URL 414, too many or
+too large header fields 431, checked as the bytes arrive (httptools grows a header
+value piecewise: the bytes of an unfinished header are counted per read and cut at the
+limit); a connection cap answers 503 to the connections past it and logs them (at most a
+line a second). Timeouts cost nothing per request: one sweep per server a period
+(``HttpLimits.sweep_period``) compares each connection's state with the last sweep's,
+and closes those idle too long, or answers 408 to a request whose headers, or whose
+body, stopped arriving.
 
 Sync routes (liveness, server metadata, errors) are answered in the parser's callbacks,
 and so is infer: it is sent on from there and answered from its future's callback (no
@@ -43,6 +55,7 @@ from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
+from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
 
 log = logging.getLogger("despina.frontend")
@@ -63,6 +76,10 @@ MAX_BUFFERED = 1 << 20
 # resume_writing only once its buffer is empty (low water 0), so a large response's
 # shared-memory parts are known to be sent when it resumes.
 HIGH_WATER = 1 << 16
+# After refusing a body it has not read, a connection reads and discards for this long
+# (its write side shut) before closing, so that the client reads the refusal instead of
+# a reset (the "lingering close" of Apache and nginx).
+LINGER = 2.0
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -99,6 +116,9 @@ class _Request:
         "http10",
         "error",
         "body",
+        "head",
+        "raw",
+        "reserved",
     )
 
     def __init__(self) -> None:
@@ -118,26 +138,59 @@ class _Request:
         # A response decided before the handler runs: (status, body, content type, headers)
         self.error: tuple[int, bytes, bytes, bytes] | None = None
         self.body = b""
+        self.head = 0  # header fields: their count << 32 | bytes of names and values
+        self.raw = 0  # bytes of reads that ended with the headers still incomplete
+        self.reserved = 0  # shared memory counted in the server's pending-body budget
 
 
 def _error_reply(exc: ServerError) -> tuple[int, bytes, bytes, bytes]:
     return HTTP_STATUS.get(exc.code, 400), codec.encode_error(exc.message), JSON, b""
 
 
+def _json_error(status: int, message: str) -> tuple[int, bytes, bytes, bytes]:
+    return status, codec.encode_error(message), JSON, b""
+
+
+class _Refusal(Exception):
+    """Raised in a parser callback to stop parsing and answer ``reply``, then close
+    (``linger``: after reading what the client still sends for a while)."""
+
+    def __init__(self, reply: tuple[int, bytes, bytes, bytes], linger: bool = False) -> None:
+        self.reply = reply
+        self.linger = linger
+
+
 NOT_FOUND = (404, b"404: Not Found", TEXT, b"")
 TOO_LARGE = 413
+# _Request.head counts a request's header fields and their bytes in one int (one add per
+# field): the count above bit 32, the bytes below (at most the header limit plus one read).
+_FIELD = 1 << 32
+_BYTES = _FIELD - 1
+UNAVAILABLE_REPLY = (
+    _status_line(503)
+    + JSON
+    + CLOSE
+    + b"Content-Length: %d\r\n\r\n" % len(codec.encode_error("too many connections"))
+    + codec.encode_error("too many connections")
+)
 
 
 class LeanHttpServer:
     """Listens on (host, port) and serves the REST routes of ``app.build_app`` with
-    ``plane``. Connections, tasks and blocks live on the caller's loop; not thread-safe."""
+    ``plane`` within ``limits``. Connections, tasks, blocks and the sweep timer live on
+    the caller's loop; not thread-safe."""
 
-    def __init__(self, plane: DataPlane, *, client_max_size: int = 2**31) -> None:
+    def __init__(self, plane: DataPlane, limits: HttpLimits | None = None) -> None:
         self.plane = plane
-        self.client_max_size = client_max_size
+        self.limits = limits = limits or HttpLimits()
+        self.max_connections = limits.connection_cap()
         self.connections: set[_Connection] = set()
         self.closing = False
+        self.pending_body_bytes = 0  # shared memory reserved for bodies still arriving
+        self.refused = 0  # connections refused since the last log line
+        self._refused_logged_at = -1e9
         self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str, port: int, reuse_port: bool) -> None:
         """Bind and listen; raises OSError (port taken, bad address)."""
@@ -147,11 +200,48 @@ class LeanHttpServer:
             lambda: _Connection(self), hosts, port, reuse_port=reuse_port or None
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.limits.sweep_period, self._sweep)
+
+    def _sweep(self) -> None:
+        """Enforce the timeouts on every connection, log refused connections; rearm."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            conn.sweep(now)
+        if self.refused:
+            self._log_refused(now)
+        self._sweeper = loop.call_later(self.limits.sweep_period, self._sweep)
+
+    def refuse_connection(self, transport: asyncio.Transport) -> None:
+        """Answer a connection past the cap with 503 and close it; log at most a line a
+        second (with the count since the last one)."""
+        transport.write(UNAVAILABLE_REPLY)
+        transport.close()
+        self.refused += 1
+        self._log_refused(asyncio.get_running_loop().time())
+
+    def _log_refused(self, now: float) -> None:
+        if now - self._refused_logged_at < 1.0:
+            return
+        log.warning(
+            "refused %d HTTP connection(s): %d open, the limit (--http-max-connections) is %d",
+            self.refused,
+            len(self.connections),
+            self.max_connections,
+        )
+        self.refused = 0
+        self._refused_logged_at = now
 
     def stop_listening(self) -> None:
         """Take no more connections; open ones are still served."""
         for server in self._servers:
             server.close()
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def stop(self, grace: float) -> None:
         """Stop listening, close idle connections, let busy ones finish their requests for
@@ -165,6 +255,7 @@ class LeanHttpServer:
         deadline = loop.time() + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        self.stop_sweeping()
         for conn in list(self.connections):
             conn.close()
 
@@ -175,6 +266,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: LeanHttpServer) -> None:
         self.server = server
         self.plane = server.plane
+        self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -187,15 +279,26 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future | None = None
         self.memo = RequestMemo()  # the last binary infer header, decoded
+        self.requests = 0  # requests begun on this connection
+        self.linger = False  # refused a body it did not read: discard, then close
+        self.lingering = False  # its answer sent and its write side shut
+        # What the last sweep saw (see sweep) and when it first saw it
+        self.mark: object = None
+        self.mark_at = 0.0
 
     # --- connection -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are no asyncio.Transport subclass: no isinstance check.
         transport = cast(asyncio.Transport, transport)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            self.broken = True
+            server.refuse_connection(transport)
+            return
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER, low=0)
-        self.server.connections.add(self)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -204,7 +307,7 @@ class _Connection(asyncio.Protocol):
             self.task.cancel()  # its handler drops its block and releases its result
         plane = self.plane
         if self.current is not None:
-            plane.drop(self.current.block)
+            self._abandon(self.current)
             self.current = None
         for req in self.queue:
             plane.drop(req.block)
@@ -217,6 +320,55 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def sweep(self, now: float) -> None:
+        """Called by the server's sweep: note what this connection is doing; if it has
+        done the same since an earlier sweep for longer than its timeout, act. Reading
+        headers (header timeout: 408, close), reading a body that stopped arriving (idle
+        timeout: 408, close), idle between requests (idle timeout, or the header timeout
+        before a first request: close), lingering after a refusal (LINGER: close)."""
+        req = self.current
+        limits = self.limits
+        token: object
+        if self.broken:
+            if not self.lingering:
+                return
+            token, timeout = "linger", LINGER
+        elif req is not None:
+            if req.method == b"":
+                token, timeout = req, limits.header_timeout
+            else:
+                token, timeout = (req, req.size + req.filled), limits.idle_timeout
+        elif self.task is None and not self.queue:
+            token = self.requests
+            timeout = limits.idle_timeout if self.requests else limits.header_timeout
+        else:
+            self.mark = None  # answering
+            return
+        if token != self.mark:
+            self.mark = token
+            self.mark_at = now
+            return
+        if now - self.mark_at < timeout:
+            return
+        if req is None or self.broken:
+            self.close()
+            return
+        if req.method == b"":
+            message = f"request headers not received within {timeout:g} s"
+        else:
+            message = f"request body stalled for {timeout:g} s"
+        self._refuse(_json_error(408, message), linger=False)
+        if self.task is None:
+            self._next()
+
+    def _abandon(self, req: _Request) -> None:
+        """Free what a request that will not be handled holds: its block, its budget."""
+        self.plane.drop(req.block)
+        req.block = None
+        if req.reserved:
+            self.server.pending_body_bytes -= req.reserved
+            req.reserved = 0
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -260,21 +412,69 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
+        before = self.current
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._upgrade()
         except httptools.HttpParserError as exc:
-            self._malformed(str(exc).encode())
+            refusal = exc.__context__
+            if type(refusal) is _Refusal:
+                self._refuse(refusal.reply, refusal.linger)
+            else:
+                self._malformed(str(exc).encode())
+        else:
+            req = self.current
+            if req is not None and req.method == b"" and req is before:
+                # A whole read of unfinished headers (httptools holds them, growing a
+                # value piecewise): count it, so that no header grows past the limit
+                # by more than one read.
+                req.raw += len(data)
+                if req.raw > self.limits.max_header_size:
+                    self._refuse(self._header_too_large())
         if self.task is None:
             self._next()
         else:
             self._flow()
 
+    def _header_too_large(self) -> tuple[int, bytes, bytes, bytes]:
+        limits = self.limits
+        return _json_error(
+            431,
+            f"request header fields too large: at most {limits.max_header_count} fields "
+            f"of {limits.max_header_size} bytes in all (--http-max-header-count, "
+            "--http-max-header-size)",
+        )
+
+    def _refuse(self, reply: tuple[int, bytes, bytes, bytes], linger: bool = False) -> None:
+        """Stop reading requests: answer ``reply`` after what came before, then close
+        (``linger``: read and discard what the client still sends for LINGER seconds
+        first, so that it reads the answer instead of a reset)."""
+        self.broken = True
+        req = self.current
+        if req is None:
+            req = _Request()
+        else:
+            self._abandon(req)
+            self.current = None
+        req.keep_alive = False
+        req.parts = []
+        req.error = reply
+        self.queue.append(req)
+        self.linger = linger
+        if self.transport is not None:
+            if linger:
+                if self.read_paused:
+                    self.read_paused = False
+                    self.transport.resume_reading()
+            elif not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
+
     def _malformed(self, reason: bytes) -> None:
         self.broken = True
         if self.current is not None:
-            self.plane.drop(self.current.block)
+            self._abandon(self.current)
         req = self.current or _Request()
         self.current = None
         req.block = None
@@ -297,7 +497,7 @@ class _Connection(asyncio.Protocol):
         self.broken = True
         last.keep_alive = False
         if last.length and last.error is None:
-            self.plane.drop(last.block)
+            self._abandon(last)
             last.block = None
             last.error = (400, b"400: Bad Request\n\nupgrades are not supported", TEXT, b"")
         if self.transport is not None and not self.read_paused:
@@ -306,17 +506,27 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.current = _Request()
+        self.requests += 1
 
     def on_url(self, url: bytes) -> None:
         req = self.current
         if req is not None:
             req.url += url
+            if len(req.url) > self.limits.max_url_size:
+                raise _Refusal(
+                    _json_error(
+                        414,
+                        f"request URL longer than {self.limits.max_url_size} bytes "
+                        "(--http-max-url-size)",
+                    )
+                )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
         if req is None:
             return
         n = len(name)
+        req.head += _FIELD + n + len(value)
         if n == 14:
             if name.lower() == b"content-length":
                 req.length = int(value)  # llhttp has checked it is a number
@@ -332,6 +542,17 @@ class _Connection(asyncio.Protocol):
             return
         parser = self.parser
         req.method = method = parser.get_method()
+        limits = self.limits
+        head = req.head
+        if head >> 32 > limits.max_header_count or head & _BYTES > limits.max_header_size:
+            raise _Refusal(self._header_too_large())
+        length = req.length
+        if length is not None and length > limits.max_input_size:
+            # Before its body (and instead of 100 Continue)
+            raise _Refusal(
+                _json_error(TOO_LARGE, too_large_message(length, limits.max_input_size)),
+                linger=True,
+            )
         req.http10 = parser.get_http_version() == "1.0"
         url = req.url
         q = url.find(b"?")
@@ -346,18 +567,22 @@ class _Connection(asyncio.Protocol):
             req.error = route
             return
         req.route, req.args = route  # type: ignore[misc]
-        length = req.length
-        if length is not None and length > self.server.client_max_size:
-            req.error = _too_large(self.server.client_max_size, length)
-            req.keep_alive = False
-            return
         if req.route is _infer and req.header_length is not None:
             try:
                 header_length = codec.parse_header_length(req.header_length)
-                if header_length is not None and length is not None:
+                server = self.server
+                if (
+                    header_length is not None
+                    and length is not None
+                    and server.pending_body_bytes + length <= limits.max_pending_body_bytes
+                ):
                     # Large binary tensors: the body goes straight into shared memory,
-                    # where the backend host reads the inputs in place.
-                    req.block = self.plane.body_block(length)
+                    # where the backend host reads the inputs in place. Past the budget
+                    # for bodies still arriving, it is held as it arrives instead.
+                    req.block = block = self.plane.body_block(length)
+                    if block is not None:
+                        req.reserved = length
+                        server.pending_body_bytes += length
             except ServerError as exc:
                 req.error = _error_reply(exc)
                 return
@@ -377,16 +602,20 @@ class _Connection(asyncio.Protocol):
             return
         req.parts.append(body)
         req.size += n
-        if req.size > self.server.client_max_size:
-            req.error = _too_large(self.server.client_max_size, req.size)
-            req.keep_alive = False
-            req.parts = []
+        if req.size > self.limits.max_input_size:  # a chunked body
+            raise _Refusal(
+                _json_error(TOO_LARGE, too_large_message(req.size, self.limits.max_input_size)),
+                linger=True,
+            )
 
     def on_message_complete(self) -> None:
         req = self.current
         if req is None:
             return
         self.current = None
+        if req.reserved:
+            self.server.pending_body_bytes -= req.reserved
+            req.reserved = 0
         req.keep_alive = req.keep_alive and self.parser.should_keep_alive()
         if req.error is not None:
             req.parts = []
@@ -464,7 +693,12 @@ class _Connection(asyncio.Protocol):
             self.plane.drop(queued.block)
         self.queue.clear()
         self.broken = True  # read nothing more
-        transport.close()
+        if self.linger and transport.can_write_eof():
+            transport.write_eof()  # the sweep closes it after LINGER
+            self.lingering = True
+        else:
+            self.linger = False
+            transport.close()
 
     async def _send_parts(
         self, req: _Request, parts: list, size: int, content_type: bytes, headers: bytes
@@ -495,15 +729,6 @@ class _Connection(asyncio.Protocol):
                 await asyncio.sleep(0.001)
         if close and self.transport is not None:
             self._close_after(transport)
-
-
-def _too_large(limit: int, size: int) -> tuple[int, bytes, bytes, bytes]:
-    return (
-        TOO_LARGE,
-        f"Maximum request body size {limit} exceeded, actual body size {size}".encode(),
-        TEXT,
-        b"",
-    )
 
 
 # --- routes ---------------------------------------------------------------------------------
