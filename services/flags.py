@@ -165,8 +165,9 @@ GRPC_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     (
         "--grpc-max-message-size",
         int,
-        2**31 - 1,
-        "Despina's own: the largest gRPC message received or sent, in bytes",
+        64 * 1024 * 1024,
+        "Despina's own: the largest gRPC message received (once decompressed) or sent, in "
+        "bytes; 64 MiB as --http-max-input-size (Triton's INT32_MAX invites memory bombs)",
     ),
 )
 

@@ -11,7 +11,7 @@ import asyncio
 
 import orjson
 
-from despina.common.errors import ServerError
+from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
 from despina.services.frontend.scheduler_client import SchedulerClient
 
@@ -96,9 +96,57 @@ class DataPlane:
         return await self.client.query("cuda_shm_status" if cuda else "shm_status", name)
 
     async def shm_register(self, cuda: bool, name: str, args: dict) -> None:
-        """``args``: key, offset, byte_size (system) or raw_handle, device_id, byte_size."""
+        """``args``: key, offset, byte_size (system) or raw_handle, device_id, byte_size,
+        as the HTTP extension's JSON spells them. Raises INVALID_ARG naming the field
+        when one has the wrong JSON type (``check_shm_register``)."""
+        check_shm_register(cuda, args)
         body = orjson.dumps({**args, "name": name})
         await self.client.query("cuda_shm_register" if cuda else "shm_register", name, body=body)
 
     async def shm_unregister(self, cuda: bool, name: str = "") -> None:
         await self.client.query("cuda_shm_unregister" if cuda else "shm_unregister", name)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is bool:
+        return "a boolean"
+    if type(value) is int:
+        return "an integer"
+    if type(value) is float:
+        return "a number with a fraction or exponent"
+    if type(value) is str:
+        return "a string"
+    return "an array" if type(value) is list else "an object"
+
+
+def check_shm_register(cuda: bool, args: dict) -> None:
+    """The types of a shared-memory registration's fields, as Triton's HTTP server
+    reads them: ``key`` a string; ``offset``, ``byte_size`` and ``device_id``
+    non-negative JSON integers (not true, not 63.9, not "64"); ``raw_handle`` an object
+    with a ``b64`` string. Absent fields are the scheduler's to refuse (it names the
+    ones a registration needs). Raises INVALID_ARG naming the field."""
+    what = "CUDA shared memory" if cuda else "system shared memory"
+    for field in ("byte_size", "device_id") if cuda else ("key", "offset", "byte_size"):
+        if field not in args:
+            continue
+        value = args[field]
+        if field == "key":
+            if type(value) is not str:
+                raise invalid_arg(
+                    f"unable to parse 'key' of the {what} registration: it must be a string, "
+                    f"got {_json_type(value)} ({value!r})"
+                )
+        elif type(value) is not int or value < 0:
+            raise invalid_arg(
+                f"unable to parse '{field}' of the {what} registration: it must be a "
+                f"non-negative integer, got {_json_type(value)} ({value!r})"
+            )
+    if cuda and "raw_handle" in args:
+        handle = args["raw_handle"]
+        if type(handle) is not dict or type(handle.get("b64")) is not str:
+            raise invalid_arg(
+                f"unable to parse 'raw_handle' of the {what} registration: it must be an "
+                'object {"b64": "<base64 of the cudaIpcMemHandle_t>"}'
+            )
