@@ -285,3 +285,108 @@ def test_deserialize_count_mismatch_is_invalid_arg(items: list[bytes], count: in
 def test_deserialize_without_count_accepts_any_number() -> None:
     assert len(dtypes.deserialize_bytes(prefixed(b"a", b"b", b"c"))) == 3
     assert len(dtypes.deserialize_bytes(b"")) == 0
+
+
+# -- bounds (issue #12): shapes numpy can't build, BYTES element walks ------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**62], [0, 2**63 - 1], [2**31, 2**31, 0, 2**31], [2**60], [2**30, 2**30]],
+)
+def test_check_shape_refuses_what_numpy_cannot_build(shape: list[int]) -> None:
+    with pytest.raises(ServerError) as info:
+        dtypes.check_shape("IN", shape, dtypes.element_count(shape))
+    assert info.value.code is Code.INVALID_ARG
+    assert info.value.message.startswith("unexpected shape for input 'IN': [")
+    assert f"spans more than {dtypes.MAX_ELEMENTS} elements" in info.value.message
+    with pytest.raises(ValueError):  # what the backend host would have hit
+        np.empty(shape, dtype=np.float64)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**59], [2**59], [0], [], [2**29, 2**30]])
+def test_check_shape_accepts_what_numpy_can_build(shape: list[int]) -> None:
+    dtypes.check_shape("IN", shape, dtypes.element_count(shape))
+    assert dtypes.element_span(shape) <= dtypes.MAX_ELEMENTS
+    if dtypes.element_count(shape) == 0:
+        assert np.empty(shape, dtype=np.float64).size == 0
+
+
+def test_check_dims_allows_numpys_64() -> None:
+    dtypes.check_dims("IN", 64)
+    with pytest.raises(ServerError) as info:
+        dtypes.check_dims("IN", 65)
+    assert info.value.message == (
+        "unable to parse 'shape' of input 'IN': it has 65 dimensions, more than the 64 a "
+        "tensor may have"
+    )
+
+
+def _bytes_error(data: bytes, count: int) -> str:
+    with pytest.raises(ServerError) as info:
+        dtypes.check_bytes_elements(data, count, "S", [count])
+    assert info.value.code is Code.INVALID_ARG
+    return info.value.message
+
+
+def test_millions_of_zero_length_elements_check_in_milliseconds() -> None:
+    import time
+
+    count = 8 << 20  # 32 MiB of zero lengths: the Python walk took ~1.7 s
+    data = bytes(4 * count)
+    dtypes.check_bytes_elements(data, count, "S", [count])  # warm numpy up
+    start = time.perf_counter()
+    dtypes.check_bytes_elements(data, count, "S", [count])
+    dtypes.check_bytes_elements(memoryview(data), count, "S", [count])
+    assert time.perf_counter() - start < 0.5  # ~2 ms here; generous for a loaded VM
+    # a count off by one is no longer one length: walked (past WALK_ELEMENTS, the
+    # backend host's deserialize_bytes counts); small, the walk says how many
+    assert _bytes_error(bytes(4000), 999) == (
+        "unexpected number of string elements for input 'S': more than 999 (4 bytes follow "
+        "element 998), expecting 999 for shape [999]"
+    )
+    assert _bytes_error(data, count + 1) == (
+        f"unexpected number of string elements for input 'S': its {4 * count} bytes hold at "
+        f"most {count}, expecting {count + 1} for shape [{count + 1}]; each element is a "
+        "4-byte little-endian length, then its bytes"
+    )
+
+
+def test_uniform_length_elements_are_checked_and_parsed_by_numpy() -> None:
+    items = [b"ab\x00", b"\x00\x00\x00", b"xyz"] * 1000
+    data = dtypes.serialize_bytes(np.array(items, dtype=np.object_))
+    dtypes.check_bytes_elements(data, len(items), "S", [len(items)])
+    parsed = dtypes.deserialize_bytes(data, len(items))
+    assert parsed.dtype == np.object_ and parsed.tolist() == items
+    zeros = dtypes.deserialize_bytes(bytes(4 * 5), 5)
+    assert zeros.tolist() == [b""] * 5
+    # one length field off: not uniform, the walk finds what is wrong
+    bad = bytearray(data)
+    bad[7] = 4  # element 0 now declares 4 bytes
+    assert "unexpected number of string elements" in _bytes_error(bytes(bad), len(items)) or (
+        "malformed BYTES data" in _bytes_error(bytes(bad), len(items))
+    )
+
+
+def test_mixed_length_walk_is_bounded() -> None:
+    import time
+
+    count = 4 << 20  # lengths 0,1,0,1...: no one length, the walk stops at WALK_ELEMENTS
+    data = b"\x00\x00\x00\x00\x01\x00\x00\x00a" * (count // 2)
+    start = time.perf_counter()
+    dtypes.check_bytes_elements(data, count, "S", [count])  # the rest is the backend's
+    assert time.perf_counter() - start < 0.5  # ~4 ms here; the full walk took ~0.9 s
+    with pytest.raises(ServerError, match="expected 4194304 BYTES elements, got 4194303"):
+        dtypes.deserialize_bytes(data[:-5], count)
+
+
+def test_walk_reports_extra_elements_without_counting_them() -> None:
+    data = b"\x01\x00\x00\x00a" * 3
+    assert _bytes_error(data, 2) == (
+        "unexpected number of string elements for input 'S': more than 2 (5 bytes follow "
+        "element 1), expecting 2 for shape [2]"
+    )
+    assert _bytes_error(data, 4) == (
+        "unexpected number of string elements 3 for input 'S', expecting 4 for shape [4]"
+    )
+    assert "more than 0" in _bytes_error(data, 0)

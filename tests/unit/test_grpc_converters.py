@@ -342,3 +342,56 @@ def test_reply_memo_writes_the_same_bytes_as_protobuf():
         parsed = pb.ModelInferResponse.FromString(message)
         assert parsed.raw_output_contents == [o.tobytes(), b""]
     assert memo.reply is not None
+
+
+# -- issue #12: bounds on what a request may make the frontend do ----------------------
+
+
+def test_shape_numpy_cannot_build_is_refused_naming_the_input():
+    message = invalid(request_with(("IN", "FP32", [0, 2**62]), raw=[b""]))
+    assert message.startswith("unexpected shape for input 'IN': [0,4611686018427387904] spans")
+    assert "it has 65 dimensions" in invalid(request_with(("IN", "FP32", [1] * 65), raw=[b"abcd"]))
+    ok = c.decode_infer_request(request_with(("IN", "FP32", [0, 2**59]), raw=[b""]))
+    assert ok.inputs[0].shape == [0, 2**59]
+
+
+def _parse_error(data: bytes) -> str:
+    with pytest.raises(ServerError) as info:
+        c.parse_infer_request(data)
+    assert info.value.code is Code.INVALID_ARG
+    return info.value.message
+
+
+def test_large_message_walk_refuses_non_messages_at_once():
+    import time
+
+    start = time.perf_counter()
+    zeros = _parse_error(bytes(64 << 20))  # the old per-byte walk: ~6 s
+    assert zeros == (
+        "malformed ModelInferRequest: field 1 has field number 0 and wire type 0; no "
+        "protobuf message has that"
+    )
+    tiny = b"\x2a\x00" * (32 << 20)  # 32 M empty 'inputs': protobuf alone takes ~7 s
+    assert _parse_error(tiny) == (
+        f"malformed ModelInferRequest: more than {c.MAX_FIELDS} top-level fields (inputs, "
+        "outputs, raw_input_contents and parameters entries together)"
+    )
+    assert time.perf_counter() - start < 1.0  # ~5 ms here; generous for a loaded VM
+    assert "wire type 3" in _parse_error(b"\x0b" + bytes(c.LARGE_MESSAGE))
+    assert "past the end of the message" in _parse_error(
+        b"\x3a\xff\xff\xff\x7f" + bytes(c.LARGE_MESSAGE)
+    )
+    assert "field 2 is cut off" in _parse_error(
+        b"\x12\x80\x80\x04" + bytes(c.LARGE_MESSAGE) + b"\x3a\x80"
+    )
+
+
+def test_large_message_keeps_unknown_fields_and_raw_views():
+    big = np.arange(c.LARGE_MESSAGE, dtype=np.uint8).tobytes()
+    request = request_with(("A", "UINT8", [len(big)]), raw=[big], id="x")
+    # unknown fields of every wire type, as a newer client might send
+    extra = b"\x80\x01\x05" + b"\x89\x01" + bytes(8) + b"\x95\x01" + bytes(4) + b"\x9a\x01\x01z"
+    message, raw = c.parse_infer_request(request.SerializeToString() + extra)
+    assert raw is not None and bytes(raw[0]) == big
+    decoded = c.decode_infer_request(message, raw)
+    assert decoded.id == "x" and bytes(decoded.inputs[0].data) == big

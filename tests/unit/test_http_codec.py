@@ -737,3 +737,39 @@ def test_reply_memo_reuses_the_json_of_a_repeated_response():
     parts, json_length = encode_infer_response_parts(res, request, memo)
     assert json_length is None and orjson.loads(parts[0])["outputs"][0]["data"] == [0, 1, 2]
     assert memo.reply is None
+
+
+# -- issue #12: bounds on what a request may make the frontend do ----------------------
+
+
+def _refusal(doc: dict, *blobs: bytes) -> str:
+    with pytest.raises(ServerError) as err:
+        decode(doc, *blobs)
+    assert err.value.code is Code.INVALID_ARG
+    return err.value.message
+
+
+def test_shape_numpy_cannot_build_is_refused_naming_the_input():
+    doc = one_input("FP32", [0, 2**62], parameters={"binary_data_size": 0})
+    assert _refusal(doc, b"\x00").startswith(
+        "unexpected shape for input 'INPUT0': [0,4611686018427387904] spans more than"
+    )
+    assert "spans more than" in _refusal(one_input("FP32", [2**40, 2**40], data=[]))
+    assert "it has 65 dimensions" in _refusal(one_input("FP32", [1] * 65, data=[1.0]))
+    fine = decode(one_input("FP32", [0, 2**59], data=[]))
+    assert fine.inputs[0].shape == [0, 2**59] and fine.inputs[0].data == b""
+
+
+def test_millions_of_zero_length_bytes_elements_decode_in_milliseconds():
+    import time
+
+    count = 8 << 20  # 32 MiB of zero lengths: the old walk held the loop ~1.7 s
+    blob = bytes(4 * count)
+    doc = one_input("BYTES", [count], parameters={"binary_data_size": len(blob)})
+    decode(doc, blob)  # warm numpy up
+    start = time.perf_counter()
+    request = decode(doc, blob)
+    assert time.perf_counter() - start < 0.5  # ~3 ms here; generous for a loaded VM
+    assert request.inputs[0].data.nbytes == len(blob)
+    short = one_input("BYTES", [count + 1], parameters={"binary_data_size": len(blob)})
+    assert f"hold at most {count}, expecting {count + 1}" in _refusal(short, blob)

@@ -217,6 +217,23 @@ BAD = [
         "input 'INPUT0' is given more than once for model 'batched'",
     ),
     (
+        "zero-dim-beside-a-huge-one",
+        "batched",
+        [("INPUT0", "FP32", [0, 16]), ("INPUT1", "INT32", [0, 2**62])],
+        (),
+        None,
+        "unexpected shape for input 'INPUT1': [0,4611686018427387904] spans more than "
+        "576460752303423488 elements",
+    ),
+    (
+        "count-past-int64",
+        "plain",
+        [("X", "UINT8", [2**60, 16]), ("S", "BOOL", [])],
+        (),
+        {0: 0},
+        "unexpected shape for input 'X': [1152921504606846976,16] spans more than",
+    ),
+    (
         "byte-size-short",
         "batched",
         [B0, B1],
