@@ -431,7 +431,7 @@ class _Connection(asyncio.Protocol):
                 # by more than one read.
                 req.raw += len(data)
                 if req.raw > self.limits.max_header_size:
-                    self._refuse(self._header_too_large())
+                    self._refuse(self._header_too_large(), linger=True)
         if self.task is None:
             self._next()
         else:
@@ -518,7 +518,8 @@ class _Connection(asyncio.Protocol):
                         414,
                         f"request URL longer than {self.limits.max_url_size} bytes "
                         "(--http-max-url-size)",
-                    )
+                    ),
+                    linger=True,
                 )
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -545,7 +546,7 @@ class _Connection(asyncio.Protocol):
         limits = self.limits
         head = req.head
         if head >> 32 > limits.max_header_count or head & _BYTES > limits.max_header_size:
-            raise _Refusal(self._header_too_large())
+            raise _Refusal(self._header_too_large(), linger=True)
         length = req.length
         if length is not None and length > limits.max_input_size:
             # Before its body (and instead of 100 Continue)
