@@ -291,6 +291,22 @@ def test_a_request_larger_than_the_shm_filesystem_is_refused(tmp_path, small_shm
             ), info.value.message()
             assert_still_serving(srv.url)
             assert_still_serving(srv.url, n=256 * 1024)  # 1 MiB each way: in the small shm
+        # 9 MiB in fits beside what is reserved; 9 MiB more out does not: the backend
+        # host's output arena refuses it, and the host lives on.
+        client = httpclient.InferenceServerClient(srv.url, network_timeout=60)
+        inp = httpclient.InferInput("INPUT0", [1, 9 * 256 * 1024], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 9 * 256 * 1024), np.float32), binary_data=True)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("identity_fp32", [inp])
+        client.close()
+        assert info.value.status() == "503", info.value.message()
+        assert info.value.message().startswith(f"out of shared memory: {small_shm} (16 MiB")
+        reserved = {
+            name.split("_")[1]: os.stat(small_shm / name).st_blocks * 512 >> 20
+            for name in os.listdir(small_shm)
+        }
+        assert reserved == {"fe": 9, "bh": 1}  # the input was in; the output found no room
+        assert_still_serving(srv.url, n=256 * 1024)
         assert srv.child_pids("despina.services") == pids
         # Every arena lives in the small tmpfs, none in /dev/shm.
         owners = {int(name.split("_")[2]) for name in os.listdir(small_shm)}
