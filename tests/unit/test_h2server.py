@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 import uvloop
-from hpack import Encoder
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 from despina.services.frontend.grpc import h2server as h2
 from despina.services.frontend.grpc.errors import Status
@@ -319,13 +319,34 @@ def test_header_cache_follows_the_dynamic_table():
     async def run() -> None:
         conn = h2._Connection(h2.H2Server({}, LIMIT, LIMIT))
         encoder = Encoder()
-        assert conn._decode_headers(encoder.encode([("x-a", "1")])) == [(b"x-a", b"1")]
-        indexed = encoder.encode([("x-a", "1")])
+        head = conn._head(encoder.encode([("content-type", "application/grpc+a")]))
+        assert head.content_type == b"application/grpc+a"
+        indexed = encoder.encode([("content-type", "application/grpc+a")])
         assert indexed == b"\xbe"  # the first dynamic entry
-        assert conn._decode_headers(indexed) == [(b"x-a", b"1")]
-        assert indexed in conn.indexed_cache
-        assert conn._decode_headers(encoder.encode([("x-b", "2")])) == [(b"x-b", b"2")]
-        assert not conn.indexed_cache
-        assert conn._decode_headers(b"\xbe") == [(b"x-b", b"2")]  # now the newest entry
+        assert conn._head(indexed).content_type == b"application/grpc+a"
+        assert indexed in conn.heads
+        assert conn._head(encoder.encode([("content-type", "application/grpc+b")]))
+        assert not conn.heads and conn.heads_bytes == 0
+        assert conn._head(b"\xbe").content_type == b"application/grpc+b"  # now the newest
+
+    asyncio.run(run())
+
+
+def test_header_cache_is_bounded_by_bytes():
+    """Distinct blocks that leave the table alone fill the cache up to its byte budget
+    only; a block larger than HEADER_CACHE_BLOCK is never kept."""
+
+    async def run() -> None:
+        conn = h2._Connection(h2.H2Server({}, LIMIT, LIMIT))
+        encoder = Encoder()
+        big = encoder.encode([NeverIndexedHeaderTuple("x-big", "v" * 2000)], huffman=False)
+        assert not big[0] & 0x40  # a literal not indexed: the table stays as it was
+        conn._head(big)
+        assert big not in conn.heads
+        for i in range(2000):
+            block = encoder.encode([NeverIndexedHeaderTuple("x-n", f"{i:0300d}")], huffman=False)
+            assert conn._head(block).size == 3 + 300 + 32
+        assert conn.heads_bytes <= h2.HEADER_CACHE_BYTES
+        assert 0 < len(conn.heads) <= h2.HEADER_CACHE_BYTES // (335 + 300)
 
     asyncio.run(run())

@@ -16,10 +16,27 @@ What it implements, for the servicer's methods (``server.method_handlers``):
   peer's windows and frame size respected when sending); HPACK (RFC 7541) header blocks
   decoded with ``hpack``, and a cache for blocks of indexed fields only (what a client
   sends once its table is warm: decoding them changes nothing).
+- Hostile peers (RFC 9113 section 10.5, issue #12): at most ``max_concurrent_streams``
+  streams open (advertised; more are refused with REFUSED_STREAM), header lists bounded
+  (SETTINGS_MAX_HEADER_LIST_SIZE), the cache of header blocks bounded by bytes, frames that
+  make work without a call (PING, SETTINGS, PRIORITY, empty DATA, resets of streams
+  already closed, refused streams, unknown types) and resets of calls in flight limited per
+  second (past it: GOAWAY ENHANCE_YOUR_CALM, as gRPC core answers floods), no reading while
+  the transport's write buffer is above its high-water mark (a peer that does not read
+  cannot grow our buffers), a call reset in the read that started it never runs, and a
+  streaming call takes its next response only once the last one is sent and stops the
+  connection's reading while its handler has ``STREAM_BACKLOG`` requests untaken.
+- RFC 9113's connection and stream errors: frame sizes, frames on the wrong stream,
+  idle and closed streams, stream ids that go down, SETTINGS values, zero and overflowing
+  window updates, self-dependency, malformed requests (uppercase or connection-specific
+  field names, pseudo-headers missing, repeated, unknown or after regular fields); the
+  client preface must be followed by SETTINGS. A request that is no gRPC (content-type
+  not ``application/grpc...``) gets HTTP 415.
 - gRPC over it: unary and bidirectional-streaming calls, length-prefixed messages,
   compressed requests (``grpc-encoding`` gzip or deflate), ``grpc-timeout`` deadlines,
-  the receive size limit (RESOURCE_EXHAUSTED), cancellation by RST_STREAM or a closed
-  connection, statuses and messages in trailers (Trailers-Only for calls that fail before
+  the receive size limit (RESOURCE_EXHAUSTED, compressed messages inflated no further
+  than it), cancellation by RST_STREAM, a deadline or a closed connection (the future or
+  task the call waits on is cancelled, which cancels the request downstream), statuses and messages in trailers (Trailers-Only for calls that fail before
   answering), UNIMPLEMENTED for unknown methods.
 
 Handlers are called as grpc.aio calls them, ``handler(request, context)``, with a context
@@ -33,13 +50,13 @@ import asyncio
 import logging
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import partial
 from typing import Any, NamedTuple, NoReturn, cast
 from urllib.parse import quote
 
 from hpack import Decoder
-from hpack.exceptions import HPACKError
+from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 log = logging.getLogger("despina.frontend")
 
@@ -53,22 +70,48 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
 MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 5, 6
 
-# Error codes
+# Error codes (RFC 9113 section 7)
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 
 MAX_WINDOW = 2**31 - 1
 # What this server lets a peer send before it says more: a 16 MiB tensor arrives without
 # waiting for a window update. Windows are topped up once half is used.
 RECV_WINDOW = 2**30
 MAX_FRAME = 2**24 - 1  # the largest frame the peer may send us
-MAX_HEADER_BLOCK = 1 << 20
+
+# What one peer may make this server hold or do (docs/security.md lists them).
+# Streams open at once on a connection (SETTINGS_MAX_CONCURRENT_STREAMS, advertised; the
+# flag --grpc-http2-max-concurrent-streams): a HEADERS past it gets REFUSED_STREAM.
+MAX_CONCURRENT_STREAMS_DEFAULT = 1000
+# SETTINGS_MAX_HEADER_LIST_SIZE, advertised (gRPC core's hard default): a request whose
+# header list is larger ends with RESOURCE_EXHAUSTED; one past HARD_HEADER_LIST (or a
+# header block, or any frame but DATA, that long) ends the connection with
+# ENHANCE_YOUR_CALM, since HPACK's state must be kept or the connection dropped.
+MAX_HEADER_LIST = 16 << 10
+HARD_HEADER_LIST = 2 * MAX_HEADER_LIST
+# The cache of decoded header blocks (see _Connection._head): its keys and values in bytes,
+# and the largest block it keeps (a warm client's block is a few dozen bytes).
+HEADER_CACHE_BYTES = 64 << 10
+HEADER_CACHE_BLOCK = 1 << 10
+# Frames that cost work and run no call (PING, SETTINGS, PRIORITY, empty DATA, CONTINUATION
+# or unknown frames, resets or DATA of closed streams, refused streams), and resets of calls
+# in flight (CVE-2023-44487), per connection: more within a second ends the connection with
+# GOAWAY ENHANCE_YOUR_CALM. Counted, and checked against the clock only past the limit.
+CONTROL_FRAMES_PER_SECOND = 1000
+RESETS_PER_SECOND = 200
+# Request messages a streaming call's handler has not taken yet: past it the connection
+# stops reading until the handler has taken half of them.
+STREAM_BACKLOG = 64
+# Streams reset by this server whose late frames are still ignored, not refused.
+_RESET_MEMORY = 64
 
 # grpc-status codes
 OK, CANCELLED_CODE, UNKNOWN_CODE, DEADLINE_CODE = 0, 1, 2, 4
 RESOURCE_EXHAUSTED_CODE, UNIMPLEMENTED_CODE, INTERNAL_CODE = 8, 12, 13
 
-_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _ACCEPT_ENCODING = b"identity,deflate,gzip"
 
 
@@ -110,6 +153,9 @@ RESPONSE_HEADERS = (
     + _literal(b"grpc-accept-encoding", _ACCEPT_ENCODING)
 )
 OK_TRAILERS = _literal(b"grpc-status", b"0")
+# A request that is no gRPC: HTTP 415 (gRPC over HTTP/2, "Requests"); ":status" is static
+# index 8, its value a literal.
+UNSUPPORTED_MEDIA = b"\x08\x03415" + _literal(b"content-type", b"text/plain")
 
 
 def _status_block(code: int, message: str, with_headers: bool) -> bytes:
@@ -172,22 +218,39 @@ class _Method:
 
 
 class _Requests:
-    """A stream's request messages, as the async iterator a streaming handler reads."""
+    """A stream's request messages, as the async iterator a streaming handler reads.
 
-    __slots__ = ("_queue", "_deserializer")
+    ``hold(n)`` adds ``n`` to its connection's reasons not to read: +1 once more than
+    ``STREAM_BACKLOG`` messages wait untaken, -1 once the handler has taken half of them
+    or the call has ended (``release``)."""
 
-    def __init__(self, deserializer: Callable | None) -> None:
+    __slots__ = ("_queue", "_deserializer", "_hold", "held")
+
+    def __init__(self, deserializer: Callable | None, hold: Callable[[int], None]) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._deserializer = deserializer
+        self._hold = hold
+        self.held = False
 
     def put(self, message: bytes | BaseException | None) -> None:
-        self._queue.put_nowait(message)
+        queue = self._queue
+        queue.put_nowait(message)
+        if not self.held and queue.qsize() > STREAM_BACKLOG:
+            self.held = True
+            self._hold(1)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._hold(-1)
 
     def __aiter__(self) -> _Requests:
         return self
 
     async def __anext__(self) -> Any:
         message = await self._queue.get()
+        if self.held and self._queue.qsize() <= STREAM_BACKLOG // 2:
+            self.release()
         if message is None:
             self._queue.put_nowait(None)  # stays at the end
             raise StopAsyncIteration
@@ -217,6 +280,7 @@ class _Stream:
         "closed",
         "timer",
         "consumed",
+        "waiter",
     )
 
     def __init__(self, sid: int, send_window: int) -> None:
@@ -230,7 +294,8 @@ class _Stream:
         self.compressed = False
         self.messages: list[bytes] = []  # unary: the request
         self.requests: _Requests | None = None  # streaming
-        self.task: asyncio.Task | None = None
+        # What the call waits on: its task, or the future ``MethodHandler.start`` gave.
+        self.task: asyncio.Future | None = None
         self.send_window = send_window
         self.pending: deque = deque()  # response bytes waiting for window
         self.trailers: bytes | None = None  # sent once pending is empty
@@ -239,16 +304,89 @@ class _Stream:
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
         self.consumed = 0  # received bytes not yet given back in a WINDOW_UPDATE
+        self.waiter: asyncio.Future | None = None  # a streaming call waiting for its sends
+
+
+class _Head(NamedTuple):
+    """What a header block says, checked once per distinct block (and cached with it)."""
+
+    path: str
+    content_type: bytes
+    encoding: str
+    timeout: float | None
+    bad_timeout: bool  # a grpc-timeout that is no 1-8 digits and a unit
+    request_error: bool  # no well-formed request (RFC 9113 8.1.1: a stream PROTOCOL_ERROR)
+    trailer_error: bool  # no well-formed trailers (pseudo-headers, or malformed fields)
+    size: int  # the header list's size as RFC 9113 counts it (32 bytes a field more)
+
+
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
+
+
+def _parse_head(headers: Iterable) -> _Head:
+    """The gRPC fields of a decoded header list, and whether it is a well-formed request
+    or trailers (RFC 9113 8.2 and 8.3)."""
+    path = content_type = b""
+    encoding = ""
+    timeout: float | None = None
+    bad_timeout = malformed = regular = False
+    seen: set[bytes] = set()
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value) + 32
+        if name[:1] == b":":
+            if regular or name not in _REQUEST_PSEUDO or name in seen:
+                malformed = True
+            elif not value and name != b":authority":
+                malformed = True
+            seen.add(name)
+            if name == b":path":
+                path = value
+            continue
+        regular = True
+        if name.lower() != name or name in _CONNECTION_SPECIFIC:
+            malformed = True
+        elif name == b"te":
+            malformed = malformed or value != b"trailers"
+        elif name == b"content-type":
+            content_type = value
+        elif name == b"grpc-encoding":
+            encoding = value.decode("latin-1")
+        elif name == b"grpc-timeout":
+            timeout = _timeout(value)
+            bad_timeout = timeout is None
+    complete = b":method" in seen and b":scheme" in seen and b":path" in seen
+    return _Head(
+        path.decode("latin-1"),
+        content_type,
+        encoding,
+        timeout,
+        bad_timeout,
+        malformed or not complete,
+        malformed or bool(seen),
+        size,
+    )
 
 
 class H2Server:
     """Listens on (host, port) and serves gRPC calls with ``handlers`` (by full method
-    path, ``/package.Service/Method``)."""
+    path, ``/package.Service/Method``). ``max_concurrent_streams``: the streams one
+    connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS)."""
 
-    def __init__(self, handlers: dict[str, MethodHandler], max_receive: int, max_send: int) -> None:
+    def __init__(
+        self,
+        handlers: dict[str, MethodHandler],
+        max_receive: int,
+        max_send: int,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT,
+    ) -> None:
         self.methods = {path: _Method(h) for path, h in handlers.items()}
         self.max_receive = max_receive
         self.max_send = max_send
+        self.max_concurrent_streams = max_concurrent_streams
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._idle = asyncio.Event()
@@ -292,14 +430,20 @@ class H2Server:
 
 
 class _Connection(asyncio.Protocol):
+    """One client connection. Everything runs on the loop: no method is safe from
+    another thread. Frame handlers raise ``_ConnectionError`` for a connection error
+    (``data_received`` answers it with GOAWAY and closes) and answer stream errors
+    themselves (RST_STREAM, or a gRPC status)."""
+
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.preface = False
         self.decoder = Decoder()
-        self.decoder.max_header_list_size = MAX_HEADER_BLOCK
-        self.indexed_cache: dict[bytes, Any] = {}
+        self.decoder.max_header_list_size = HARD_HEADER_LIST
+        self.heads: dict[bytes, _Head] = {}  # see _head
+        self.heads_bytes = 0
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
         self.going_away = False
@@ -310,8 +454,18 @@ class _Connection(asyncio.Protocol):
         self.header_block: bytearray | None = None  # a HEADERS frame awaiting CONTINUATION
         self.header_sid = 0
         self.header_end_stream = False
+        self.header_self_dependent = False
         self.out: list = []  # frames (and message pieces) to write at the end of this read
+        self.starting: list[_Stream] = []  # calls complete in this read, started after it
+        self.reset_sids: dict[int, None] = {}  # streams we reset, newest last
         self.loop = asyncio.get_running_loop()
+        # Flood counters (see CONTROL_FRAMES_PER_SECOND): a count, and when it restarted.
+        self.strikes = 0
+        self.strikes_since = self.loop.time()
+        self.resets = 0
+        self.resets_since = self.strikes_since
+        self.holds = 0  # reasons not to read: the write buffer is full, stream backlogs
+        self.write_paused = False
 
     # --- connection ---------------------------------------------------------------------
 
@@ -324,9 +478,10 @@ class _Connection(asyncio.Protocol):
             k.to_bytes(2, "big") + v.to_bytes(4, "big")
             for k, v in (
                 (ENABLE_PUSH, 0),
+                (MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
                 (INITIAL_WINDOW_SIZE, RECV_WINDOW),
                 (MAX_FRAME_SIZE, MAX_FRAME),
-                (MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
+                (MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
             )
         )
         transport.write(
@@ -336,10 +491,35 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.transport = None
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.streams.clear()
-        self.transport = None
+        self.starting = []
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we write: read nothing more (no more answers to
+        # queue) until the transport's buffer has drained.
+        self.write_paused = True
+        self._hold(1)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._hold(-1)
+        for stream in list(self.streams.values()):
+            if stream.waiter is not None and not stream.pending:
+                self._wake(stream)
+
+    def _hold(self, n: int) -> None:
+        """Add ``n`` to the reasons not to read; reading pauses while there is one."""
+        before = self.holds
+        self.holds += n
+        if self.transport is None:
+            return
+        if before <= 0 < self.holds:
+            self.transport.pause_reading()
+        elif self.holds <= 0 < before:
+            self.transport.resume_reading()
 
     def goaway(self, code: int = NO_ERROR) -> None:
         if self.transport is None or self.going_away:
@@ -365,6 +545,7 @@ class _Connection(asyncio.Protocol):
         )
         self.transport.close()
         self.buf = bytearray()
+        self.starting = []
 
     def _flush(self) -> None:
         out = self.out
@@ -375,6 +556,28 @@ class _Connection(asyncio.Protocol):
                 # Large message pieces go out as they are (writev), not joined first.
                 self.transport.writelines(out)
         self.out = []
+
+    def _strike(self) -> None:
+        """One more frame that makes work without a call; past CONTROL_FRAMES_PER_SECOND
+        within a second, a connection error (ENHANCE_YOUR_CALM)."""
+        self.strikes += 1
+        if self.strikes > CONTROL_FRAMES_PER_SECOND:
+            now = self.loop.time()
+            if now - self.strikes_since < 1.0:
+                raise _ConnectionError(ENHANCE_YOUR_CALM)
+            self.strikes_since = now
+            self.strikes = 1
+
+    def _count_reset(self) -> None:
+        """The peer reset a call in flight; past RESETS_PER_SECOND within a second, a
+        connection error (ENHANCE_YOUR_CALM): the rapid-reset attack."""
+        self.resets += 1
+        if self.resets > RESETS_PER_SECOND:
+            now = self.loop.time()
+            if now - self.resets_since < 1.0:
+                raise _ConnectionError(ENHANCE_YOUR_CALM)
+            self.resets_since = now
+            self.resets = 1
 
     # --- reading frames -------------------------------------------------------------------
 
@@ -390,11 +593,15 @@ class _Connection(asyncio.Protocol):
             source = data
         pos = 0
         if not self.preface:
-            if len(source) < 24:
+            # The client preface, then a SETTINGS frame (RFC 9113 3.4).
+            if len(source) >= 24 and source[:24] != PREFACE:
+                self._fail(PROTOCOL_ERROR)
+                return
+            if len(source) < 33:
                 if source is data:
                     buf += data
                 return
-            if source[:24] != PREFACE:
+            if source[27] != SETTINGS or source[28] & ACK:
                 self._fail(PROTOCOL_ERROR)
                 return
             self.preface = True
@@ -406,11 +613,13 @@ class _Connection(asyncio.Protocol):
         try:
             while end - pos >= 9:
                 length = (source[pos] << 16) | (source[pos + 1] << 8) | source[pos + 2]
-                if length > MAX_FRAME:
-                    raise _ConnectionError(FRAME_SIZE_ERROR)
-                if end - pos - 9 < length:
-                    break
                 kind = source[pos + 3]
+                if end - pos - 9 < length:
+                    # Only DATA may be long; a longer frame of another kind is not
+                    # waited for (its bytes would be held first).
+                    if kind != DATA and length > HARD_HEADER_LIST:
+                        raise _ConnectionError(ENHANCE_YOUR_CALM)
+                    break
                 flags = source[pos + 4]
                 sid = int.from_bytes(source[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                 start = pos + 9
@@ -426,21 +635,31 @@ class _Connection(asyncio.Protocol):
                 elif kind == CONTINUATION:
                     self._on_continuation(sid, flags, payload)
                 elif kind == SETTINGS:
-                    self._on_settings(flags, payload)
+                    self._on_settings(sid, flags, payload)
                 elif kind == WINDOW_UPDATE:
                     self._on_window_update(sid, payload)
                 elif kind == PING:
+                    if sid:
+                        raise _ConnectionError(PROTOCOL_ERROR)
+                    if length != 8:
+                        raise _ConnectionError(FRAME_SIZE_ERROR)
+                    self._strike()
                     if not flags & ACK:
                         self.out.append(_frame(PING, ACK, 0, payload))
                 elif kind == RST_STREAM:
-                    stream = self.streams.pop(sid, None)
-                    if stream is not None:
-                        self._cancel(stream)
+                    self._on_rst_stream(sid, payload)
+                elif kind == PRIORITY:
+                    self._on_priority(sid, payload)
                 elif kind == GOAWAY:
+                    if sid:
+                        raise _ConnectionError(PROTOCOL_ERROR)
+                    if length < 8:
+                        raise _ConnectionError(FRAME_SIZE_ERROR)
                     self.going_away = True
                 elif kind == PUSH_PROMISE:
                     raise _ConnectionError(PROTOCOL_ERROR)
-                # PRIORITY and unknown frame types are ignored.
+                else:
+                    self._strike()  # unknown frame types are ignored, and counted
                 if self.transport is None:
                     break
         except _ConnectionError as exc:
@@ -457,13 +676,20 @@ class _Connection(asyncio.Protocol):
             del buf[:pos]
         elif pos < end:
             buf += view[pos:]
+        if self.starting:
+            self._start_calls()
         self._flush()
 
-    def _on_settings(self, flags: int, payload: bytes) -> None:
+    def _on_settings(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid:
+            raise _ConnectionError(PROTOCOL_ERROR)
         if flags & ACK:
+            if payload:
+                raise _ConnectionError(FRAME_SIZE_ERROR)
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR)
+        self._strike()
         for i in range(0, len(payload), 6):
             key = int.from_bytes(payload[i : i + 2], "big")
             value = int.from_bytes(payload[i + 2 : i + 6], "big")
@@ -474,12 +700,16 @@ class _Connection(asyncio.Protocol):
                 self.peer_initial_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise _ConnectionError(FLOW_CONTROL_ERROR)
             elif key == MAX_FRAME_SIZE:
                 if not 16384 <= value <= MAX_FRAME:
                     raise _ConnectionError(PROTOCOL_ERROR)
                 self.peer_max_frame = value
-            elif key == HEADER_TABLE_SIZE:
-                pass  # our header blocks use no dynamic table
+            elif key == ENABLE_PUSH:
+                if value > 1:
+                    raise _ConnectionError(PROTOCOL_ERROR)
+            # HEADER_TABLE_SIZE: our header blocks use no dynamic table.
         self.out.append(_frame(SETTINGS, ACK, 0))
         self._send_pending()
 
@@ -488,13 +718,51 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(FRAME_SIZE_ERROR)
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if sid == 0:
+            if not increment:
+                raise _ConnectionError(PROTOCOL_ERROR)
             self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise _ConnectionError(FLOW_CONTROL_ERROR)
             self._send_pending()
             return
         stream = self.streams.get(sid)
-        if stream is not None:
-            stream.send_window += increment
-            self._send_stream(stream)
+        if stream is None:
+            if sid > self.last_sid:
+                raise _ConnectionError(PROTOCOL_ERROR)  # an idle stream
+            return  # a closed one: its update may have crossed our end of it
+        if not increment:
+            self._reset(sid, PROTOCOL_ERROR, stream)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._reset(sid, FLOW_CONTROL_ERROR, stream)
+            return
+        self._send_stream(stream)
+
+    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        stream = self.streams.get(sid)
+        if stream is None:
+            if sid > self.last_sid:
+                raise _ConnectionError(PROTOCOL_ERROR)  # an idle stream
+            self._strike()
+            return
+        self._count_reset()
+        del self.streams[sid]
+        self._cancel(stream)
+        self._forget(stream)
+
+    def _on_priority(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        self._strike()
+        if len(payload) != 5:
+            self._reset(sid, FRAME_SIZE_ERROR, self.streams.get(sid))
+        elif int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+            self._reset(sid, PROTOCOL_ERROR, self.streams.get(sid))
 
     @staticmethod
     def _unpad(flags: int, payload: Any) -> Any:
@@ -511,98 +779,127 @@ class _Connection(asyncio.Protocol):
         if sid == 0 or sid % 2 == 0:
             raise _ConnectionError(PROTOCOL_ERROR)
         block = self._unpad(flags, payload)
+        self_dependent = False
         if flags & PRIORITY_FLAG:
+            if len(block) < 5:
+                raise _ConnectionError(FRAME_SIZE_ERROR)
+            self_dependent = int.from_bytes(block[:4], "big") & 0x7FFFFFFF == sid
             block = block[5:]
         end_stream = bool(flags & END_STREAM)
         if flags & END_HEADERS:
-            self._on_header_block(sid, block, end_stream)
+            self._on_header_block(sid, block, end_stream, self_dependent)
         else:
             self.header_block = bytearray(block)
             self.header_sid = sid
             self.header_end_stream = end_stream
+            self.header_self_dependent = self_dependent
 
     def _on_continuation(self, sid: int, flags: int, payload: bytes) -> None:
         if self.header_block is None or sid != self.header_sid:
             raise _ConnectionError(PROTOCOL_ERROR)
+        if not payload and not flags & END_HEADERS:
+            self._strike()
         self.header_block += payload
-        if len(self.header_block) > MAX_HEADER_BLOCK:
-            raise _ConnectionError(PROTOCOL_ERROR)
+        if len(self.header_block) > HARD_HEADER_LIST:
+            raise _ConnectionError(ENHANCE_YOUR_CALM)
         if flags & END_HEADERS:
             block = bytes(self.header_block)
             self.header_block = None
-            self._on_header_block(sid, block, self.header_end_stream)
+            self._on_header_block(sid, block, self.header_end_stream, self.header_self_dependent)
 
-    def _decode_headers(self, block: bytes) -> Any:
-        # A block that leaves the decoder's dynamic table as it was (indexed fields and
-        # literals not indexed: what a client sends once its table is warm) decodes the
-        # same way until a block that changes the table comes: those are cached.
-        cached = self.indexed_cache.get(block)
-        if cached is not None:
-            return cached
+    def _head(self, block: bytes) -> _Head:
+        """The block decoded and checked. A block that leaves the decoder's dynamic table
+        as it was (indexed fields and literals not indexed: what a client sends once its
+        table is warm) decodes the same way until a block that changes the table comes:
+        those are cached, up to HEADER_CACHE_BYTES."""
+        head = self.heads.get(block)
+        if head is not None:
+            return head
         table = self.decoder.header_table
         entries = table.dynamic_entries
         count, first, size = len(entries), entries[0] if entries else None, table.maxsize
         try:
             headers = self.decoder.decode(block, raw=True)
+        except OversizedHeaderListError:
+            raise _ConnectionError(ENHANCE_YOUR_CALM) from None
         except HPACKError:
             raise _ConnectionError(COMPRESSION_ERROR) from None
+        head = _parse_head(headers)
         # An insertion puts a new entry first (compared by identity, not value).
         newest = entries[0] if entries else None
         if len(entries) == count and newest is first and table.maxsize == size:
-            if len(self.indexed_cache) < 64:
-                self.indexed_cache[block] = headers
+            cost = len(block) + head.size
+            if len(block) <= HEADER_CACHE_BLOCK and self.heads_bytes + cost <= HEADER_CACHE_BYTES:
+                self.heads[block] = head
+                self.heads_bytes += cost
         else:
-            self.indexed_cache.clear()
-        return headers
+            self.heads.clear()
+            self.heads_bytes = 0
+        return head
 
-    def _on_header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
-        headers = self._decode_headers(block)
+    def _on_header_block(
+        self, sid: int, block: bytes, end_stream: bool, self_dependent: bool = False
+    ) -> None:
+        head = self._head(block)  # decoded whatever comes of it: HPACK's state
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client
-            if not end_stream:
-                raise _ConnectionError(PROTOCOL_ERROR)
-            self._end_of_requests(stream)
+            if stream.remote_closed:
+                self._reset(sid, STREAM_CLOSED, stream)
+            elif not end_stream or head.trailer_error or self_dependent:
+                self._reset(sid, PROTOCOL_ERROR, stream)
+            else:
+                self._end_of_requests(stream)
             return
         if sid <= self.last_sid:
-            return  # trailers of a call already answered (the block is decoded: HPACK state)
+            if sid in self.reset_sids:
+                return  # trailers of a call we reset before the client knew
+            # A closed stream (the last one), or a new id below the last (RFC 9113 5.1.1).
+            raise _ConnectionError(STREAM_CLOSED if sid == self.last_sid else PROTOCOL_ERROR)
         self.last_sid = sid
         if self.going_away:
-            self.out.append(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            self._reset(sid, REFUSED_STREAM)
+            return
+        if head.request_error or self_dependent:
+            self._reset(sid, PROTOCOL_ERROR)
+            return
+        if len(self.streams) >= self.server.max_concurrent_streams:
+            self._strike()
+            self._reset(sid, REFUSED_STREAM)
             return
         stream = _Stream(sid, self.peer_initial_window)
         self.streams[sid] = stream
         stream.remote_closed = end_stream
-        path = b""
-        content_type = b""
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-encoding":
-                stream.encoding = value.decode("latin-1")
-            elif name == b"grpc-timeout":
-                stream.deadline = _timeout(value)
-        if not content_type.startswith(b"application/grpc"):
-            self._status(stream, UNKNOWN_CODE, "invalid gRPC request content-type")
+        if not head.content_type.startswith(b"application/grpc"):
+            stream.headers_sent = True
+            self._finish(stream, UNSUPPORTED_MEDIA)
             return
-        method = self.server.methods.get(path.decode("latin-1"))
+        if head.size > MAX_HEADER_LIST:
+            self._status(
+                stream,
+                RESOURCE_EXHAUSTED_CODE,
+                f"header list of {head.size} bytes is larger than max ({MAX_HEADER_LIST})",
+            )
+            return
+        if head.bad_timeout:
+            self._status(stream, INTERNAL_CODE, "invalid grpc-timeout")
+            return
+        method = self.server.methods.get(head.path)
         if method is None:
             self._status(stream, UNIMPLEMENTED_CODE, "Method not found!")
             return
+        stream.encoding = head.encoding
+        stream.deadline = head.timeout
         stream.method = method
         self.server.call_started()
         if stream.deadline is not None:
             stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
         if method.streaming:
-            stream.requests = _Requests(method.deserializer)
+            stream.requests = _Requests(method.deserializer, self._hold)
             stream.task = self.loop.create_task(self._run(stream, method))
         if end_stream:
             self._end_of_requests(stream)
 
     def _on_data(self, sid: int, flags: int, payload: bytes | memoryview) -> None:
-        if sid == 0:
-            raise _ConnectionError(PROTOCOL_ERROR)
         size = len(payload)
         self.consumed += size
         if self.consumed >= RECV_WINDOW // 2:
@@ -610,7 +907,10 @@ class _Connection(asyncio.Protocol):
             self.consumed = 0
         stream = self.streams.get(sid)
         if stream is None or stream.remote_closed:
-            return  # a call already answered (or refused): its data is dropped
+            self._stray_data(sid, stream)
+            return
+        if not size and not flags & END_STREAM:
+            self._strike()
         stream.consumed += size
         if stream.consumed >= RECV_WINDOW // 2:
             self.out.append(_frame(WINDOW_UPDATE, 0, sid, stream.consumed.to_bytes(4, "big")))
@@ -621,6 +921,16 @@ class _Connection(asyncio.Protocol):
         if flags & END_STREAM:
             self._end_of_requests(stream)
 
+    def _stray_data(self, sid: int, stream: _Stream | None) -> None:
+        """DATA for no open stream (RFC 9113 6.1, 5.1)."""
+        if sid == 0 or sid > self.last_sid:
+            raise _ConnectionError(PROTOCOL_ERROR)  # the connection's, or an idle stream
+        if stream is not None:
+            self._reset(sid, STREAM_CLOSED, stream)  # the client had ended it
+        elif sid not in self.reset_sids:  # sent before the client saw our reset: dropped
+            self._strike()
+            self._reset(sid, STREAM_CLOSED)
+
     def _read_messages(self, stream: _Stream, data: bytes | memoryview) -> None:
         """Split the stream's bytes into gRPC messages (1-byte flag, 4-byte length)."""
         end = len(data)
@@ -630,6 +940,8 @@ class _Connection(asyncio.Protocol):
             if end == 5 + need and data[0] == 0 and need <= self.server.max_receive:
                 stream.messages.append(bytes(data[5:]))
                 return
+        if not end:
+            return
         if stream.need >= 0 and stream.size + end < stream.need:
             stream.parts.append(data)  # the middle of a large message: the usual case
             stream.size += end
@@ -695,15 +1007,25 @@ class _Connection(asyncio.Protocol):
             code = UNIMPLEMENTED_CODE if stream.messages else INTERNAL_CODE
             self._status(stream, code, f"expected one request message, got {len(stream.messages)}")
             return
-        method = stream.method
-        if method.start is None:
-            stream.task = self.loop.create_task(self._run(stream, method))
-            return
-        try:
-            stream.task = method.start(stream.messages.pop(), partial(self._answer, stream))
-        except Exception as exc:
-            log.exception("gRPC call %s failed", _path_of(self, method))
-            self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
+        # Started once the whole read is parsed: a reset in the same read (rapid reset)
+        # ends the call before it costs anything.
+        self.starting.append(stream)
+
+    def _start_calls(self) -> None:
+        starting = self.starting
+        self.starting = []
+        for stream in starting:
+            method = stream.method
+            if stream.closed or method is None:
+                continue
+            if method.start is None:
+                stream.task = self.loop.create_task(self._run(stream, method))
+                continue
+            try:
+                stream.task = method.start(stream.messages.pop(), partial(self._answer, stream))
+            except Exception as exc:
+                log.exception("gRPC call %s failed", _path_of(self, method))
+                self._status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -746,16 +1068,35 @@ class _Connection(asyncio.Protocol):
     async def _stream_responses(
         self, stream: _Stream, method: _Method, context: CallContext
     ) -> bool:
+        """Send the handler's responses. The next one is taken only once the last is
+        sent (written to the transport, below its high-water mark): a client that does
+        not read holds the handler back, not our memory. The handler is closed however
+        this ends (its ``finally`` cancels what it has in flight)."""
         responses: AsyncIterator = method.behaviour(stream.requests, context)
-        async for response in responses:
-            if stream.closed:
-                break
-            if method.serializer is not None:
-                response = method.serializer(response)
-            if not self._send_message(stream, response):
-                return False
-            self._flush()
+        try:
+            async for response in responses:
+                if stream.closed:
+                    break
+                if method.serializer is not None:
+                    response = method.serializer(response)
+                if not self._send_message(stream, response):
+                    return False
+                self._flush()
+                while (stream.pending or self.write_paused) and not stream.closed:
+                    stream.waiter = self.loop.create_future()
+                    await stream.waiter
+        finally:
+            aclose = getattr(responses, "aclose", None)
+            if aclose is not None:
+                await aclose()
         return True
+
+    def _wake(self, stream: _Stream) -> None:
+        waiter = stream.waiter
+        if waiter is not None:
+            stream.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _expire(self, stream: _Stream) -> None:
         stream.timer = None
@@ -767,7 +1108,8 @@ class _Connection(asyncio.Protocol):
             task.cancel()
 
     def _cancel(self, stream: _Stream) -> None:
-        """The client reset the stream or went away."""
+        """The client reset the stream or went away, or a stream error: the call ends,
+        and what it waits on (its task, or the future ``start`` gave) is cancelled."""
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None
@@ -776,8 +1118,27 @@ class _Connection(asyncio.Protocol):
         stream.closed = True
         stream.pending.clear()
         stream.trailers = None
+        if stream.requests is not None:
+            stream.requests.release()
+        self._wake(stream)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
+
+    def _reset(self, sid: int, code: int, stream: _Stream | None = None) -> None:
+        """A stream error: RST_STREAM with ``code``; the stream's call, if any, is
+        cancelled."""
+        self.out.append(_frame(RST_STREAM, 0, sid, code.to_bytes(4, "big")))
+        self._remember_reset(sid)
+        if stream is not None:
+            self.streams.pop(sid, None)
+            self._cancel(stream)
+            self._forget(stream)
+
+    def _remember_reset(self, sid: int) -> None:
+        reset = self.reset_sids
+        reset[sid] = None
+        if len(reset) > _RESET_MEMORY:
+            del reset[next(iter(reset))]
 
     # --- writing --------------------------------------------------------------------------
 
@@ -829,6 +1190,8 @@ class _Connection(asyncio.Protocol):
             self.server.call_finished()
         if stream.requests is not None:
             stream.requests.put(asyncio.CancelledError())
+            stream.requests.release()
+        self._wake(stream)
         stream.trailers = trailers
         self._send_stream(stream)
         self._flush()
@@ -881,6 +1244,8 @@ class _Connection(asyncio.Protocol):
             self.send_window -= n
             out.append(_frame_header(DATA, 0, stream.sid, n))
             out.append(chunk)
+        if stream.waiter is not None and not self.write_paused:
+            self._wake(stream)
         if stream.trailers is not None:
             out.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, stream.trailers))
             stream.trailers = None
@@ -889,6 +1254,7 @@ class _Connection(asyncio.Protocol):
             else:
                 # The client may still be sending: tell it to stop.
                 out.append(_frame(RST_STREAM, 0, stream.sid, NO_ERROR.to_bytes(4, "big")))
+                self._remember_reset(stream.sid)
                 self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
@@ -910,6 +1276,10 @@ class _CallError(Exception):
 
 
 def _decompress(encoding: str, message: bytes, limit: int) -> bytes:
+    """``message`` inflated; never more than ``limit`` + 1 bytes are produced (a
+    compression bomb costs what the limit allows, no more). Raises _CallError:
+    RESOURCE_EXHAUSTED past ``limit``, INTERNAL for corrupt data, UNIMPLEMENTED for an
+    unknown encoding."""
     if encoding == "gzip":
         wbits = 16 + zlib.MAX_WBITS
     elif encoding == "deflate":
@@ -932,11 +1302,12 @@ def _decompress(encoding: str, message: bytes, limit: int) -> bytes:
 
 
 def _timeout(value: bytes) -> float | None:
-    text = value.decode("latin-1")
-    unit = _TIMEOUT_UNITS.get(text[-1:])
-    if unit is None or not text[:-1].isdigit():
+    """A grpc-timeout in seconds: 1 to 8 ASCII digits and a unit; None if malformed."""
+    digits = value[:-1]
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
         return None
-    return int(text[:-1]) * unit
+    return int(digits) * unit
 
 
 def _path_of(conn: _Connection, method: _Method) -> str:
