@@ -7,11 +7,18 @@ send (and after each burst) ``EVENTS`` is checked again and a drain re-scheduled
 is waiting. ``Outbox`` (common/outbox.py, re-exported here) gathers what a wake
 produced and flushes it once per loop iteration, so each peer gets one message per wake
 (DESIGN.md, "The hot path").
+
+With a cluster secret (common/streams.py, ``cluster_secret``), a ``tcp://`` ZeroMQ socket
+runs CURVE with the scheduler's key pair derived from the secret (``secure``): a peer
+that does not hold the secret cannot know the scheduler's public key, so its handshake
+fails before any message is delivered; the traffic is encrypted as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from collections.abc import Callable
 from typing import cast
@@ -20,7 +27,7 @@ import zmq
 
 from despina.common.outbox import FrameList, Outbox
 
-__all__ = ["FrameList", "Outbox", "SocketDriver", "configure", "make_context"]
+__all__ = ["FrameList", "Outbox", "SocketDriver", "configure", "make_context", "secure"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,47 @@ def configure(sock: zmq.Socket) -> zmq.Socket:
     for opt, value in HEARTBEAT_OPTIONS.items():
         sock.setsockopt(opt, value)
     return sock
+
+
+def _curve_keys(secret: bytes) -> tuple[bytes, bytes]:
+    """The scheduler's CURVE (public, secret) keys, Z85, derived from the cluster secret."""
+    from zmq.utils import z85
+
+    secret_key = z85.encode(hmac.new(secret, b"despina-zmq-curve", hashlib.sha256).digest())
+    return zmq.curve_public(secret_key), secret_key
+
+
+def secure(sock: zmq.Socket, endpoint: str, *, server: bool) -> bool:
+    """Turn CURVE on for ``sock`` when ``endpoint`` is TCP and a cluster secret is set
+    (before bind/connect). True when it did; False leaves the socket as it was (an
+    ``ipc://`` endpoint, guarded by its file's permissions, or no secret: the server
+    logs that its TCP endpoint is unauthenticated). Raises OSError when the secret file
+    cannot be read."""
+    from despina.common.streams import SECRET_ENV, cluster_secret
+
+    if not endpoint.startswith("tcp://"):
+        return False
+    secret = cluster_secret()
+    if secret is None:
+        if server:
+            log.warning(
+                "the ZeroMQ endpoint %s is unauthenticated: any process that reaches it can "
+                "send requests as a frontend; set %s on every service",
+                endpoint,
+                SECRET_ENV,
+            )
+        return False
+    public, secret_key = _curve_keys(secret)
+    if server:
+        sock.curve_server = True
+        sock.curve_secretkey = secret_key
+        sock.curve_publickey = public
+    else:
+        sock.curve_serverkey = public
+        client_public, client_secret = zmq.curve_keypair()
+        sock.curve_publickey = client_public
+        sock.curve_secretkey = client_secret
+    return True
 
 
 class SocketDriver:

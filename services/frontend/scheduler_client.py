@@ -101,6 +101,37 @@ class _Direct:
         self.buffers = buffers
 
 
+class _Cancel:
+    """A request whose client went away, waiting for the flush to its holder."""
+
+    __slots__ = ("rid",)
+
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+
+
+# The outbox key of the cancels bound for the scheduler (requests go under None).
+_TO_SCHEDULER_CANCELS = object()
+
+
+class _InferFuture(asyncio.Future):
+    """An infer's future. Cancelling it (the client went away: a closed connection,
+    RST_STREAM, a deadline) tells whoever holds the request, the scheduler or the backend
+    host, so that it drops the request if it has not started; the request's entry stays
+    until its reply (or CANCELLED error) comes, which frees its arena blocks."""
+
+    __slots__ = ("_client", "_rid")
+
+    _client: SchedulerClient
+    _rid: int
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._client._cancelled(self._rid)
+        return True
+
+
 class _StreamToScheduler:
     """The frontend's stream to the scheduler, reconnected (and hello said again) when it
     breaks. While it is down, sends fail and the callers answer UNAVAILABLE."""
@@ -240,6 +271,7 @@ class SchedulerClient:
             from despina.common import transport
 
             dealer = transport.configure(transport.make_context().socket(zmq.DEALER))
+            transport.secure(dealer, zmq_endpoint, server=False)
             dealer.connect(zmq_endpoint)
             self._to_scheduler = transport.SocketDriver(dealer, self._on_burst)
             self._hello()
@@ -357,7 +389,9 @@ class SchedulerClient:
             wire.reply_to = self.reply_endpoint
         # A client that goes away cancels this future; the entry stays until the reply
         # comes, so the arena blocks are released only once the backend is done with them.
-        fut = asyncio.get_running_loop().create_future()
+        fut = _InferFuture(loop=asyncio.get_running_loop())
+        fut._client = self
+        fut._rid = rid
         self._pending[rid] = (fut, blocks, set(targets), direct)
         assert self._outbox is not None
         # Under light load there is no burst to gather: send now, not a loop turn later.
@@ -368,6 +402,20 @@ class SchedulerClient:
             direct.outstanding += 1
             self._outbox.put(self._host_links[direct.host_id], _Direct(direct, wire, buffers), now)
         return fut
+
+    def _cancelled(self, rid: int) -> None:
+        """Request ``rid``'s future was cancelled: tell its holder, in this wake's
+        message to it (one Cancel per peer per wake)."""
+        entry = self._pending.get(rid)
+        if entry is None or self._outbox is None:
+            return
+        direct = entry[3]
+        if direct is None:
+            self._outbox.put(_TO_SCHEDULER_CANCELS, rid)
+            return
+        link = self._host_links.get(direct.host_id)
+        if link is not None:
+            self._outbox.put(link, _Cancel(rid))
 
     def _pick(self, targets: list[_Target]) -> _Target | None:
         """The instance with the fewest of this frontend's requests, among those whose
@@ -420,14 +468,23 @@ class SchedulerClient:
 
     def _flush(self, pending: dict) -> None:
         items = pending.pop(None, None)
+        cancels = pending.pop(_TO_SCHEDULER_CANCELS, None)
         for link, entries in pending.items():
-            blocks = [e for e in entries if not isinstance(e, _Direct)]
+            blocks = [e for e in entries if type(e) is tuple]
             if blocks:
                 link.send([self._encode(m.Release(blocks))])
             if len(blocks) < len(entries):
-                self._flush_direct(link, [e for e in entries if isinstance(e, _Direct)])
+                directs = [e for e in entries if type(e) is _Direct]
+                if directs:
+                    self._flush_direct(link, directs)
+                if len(blocks) + len(directs) < len(entries):  # after the requests they name
+                    rids = [e.rid for e in entries if type(e) is _Cancel]
+                    link.send([self._encode(m.Cancel(self.reply_endpoint, rids))])
         if items:
             self._flush_requests(items)
+        if cancels:
+            assert self._to_scheduler is not None
+            self._to_scheduler.send([self._encode(m.Cancel(self.reply_endpoint, cancels))])
         if self._lightly_loaded():
             assert self._poll is not None
             self._poll.arm()

@@ -55,6 +55,12 @@ HostLink: TypeAlias = streams.FramedProtocol
 FrontendId: TypeAlias = bytes | streams.FramedProtocol
 
 
+# Put in a queued request's ``Pending.buffers`` when its client went away: it was answered
+# CANCELLED then, and is skipped when its turn to be sent comes (the queues are the
+# per-model schedulers', so the scheduler marks it rather than pulling it out).
+_DROPPED: list = []
+
+
 @dataclass(eq=False)
 class Host:
     link: HostLink  # the host's stream is its identity: when it closes, the host is gone
@@ -128,6 +134,7 @@ class SchedulerServer:
 
             ctx = transport.make_context()
             sock = transport.configure(ctx.socket(zmq.ROUTER))
+            transport.secure(sock, self.endpoint, server=True)
             sock.bind(self.endpoint)
             self._driver = transport.SocketDriver(sock, self._on_frontend_burst)
         self._outbox = outbox.Outbox(self._flush)
@@ -177,6 +184,8 @@ class SchedulerServer:
             self._on_infer(identity, msg, frames, touched)
         elif isinstance(msg, m.Query):
             self._send_frontend(identity, self._answer(msg))
+        elif isinstance(msg, m.Cancel):
+            self._on_cancel(msg)
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
             self._frontend_joined(identity, msg.reply_endpoint)
@@ -191,7 +200,7 @@ class SchedulerServer:
             except (msgspec.DecodeError, IndexError) as exc:
                 log.warning("dropping an undecodable message from a stream peer: %s", exc)
                 continue
-            if isinstance(msg, (m.InferBatch, m.Query, m.FrontendHello)):
+            if isinstance(msg, (m.InferBatch, m.Query, m.FrontendHello, m.Cancel)):
                 self._on_frontend_message(link, msg, [None, *frames], touched)
             elif isinstance(msg, m.Completion):
                 self._on_completion(msg, touched)
@@ -242,6 +251,27 @@ class SchedulerServer:
             key = (req.model, version)
             self.schedulers[key].enqueue(Pending(identity, req, buffers))
             touched.add(key)
+
+    def _on_cancel(self, msg: m.Cancel) -> None:
+        """A frontend's clients went away: their requests still queued here are answered
+        CANCELLED and never sent; those already sent to a host are cancelled there (one
+        Cancel per host), which drops them if they have not started. Costs a scan of the
+        queues and the in-flight table per Cancel message (at most one per frontend wake)."""
+        rids = set(msg.rids)
+        reply_to = msg.reply_to
+        error = ServerError(Code.CANCELLED, "the request was cancelled before it ran")
+        for sched in self.schedulers.values():
+            for p in getattr(sched, "queue", ()):
+                req = p.request
+                if req.rid in rids and req.reply_to == reply_to and p.buffers is not _DROPPED:
+                    p.buffers = _DROPPED
+                    self._reply_error(p.frontend, req, error)
+        sent: dict[HostLink, list[int]] = {}
+        for entry in self.inflight.values():
+            if entry.rid in rids and entry.reply_to == reply_to:
+                sent.setdefault(entry.slot.host, []).append(entry.rid)
+        for link, cancelled in sent.items():
+            link.send([self._encode(m.Cancel(reply_to, cancelled))])
 
     def _resolve_regions(self, req: m.Infer) -> None:
         """Client shared-memory regions named by a request -> blocks the hosts map."""
@@ -300,15 +330,31 @@ class SchedulerServer:
             for slot, pendings in items:
                 requests = []
                 for p in pendings:
+                    if p.buffers is _DROPPED:
+                        continue  # its client went away while it waited; answered then
                     req = p.request
                     frames.inline(req.inputs, p.buffers)
                     req.sid = sid = self._next_sid
                     self._next_sid += 1
                     self.inflight[sid] = InFlight(p.frontend, req.reply_to, req.rid, slot)
                     requests.append(req)
+                if not requests:  # all cancelled: the instance is free again
+                    self._release_slot(slot)
+                    continue
                 executions.append(m.Execution(slot.model, slot.version, slot.index, requests))
+            if not executions:
+                continue
             if not peer.send(frames.finish(self._encode(m.ExecuteBatch(executions)))):
                 self._fail_executions(executions, "the backend host is not reachable")
+
+    def _release_slot(self, slot: Slot) -> None:
+        """An execution that was planned for ``slot`` will not run: the slot takes the
+        next one."""
+        key = (slot.model, slot.version)
+        sched = self.schedulers.get(key)
+        if sched is not None:
+            sched.completed(slot, 1)
+            self._dispatch(key)
 
     def _fail_executions(self, executions: list[m.Execution], why: str) -> None:
         for execution in executions:
@@ -571,6 +617,8 @@ class SchedulerServer:
                 f"its backend host ({host.framework}, pid {host.pid}) exited",
             )
             for p in sched.drain_queue():
+                if p.buffers is _DROPPED:
+                    continue  # answered CANCELLED already
                 self._reply_error(
                     p.frontend,
                     p.request,
