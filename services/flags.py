@@ -163,6 +163,13 @@ GRPC_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "bad pings before the connection is closed (grpc.http2.max_ping_strikes)",
     ),
     (
+        "--grpc-http2-max-concurrent-streams",
+        int,
+        1000,
+        "Despina's own: streams one gRPC connection may have open at once (advertised as "
+        "SETTINGS_MAX_CONCURRENT_STREAMS; more are refused)",
+    ),
+    (
         "--grpc-max-message-size",
         int,
         64 * 1024 * 1024,

@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
-from despina.services.frontend.grpc.h2server import H2Server, MethodHandler
+from despina.services.frontend.grpc.h2server import (
+    MAX_CONCURRENT_STREAMS_DEFAULT,
+    H2Server,
+    MethodHandler,
+)
 from despina.services.frontend.grpc.servicer import InferenceServicer
 
 if TYPE_CHECKING:
@@ -71,6 +75,7 @@ class GrpcSettings:
     http2_min_recv_ping_interval_without_data_ms: int = 300_000
     http2_max_ping_strikes: int = 2
     max_message_size: int = MAX_MESSAGE_SIZE
+    http2_max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, reuse_port: bool = False) -> GrpcSettings:
@@ -93,6 +98,7 @@ class GrpcSettings:
             ),
             http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
             max_message_size=args.grpc_max_message_size,
+            http2_max_concurrent_streams=args.grpc_http2_max_concurrent_streams,
         )
 
     @property
@@ -117,6 +123,7 @@ def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
             settings.http2_min_recv_ping_interval_without_data_ms,
         ),
         ("grpc.http2.max_ping_strikes", settings.http2_max_ping_strikes),
+        ("grpc.max_concurrent_streams", settings.http2_max_concurrent_streams),
         # gRPC turns SO_REUSEPORT on by default, which would let a second server take a
         # busy port silently; only sibling frontends share it, on purpose.
         ("grpc.so_reuseport", int(settings.reuse_port)),
@@ -248,6 +255,7 @@ async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
             {f"/{SERVICE}/{name}": h for name, h in handlers.items()},
             settings.max_message_size,
             settings.max_message_size,
+            settings.http2_max_concurrent_streams,
         )
         try:
             await lean.listen(settings.address, settings.port, settings.reuse_port)
