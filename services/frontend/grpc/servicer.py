@@ -33,9 +33,12 @@ from despina.services.frontend.inference import InferenceRequest, InferenceResul
 
 log = logging.getLogger("despina.frontend")
 
-# Requests of one stream that may be in flight or waiting to be written at once; past
-# it the stream stops reading, and gRPC flow control holds the client back.
-STREAM_MAX_INFLIGHT = 1024
+# Requests of one stream that may be in flight or answered but not yet sent at once (the
+# transport takes a response only once the last one is sent: h2server waits for the
+# client's window, grpc.aio for its own flow control). Past it the stream stops reading
+# requests, and the transport holds the client back: a client that does not read its
+# responses cannot make the server run and buffer more.
+STREAM_MAX_INFLIGHT = 64
 
 _UNSUPPORTED_STATISTICS = (
     "model statistics (the statistics extension) are not supported by Despina yet"
@@ -164,7 +167,10 @@ class InferenceServicer:
         its response is written when it is ready, in completion order, carrying the
         request's id. A failed request becomes a response with ``error_message`` set;
         the stream stays open. The stream ends once the client has half-closed it and
-        every response is written; a client that goes away cancels what is in flight."""
+        every response is written. At most STREAM_MAX_INFLIGHT requests are in flight or
+        unsent. However the stream ends (a client that resets it or goes away, a
+        deadline), closing this generator cancels every request in flight, which cancels
+        it downstream."""
         plane = self.plane
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
