@@ -336,8 +336,8 @@ class ShmMapper:
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        # (path, writable) -> (inode, mapping)
-        self._maps: OrderedDict[tuple[str, bool], tuple[int, mmap.mmap]] = OrderedDict()
+        # (path, writable) -> (inode, mapping, its descriptor: kept for SEEK_HOLE)
+        self._maps: OrderedDict[tuple[str, bool], tuple[int, mmap.mmap, int]] = OrderedDict()
         # path -> (inode, descriptor open for writing)
         self._writers: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
@@ -371,11 +371,12 @@ class ShmMapper:
         slot = (path, writable)
         cached = self._maps.get(slot)
         if cached is None or cached[0] != st.st_ino or len(cached[1]) < offset + size:
-            mm = self._map(key, slot, offset + size)
+            cached = self._map(key, slot, offset + size)
         else:
-            mm = cached[1]
             self._maps.move_to_end(slot)
-        return memoryview(mm)[offset : offset + size]
+        if size and not _RESERVED.match(key, key.startswith("/")):
+            _fill_holes(key, path, cached[2], offset, size)
+        return memoryview(cached[1])[offset : offset + size]
 
     def write(self, key: str, offset: int, data: bytes | memoryview) -> None:
         """Copy ``data`` to ``offset`` in object ``key`` with ``pwrite``: a client that
@@ -426,11 +427,11 @@ class ShmMapper:
         except OSError:
             raise _unusable(key) from None
 
-    def _map(self, key: str, slot: tuple[str, bool], end: int) -> mmap.mmap:
+    def _map(self, key: str, slot: tuple[str, bool], end: int) -> tuple[int, mmap.mmap, int]:
         path, writable = slot
         cached = self._maps.pop(slot, None)
         if cached is not None:
-            _close(cached[1])
+            _close(cached[1], cached[2])
         fd, st = self._open(key, writable)
         try:
             if st.st_size < end:  # shrunk since the check
@@ -439,13 +440,14 @@ class ShmMapper:
                 )
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             mm = mmap.mmap(fd, st.st_size, access=access)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._maps[slot] = (st.st_ino, mm)
+            raise
+        entry = self._maps[slot] = (st.st_ino, mm, fd)
         while len(self._maps) > self.capacity:
-            _, (_, old) = self._maps.popitem(last=False)
-            _close(old)
-        return mm
+            _, (_, old, old_fd) = self._maps.popitem(last=False)
+            _close(old, old_fd)
+        return entry
 
     def forget(self, key: str) -> None:
         """Drop the mappings and the write descriptor of ``key`` (live views keep their
@@ -454,7 +456,7 @@ class ShmMapper:
         for writable in (False, True):
             cached = self._maps.pop((path, writable), None)
             if cached is not None:
-                _close(cached[1])
+                _close(cached[1], cached[2])
         writer = self._writers.pop(path, None)
         if writer is not None:
             os.close(writer[1])
@@ -467,8 +469,43 @@ def _unusable(key: str) -> ServerError:
     )
 
 
-def _close(mm: mmap.mmap) -> None:
+def _close(mm: mmap.mmap, fd: int) -> None:
+    os.close(fd)
     try:
         mm.close()
     except BufferError:
         pass  # a view still uses it; it is unmapped when the last view goes
+
+
+def _fill_holes(key: str, path: str, fd: int, offset: int, size: int) -> None:
+    """Make sure the pages of [offset, offset + size) of a client's object exist.
+
+    A client's region is sparse where the client never wrote (tritonclient creates
+    regions with ftruncate): touching such a page through a mapping allocates it, and on
+    a full shm filesystem that is a SIGBUS. One ``lseek(SEEK_HOLE)`` finds none in the
+    usual case; a hole is filled with zeros (what reading it gives anyway) by
+    ``posix_fallocate``, or the request fails: UNAVAILABLE when the filesystem is full,
+    INVALID_ARG when the server may not write to the object.
+    """
+    end = offset + size
+    try:
+        if os.lseek(fd, offset, os.SEEK_HOLE) >= end:
+            return
+    except OSError:
+        pass  # no SEEK_HOLE here: fill to be sure
+    try:
+        writer = os.open(path, os.O_WRONLY | _OPEN_FLAGS)
+    except OSError:
+        raise invalid_arg(
+            f"shared memory block [{offset}, {end}) of '{key}' was never written and the "
+            "server may not fill it: write the whole block before the request"
+        ) from None
+    try:
+        mine, theirs = os.fstat(fd), os.fstat(writer)
+        if (mine.st_ino, mine.st_dev) != (theirs.st_ino, theirs.st_dev):
+            raise _unusable(key)  # replaced since it was mapped
+        os.posix_fallocate(writer, offset, size)
+    except OSError as exc:
+        raise shm_full(size, exc) from None
+    finally:
+        os.close(writer)

@@ -377,3 +377,37 @@ def test_a_full_shm_filesystem_fails_the_allocation_not_the_process(small_shm, p
     finally:
         arena.close()
     assert os.listdir(small_shm) == []
+
+
+def test_a_sparse_client_region_on_a_full_filesystem_fails_the_read_not_the_process(
+    small_shm, prefix
+) -> None:
+    """tritonclient's regions are sparse until written: reading a never-written page
+    through a mapping allocates it, a SIGBUS on a full filesystem. The mapper fills the
+    block's holes first (zeros, as reading them would give), or refuses."""
+    sparse = small_shm / "client_region"
+    with open(sparse, "wb") as f:
+        f.truncate(512 * 1024)
+        f.write(b"written")
+    mapper = ShmMapper()
+    assert bytes(mapper.view("client_region", 0, 7)) == b"written"
+    view = mapper.view("client_region", 0, 64 * 1024)  # holes filled: the pages exist
+    assert os.stat(sparse).st_blocks * 512 >= 64 * 1024
+    assert bytes(view[7:]) == bytes(64 * 1024 - 7)
+    del view
+    filler = small_shm / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        with pytest.raises(OSError):  # takes what is left (a failed fallocate takes nothing)
+            for _ in range(64):
+                os.write(fd, bytes(64 * 1024))
+    finally:
+        os.close(fd)
+    with pytest.raises(ServerError) as info:
+        mapper.view("client_region", 0, 512 * 1024)
+    assert info.value.code is Code.UNAVAILABLE
+    assert info.value.message.startswith(f"out of shared memory: {small_shm} (1 MiB in all, ")
+    assert bytes(mapper.view("client_region", 0, 7)) == b"written"  # the rest still serves
+    mapper.forget("client_region")
+    os.unlink(filler)
+    os.unlink(sparse)
