@@ -251,7 +251,7 @@ def test_system_shared_memory(client, http_client, regions):
         with pytest.raises(InferenceServerException) as info:
             client.register_system_shared_memory("nope", "/despina_no_such_key", 8)
         assert info.value.status() == INVALID
-        assert "does not exist" in info.value.message()
+        assert info.value.message() == "Unable to open shared memory region: '/despina_no_such_key'"
         client.unregister_system_shared_memory(in_name)
         assert list(client.get_system_shared_memory_status().regions) == [out_name]
         err = infer_error(client, "simple", inputs)
