@@ -329,9 +329,11 @@ class ShmMapper:
     Each ``view`` and ``write`` checks the object as it is now (one ``lstat``): a key
     that no longer exists, an object replaced under the same key (by anything, a link
     included), or one shrunk below the block gives a clear INVALID_ARG instead of stale
-    data or a SIGBUS. What is left: a client that shrinks its own input region after
-    this check, while the model still reads the view, can still SIGBUS the reader; a
-    ``write`` cannot be hurt that way.
+    data or a SIGBUS. A client block's never-written pages are allocated before it is
+    viewed (``_fill_holes``), so a full shm filesystem fails the request, not the
+    process. What is left: a client that shrinks its own input region after this check,
+    while the model still reads the view, can still SIGBUS the reader (no file seal
+    exists for a named shm object); a ``write`` cannot be hurt that way.
     """
 
     def __init__(self, capacity: int = 64) -> None:
