@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from despina.common import streams
 from despina.common.errors import ServerError, unsupported
 from despina.common.frameworks import FRAMEWORKS
 from despina.common.logs import setup_logging
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(f"backend-{args.framework}", args.log_verbose)
+    try:
+        streams.cluster_secret()  # an unreadable secret file is a setting to fix
+    except OSError as exc:
+        log.error("cannot read the cluster secret: %s", exc)
+        sys.exit(78)  # EX_CONFIG: restarting will not help
     if args.framework == "python":
         sys.exit(run_python(args))
     import uvloop

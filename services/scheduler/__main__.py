@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from despina.common import streams
 from despina.common.errors import ServerError
 from despina.common.logs import setup_logging
 from despina.services.flags import parse_bool
@@ -58,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
+    try:
+        streams.cluster_secret()  # an unreadable secret file is a setting to fix
+    except OSError as exc:
+        log.error("cannot read the cluster secret: %s", exc)
+        return EXIT_CONFIG
     try:
         server = SchedulerServer(
             args.endpoint,
