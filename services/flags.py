@@ -255,7 +255,8 @@ HTTP_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "--http-max-header-size",
         byte_count,
         64 * 1024,
-        "Despina's own: the most bytes of header fields a request may send (431 beyond)",
+        "Despina's own: the most bytes of header fields a request may send (431 beyond; "
+        "at most 8 MiB)",
     ),
     (
         "--http-max-url-size",

@@ -138,7 +138,7 @@ class _Request:
         # A response decided before the handler runs: (status, body, content type, headers)
         self.error: tuple[int, bytes, bytes, bytes] | None = None
         self.body = b""
-        self.head = 0  # header fields: their count << 32 | bytes of names and values
+        self.head = 0  # header fields: their count << _FIELD_SHIFT | bytes of names, values
         self.raw = 0  # bytes of reads that ended with the headers still incomplete
         self.reserved = 0  # shared memory counted in the server's pending-body budget
 
@@ -162,10 +162,12 @@ class _Refusal(Exception):
 
 NOT_FOUND = (404, b"404: Not Found", TEXT, b"")
 TOO_LARGE = 413
-# _Request.head counts a request's header fields and their bytes in one int (one add per
-# field): the count above bit 32, the bytes below (at most the header limit plus one read).
-_FIELD = 1 << 32
-_BYTES = _FIELD - 1
+# _Request.head counts a request's header fields and their bytes in one small int (one
+# add per field): the count from bit 24, the bytes below (at most the header limit plus
+# one read, so the header limit is capped at MAX_HEADER_SIZE).
+_FIELD_SHIFT = 24
+_BYTES = (1 << _FIELD_SHIFT) - 1
+MAX_HEADER_SIZE = 8 * 1024 * 1024
 UNAVAILABLE_REPLY = (
     _status_line(503)
     + JSON
@@ -184,6 +186,7 @@ class LeanHttpServer:
         self.plane = plane
         self.limits = limits = limits or HttpLimits()
         self.max_connections = limits.connection_cap()
+        self.max_header_size = min(limits.max_header_size, MAX_HEADER_SIZE)
         self.connections: set[_Connection] = set()
         self.closing = False
         self.pending_body_bytes = 0  # shared memory reserved for bodies still arriving
@@ -267,6 +270,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.plane = server.plane
         self.limits = server.limits
+        self.max_header_size = server.max_header_size
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -430,7 +434,7 @@ class _Connection(asyncio.Protocol):
                 # value piecewise): count it, so that no header grows past the limit
                 # by more than one read.
                 req.raw += len(data)
-                if req.raw > self.limits.max_header_size:
+                if req.raw > self.max_header_size:
                     self._refuse(self._header_too_large(), linger=True)
         if self.task is None:
             self._next()
@@ -527,7 +531,7 @@ class _Connection(asyncio.Protocol):
         if req is None:
             return
         n = len(name)
-        req.head += _FIELD + n + len(value)
+        req.head += 0x1000000 + n + len(value)  # 1 << _FIELD_SHIFT: one more field
         if n == 14:
             if name.lower() == b"content-length":
                 req.length = int(value)  # llhttp has checked it is a number
@@ -545,7 +549,7 @@ class _Connection(asyncio.Protocol):
         req.method = method = parser.get_method()
         limits = self.limits
         head = req.head
-        if head >> 32 > limits.max_header_count or head & _BYTES > limits.max_header_size:
+        if head >> _FIELD_SHIFT > limits.max_header_count or head & _BYTES > self.max_header_size:
             raise _Refusal(self._header_too_large(), linger=True)
         length = req.length
         if length is not None and length > limits.max_input_size:
