@@ -348,6 +348,22 @@ def test_trickled_headers_are_cut_by_the_header_timeout(limited):
     limited.infer_ok()
 
 
+def test_stalled_body_gets_408_after_the_idle_timeout(limited):
+    """A body that stops arriving holds its connection only for the idle timeout (2 s
+    here): then 408 and close."""
+    sock = connect(limited.server)
+    started = time.monotonic()
+    sock.sendall(announce(1000, expect=False) + b"\0" * 10)
+    status, _, body = read_response(sock)
+    elapsed = time.monotonic() - started
+    assert status == 408
+    assert error_of(body) == "request body stalled for 2 s"
+    assert 1.9 <= elapsed < 4.0, elapsed
+    assert closed_by_server(sock, 5.0)
+    sock.close()
+    limited.infer_ok()
+
+
 def test_idle_keep_alive_connection_is_closed(limited):
     """After its answer, a keep-alive connection that sends nothing more is closed after
     the idle timeout (2 s here); one that never sends a request, after the header
