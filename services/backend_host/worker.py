@@ -221,7 +221,7 @@ class BackendHost:
         # they finish: where a Cancel looks for requests that may not have started yet.
         self._backlog: dict[int, m.Execution] = {}
         # Executions on the loop waiting for their turn (YIELD_ABOVE_S), in order.
-        self._deferred: deque[tuple[LoadedInstance, m.Execution, list, LoadedInstance | None]]
+        self._deferred: deque[tuple[LoadedInstance, m.Execution, list, LoadedInstance | None, bool]]
         self._deferred = deque()
         self._deferred_armed = False
         # (reply_to, rid) of backlog requests whose clients went away: dropped when their
@@ -503,21 +503,21 @@ class BackendHost:
         self._inflight += 1
         if inline and li.cost_s < YIELD_ABOVE_S and not self._deferred:
             if mixed:
-                result = _run_execution(li, execution, requests, None)
+                result = _run_execution(li, execution, requests, None, True)
             else:
                 result = _timed_run(li, requests)
             self._finish(execution, *result, started=True, batched=batched)
             return
         self._backlog[id(execution)] = execution
         if inline:
-            self._deferred.append((li, execution, requests, batched))
+            self._deferred.append((li, execution, requests, batched, mixed))
             if not self._deferred_armed:
                 self._deferred_armed = True
                 asyncio.get_running_loop().call_soon(self._run_deferred)
             return
         try:
             future = asyncio.get_running_loop().run_in_executor(
-                li.executor, _run_execution, li, execution, requests, self._cancelled
+                li.executor, _run_execution, li, execution, requests, self._cancelled, mixed
             )
         except RuntimeError as exc:  # the instance's thread stopped: it was unloaded
             self._finish(execution, None, unavailable(str(exc)), started=True, batched=batched)
@@ -529,11 +529,11 @@ class BackendHost:
     def _run_deferred(self) -> None:
         """Run the oldest deferred execution; the next waits for another loop iteration."""
         self._deferred_armed = False
-        li, execution, requests, batched = self._deferred.popleft()
+        li, execution, requests, batched, mixed = self._deferred.popleft()
         assert self._outbox is not None
         try:
             with self._outbox.gathering:  # its replies leave as soon as it is done
-                result = _run_execution(li, execution, requests, self._cancelled)
+                result = _run_execution(li, execution, requests, self._cancelled, mixed)
                 self._finish(execution, *result, started=True, batched=batched)
         finally:
             if self._deferred and not self._deferred_armed:
@@ -780,16 +780,20 @@ def _run_execution(
     execution: m.Execution,
     requests: list,
     cancelled: set[tuple[str, int]] | None,
+    mixed: bool = True,
 ) -> tuple[list[ExecResponse] | None, ServerError | None]:
     """``_timed_run`` of the requests still to run: those whose client went away
     (``cancelled``, read as the execution starts) are answered CANCELLED and those
-    already answered (an ``ExecResponse`` in ``requests``) keep their answer. On the loop
-    or the instance's thread."""
-    if cancelled:
+    already answered (an ``ExecResponse`` in ``requests``; ``mixed`` says there may be
+    some) keep their answer. On the loop or the instance's thread."""
+    if cancelled and any((req.reply_to, req.rid) in cancelled for req in execution.requests):
+        mixed = True
         requests = [
             _CANCELLED if (req.reply_to, req.rid) in cancelled else r
             for req, r in zip(execution.requests, requests)
         ]
+    if not mixed:
+        return _timed_run(li, requests)
     live = [r for r in requests if type(r) is not ExecResponse]
     if len(live) == len(requests):
         return _timed_run(li, requests)

@@ -319,7 +319,12 @@ def test_blocking_handshake_of_the_python_launcher(monkeypatch):
 
     async def main() -> list:
         got: list = []
-        server = await streams.serve(endpoint, lambda link, b: (got.extend(b), link.close()))
+
+        def on_burst(link, burst) -> None:
+            got.extend(burst)
+            link.close()
+
+        server = await streams.serve(endpoint, on_burst)
         for secret in (b"s3cret", b"nope"):
             thread = threading.Thread(target=client, args=(secret,))
             thread.start()
