@@ -121,6 +121,14 @@ class RawH2:
         block = self.block(request_fields() if fields is None else fields)
         return frame(HEADERS, flags | (END_STREAM if end_stream else 0), sid, block)
 
+    def data(self, sid: int, payload: bytes, end_stream: bool = True) -> bytes:
+        """``payload`` in DATA frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE)."""
+        pieces = [payload[i : i + 16384] for i in range(0, len(payload), 16384)] or [b""]
+        return b"".join(
+            frame(DATA, END_STREAM if end_stream and i == len(pieces) - 1 else 0, sid, piece)
+            for i, piece in enumerate(pieces)
+        )
+
     def call(self, sid: int, message: bytes, fields=None) -> bytes:
         """HEADERS and one DATA frame with END_STREAM: a whole unary call."""
         return self.headers(sid, fields) + frame(DATA, END_STREAM, sid, grpc_message(message))

@@ -24,8 +24,8 @@ What it implements, for the servicer's methods (``server.method_handlers``):
   second (past it: GOAWAY ENHANCE_YOUR_CALM, as gRPC core answers floods), no reading while
   the transport's write buffer is above its high-water mark (a peer that does not read
   cannot grow our buffers), a call reset in the read that started it never runs, and a
-  streaming call takes its next response only once the last one is sent and stops the
-  connection's reading while its handler has ``STREAM_BACKLOG`` requests untaken.
+  streaming call takes its next response only once the last one is sent and gives back no
+  flow-control window while its handler has ``STREAM_BACKLOG`` requests untaken.
 - RFC 9113's connection and stream errors: frame sizes, frames on the wrong stream,
   idle and closed streams, stream ids that go down, SETTINGS values, zero and overflowing
   window updates, self-dependency, malformed requests (uppercase or connection-specific
@@ -76,9 +76,13 @@ STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 
 MAX_WINDOW = 2**31 - 1
-# What this server lets a peer send before it says more: a 16 MiB tensor arrives without
-# waiting for a window update. Windows are topped up once half is used.
+# What this server lets a peer send on the connection before it says more; topped up once
+# half is used.
 RECV_WINDOW = 2**30
+# Each stream's window (SETTINGS_INITIAL_WINDOW_SIZE), also topped up once half is used
+# (a 16 MiB tensor arrives without waiting for an update): what a streaming call's
+# requests may hold beyond STREAM_BACKLOG untaken messages.
+STREAM_WINDOW = 16 << 20
 MAX_FRAME = 2**24 - 1  # the largest frame the peer may send us
 
 # What one peer may make this server hold or do (docs/security.md lists them).
@@ -101,8 +105,9 @@ HEADER_CACHE_BLOCK = 1 << 10
 # GOAWAY ENHANCE_YOUR_CALM. Counted, and checked against the clock only past the limit.
 CONTROL_FRAMES_PER_SECOND = 1000
 RESETS_PER_SECOND = 200
-# Request messages a streaming call's handler has not taken yet: past it the connection
-# stops reading until the handler has taken half of them.
+# Request messages a streaming call's handler has not taken yet: past it the stream's
+# window is not topped up until the handler has taken half of them (flow control holds
+# the client back; the connection reads on, so the client's WINDOW_UPDATEs still come).
 STREAM_BACKLOG = 64
 # Streams reset by this server whose late frames are still ignored, not refused.
 _RESET_MEMORY = 64
@@ -220,29 +225,23 @@ class _Method:
 class _Requests:
     """A stream's request messages, as the async iterator a streaming handler reads.
 
-    ``hold(n)`` adds ``n`` to its connection's reasons not to read: +1 once more than
-    ``STREAM_BACKLOG`` messages wait untaken, -1 once the handler has taken half of them
-    or the call has ended (``release``)."""
+    ``held`` once more than ``STREAM_BACKLOG`` messages wait untaken (the connection then
+    keeps the stream's window); ``caught_up()`` is called once the handler has taken half
+    of them."""
 
-    __slots__ = ("_queue", "_deserializer", "_hold", "held")
+    __slots__ = ("_queue", "_deserializer", "_caught_up", "held")
 
-    def __init__(self, deserializer: Callable | None, hold: Callable[[int], None]) -> None:
+    def __init__(self, deserializer: Callable | None, caught_up: Callable[[], None]) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._deserializer = deserializer
-        self._hold = hold
+        self._caught_up = caught_up
         self.held = False
 
     def put(self, message: bytes | BaseException | None) -> None:
         queue = self._queue
         queue.put_nowait(message)
-        if not self.held and queue.qsize() > STREAM_BACKLOG:
+        if queue.qsize() > STREAM_BACKLOG:
             self.held = True
-            self._hold(1)
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self._hold(-1)
 
     def __aiter__(self) -> _Requests:
         return self
@@ -250,7 +249,8 @@ class _Requests:
     async def __anext__(self) -> Any:
         message = await self._queue.get()
         if self.held and self._queue.qsize() <= STREAM_BACKLOG // 2:
-            self.release()
+            self.held = False
+            self._caught_up()
         if message is None:
             self._queue.put_nowait(None)  # stays at the end
             raise StopAsyncIteration
@@ -281,6 +281,7 @@ class _Stream:
         "timer",
         "consumed",
         "waiter",
+        "withheld",
     )
 
     def __init__(self, sid: int, send_window: int) -> None:
@@ -305,6 +306,7 @@ class _Stream:
         self.timer: asyncio.TimerHandle | None = None
         self.consumed = 0  # received bytes not yet given back in a WINDOW_UPDATE
         self.waiter: asyncio.Future | None = None  # a streaming call waiting for its sends
+        self.withheld = 0  # received bytes kept from the stream's window (STREAM_BACKLOG)
 
 
 class _Head(NamedTuple):
@@ -464,7 +466,6 @@ class _Connection(asyncio.Protocol):
         self.strikes_since = self.loop.time()
         self.resets = 0
         self.resets_since = self.strikes_since
-        self.holds = 0  # reasons not to read: the write buffer is full, stream backlogs
         self.write_paused = False
 
     # --- connection ---------------------------------------------------------------------
@@ -479,7 +480,7 @@ class _Connection(asyncio.Protocol):
             for k, v in (
                 (ENABLE_PUSH, 0),
                 (MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
-                (INITIAL_WINDOW_SIZE, RECV_WINDOW),
+                (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
                 (MAX_FRAME_SIZE, MAX_FRAME),
                 (MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
             )
@@ -501,25 +502,16 @@ class _Connection(asyncio.Protocol):
         # The peer reads slower than we write: read nothing more (no more answers to
         # queue) until the transport's buffer has drained.
         self.write_paused = True
-        self._hold(1)
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._hold(-1)
+        if self.transport is not None:
+            self.transport.resume_reading()
         for stream in list(self.streams.values()):
             if stream.waiter is not None and not stream.pending:
                 self._wake(stream)
-
-    def _hold(self, n: int) -> None:
-        """Add ``n`` to the reasons not to read; reading pauses while there is one."""
-        before = self.holds
-        self.holds += n
-        if self.transport is None:
-            return
-        if before <= 0 < self.holds:
-            self.transport.pause_reading()
-        elif self.holds <= 0 < before:
-            self.transport.resume_reading()
 
     def goaway(self, code: int = NO_ERROR) -> None:
         if self.transport is None or self.going_away:
@@ -894,7 +886,7 @@ class _Connection(asyncio.Protocol):
         if stream.deadline is not None:
             stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
         if method.streaming:
-            stream.requests = _Requests(method.deserializer, self._hold)
+            stream.requests = _Requests(method.deserializer, partial(self._caught_up, stream))
             stream.task = self.loop.create_task(self._run(stream, method))
         if end_stream:
             self._end_of_requests(stream)
@@ -911,15 +903,33 @@ class _Connection(asyncio.Protocol):
             return
         if not size and not flags & END_STREAM:
             self._strike()
-        stream.consumed += size
-        if stream.consumed >= RECV_WINDOW // 2:
-            self.out.append(_frame(WINDOW_UPDATE, 0, sid, stream.consumed.to_bytes(4, "big")))
-            stream.consumed = 0
+        requests = stream.requests
+        if requests is not None and requests.held:
+            stream.withheld += size
+        else:
+            stream.consumed += size
+            if stream.consumed >= STREAM_WINDOW // 2:
+                self.out.append(_frame(WINDOW_UPDATE, 0, sid, stream.consumed.to_bytes(4, "big")))
+                stream.consumed = 0
         data = self._unpad(flags, payload)
         if stream.method is not None and not stream.closed:
             self._read_messages(stream, data)
         if flags & END_STREAM:
             self._end_of_requests(stream)
+
+    def _caught_up(self, stream: _Stream) -> None:
+        """A streaming call's handler has taken half its backlog: the window kept from
+        its stream is given back."""
+        if stream.closed or self.transport is None:
+            return
+        stream.consumed += stream.withheld
+        stream.withheld = 0
+        if stream.consumed >= STREAM_WINDOW // 2:
+            self.out.append(
+                _frame(WINDOW_UPDATE, 0, stream.sid, stream.consumed.to_bytes(4, "big"))
+            )
+            stream.consumed = 0
+            self._flush()
 
     def _stray_data(self, sid: int, stream: _Stream | None) -> None:
         """DATA for no open stream (RFC 9113 6.1, 5.1)."""
@@ -1118,8 +1128,6 @@ class _Connection(asyncio.Protocol):
         stream.closed = True
         stream.pending.clear()
         stream.trailers = None
-        if stream.requests is not None:
-            stream.requests.release()
         self._wake(stream)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
@@ -1190,7 +1198,6 @@ class _Connection(asyncio.Protocol):
             self.server.call_finished()
         if stream.requests is not None:
             stream.requests.put(asyncio.CancelledError())
-            stream.requests.release()
         self._wake(stream)
         stream.trailers = trailers
         self._send_stream(stream)
