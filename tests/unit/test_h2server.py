@@ -25,6 +25,8 @@ class Server:
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
+        self.starts = 0  # calls of Started that were started
+        self.taken = 0  # messages the Stream handler took
         self.loop = uvloop.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -52,6 +54,7 @@ class Server:
 
         async def stream(requests, context):
             async for message in requests:
+                self.taken += 1
                 yield message + b"!"
 
         handlers = {
@@ -68,6 +71,7 @@ class Server:
 
         def start(request: bytes, answer):
             """A call started without a task: answers at once, or from a future."""
+            self.starts += 1
             if request == b"now":
                 answer(request + b"!", Status.OK, "")
                 return None
@@ -350,3 +354,148 @@ def test_header_cache_is_bounded_by_bytes():
         assert 0 < len(conn.heads) <= h2.HEADER_CACHE_BYTES // (335 + 300)
 
     asyncio.run(run())
+
+
+def on_loop(server: Server, fn):
+    """``fn()`` run on the server's loop, its result."""
+
+    async def run():
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(run(), server.loop).result(10)
+
+
+def connected(server: Server) -> h2._Connection:
+    deadline = time.monotonic() + 5
+    while not server.server.connections:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return next(iter(server.server.connections))
+
+
+def test_a_peer_that_does_not_read_stops_being_read(server, monkeypatch):
+    """PINGs under the flood limit from a client that does not read: once the transport's
+    buffer passes its high-water mark the server reads no more, so its buffer stays
+    bounded; once the client reads, every PING is answered."""
+    monkeypatch.setattr(h2, "CONTROL_FRAMES_PER_SECOND", 10**9)
+    pings = 300_000
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(h2.PREFACE + frame(h2.SETTINGS, 0, 0))
+        conn = connected(server)
+        data = frame(h2.PING, 0, 0, b"12345678") * pings
+        sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += sock.send(data[sent : sent + (1 << 16)])
+        except TimeoutError:
+            pass  # the server stopped reading: backpressure
+        time.sleep(0.3)
+        buffered = on_loop(server, lambda: conn.transport.get_write_buffer_size())
+        assert on_loop(server, lambda: conn.write_paused)
+        assert buffered < (64 << 10) + (512 << 10), buffered
+        # Now read: the server resumes, and answers every PING that was sent.
+        sock.settimeout(10)
+        acks = 0
+        received = b""
+        try:
+            while sent < len(data) or acks < pings:
+                if sent < len(data):
+                    sock.setblocking(False)
+                    try:
+                        sent += sock.send(data[sent : sent + (1 << 16)])
+                    except BlockingIOError:
+                        pass
+                    sock.setblocking(True)
+                    sock.settimeout(0.05)
+                try:
+                    received += sock.recv(1 << 20)
+                except TimeoutError:
+                    continue
+                acks = received.count(b"\x00\x00\x08\x06\x01\x00\x00\x00\x0012345678")
+        finally:
+            sock.settimeout(10)
+        assert acks == pings
+
+
+def test_a_call_reset_in_the_same_read_never_starts(server):
+    """HEADERS, DATA and RST_STREAM in one read (rapid reset): the call is not started;
+    a call whose reset comes later is started, then cancelled."""
+    encoder = Encoder()
+    headers = encoder.encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.S/Started"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    body = b"\x00" + (2).to_bytes(4, "big") + b"30"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            h2.PREFACE
+            + frame(h2.SETTINGS, 0, 0)
+            + b"".join(
+                frame(h2.HEADERS, h2.END_HEADERS, sid, headers)
+                + frame(h2.DATA, h2.END_STREAM, sid, body)
+                + frame(h2.RST_STREAM, 0, sid, h2.CANCEL.to_bytes(4, "big"))
+                for sid in range(1, 101, 2)
+            )
+            + frame(h2.PING, 0, 0, b"12345678")
+        )
+        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        assert server.starts == 0
+        sock.sendall(
+            frame(h2.HEADERS, h2.END_HEADERS, 101, headers)
+            + frame(h2.DATA, h2.END_STREAM, 101, body)
+            + frame(h2.PING, 0, 0, b"12345678")
+        )
+        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        assert server.starts == 1
+        sock.sendall(frame(h2.RST_STREAM, 0, 101, h2.CANCEL.to_bytes(4, "big")))
+        assert server.cancelled.wait(5)  # the future the call waited on was cancelled
+
+
+def test_a_stream_without_window_takes_no_more_requests(server):
+    """A streaming call whose client grants no window: its handler is not given the next
+    request once a response cannot be sent; past STREAM_BACKLOG untaken requests the
+    stream's window is kept; once the window opens, every response comes, in order."""
+    encoder = Encoder()
+    headers = encoder.encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.S/Stream"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    count = 500
+    messages = [f"{i:05d}".encode() for i in range(count)]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        settings = h2.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (0).to_bytes(4, "big")
+        sock.sendall(
+            h2.PREFACE
+            + frame(h2.SETTINGS, 0, 0, settings)
+            + frame(h2.HEADERS, h2.END_HEADERS, 1, headers)
+            + b"".join(frame(h2.DATA, 0, 1, b"\x00" + (5).to_bytes(4, "big") + m) for m in messages)
+            + frame(h2.PING, 0, 0, b"12345678")
+        )
+        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        time.sleep(0.2)
+        conn = connected(server)
+        assert server.taken <= 2
+        assert on_loop(server, lambda: conn.streams[1].requests.held)
+        assert on_loop(server, lambda: conn.streams[1].withheld) > 0
+        sock.sendall(
+            frame(h2.WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big"))
+            + frame(h2.DATA, h2.END_STREAM, 1)
+        )
+        frames = read_frames(
+            sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs)
+        )
+        body = b"".join(f[3] for f in frames if f[0] == h2.DATA)
+        replies = [body[i + 5 : i + 11] for i in range(0, len(body), 11)]
+        assert replies == [m + b"!" for m in messages]
+        assert server.taken == count
