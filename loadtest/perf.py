@@ -819,7 +819,7 @@ class ShmRegions:
         return status == 200
 
     def create(self, suffix: str, data: bytes | int) -> str:
-        name = f"despina_perf_{os.getpid()}_{suffix}"
+        name = f"perf_{os.getpid()}_{suffix}"
         size = data if isinstance(data, int) else len(data)
         fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
         try:
