@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,49 @@ def server_without_client_shm(tmp_path_factory):
     srv = DespinaServer(repo, tmp_path_factory.mktemp("logs") / "serve.log").start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture()
+def regions():
+    """Client shared-memory regions made with tritonclient's utilities, as a user makes
+    them: ``make(byte_size) -> (name, key, handle)``; always destroyed."""
+    import tritonclient.utils.shared_memory as shm
+
+    made = []
+
+    def make(byte_size: int):
+        name = f"despina_test_{uuid.uuid4().hex[:8]}"
+        handle = shm.create_shared_memory_region(name, "/" + name, byte_size)
+        made.append(handle)
+        return name, "/" + name, handle
+
+    yield make
+    for handle in made:
+        try:
+            shm.destroy_shared_memory_region(handle)
+        except Exception:
+            pass
+
+
+@pytest.fixture()
+def shm_dir_entries():
+    """Names in /dev/shm made by hand (links, directories, fifos):
+    ``make(maker) -> name``, where ``maker(path)`` creates it; always removed."""
+    made: list[str] = []
+
+    def make(maker) -> str:
+        name = f"despina_test_{uuid.uuid4().hex[:8]}"
+        path = f"/dev/shm/{name}"
+        maker(path)
+        made.append(path)
+        return name
+
+    yield make
+    for path in made:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
 
 
 @pytest.fixture()

@@ -42,42 +42,9 @@ def refused(key: str) -> str:
 
 
 @pytest.fixture()
-def regions():
-    """Client regions made with tritonclient's utilities; always destroyed."""
-    made = []
-
-    def make(byte_size: int):
-        name = f"despina_sec_{uuid.uuid4().hex[:8]}"
-        handle = shm.create_shared_memory_region(name, "/" + name, byte_size)
-        made.append(handle)
-        return name, "/" + name, handle
-
-    yield make
-    for handle in made:
-        try:
-            shm.destroy_shared_memory_region(handle)
-        except Exception:
-            pass
-
-
-@pytest.fixture()
-def entries():
-    """Names in /dev/shm made by hand (links, directories, fifos); always removed."""
-    made: list[str] = []
-
-    def make(maker) -> str:
-        name = f"despina_sec_{uuid.uuid4().hex[:8]}"
-        path = f"/dev/shm/{name}"
-        maker(path)
-        made.append(path)
-        return "/" + name
-
-    yield make
-    for path in made:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.rmdir(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+def entries(shm_dir_entries):
+    """``shm_dir_entries`` as keys (with shm_open's leading '/')."""
+    return lambda maker: "/" + shm_dir_entries(maker)
 
 
 @pytest.fixture()

@@ -7,32 +7,12 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
-
-
-@pytest.fixture()
-def regions():
-    """Creates client regions and always destroys them."""
-    made = []
-
-    def make(byte_size: int):
-        name = f"despina_test_{uuid.uuid4().hex[:8]}"
-        handle = shm.create_shared_memory_region(name, "/" + name, byte_size)
-        made.append(handle)
-        return name, "/" + name, handle
-
-    yield make
-    for handle in made:
-        try:
-            shm.destroy_shared_memory_region(handle)
-        except Exception:
-            pass
 
 
 @pytest.fixture()

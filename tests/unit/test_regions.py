@@ -66,26 +66,6 @@ def refusal(key: str, byte_size: int = 8) -> str:
     return info.value.message
 
 
-@pytest.fixture()
-def shm_dir_entries():
-    """Makes named entries in /dev/shm with a given maker; removes them."""
-    made: list[str] = []
-
-    def make(maker) -> str:
-        name = f"despina_unit_{uuid.uuid4().hex[:8]}"
-        path = f"/dev/shm/{name}"
-        maker(path)
-        made.append(path)
-        return name
-
-    yield make
-    for path in made:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.rmdir(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
-
-
 def test_every_refusal_reads_the_same(tmp_path, shm_object, shm_dir_entries):
     """Missing, too small, a directory, a fifo, a symlink to a file that exists (and
     one that does not), a hard link: one message, naming only the key."""
