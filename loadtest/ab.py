@@ -88,25 +88,34 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         with steal_meter() as meter:
                             rec = perf_run(
-                                url, model, protocol, concurrency, args.duration, args.warmup
+                                url,
+                                model,
+                                protocol,
+                                concurrency,
+                                args.duration,
+                                args.warmup,
+                                "--server-pid",
+                                str(srv.proc.pid),
                             )
                     except subprocess.CalledProcessError as exc:
                         raise SystemExit(
                             f"perf.py failed against arm {name}:\n{exc.stderr}"
                         ) from None
                     rec.update(meter)
+                    rec["server_cpu_us_per_infer"] = _server_us(rec)
                     runs.setdefault((model, protocol, concurrency, name), []).append(rec)
                     say(
                         f"round={rnd} arm={name} {model} {protocol} c={concurrency} "
                         f"infer/s={rec['infer_per_s']:.0f} p50={rec['p50_ms']:.3f} "
                         f"p99={rec['p99_ms']:.3f} ms errors={rec['errors']} "
                         f"client_cpu={rec['client_cpu_us_per_infer']:.0f}us/infer "
+                        f"server_cpu={rec['server_cpu_us_per_infer']:.0f}us/infer "
                         f"steal={rec['steal_cores']:.2f}"
                     )
     first = args.arm[0][0]  # its name
     say(f"\n## medians of {args.rounds} rounds; ratio: infer/s against arm '{first}'")
-    say("| load | arm | infer/s | p50 ms | p99 ms | ratio |")
-    say("| --- | --- | --- | --- | --- | --- |")
+    say("| load | arm | infer/s | p50 ms | p99 ms | server CPU µs/infer | ratio |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
     for model, protocol, concurrency in args.load:
         base = statistics.median(
             r["infer_per_s"] for r in runs[(model, protocol, concurrency, first)]
@@ -117,10 +126,17 @@ def main(argv: list[str] | None = None) -> None:
             say(
                 f"| {model} {protocol} c={concurrency} | {name} | {ips:,.0f} | "
                 f"{statistics.median(r['p50_ms'] for r in recs):.3f} | "
-                f"{statistics.median(r['p99_ms'] for r in recs):.3f} | {ips / base:.2f} |"
+                f"{statistics.median(r['p99_ms'] for r in recs):.3f} | "
+                f"{statistics.median(r['server_cpu_us_per_infer'] for r in recs):.0f} | "
+                f"{ips / base:.2f} |"
             )
     if out is not None:
         out.close()
+
+
+def _server_us(rec: dict) -> float:
+    """CPU the whole server tree spent per request of the window, in µs."""
+    return rec["server_cpu_s"] / rec["requests"] * 1e6 if rec["requests"] else float("nan")
 
 
 if __name__ == "__main__":
