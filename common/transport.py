@@ -17,8 +17,6 @@ fails before any message is delivered; the traffic is encrypted as well.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 from collections.abc import Callable
 from typing import cast
@@ -60,6 +58,9 @@ def configure(sock: zmq.Socket) -> zmq.Socket:
 
 def _curve_keys(secret: bytes) -> tuple[bytes, bytes]:
     """The scheduler's CURVE (public, secret) keys, Z85, derived from the cluster secret."""
+    import hashlib
+    import hmac
+
     from zmq.utils import z85
 
     secret_key = z85.encode(hmac.new(secret, b"despina-zmq-curve", hashlib.sha256).digest())

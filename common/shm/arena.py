@@ -29,7 +29,6 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import stat
 from collections import OrderedDict
 
@@ -50,7 +49,7 @@ def arena_prefix(role: str) -> str:
     """Segment names carry the owner's pid, so a supervisor can remove the segments of a
     child that died without cleaning up (``remove_segments_of``), and 128 random bits, so
     nobody guesses them."""
-    return f"despina_{role}_{os.getpid()}_{secrets.token_hex(16)}"
+    return f"despina_{role}_{os.getpid()}_{os.urandom(16).hex()}"
 
 
 def is_reserved(key: str) -> bool:
