@@ -13,6 +13,7 @@ from despina.common import dtypes
 from despina.common.errors import Code, ServerError
 from despina.services.frontend.http.codec import (
     decode_infer_request,
+    decode_raw_request,
     encode_error,
     encode_infer_response,
     encode_infer_response_parts,
@@ -519,10 +520,59 @@ def test_header_length_shorter_than_the_json():
     assert "failed to parse the request JSON buffer" in err.value.message
 
 
-def test_raw_binary_request_is_unsupported():
+def test_raw_binary_request_needs_the_model_config():
     with pytest.raises(ServerError) as err:
         decode_infer_request(b"\0\0\0\0", 0, "m", "1")
-    assert err.value.code is Code.UNSUPPORTED
+    assert err.value.code is Code.INTERNAL
+
+
+def _config(*inputs: tuple[str, str, list[int]], batch: int = 8) -> bytes:
+    return orjson.dumps(
+        {
+            "max_batch_size": batch,
+            "input": [{"name": n, "data_type": t, "dims": d} for n, t, d in inputs],
+        }
+    )
+
+
+def test_raw_binary_request_deduces_the_variable_dim():
+    body = np.arange(6, dtype=np.float32).tobytes()
+    req = decode_raw_request(body, _config(("INPUT0", "TYPE_FP32", [-1])), "m", "")
+    (tensor,) = req.inputs
+    assert (tensor.name, tensor.datatype, tensor.shape) == ("INPUT0", "FP32", [1, 6])
+    assert bytes(tensor.data) == body and req.binary_output and req.outputs == []
+
+
+def test_raw_binary_bytes_input_gets_its_length_prefix():
+    req = decode_raw_request(b"427", _config(("T", "TYPE_STRING", [1]), batch=0), "m", "")
+    assert req.inputs[0].shape == [1] and bytes(req.inputs[0].data) == struct.pack("<I", 3) + b"427"
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (
+            [("A", "TYPE_INT32", [16]), ("B", "TYPE_INT32", [16])],
+            "Raw request must only have 1 input (found 1) to be deduced but got 2 inputs "
+            "in 'm' model configuration",
+        ),
+        (
+            [("A", "TYPE_FP16", [-1, -1])],
+            "The shape of the raw input 'A' can not be deduced because there are more "
+            "than one variable-sized dimension",
+        ),
+        (
+            [("A", "TYPE_STRING", [-1])],
+            "For BYTE datatype raw input 'A', the model must have input shape [1]",
+        ),
+        ([("A", "TYPE_INT32", [16])], "unexpected total byte size 4 for raw input 'A'"),
+    ],
+)
+def test_raw_binary_request_refusals(inputs, message):
+    with pytest.raises(ServerError) as err:
+        decode_raw_request(b"\0\0\0\0", _config(*inputs), "m", "")
+    assert err.value.code is Code.INVALID_ARG
+    assert message in err.value.message
 
 
 # -- responses ----------------------------------------------------------------------------

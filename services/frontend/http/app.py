@@ -178,9 +178,15 @@ def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Applica
                     reserved = 0
             else:
                 body = await request.read()
-            inference = codec.decode_infer_request(
-                body, header_length, info["model"], info.get("version", "")
-            )
+            if header_length == 0:  # raw binary: the input's metadata from the config
+                config = await plane.model_config(info["model"], info.get("version", ""))
+                inference = codec.decode_raw_request(
+                    body, config, info["model"], info.get("version", "")
+                )
+            else:
+                inference = codec.decode_infer_request(
+                    body, header_length, info["model"], info.get("version", "")
+                )
             inference.body_block = block
             result = await plane.infer(inference)
             try:

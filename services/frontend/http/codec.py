@@ -13,8 +13,9 @@ Triton's ``http_server.cc``, which is what ``tritonclient`` is tested against:
 - The request parameter ``binary_data_output`` applies only to outputs the request did
   not list (all of them when it lists none); a listed output is binary only when its own
   ``binary_data`` says so.
-- ``Inference-Header-Content-Length: 0`` asks Triton for a "raw binary" request (the
-  whole body is the one input's bytes); Despina does not support it and says so.
+- ``Inference-Header-Content-Length: 0`` is Triton's "raw binary" request: the whole
+  body is the bytes of the model's one input, whose name, datatype and shape come from
+  the model configuration (``decode_raw_request``); every output comes back binary.
 
 Deliberately more lenient than Triton: FP16 and BF16 tensors may travel as JSON numbers
 (Triton refuses both ways); BF16 is rounded to nearest even from the float32 value.
@@ -31,7 +32,7 @@ import numpy as np
 import orjson
 
 from despina.common import dtypes
-from despina.common.errors import Code, ServerError, internal, invalid_arg
+from despina.common.errors import ServerError, internal, invalid_arg
 from despina.services.frontend.inference import (
     InferenceRequest,
     InferenceResult,
@@ -109,8 +110,9 @@ def decode_infer_request(
     header (its key): the request is rebuilt from it when the header and the body's
     length are the last one's again, and it remembers this one otherwise.
 
-    Raises INVALID_ARG for anything malformed, UNSUPPORTED for a raw binary request
-    (header length 0). Only that request fails.
+    Raises INVALID_ARG for anything malformed. A raw binary request (header length 0)
+    needs the model's configuration: callers decode it with ``decode_raw_request``;
+    here it is refused with INTERNAL. Only that request fails.
     """
     if memo is not None and header_length and type(body) is bytes:
         if header_length == len(memo.key) and memo.matches(body):
@@ -124,10 +126,9 @@ def decode_infer_request(
         view = None
     else:
         if header_length == 0:
-            raise ServerError(
-                Code.UNSUPPORTED,
-                f"raw binary requests ({HEADER_LENGTH_HEADER}: 0) are not supported; "
-                "send a JSON header and give each binary input a 'binary_data_size'",
+            raise internal(
+                f"a raw binary request ({HEADER_LENGTH_HEADER}: 0) reached the JSON "
+                "decoder; it is decoded with the model's configuration"
             )
         if header_length < 0 or header_length > total:
             raise invalid_arg(
@@ -185,6 +186,79 @@ def decode_infer_request(
 
     # Positional: keyword arguments cost a slots dataclass twice as much on this path.
     return InferenceRequest(model, version, request_id, inputs, outputs, parameters, binary_output)
+
+
+def decode_raw_request(
+    body: bytes | bytearray | memoryview, config_json: bytes, model: str, version: str
+) -> InferenceRequest:
+    """Decode a raw binary request (``Inference-Header-Content-Length: 0``): ``body`` is
+    the data of the model's only input, ``config_json`` the model's configuration as
+    ``/config`` returns it. As Triton: the model has exactly one input; the input's
+    datatype and dims come from its configuration, with a batch dimension of 1 when the
+    model batches and the one variable-size dimension (if any) deduced from the body's
+    size; a BYTES input must have dims [1] (the body is its one element). Every output
+    comes back binary. The input data stays a view of ``body`` (a BYTES element is
+    copied behind its length prefix).
+
+    Raises INVALID_ARG, with Triton's wording, for a model with more or fewer than one
+    input, more than one variable-size dimension, or a BYTES input whose shape is not
+    [1]; a body whose size does not fit the deduced shape fails the usual byte-size
+    check downstream. Only that request fails.
+    """
+    try:
+        config = orjson.loads(config_json)
+        inputs = config.get("input") or []
+        batching = int(config.get("max_batch_size") or 0) != 0
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise internal(f"unreadable configuration of model '{model}'") from None
+    if len(inputs) != 1:
+        raise invalid_arg(
+            f"Raw request must only have 1 input (found 1) to be deduced but got "
+            f"{len(inputs)} inputs in '{model}' model configuration"
+        )
+    spec = inputs[0]
+    name = str(spec.get("name", ""))
+    datatype = dtypes.from_config_type(str(spec.get("data_type", "")))
+    if datatype not in _TYPES:
+        raise invalid_arg(f"raw input '{name}' has datatype {datatype} that has no binary form")
+    item_size = _TYPES[datatype][1]
+    dims = [int(d) for d in spec.get("dims") or []]
+    shape = [1] if batching else []
+    variable = -1
+    count = 1
+    for dim in dims:
+        if dim == -1:
+            if variable != -1:
+                raise invalid_arg(
+                    f"The shape of the raw input '{name}' can not be deduced because "
+                    "there are more than one variable-sized dimension"
+                )
+            variable = len(shape)
+        else:
+            count *= dim
+        shape.append(dim)
+    size = len(body) if not isinstance(body, memoryview) else body.nbytes
+    data: bytes | memoryview
+    if datatype == "BYTES":
+        if variable != -1 or count != 1:
+            raise invalid_arg(
+                f"For BYTE datatype raw input '{name}', the model must have input shape [1]"
+            )
+        data = _LEN.pack(size) + bytes(body)
+    else:
+        if variable != -1:
+            shape[variable] = size // (count * item_size) if count else 0
+        data = memoryview(body)
+    if len(shape) > _MAX_DIMS:
+        dtypes.check_dims(name, len(shape))
+    expected = dtypes.element_count(shape) * item_size if item_size else None
+    if expected is not None and expected != size:
+        raise invalid_arg(
+            f"unexpected total byte size {size} for raw input '{name}' of model "
+            f"'{model}', expecting {expected} ({datatype} elements of shape {_show(shape)})"
+        )
+    tensor = InputTensor(name, datatype, shape, data, {})
+    return InferenceRequest(model, version, "", [tensor], [], {}, True)
 
 
 def _remember(memo: RequestMemo, body: bytes, header_length: int, req: InferenceRequest) -> None:

@@ -813,6 +813,9 @@ def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
     try:
         header_length = codec.parse_header_length(req.header_length)
         body = block.view if block is not None else req.body
+        if header_length == 0:
+            _infer_raw(conn, req, model, version, body, block)
+            return
         inference = codec.decode_infer_request(body, header_length, model, version, conn.memo)
         inference.body_block = block
         pending = plane.submit(inference)
@@ -826,6 +829,26 @@ def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
         return
     conn.task = pending
     pending.add_done_callback(functools.partial(_infer_done, conn, req, inference, block))
+
+
+def _infer_raw(
+    conn: _Connection, req: _Request, model: str, version: str, body: Any, block: Any
+) -> None:
+    """A raw binary request (``Inference-Header-Content-Length: 0``): its input's
+    metadata come from the model's configuration, fetched first; ``_infer_done``
+    answers as for any request (off the hot path: only such requests pay the fetch)."""
+    plane = conn.plane
+    inference = InferenceRequest(model, version, "", [], [], {}, True)
+
+    async def run() -> InferenceResult:
+        config = await plane.model_config(model, version)
+        raw = codec.decode_raw_request(body, config, model, version)
+        inference.inputs = raw.inputs
+        inference.body_block = block
+        return await plane.submit(inference)
+
+    conn.task = task = conn.loop.create_task(run())
+    task.add_done_callback(functools.partial(_infer_done, conn, req, inference, block))
 
 
 def _infer_done(
