@@ -17,6 +17,10 @@ A forked process leaves the launcher's loop by unwinding out of it (``run`` retu
 ``InstanceSpec``), closes its copies of the launcher's descriptors, takes back the
 default signal handling, and only then starts its own event loop
 (``__main__.run_instance``). The model is imported after the fork, in its own process.
+What the model sees of its process is what Triton's stub gives it: ``sys.argv == [""]``
+(the host's flags are parsed before the launcher starts), the server's working directory
+and environment (both inherited, none added), and the version and model folders on
+``sys.path`` (``backend.py``).
 Protobuf, which only the launcher needs (to read a ``LoadModel``'s config), is loaded in
 a short-lived forked child (``common.process.call_forked``), so it is in neither.
 """
@@ -95,6 +99,14 @@ def instances_of(loads: list[m.LoadModel]) -> list[list[InstanceSpec] | str]:
         except Exception as exc:
             out.append(f"{type(exc).__name__}: {exc}")
     return out
+
+
+def stub_argv() -> list[str]:
+    """``sys.argv`` as a model sees it under Triton: its stub embeds Python with pybind11
+    and no arguments, which leaves ``[""]``. A model that parses its arguments
+    (argparse, ``unittest.main``) then finds none instead of the backend host's flags.
+    ``sys.orig_argv`` keeps the real command line."""
+    return [""]
 
 
 class _Forked(BaseException):
@@ -238,6 +250,9 @@ class PythonLauncher:
         numpy_random = sys.modules.get("numpy.random")
         if numpy_random is not None:
             numpy_random.seed()  # as a fresh process would be (Python's random reseeds itself)
+        # The host's flags were parsed before the launcher started: from here on the
+        # process is the model's, and a model sees what Triton's stub gives it.
+        sys.argv = stub_argv()
 
     # --- the scheduler -------------------------------------------------------------------
 
