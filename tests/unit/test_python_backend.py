@@ -584,6 +584,34 @@ def test_default_model_filename_and_sibling_imports(tmp_path, load):
     np.testing.assert_array_equal(response.outputs["OUT"], fp32(11, 21))
 
 
+def test_model_module_is_found_by_its_name_as_an_import_leaves_it(tmp_path, load):
+    """``unittest.main(__name__)`` in initialize (a pattern of Triton's qa models):
+    ``__import__`` returns the package and unittest walks down to the model module by
+    attribute, which must be there as an import statement would have left it."""
+    model = """
+    import unittest
+
+    import triton_python_backend_utils as pb_utils
+
+    class ModuleTest(unittest.TestCase):
+        def test_runs(self):
+            self.assertTrue(True)
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            test = unittest.main(__name__, argv=[""], exit=False)
+            self.ran = float(test.result.testsRun) if test.result.wasSuccessful() else -1.0
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", [self.ran])]) for _ in requests]
+    """
+    instance = load(write_model(tmp_path, "by_name", model))
+
+    (response,) = instance.execute([request({"IN": fp32(0)})])
+
+    np.testing.assert_array_equal(response.outputs["OUT"], np.array([1.0]))
+
+
 def test_finalize_runs_on_unload(tmp_path):
     marker = tmp_path / "finalized.txt"
     config = (

@@ -182,6 +182,9 @@ class PythonModelInstance:
         sys.modules[module_name] = module
         self._module_names.append(module_name)
         module_spec.loader.exec_module(module)
+        # As an import statement leaves it: the module is an attribute of its package, so
+        # ``__import__(__name__)`` walked down by name (``unittest.main(__name__)``) finds it.
+        setattr(package, path.stem, module)
         return module
 
     def _initialize_args(self) -> dict[str, str]:
