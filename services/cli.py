@@ -14,7 +14,8 @@ commands:
   frontend       run one frontend (HTTP and gRPC) alone
   backend-host   run one backend host alone (--framework onnxruntime|pytorch|python|tensorrt)
 
-'despina <command> --help' describes each command's flags.
+'despina <command> --help' describes each command's flags; 'despina --version' prints
+Despina's version and the Triton release it answers as.
 """
 
 
@@ -27,6 +28,7 @@ def serve(argv: list[str]) -> int:
         refuse_unsupported_security,
         report_ignored,
     )
+    from despina.services.identity import add_server_name
     from despina.services.supervisor import Supervisor
 
     parser = argparse.ArgumentParser(
@@ -59,6 +61,7 @@ def serve(argv: list[str]) -> int:
         "sequences) straight to a backend host; false: every request passes the scheduler",
     )
     add_busy_poll(group)
+    add_server_name(group)
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
     refused = refuse_unsupported_security(args)
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version", "version"):
+        from despina.services.identity import describe
+
+        print(describe())
+        sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command == "serve":
         sys.exit(serve(rest))

@@ -30,6 +30,7 @@ from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
 from despina.common.shm.arena import remove_segments_of
 from despina.services.flags import grpc_flag_argv, http_flag_argv
+from despina.services.identity import describe
 
 log = logging.getLogger("despina.serve")
 
@@ -149,6 +150,7 @@ class Supervisor:
                             "--exit-timeout-secs",
                             str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),
+                            f"--server-name={args.server_name}",
                             *verbose,
                         ],
                         order=0,
@@ -161,6 +163,7 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def run(self) -> int:
+        log.info("%s", describe())
         self.plan()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda _sig, _frame: self._request_stop())

@@ -26,6 +26,7 @@ from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.limits import HttpLimits, raise_open_file_limit
 from despina.services.frontend.scheduler_client import SchedulerClient
+from despina.services.identity import add_server_name
 
 log = logging.getLogger("despina.frontend")
 
@@ -93,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_inline_threshold(parser)
     add_busy_poll(parser)
+    add_server_name(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
 
@@ -169,7 +171,7 @@ async def amain(args: argparse.Namespace) -> int:
     except Exception as exc:
         log.error("could not set up the scheduler connection: %s", exc)
         return EXIT_CONFIG
-    plane = DataPlane(client)
+    plane = DataPlane(client, args.server_name)
     http_server: HttpServer | None = None
     grpc_server = None
     if args.allow_http:

@@ -14,25 +14,35 @@ import orjson
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
 from despina.services.frontend.scheduler_client import SchedulerClient
+from despina.services.identity import TRITON_NAME, TRITON_VERSION
 
-SERVER_NAME = "despina"
-SERVER_VERSION = "0.1.0"
-# Triton protocol extensions that work today; the list grows with each feature.
+# Triton's clients check the name (services/identity.py); ``--server-name`` sets another.
+SERVER_NAME = TRITON_NAME
+SERVER_VERSION = TRITON_VERSION
+# The Triton protocol extensions that work today, with Triton's names, in Triton's order;
+# the list grows with each feature. Left out: sequence, schedule_policy (priority and
+# timeout parameters are not acted on), model_repository(unload_dependents), statistics,
+# trace, logging (not built yet), and cuda_shared_memory: built but never yet run on a GPU,
+# and refused (501) where no GPU or cupy is present, so a client that picks its path from
+# this list would be sent down an unproven one. model_repository is listed: the index
+# works, and load / unload are refused as Triton refuses them in model-control mode none.
 EXTENSIONS = [
-    "binary_tensor_data",
-    "model_configuration",
-    "parameters",
-    "model_repository",
-    "system_shared_memory",
     "classification",
+    "model_repository",
+    "model_configuration",
+    "system_shared_memory",
+    "binary_tensor_data",
+    "parameters",
 ]
 
 
 class DataPlane:
-    def __init__(self, client: SchedulerClient) -> None:
+    def __init__(self, client: SchedulerClient, server_name: str = SERVER_NAME) -> None:
+        """``server_name``: the name the server metadata gives (Triton's clients expect
+        "triton")."""
         self.client = client
         self._server_metadata = orjson.dumps(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+            {"name": server_name, "version": SERVER_VERSION, "extensions": EXTENSIONS}
         )
 
     @staticmethod

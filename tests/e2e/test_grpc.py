@@ -96,10 +96,10 @@ def test_health(client):
 def test_server_metadata(client, http_client):
     meta = client.get_server_metadata()
     http_meta = http_client.get_server_metadata()
-    assert meta.name == "despina" == http_meta["name"]
+    assert meta.name == "triton" == http_meta["name"]
     assert meta.version == http_meta["version"]
     assert list(meta.extensions) == http_meta["extensions"]
-    assert client.get_server_metadata(as_json=True)["name"] == "despina"
+    assert client.get_server_metadata(as_json=True)["name"] == "triton"
 
 
 def test_model_metadata(client, http_client):
@@ -426,7 +426,7 @@ def test_aio_client(server):
             assert await client.is_server_live()
             assert await client.is_server_ready()
             assert await client.is_model_ready("add_sub")
-            assert (await client.get_server_metadata()).name == "despina"
+            assert (await client.get_server_metadata()).name == "triton"
             assert (await client.get_model_config("simple")).config.max_batch_size == 8
 
             async def one(i: int) -> None:
@@ -962,7 +962,7 @@ def test_tls(tmp_path, repository, mutual):
             }
         client = grpcclient.InferenceServerClient(url, ssl=True, **kw)
         wait_model_ready(client, "simple")
-        assert client.get_server_metadata().name == "despina"
+        assert client.get_server_metadata().name == "triton"
         tls_infer(client)
         # grpc.aio serves TLS: statuses and streams through its context, not h2server's.
         with pytest.raises(InferenceServerException) as info:

@@ -45,7 +45,7 @@ def test_health(http_client):
 
 def test_server_metadata(http_client):
     meta = http_client.get_server_metadata()
-    assert meta["name"] == "despina"
+    assert meta["name"] == "triton"
     assert "binary_tensor_data" in meta["extensions"]
     assert "model_configuration" in meta["extensions"]
 

@@ -103,7 +103,7 @@ def test_pipelined_requests_in_one_write_are_answered_in_order(lean):
     assert (status, body) == (200, b"")
     status, headers, body = conn.response()
     assert status == 200 and headers["content-type"] == "application/json"
-    assert json.loads(body)["name"] == "despina"
+    assert json.loads(body)["name"] == "triton"
     status, _, body = conn.response()
     assert status == 200
     outputs = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
@@ -177,10 +177,12 @@ def test_unknown_path_404_and_wrong_method_405(lean):
     for path in ("/v2/nothing", "/v2/", "/v3", "/v2/models//ready", "/v2/models/simple/extra"):
         conn.send(get(path))
         status, headers, body = conn.response()
-        assert (status, body) == (404, b"404: Not Found"), path
+        assert (status, headers["content-type"]) == (404, "application/json"), path
+        assert json.loads(body) == {"error": "Not Found"}, path
     conn.send(post("/v2/health/live", b""))
     status, headers, body = conn.response()
-    assert (status, headers["allow"], body) == (405, "GET", b"405: Method Not Allowed")
+    assert (status, headers["allow"]) == (405, "GET")
+    assert json.loads(body) == {"error": "Method Not Allowed"}
     conn.send(get("/v2/models/simple/versions/1/infer"))
     status, headers, _ = conn.response()
     assert (status, headers["allow"]) == (405, "POST")

@@ -13,6 +13,13 @@ memory, the idle keep-alive timeout, the URL (request line) and header sizes and
 header count. What differs from the lean transport: aiohttp answers an oversized request
 line, header field or header count with 400 (not 414 or 431) and limits the size of each
 header field, not their total; it has no header-read timeout and no connection cap.
+
+Errors: every route answers Triton's JSON ``{"error": "..."}``, and so do a path no route
+serves (404 ``Not Found``, a catch-all route) and a known path asked with another method
+(405 ``Method Not Allowed`` with ``Allow``, a ``*`` route beside each handler): routes,
+not middleware, so a request that matches pays nothing for them. What aiohttp answers
+itself, before any route (malformed HTTP, an oversized request line or header), stays
+aiohttp's plain-text 400: tritonclient never sends such requests.
 """
 
 from __future__ import annotations
@@ -20,15 +27,19 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_response
 
 from despina.common.errors import Code, ServerError, invalid_arg
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
+from despina.services.identity import SERVER_HEADER
 
 JSON = "application/json"
+# Triton's answers (src/http_server.cc) to a path no route serves and to another method.
+NOT_FOUND = codec.encode_error("Not Found")
+NOT_ALLOWED = codec.encode_error("Method Not Allowed")
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -71,7 +82,34 @@ def handler_limits(limits: HttpLimits) -> dict[str, float | int]:
     }
 
 
+def add_error_routes(app: web.Application) -> None:
+    """Give every resource of ``app`` a ``*`` route answering Triton's JSON 405 (with
+    ``Allow``), and add a last catch-all route answering its JSON 404. Call once, after
+    the other routes: aiohttp tries a resource's routes in order and the catch-all's
+    resource (indexed under ``/``) after every more specific one."""
+
+    def not_allowed(allow: str):
+        async def handler(_: web.Request) -> web.Response:
+            return web.Response(
+                status=405, body=NOT_ALLOWED, content_type=JSON, headers={"Allow": allow}
+            )
+
+        return handler
+
+    async def not_found(_: web.Request) -> web.Response:
+        return web.Response(status=404, body=NOT_FOUND, content_type=JSON)
+
+    for resource in list(app.router.resources()):
+        if isinstance(resource, web.Resource):
+            allow = ",".join(sorted({route.method for route in resource}))
+            resource.add_route("*", not_allowed(allow))
+    app.router.add_route("*", "/{path:.*}", not_found)
+
+
 def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Application:
+    """The aiohttp application serving ``plane``. Sets aiohttp's default ``Server``
+    header, for this process, to Despina's (aiohttp reads it per response: no cost)."""
+    web_response.SERVER_SOFTWARE = SERVER_HEADER
     limits = limits or HttpLimits()
     max_input_size = limits.max_input_size
     pending = [0]  # shared memory reserved for bodies still arriving
@@ -286,4 +324,5 @@ def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Applica
         add("GET", prefix + "/ready", model_ready)
         add("GET", prefix + "/config", model_config)
         add("POST", prefix + "/infer", infer)
+    add_error_routes(app)
     return app

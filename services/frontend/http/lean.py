@@ -17,9 +17,12 @@ arriving allows (past it, the body is held as it arrives and copied once complet
 client that announces a large body and sends little holds little), large responses written from their parts
 and their blocks released once the transport has sent them, read flow control (a
 connection stops reading while a request is handled and more piles up, or while the
-client does not read its answers), 404 for unknown paths and 405 (with ``Allow``) for a
-known path and another method, as aiohttp answers; malformed HTTP gets 400 and the
-connection is closed. A client that goes away cancels its request.
+client does not read its answers), Triton's 404 ``{"error": "Not Found"}`` for unknown
+paths and 405 ``{"error": "Method Not Allowed"}`` (with ``Allow``) for a known path and
+another method; malformed HTTP gets a JSON 400 and the connection is closed. Every
+response names Despina in a ``Server`` header (``identity.SERVER_HEADER``), which costs
+nothing per request: it is part of the cached status line. A client that goes away
+cancels its request.
 
 Limits (``limits.HttpLimits``, issue #12): a body over the maximum input size gets 413
 as soon as its headers say so (instead of ``100 Continue``), a long URL 414, too many or
@@ -57,12 +60,12 @@ from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
+from despina.services.identity import SERVER_HEADER
 
 log = logging.getLogger("despina.frontend")
 
 JSON = b"Content-Type: application/json\r\n"
 OCTETS = b"Content-Type: application/octet-stream\r\n"
-TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -91,7 +94,9 @@ def _status_line(status: int) -> bytes:
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = ""
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+        line = _STATUS_LINES[status] = (
+            f"HTTP/1.1 {status} {phrase}\r\nServer: {SERVER_HEADER}\r\n".encode()
+        )
     return line
 
 
@@ -160,7 +165,9 @@ class _Refusal(Exception):
         self.linger = linger
 
 
-NOT_FOUND = (404, b"404: Not Found", TEXT, b"")
+# Triton's answers (src/http_server.cc) to a path no route serves and to another method.
+NOT_FOUND = (404, codec.encode_error("Not Found"), JSON, b"")
+NOT_ALLOWED = codec.encode_error("Method Not Allowed")
 TOO_LARGE = 413
 # _Request.head counts a request's header fields and their bytes in one small int (one
 # add per field): the count from bit 24, the bytes below (at most the header limit plus
@@ -484,7 +491,7 @@ class _Connection(asyncio.Protocol):
         req.block = None
         req.keep_alive = False
         req.method = b""
-        req.error = (400, b"400: Bad Request\n\n" + reason, TEXT, b"")
+        req.error = _json_error(400, "Bad Request: " + reason.decode("utf-8", "replace"))
         self.queue.append(req)
         if self.transport is not None and not self.read_paused:
             self.read_paused = True
@@ -503,7 +510,7 @@ class _Connection(asyncio.Protocol):
         if last.length and last.error is None:
             self._abandon(last)
             last.block = None
-            last.error = (400, b"400: Bad Request\n\nupgrades are not supported", TEXT, b"")
+            last.error = _json_error(400, "Bad Request: upgrades are not supported")
         if self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
@@ -1017,5 +1024,5 @@ def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, by
         return NOT_FOUND
     if method != (b"GET" if get else b"POST"):
         allow = b"Allow: GET\r\n" if get else b"Allow: POST\r\n"
-        return 405, b"405: Method Not Allowed", TEXT, allow
+        return 405, NOT_ALLOWED, JSON, allow
     return found
