@@ -12,6 +12,8 @@ import argparse
 import logging
 from collections.abc import Callable
 
+from despina.services.frontend.restricted import parse as parse_restrictions
+
 log = logging.getLogger("despina")
 
 
@@ -47,10 +49,8 @@ NOT_YET = (
     "--allow-vertex-ai",
     "--http-header-forward-pattern",
     "--http-thread-count",
-    "--http-restricted-api",
     "--grpc-header-forward-pattern",
     "--grpc-max-response-pool-size",
-    "--grpc-restricted-protocol",
     "--metrics-address",
     "--metrics-interval-ms",
     "--metrics-config",
@@ -88,8 +88,6 @@ _REPEATABLE = {
     "--cache-config",
     "--metrics-config",
     "--cuda-memory-pool-byte-size",
-    "--http-restricted-api",
-    "--grpc-restricted-protocol",
 }
 
 
@@ -189,6 +187,15 @@ def add_grpc_flags(group: argparse._ActionsContainer) -> None:
             group.add_argument(flag, choices=_COMPRESSION_LEVELS, default=default, help=text)
         else:
             group.add_argument(flag, type=kind, default=default, help=text)
+    group.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        default=[],
+        metavar="<protocol list>:<key>=<value>",
+        help="restrict gRPC protocol groups (health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) to calls carrying the "
+        "header triton-grpc-protocol-<key> with <value>; others get UNAVAILABLE (repeatable)",
+    )
 
 
 def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
@@ -199,6 +206,7 @@ def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag[2:].replace("-", "_"))
         text = ("true" if value else "false") if type(value) is bool else str(value)
         argv.append(f"{flag}={text}")
+    argv += [f"--grpc-restricted-protocol={value}" for value in args.grpc_restricted_protocol]
     return argv
 
 
@@ -305,12 +313,22 @@ HTTP_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
 def add_http_flags(group: argparse._ActionsContainer) -> None:
     for flag, kind, default, text in HTTP_FLAGS:
         group.add_argument(flag, type=kind, default=default, help=text)
+    group.add_argument(
+        "--http-restricted-api",
+        action="append",
+        default=[],
+        metavar="<api list>:<header>=<value>",
+        help="restrict HTTP API groups (health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) to requests carrying "
+        "<header> with <value>; others get 403 (repeatable)",
+    )
 
 
 def http_flag_argv(args: argparse.Namespace) -> list[str]:
     """The HTTP limit flags of a parsed ``serve`` command line, as ``--flag=value``
     arguments for a frontend."""
-    return [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag, _, _, _ in HTTP_FLAGS]
+    argv = [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag, _, _, _ in HTTP_FLAGS]
+    return argv + [f"--http-restricted-api={value}" for value in args.http_restricted_api]
 
 
 def add_busy_poll(group: argparse._ActionsContainer) -> None:
@@ -381,10 +399,9 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
 # Accepted-but-unsupported flags whose meaning is to restrict what a client may do: were
 # they ignored, the server would serve exactly what the operator meant to forbid. Given,
 # they stop the server before it listens (fail closed). flag -> what it would restrict.
-FAIL_CLOSED = {
-    "--http-restricted-api": "HTTP API groups to clients that send a given header",
-    "--grpc-restricted-protocol": "gRPC protocol groups to clients that send a given header",
-}
+# (--http-restricted-api and --grpc-restricted-protocol act now: a malformed value of
+# either stops the server, see refuse_unsupported_security.)
+FAIL_CLOSED: dict[str, str] = {}
 
 
 def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
@@ -393,6 +410,11 @@ def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
     models nobody named (Despina loads the whole repository until model control exists).
     Empty when the command line is safe to serve."""
     problems = []
+    for option in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        try:
+            parse_restrictions(getattr(args, option[2:].replace("-", "_"), None), option)
+        except ValueError as exc:
+            problems.append(f"{exc}: refusing to start")
     for flag, what in FAIL_CLOSED.items():
         if getattr(args, "ignored_" + flag[2:].replace("-", "_"), None) is not None:
             problems.append(

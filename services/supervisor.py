@@ -30,6 +30,7 @@ from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
 from despina.common.shm.arena import remove_segments_of
 from despina.services.flags import grpc_flag_argv, http_flag_argv
+from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.identity import describe
 
 log = logging.getLogger("despina.serve")
@@ -218,14 +219,22 @@ class Supervisor:
         if args.allow_http:
             host = "127.0.0.1" if args.http_address in ("0.0.0.0", "::") else args.http_address
 
+            # Restricted health (--http-restricted-api): ask with its header
+            health = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
+            extra = "{}: {}\r\n".format(*health["health"]) if "health" in health else ""
+
             def ready() -> bool:
-                return _http_status(host, args.http_port, "/v2/health/ready") == 200
+                return _http_status(host, args.http_port, "/v2/health/ready", extra) == 200
         elif args.allow_grpc and not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
             host = "127.0.0.1" if args.grpc_address in ("0.0.0.0", "::") else args.grpc_address
             target = f"{host}:{args.grpc_port}"
+            restricted = parse_restrictions(
+                args.grpc_restricted_protocol, "--grpc-restricted-protocol"
+            ).get("health")
+            metadata = [(restricted[0].lower(), restricted[1])] if restricted else None
 
             def ready() -> bool:
-                return _grpc_ready(target)
+                return _grpc_ready(target, metadata)
         else:
             return  # a TLS-only server: checking it would need the client's certificates
         servers = []
@@ -307,11 +316,13 @@ def _listening(pids: list[int], ports: list[int]) -> bool:
     return True
 
 
-def _http_status(host: str, port: int, path: str) -> int:
-    """The status code of ``GET path``, from a raw request (urllib would load ssl)."""
+def _http_status(host: str, port: int, path: str, extra: str = "") -> int:
+    """The status code of ``GET path`` (with ``extra`` header lines), from a raw request
+    (urllib would load ssl)."""
     name = f"[{host}]" if ":" in host else host
     with socket.create_connection((host, port), timeout=1) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        head = f"GET {path} HTTP/1.1\r\nHost: {name}\r\n{extra}Connection: close\r\n\r\n"
+        sock.sendall(head.encode())
         status_line = sock.makefile("rb").readline(1024)
     parts = status_line.split()
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
@@ -319,14 +330,15 @@ def _http_status(host: str, port: int, path: str) -> int:
     return 0
 
 
-def _grpc_ready(target: str) -> bool:
-    """ServerReady over gRPC, for a server that serves no HTTP."""
+def _grpc_ready(target: str, metadata: list[tuple[str, str]] | None = None) -> bool:
+    """ServerReady over gRPC (with ``metadata``), for a server that serves no HTTP."""
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     with grpc.insecure_channel(target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         try:
-            return stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready
+            request = service_pb2.ServerReadyRequest()
+            return stub.ServerReady(request, timeout=1, metadata=metadata).ready
         except grpc.RpcError:
             return False

@@ -25,6 +25,8 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.limits import HttpLimits, raise_open_file_limit
+from despina.services.frontend.restricted import Restrictions
+from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.frontend.scheduler_client import SchedulerClient
 from despina.services.identity import add_server_name
 
@@ -113,10 +115,10 @@ class HttpServer(Protocol):
 
 
 class LeanHttp:
-    def __init__(self, plane: DataPlane, limits: HttpLimits) -> None:
+    def __init__(self, plane: DataPlane, limits: HttpLimits, restrictions: Restrictions) -> None:
         from despina.services.frontend.http.lean import LeanHttpServer
 
-        self.server = LeanHttpServer(plane, limits)
+        self.server = LeanHttpServer(plane, limits, restrictions)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
         await self.server.listen(host, port, reuse_port)
@@ -129,13 +131,13 @@ class LeanHttp:
 
 
 class AiohttpHttp:
-    def __init__(self, plane: DataPlane, limits: HttpLimits) -> None:
+    def __init__(self, plane: DataPlane, limits: HttpLimits, restrictions: Restrictions) -> None:
         from aiohttp import web
 
         from despina.services.frontend.http.app import build_app, handler_limits
 
         self.runner = web.AppRunner(
-            build_app(plane, limits),
+            build_app(plane, limits, restrictions),
             access_log=None,
             handle_signals=False,
             **handler_limits(limits),
@@ -181,7 +183,14 @@ async def amain(args: argparse.Namespace) -> int:
             client.close()
             return EXIT_CONFIG
         limits = HttpLimits.from_args(args)
-        http_server = LeanHttp(plane, limits) if transport == "lean" else AiohttpHttp(plane, limits)
+        try:
+            restrictions = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
+        except ValueError as exc:
+            log.error("%s", exc)
+            client.close()
+            return EXIT_CONFIG
+        server_class = LeanHttp if transport == "lean" else AiohttpHttp
+        http_server = server_class(plane, limits, restrictions)
         try:
             await http_server.start(args.http_address, args.http_port, args.reuse_port)
         except OSError as exc:

@@ -201,20 +201,26 @@ class MethodHandler(NamedTuple):
     ``start`` (optional, unary methods without (de)serializers): the call without a task
     or coroutine (~15 µs of a c=1 call): ``start(request, answer)`` returns the future
     the call waits on, cancelled if the call ends first, or None once it has answered;
-    it answers with ``answer(response, OK, "")`` or ``answer(None, status, message)``."""
+    it answers with ``answer(response, OK, "")`` or ``answer(None, status, message)``.
+
+    ``required`` (optional): (header name in lower case, value, status, message): a call
+    without that header field of exactly that value (its first, if repeated) ends with
+    that status before it starts (restricted protocols, ``frontend/restricted.py``)."""
 
     behaviour: Callable
     request_deserializer: Callable | None
     response_serializer: Callable | None
     streaming: bool
     start: Callable | None = None
+    required: tuple[bytes, bytes, int, str] | None = None
 
 
 class _Method:
-    __slots__ = ("streaming", "behaviour", "deserializer", "serializer", "start")
+    __slots__ = ("streaming", "behaviour", "deserializer", "serializer", "start", "required")
 
     def __init__(self, handler: MethodHandler) -> None:
         self.streaming = handler.streaming
+        self.required = handler.required
         self.behaviour = handler.behaviour
         self.deserializer = handler.request_deserializer
         self.serializer = handler.response_serializer
@@ -320,6 +326,7 @@ class _Head(NamedTuple):
     request_error: bool  # no well-formed request (RFC 9113 8.1.1: a stream PROTOCOL_ERROR)
     trailer_error: bool  # no well-formed trailers (pseudo-headers, or malformed fields)
     size: int  # the header list's size as RFC 9113 counts it (32 bytes a field more)
+    fields: dict[bytes, bytes] | None = None  # the first value of each wanted field
 
 
 _CONNECTION_SPECIFIC = frozenset(
@@ -328,9 +335,11 @@ _CONNECTION_SPECIFIC = frozenset(
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
 
 
-def _parse_head(headers: Iterable) -> _Head:
-    """The gRPC fields of a decoded header list, and whether it is a well-formed request
-    or trailers (RFC 9113 8.2 and 8.3)."""
+def _parse_head(headers: Iterable, wanted: frozenset[bytes] = frozenset()) -> _Head:
+    """The gRPC fields of a decoded header list (and the first value of each field named
+    in ``wanted``), and whether it is a well-formed request or trailers (RFC 9113 8.2
+    and 8.3)."""
+    fields: dict[bytes, bytes] | None = {} if wanted else None
     path = content_type = b""
     encoding = ""
     timeout: float | None = None
@@ -360,6 +369,8 @@ def _parse_head(headers: Iterable) -> _Head:
         elif name == b"grpc-timeout":
             timeout = _timeout(value)
             bad_timeout = timeout is None
+        elif fields is not None and name in wanted and name not in fields:
+            fields[name] = value
     complete = b":method" in seen and b":scheme" in seen and b":path" in seen
     return _Head(
         path.decode("latin-1"),
@@ -370,6 +381,7 @@ def _parse_head(headers: Iterable) -> _Head:
         malformed or not complete,
         malformed or bool(seen),
         size,
+        fields,
     )
 
 
@@ -386,6 +398,8 @@ class H2Server:
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT,
     ) -> None:
         self.methods = {path: _Method(h) for path, h in handlers.items()}
+        # Header fields some method requires (MethodHandler.required): kept from each block
+        self.wanted = frozenset(m.required[0] for m in self.methods.values() if m.required)
         self.max_receive = max_receive
         self.max_send = max_send
         self.max_concurrent_streams = max_concurrent_streams
@@ -816,7 +830,7 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(ENHANCE_YOUR_CALM) from None
         except HPACKError:
             raise _ConnectionError(COMPRESSION_ERROR) from None
-        head = _parse_head(headers)
+        head = _parse_head(headers, self.server.wanted)
         # An insertion puts a new entry first (compared by identity, not value).
         newest = entries[0] if entries else None
         if len(entries) == count and newest is first and table.maxsize == size:
@@ -879,6 +893,12 @@ class _Connection(asyncio.Protocol):
         if method is None:
             self._status(stream, UNIMPLEMENTED_CODE, "Method not found!")
             return
+        required = method.required
+        if required is not None:
+            fields = head.fields
+            if fields is None or fields.get(required[0]) != required[1]:
+                self._status(stream, required[2], required[3])
+                return
         stream.encoding = head.encoding
         stream.deadline = head.timeout
         stream.method = method

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.grpc.errors import GRPC_STATUS
 from despina.services.frontend.grpc.h2server import (
     MAX_CONCURRENT_STREAMS_DEFAULT,
     H2Server,
     MethodHandler,
 )
 from despina.services.frontend.grpc.servicer import InferenceServicer
+from despina.services.frontend.restricted import Restrictions, grpc_error, grpc_group
+from despina.services.frontend.restricted import parse as parse_restrictions
 
 if TYPE_CHECKING:
     import grpc
@@ -76,6 +80,8 @@ class GrpcSettings:
     http2_max_ping_strikes: int = 2
     max_message_size: int = MAX_MESSAGE_SIZE
     http2_max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT
+    # --grpc-restricted-protocol values, parsed by start_server (frontend/restricted.py)
+    restricted_protocols: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, reuse_port: bool = False) -> GrpcSettings:
@@ -99,6 +105,7 @@ class GrpcSettings:
             http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
             max_message_size=args.grpc_max_message_size,
             http2_max_concurrent_streams=args.grpc_http2_max_concurrent_streams,
+            restricted_protocols=tuple(getattr(args, "grpc_restricted_protocol", None) or ()),
         )
 
     @property
@@ -164,9 +171,13 @@ def _read(path: str, flag: str, mode: str) -> bytes:
         raise GrpcSetupError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
-def method_handlers(servicer: InferenceServicer) -> dict[str, MethodHandler]:
+def method_handlers(
+    servicer: InferenceServicer, restrictions: Restrictions | None = None
+) -> dict[str, MethodHandler]:
     """The service's method handlers by method name, from its descriptor. ``RAW_METHODS``
-    get no (de)serializer: their handlers see and return message bytes."""
+    get no (de)serializer: their handlers see and return message bytes. A method of a
+    group in ``restrictions`` requires its header (``MethodHandler.required``)."""
+    restrictions = restrictions or {}
     handlers: dict[str, MethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods:
         if method.client_streaming != method.server_streaming:  # pragma: no cover
@@ -182,8 +193,18 @@ def method_handlers(servicer: InferenceServicer) -> dict[str, MethodHandler]:
             serializer,
             method.server_streaming,
             getattr(servicer, UNARY_STARTS.get(method.name, ""), None),
+            _required(restrictions.get(grpc_group(method.name) or "")),
         )
     return handlers
+
+
+def _required(restriction: tuple[str, str] | None) -> tuple[bytes, bytes, int, str] | None:
+    """A restriction as ``MethodHandler.required``: Triton answers UNAVAILABLE."""
+    if restriction is None:
+        return None
+    header, value = restriction
+    refusal = grpc_error(header)
+    return header.lower().encode(), value.encode(), GRPC_STATUS[refusal.code], refusal.message
 
 
 class _AioContext:
@@ -200,12 +221,18 @@ class _AioContext:
         status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
         await self._context.abort(status, details)
 
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
 
 def aio_handler(handler: MethodHandler) -> grpc.RpcMethodHandler:
-    """``handler`` as grpc.aio's method handler."""
+    """``handler`` as grpc.aio's method handler (which checks ``handler.required``
+    before the call runs)."""
     import grpc
 
     behaviour = handler.behaviour
+    if handler.required is not None:
+        behaviour = _restricted(behaviour, handler.required, handler.streaming)
     if handler.streaming:
 
         async def stream(requests, context):
@@ -222,6 +249,38 @@ def aio_handler(handler: MethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         unary, handler.request_deserializer, handler.response_serializer
     )
+
+
+def _restricted(
+    behaviour: Callable, required: tuple[bytes, bytes, int, str], streaming: bool
+) -> Callable:
+    """``behaviour`` behind grpc.aio's check of a required header (the first of its name
+    in the call's metadata); a call without it ends with the required status."""
+    name, value = required[0].decode(), required[1].decode()
+    code, message = required[2], required[3]
+
+    def granted(context: _AioContext) -> bool:
+        for key, got in context.invocation_metadata() or ():
+            if key == name:
+                return got == value
+        return False
+
+    if streaming:
+
+        async def stream(requests, context):
+            if not granted(context):
+                await context.abort(code, message)
+            async for response in behaviour(requests, context):
+                yield response
+
+        return stream
+
+    async def unary(request, context):
+        if not granted(context):
+            await context.abort(code, message)
+        return await behaviour(request, context)
+
+    return unary
 
 
 # Settings the lean transport acts as gRPC core does on their defaults only: keepalive
@@ -248,8 +307,15 @@ def lean_transport(settings: GrpcSettings) -> bool:
 
 
 async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
-    """Bind and start the gRPC server on the running loop; raises GrpcSetupError."""
-    handlers = method_handlers(InferenceServicer(plane))
+    """Bind and start the gRPC server on the running loop; raises GrpcSetupError (also
+    for a malformed --grpc-restricted-protocol)."""
+    try:
+        restrictions = parse_restrictions(
+            settings.restricted_protocols, "--grpc-restricted-protocol"
+        )
+    except ValueError as exc:
+        raise GrpcSetupError(str(exc)) from None
+    handlers = method_handlers(InferenceServicer(plane), restrictions)
     if lean_transport(settings):
         lean = H2Server(
             {f"/{SERVICE}/{name}": h for name, h in handlers.items()},

@@ -25,6 +25,7 @@ aiohttp's plain-text 400: tritonclient never sends such requests.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web, web_response
@@ -34,6 +35,7 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
+from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.identity import SERVER_HEADER
 
 JSON = "application/json"
@@ -106,7 +108,31 @@ def add_error_routes(app: web.Application) -> None:
     app.router.add_route("*", "/{path:.*}", not_found)
 
 
-def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Application:
+def restrict(
+    handler, expect_handler, restriction: tuple[str, str]
+) -> tuple[Callable[[web.Request], Awaitable[web.StreamResponse]], Callable]:
+    """``handler`` and its ``expect_handler`` behind a restricted API's check (Triton's
+    403 for a request without the header of exactly that value, the first of its name)."""
+    header, value = restriction
+    refusal = codec.encode_error(http_message(header))
+
+    def refused(request: web.BaseRequest) -> web.Response | None:
+        if request.headers.get(header) == value:
+            return None
+        return web.Response(status=403, body=refusal, content_type=JSON)
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        return refused(request) or await handler(request)
+
+    async def guarded_expect(request: web.Request) -> web.StreamResponse | None:
+        return refused(request) or await expect_handler(request)
+
+    return guarded, guarded_expect
+
+
+def build_app(
+    plane: DataPlane, limits: HttpLimits | None = None, restrictions: Restrictions | None = None
+) -> web.Application:
     """The aiohttp application serving ``plane``. Sets aiohttp's default ``Server``
     header, for this process, to Despina's (aiohttp reads it per response: no cost)."""
     web_response.SERVER_SOFTWARE = SERVER_HEADER
@@ -304,7 +330,11 @@ def build_app(plane: DataPlane, limits: HttpLimits | None = None) -> web.Applica
     app = web.Application(client_max_size=max_input_size)
 
     def add(method: str, path: str, handler) -> None:
-        app.router.add_route(method, path, handler, expect_handler=expect_handler)
+        expect = expect_handler
+        restriction = (restrictions or {}).get(http_group(path) or "")
+        if restriction is not None:  # decided per route here: nothing for other routes
+            handler, expect = restrict(handler, expect_handler, restriction)
+        app.router.add_route(method, path, handler, expect_handler=expect)
 
     add("GET", "/v2/health/live", live)
     add("GET", "/v2/health/ready", ready)

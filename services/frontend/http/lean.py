@@ -60,6 +60,7 @@ from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
+from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.identity import SERVER_HEADER
 
 log = logging.getLogger("despina.frontend")
@@ -189,9 +190,23 @@ class LeanHttpServer:
     ``plane`` within ``limits``. Connections, tasks, blocks and the sweep timer live on
     the caller's loop; not thread-safe."""
 
-    def __init__(self, plane: DataPlane, limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        limits: HttpLimits | None = None,
+        restrictions: Restrictions | None = None,
+    ) -> None:
         self.plane = plane
         self.limits = limits = limits or HttpLimits()
+        # Restricted APIs (frontend/restricted.py): the header names connections keep
+        # (lower case), None when nothing is restricted (no cost per request then)
+        self.restrictions = restrictions or {}
+        self.wanted: frozenset[bytes] | None = (
+            frozenset(h.lower().encode("latin-1") for h, _ in self.restrictions.values())
+            if self.restrictions
+            else None
+        )
+        self._restriction_of: dict[bytes, tuple[bytes, bytes, tuple] | None] = {}
         self.max_connections = limits.connection_cap()
         self.max_header_size = min(limits.max_header_size, MAX_HEADER_SIZE)
         self.connections: set[_Connection] = set()
@@ -212,6 +227,24 @@ class LeanHttpServer:
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.limits.sweep_period, self._sweep)
+
+    def restriction_of(self, path: bytes) -> tuple[bytes, bytes, tuple] | None:
+        """(header name in lower case, required value, the 403 reply) for a request path
+        of a restricted group; None for others. Remembered per path (at most 256)."""
+        try:
+            return self._restriction_of[path]
+        except KeyError:
+            pass
+        restriction = self.restrictions.get(http_group(path.decode("utf-8", "replace")) or "")
+        found = None
+        if restriction is not None:
+            header, value = restriction
+            reply = _json_error(403, http_message(header))
+            found = header.lower().encode("latin-1"), value.encode(), reply
+        if len(self._restriction_of) >= 256:
+            self._restriction_of.clear()
+        self._restriction_of[path] = found
+        return found
 
     def _sweep(self) -> None:
         """Enforce the timeouts on every connection, log refused connections; rearm."""
@@ -278,6 +311,8 @@ class _Connection(asyncio.Protocol):
         self.plane = server.plane
         self.limits = server.limits
         self.max_header_size = server.max_header_size
+        self.wanted = server.wanted  # restricted APIs' header names, or None
+        self.seen: dict[bytes, bytes] = {}  # their first values in the current request
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -518,6 +553,8 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = _Request()
         self.requests += 1
+        if self.wanted is not None:
+            self.seen = {}
 
     def on_url(self, url: bytes) -> None:
         req = self.current
@@ -539,6 +576,10 @@ class _Connection(asyncio.Protocol):
             return
         n = len(name)
         req.head += 0x1000000 + n + len(value)  # 1 << _FIELD_SHIFT: one more field
+        if self.wanted is not None:
+            lowered = name.lower()
+            if lowered in self.wanted and lowered not in self.seen:
+                self.seen[lowered] = value
         if n == 14:
             if name.lower() == b"content-length":
                 req.length = int(value)  # llhttp has checked it is a number
@@ -579,6 +620,11 @@ class _Connection(asyncio.Protocol):
             req.error = route
             return
         req.route, req.args = route  # type: ignore[misc]
+        if self.wanted is not None:
+            restriction = self.server.restriction_of(path)
+            if restriction is not None and self.seen.get(restriction[0]) != restriction[1]:
+                req.error = restriction[2]  # Triton's 403, before the body is read
+                return
         if req.route is _infer and req.header_length is not None:
             try:
                 header_length = codec.parse_header_length(req.header_length)
