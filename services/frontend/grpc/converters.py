@@ -32,6 +32,7 @@ response, so each tensor is copied once on its way in and once on its way out.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -590,6 +591,21 @@ def stream_error(message: str, request: pb.ModelInferRequest) -> pb.ModelStreamI
     infer.model_version = request.model_version
     infer.id = request.id
     return response
+
+
+# The request header (gRPC metadata) by which a ModelStreamInfer client asks for Triton's
+# "triton_grpc_error" mode: a request's error ends the stream with its gRPC status.
+GRPC_ERROR_HEADER = "triton_grpc_error"
+
+
+def wants_grpc_error(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a stream's metadata (``context.invocation_metadata()``) sets
+    ``triton_grpc_error: true`` (the value compared case-insensitively)."""
+    for key, value in metadata or ():
+        if key == GRPC_ERROR_HEADER:
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            return text.strip().lower() == "true"
+    return False
 
 
 def wants_final_flag(request: pb.ModelInferRequest) -> bool:

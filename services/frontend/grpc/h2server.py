@@ -109,6 +109,9 @@ RESETS_PER_SECOND = 200
 # window is not topped up until the handler has taken half of them (flow control holds
 # the client back; the connection reads on, so the client's WINDOW_UPDATEs still come).
 STREAM_BACKLOG = 64
+# Request header fields a streaming call's handler reads (``CallContext.invocation_metadata``):
+# Triton's switch for ending a ModelStreamInfer stream with a request's error status.
+STREAM_FIELDS = frozenset((b"triton_grpc_error",))
 # Streams reset by this server whose late frames are still ignored, not refused.
 _RESET_MEMORY = 64
 
@@ -179,13 +182,22 @@ class _Abort(Exception):
 
 
 class CallContext:
-    """The part of grpc.aio's ServicerContext the servicer uses."""
+    """The part of grpc.aio's ServicerContext the servicer uses. ``fields``: the first
+    value of each request header field the server wants (``H2Server.wanted``)."""
 
-    __slots__ = ("code", "details")
+    __slots__ = ("code", "details", "fields")
 
-    def __init__(self) -> None:
+    def __init__(self, fields: dict[bytes, bytes] | None = None) -> None:
         self.code = OK
         self.details = ""
+        self.fields = fields
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The wanted request header fields, as grpc.aio's (key, value) pairs."""
+        fields = self.fields
+        if not fields:
+            return ()
+        return tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in fields.items())
 
     async def abort(self, code: int, details: str = "") -> NoReturn:
         self.code = int(code)
@@ -399,7 +411,9 @@ class H2Server:
     ) -> None:
         self.methods = {path: _Method(h) for path, h in handlers.items()}
         # Header fields some method requires (MethodHandler.required): kept from each block
-        self.wanted = frozenset(m.required[0] for m in self.methods.values() if m.required)
+        self.wanted = frozenset(m.required[0] for m in self.methods.values() if m.required) | (
+            STREAM_FIELDS if any(m.streaming for m in self.methods.values()) else frozenset()
+        )
         self.max_receive = max_receive
         self.max_send = max_send
         self.max_concurrent_streams = max_concurrent_streams
@@ -907,7 +921,7 @@ class _Connection(asyncio.Protocol):
             stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
         if method.streaming:
             stream.requests = _Requests(method.deserializer, partial(self._caught_up, stream))
-            stream.task = self.loop.create_task(self._run(stream, method))
+            stream.task = self.loop.create_task(self._run(stream, method, head.fields))
         if end_stream:
             self._end_of_requests(stream)
 
@@ -1066,9 +1080,11 @@ class _Connection(asyncio.Protocol):
         elif response is not None and self._send_message(stream, response):
             self._finish(stream, OK_TRAILERS)
 
-    async def _run(self, stream: _Stream, method: _Method) -> None:
+    async def _run(
+        self, stream: _Stream, method: _Method, fields: dict[bytes, bytes] | None = None
+    ) -> None:
         """Run one call's handler; a status ends the call however the handler ends."""
-        context = CallContext()
+        context = CallContext(fields)
         try:
             if method.streaming:
                 done = await self._stream_responses(stream, method, context)

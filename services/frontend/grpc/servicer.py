@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NoReturn
 
-from despina.common.errors import ServerError
+from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
@@ -166,17 +166,28 @@ class InferenceServicer:
         """Bidirectional stream: every request is started as soon as it is read, and
         its response is written when it is ready, in completion order, carrying the
         request's id. A failed request becomes a response with ``error_message`` set;
-        the stream stays open. The stream ends once the client has half-closed it and
-        every response is written. At most STREAM_MAX_INFLIGHT requests are in flight or
+        the stream stays open, unless the client sent the header
+        ``triton_grpc_error: true`` (Triton's mode of that name): then the first failed
+        request ends the stream with its gRPC status and message, and the requests
+        still in flight are cancelled. The stream ends once the client has half-closed
+        it and every response is written. At most STREAM_MAX_INFLIGHT requests are in flight or
         unsent. However the stream ends (a client that resets it or goes away, a
         deadline), closing this generator cancels every request in flight, which cancels
         it downstream."""
         plane = self.plane
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # A ServerError in the queue ends the stream with its status (triton_grpc_error).
+        out: asyncio.Queue[bytes | ServerError | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         inflight: set[asyncio.Task] = set()
         reading = True
+        grpc_error = converters.wants_grpc_error(context.invocation_metadata())
+
+        def failed(message: str, request: pb.ModelInferRequest, code: Code) -> None:
+            if grpc_error:
+                out.put_nowait(ServerError(code, message))
+            else:
+                out.put_nowait(converters.stream_error(message, request).SerializeToString())
 
         def finish(
             inference: InferenceRequest,
@@ -197,17 +208,14 @@ class InferenceServicer:
                         )
                     finally:
                         plane.release(result)
-                elif isinstance(exc, ServerError):
-                    response = converters.stream_error(exc.message, request).SerializeToString()
+                    out.put_nowait(response)
                 else:
                     raise exc
             except ServerError as err:
-                response = converters.stream_error(err.message, request).SerializeToString()
+                failed(err.message, request, err.code)
             except Exception as err:
                 log.exception("stream request %r failed", request.id)
-                error = converters.stream_error(f"internal error: {err}", request)
-                response = error.SerializeToString()
-            out.put_nowait(response)
+                failed(f"internal error: {err}", request, Code.INTERNAL)
             if not reading and not inflight:
                 out.put_nowait(None)
 
@@ -221,8 +229,7 @@ class InferenceServicer:
                     try:
                         inference = converters.decode_infer_request(request, raw)
                     except ServerError as exc:
-                        error = converters.stream_error(exc.message, request)
-                        out.put_nowait(error.SerializeToString())
+                        failed(exc.message, request, exc.code)
                         continue
                     task = loop.create_task(plane.infer(inference))
                     inflight.add(task)
@@ -239,6 +246,8 @@ class InferenceServicer:
                 response = await out.get()
                 if response is None:
                     break
+                if type(response) is ServerError:
+                    await _fail(context, response)
                 yield response
                 slots.release()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
