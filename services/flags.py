@@ -12,6 +12,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
+from despina.services.frontend.inference import compile_forward_pattern
 from despina.services.frontend.restricted import parse as parse_restrictions
 
 log = logging.getLogger("despina")
@@ -47,9 +48,7 @@ NOT_YET = (
     "--allow-cpu-metrics",
     "--allow-sagemaker",
     "--allow-vertex-ai",
-    "--http-header-forward-pattern",
     "--http-thread-count",
-    "--grpc-header-forward-pattern",
     "--grpc-max-response-pool-size",
     "--metrics-address",
     "--metrics-interval-ms",
@@ -196,6 +195,14 @@ def add_grpc_flags(group: argparse._ActionsContainer) -> None:
         "model-config, model-repository, statistics, trace, logging) to calls carrying the "
         "header triton-grpc-protocol-<key> with <value>; others get UNAVAILABLE (repeatable)",
     )
+    group.add_argument(
+        "--grpc-header-forward-pattern",
+        default="",
+        metavar="<regex>",
+        help="request metadata whose key matches this regular expression (searched, "
+        "case-insensitive unless it starts with (?-i)) reach the model as string request "
+        "parameters",
+    )
 
 
 def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
@@ -207,6 +214,8 @@ def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
         text = ("true" if value else "false") if type(value) is bool else str(value)
         argv.append(f"{flag}={text}")
     argv += [f"--grpc-restricted-protocol={value}" for value in args.grpc_restricted_protocol]
+    if args.grpc_header_forward_pattern:
+        argv.append(f"--grpc-header-forward-pattern={args.grpc_header_forward_pattern}")
     return argv
 
 
@@ -322,12 +331,22 @@ def add_http_flags(group: argparse._ActionsContainer) -> None:
         "model-config, model-repository, statistics, trace, logging) to requests carrying "
         "<header> with <value>; others get 403 (repeatable)",
     )
+    group.add_argument(
+        "--http-header-forward-pattern",
+        default="",
+        metavar="<regex>",
+        help="request headers whose name matches this regular expression (searched, "
+        "case-insensitive unless it starts with (?-i)) reach the model as string request "
+        "parameters",
+    )
 
 
 def http_flag_argv(args: argparse.Namespace) -> list[str]:
     """The HTTP limit flags of a parsed ``serve`` command line, as ``--flag=value``
     arguments for a frontend."""
     argv = [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag, _, _, _ in HTTP_FLAGS]
+    if args.http_header_forward_pattern:
+        argv.append(f"--http-header-forward-pattern={args.http_header_forward_pattern}")
     return argv + [f"--http-restricted-api={value}" for value in args.http_restricted_api]
 
 
@@ -413,6 +432,11 @@ def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
     for option in ("--http-restricted-api", "--grpc-restricted-protocol"):
         try:
             parse_restrictions(getattr(args, option[2:].replace("-", "_"), None), option)
+        except ValueError as exc:
+            problems.append(f"{exc}: refusing to start")
+    for option in ("--http-header-forward-pattern", "--grpc-header-forward-pattern"):
+        try:
+            compile_forward_pattern(getattr(args, option[2:].replace("-", "_"), None), option)
         except ValueError as exc:
             problems.append(f"{exc}: refusing to start")
     for flag, what in FAIL_CLOSED.items():

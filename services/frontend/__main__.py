@@ -8,6 +8,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.limits import HttpLimits, raise_open_file_limit
+from despina.services.frontend.inference import compile_forward_pattern
 from despina.services.frontend.restricted import Restrictions
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.frontend.scheduler_client import SchedulerClient
@@ -115,10 +117,16 @@ class HttpServer(Protocol):
 
 
 class LeanHttp:
-    def __init__(self, plane: DataPlane, limits: HttpLimits, restrictions: Restrictions) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        limits: HttpLimits,
+        restrictions: Restrictions,
+        forward: re.Pattern[str] | None = None,
+    ) -> None:
         from despina.services.frontend.http.lean import LeanHttpServer
 
-        self.server = LeanHttpServer(plane, limits, restrictions)
+        self.server = LeanHttpServer(plane, limits, restrictions, forward)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
         await self.server.listen(host, port, reuse_port)
@@ -131,13 +139,19 @@ class LeanHttp:
 
 
 class AiohttpHttp:
-    def __init__(self, plane: DataPlane, limits: HttpLimits, restrictions: Restrictions) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        limits: HttpLimits,
+        restrictions: Restrictions,
+        forward: re.Pattern[str] | None = None,
+    ) -> None:
         from aiohttp import web
 
         from despina.services.frontend.http.app import build_app, handler_limits
 
         self.runner = web.AppRunner(
-            build_app(plane, limits, restrictions),
+            build_app(plane, limits, restrictions, forward),
             access_log=None,
             handle_signals=False,
             **handler_limits(limits),
@@ -185,12 +199,15 @@ async def amain(args: argparse.Namespace) -> int:
         limits = HttpLimits.from_args(args)
         try:
             restrictions = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
+            forward = compile_forward_pattern(
+                args.http_header_forward_pattern, "--http-header-forward-pattern"
+            )
         except ValueError as exc:
             log.error("%s", exc)
             client.close()
             return EXIT_CONFIG
         server_class = LeanHttp if transport == "lean" else AiohttpHttp
-        http_server = server_class(plane, limits, restrictions)
+        http_server = server_class(plane, limits, restrictions, forward)
         try:
             await http_server.start(args.http_address, args.http_port, args.reuse_port)
         except OSError as exc:

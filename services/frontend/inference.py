@@ -8,6 +8,7 @@ length-prefixed serialized form (``common.dtypes.serialize_bytes``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -248,3 +249,53 @@ def outputs_key(result: InferenceResult) -> tuple:
         )
         for o in result.outputs
     )
+
+
+# Parameter names Triton keeps for itself (docs/protocol/extension_parameters.md), besides
+# every ``triton_*`` name: a forwarded header must not set one of them.
+_RESERVED_PARAMS = frozenset(
+    (
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "binary_data_output",
+    )
+)
+
+
+def compile_forward_pattern(pattern: str | None, option: str) -> re.Pattern[str] | None:
+    """``--http-header-forward-pattern`` / ``--grpc-header-forward-pattern`` compiled once
+    at start, as Triton reads it: a regular expression searched for anywhere in a header
+    name (RE2's PartialMatch), case-insensitive unless it starts with ``(?-i)``. None when
+    the option is empty (nothing is forwarded, and nothing is paid per request).
+
+    Raises ValueError with the message to print when the expression does not compile
+    (the server must not start: fail closed)."""
+    if not pattern:
+        return None
+    flags = re.IGNORECASE
+    body = pattern
+    if body.startswith("(?-i)"):  # RE2's global switch; Python's re spells it per group
+        flags, body = re.NOFLAG, body[5:]
+    try:
+        return re.compile(body, flags)
+    except re.error as exc:
+        raise ValueError(f"{option}: invalid regular expression {pattern!r}: {exc}") from None
+
+
+def forward_headers(request: InferenceRequest, forwarded: dict[str, str]) -> None:
+    """Add the headers a forward pattern matched (name in lower case -> value) to
+    ``request``'s parameters as string values, as Triton does after reading the body's
+    parameters: a header wins over a body parameter of the same name. The parameters dict
+    is replaced, never changed in place (a ``RequestMemo`` shares it between requests).
+    Raises INVALID_ARG for a name Triton reserves (``triton_*``, ``sequence_id``, ...)."""
+    for key in forwarded:
+        if key in _RESERVED_PARAMS or key.startswith("triton_"):
+            raise invalid_arg(
+                f"forwarded header '{key}': the parameter name is reserved for Triton "
+                "usage and should not be specified"
+            )
+    request.parameters = {**request.parameters, **forwarded}

@@ -32,6 +32,7 @@ response, so each tensor is copied once on its way in and once on its way out.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,6 +53,7 @@ from despina.services.frontend.inference import (
     RequestMemo,
     check_io_parameter,
     check_request_parameter,
+    forward_headers,
     outputs_key,
 )
 
@@ -606,6 +608,20 @@ def wants_grpc_error(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool
             text = value.decode("latin-1") if isinstance(value, bytes) else value
             return text.strip().lower() == "true"
     return False
+
+
+def forward_metadata(request: InferenceRequest, context: Any, forward: re.Pattern[str]) -> None:
+    """Add the call's metadata whose key ``forward`` matches (--grpc-header-forward-pattern)
+    to ``request``'s parameters as strings (``inference.forward_headers``: raises
+    INVALID_ARG for a reserved name). Binary (``-bin``) values and Triton's own
+    ``triton_grpc_error`` switch are not forwarded."""
+    forwarded = {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if type(value) is str and key != GRPC_ERROR_HEADER and forward.search(key) is not None
+    }
+    if forwarded:
+        forward_headers(request, forwarded)
 
 
 def wants_final_flag(request: pb.ModelInferRequest) -> bool:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -300,7 +301,9 @@ class _Stream:
         "consumed",
         "waiter",
         "withheld",
+        "fields",  # set only with a header forward pattern (H2Server.forward)
     )
+    fields: dict[bytes, bytes] | None
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
@@ -347,11 +350,15 @@ _CONNECTION_SPECIFIC = frozenset(
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
 
 
-def _parse_head(headers: Iterable, wanted: frozenset[bytes] = frozenset()) -> _Head:
+def _parse_head(
+    headers: Iterable,
+    wanted: frozenset[bytes] = frozenset(),
+    forward: re.Pattern[str] | None = None,
+) -> _Head:
     """The gRPC fields of a decoded header list (and the first value of each field named
-    in ``wanted``), and whether it is a well-formed request or trailers (RFC 9113 8.2
-    and 8.3)."""
-    fields: dict[bytes, bytes] | None = {} if wanted else None
+    in ``wanted`` or whose name ``forward`` matches), and whether it is a well-formed
+    request or trailers (RFC 9113 8.2 and 8.3)."""
+    fields: dict[bytes, bytes] | None = {} if wanted or forward is not None else None
     path = content_type = b""
     encoding = ""
     timeout: float | None = None
@@ -381,8 +388,11 @@ def _parse_head(headers: Iterable, wanted: frozenset[bytes] = frozenset()) -> _H
         elif name == b"grpc-timeout":
             timeout = _timeout(value)
             bad_timeout = timeout is None
-        elif fields is not None and name in wanted and name not in fields:
-            fields[name] = value
+        elif fields is not None and name not in fields:
+            if name in wanted or (
+                forward is not None and forward.search(name.decode("latin-1")) is not None
+            ):
+                fields[name] = value
     complete = b":method" in seen and b":scheme" in seen and b":path" in seen
     return _Head(
         path.decode("latin-1"),
@@ -408,8 +418,12 @@ class H2Server:
         max_receive: int,
         max_send: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT,
+        forward: re.Pattern[str] | None = None,
     ) -> None:
         self.methods = {path: _Method(h) for path, h in handlers.items()}
+        # --grpc-header-forward-pattern: fields whose name matches it are kept as well
+        # (``CallContext.invocation_metadata``), for the servicer to forward
+        self.forward = forward
         # Header fields some method requires (MethodHandler.required): kept from each block
         self.wanted = frozenset(m.required[0] for m in self.methods.values() if m.required) | (
             STREAM_FIELDS if any(m.streaming for m in self.methods.values()) else frozenset()
@@ -844,7 +858,7 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(ENHANCE_YOUR_CALM) from None
         except HPACKError:
             raise _ConnectionError(COMPRESSION_ERROR) from None
-        head = _parse_head(headers, self.server.wanted)
+        head = _parse_head(headers, self.server.wanted, self.server.forward)
         # An insertion puts a new entry first (compared by identity, not value).
         newest = entries[0] if entries else None
         if len(entries) == count and newest is first and table.maxsize == size:
@@ -916,6 +930,8 @@ class _Connection(asyncio.Protocol):
         stream.encoding = head.encoding
         stream.deadline = head.timeout
         stream.method = method
+        if self.server.forward is not None:
+            stream.fields = head.fields  # a unary call's metadata, read when it starts
         self.server.call_started()
         if stream.deadline is not None:
             stream.timer = self.loop.call_later(stream.deadline, self._expire, stream)
@@ -1063,7 +1079,8 @@ class _Connection(asyncio.Protocol):
             if stream.closed or method is None:
                 continue
             if method.start is None:
-                stream.task = self.loop.create_task(self._run(stream, method))
+                fields = stream.fields if self.server.forward is not None else None
+                stream.task = self.loop.create_task(self._run(stream, method, fields))
                 continue
             try:
                 stream.task = method.start(stream.messages.pop(), partial(self._answer, stream))

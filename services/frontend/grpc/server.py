@@ -28,6 +28,7 @@ from despina.services.frontend.grpc.h2server import (
     MethodHandler,
 )
 from despina.services.frontend.grpc.servicer import InferenceServicer
+from despina.services.frontend.inference import compile_forward_pattern
 from despina.services.frontend.restricted import Restrictions, grpc_error, grpc_group
 from despina.services.frontend.restricted import parse as parse_restrictions
 
@@ -82,6 +83,8 @@ class GrpcSettings:
     http2_max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT
     # --grpc-restricted-protocol values, parsed by start_server (frontend/restricted.py)
     restricted_protocols: tuple[str, ...] = ()
+    # --grpc-header-forward-pattern, compiled by start_server (inference.py)
+    header_forward_pattern: str = ""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, reuse_port: bool = False) -> GrpcSettings:
@@ -106,6 +109,7 @@ class GrpcSettings:
             max_message_size=args.grpc_max_message_size,
             http2_max_concurrent_streams=args.grpc_http2_max_concurrent_streams,
             restricted_protocols=tuple(getattr(args, "grpc_restricted_protocol", None) or ()),
+            header_forward_pattern=getattr(args, "grpc_header_forward_pattern", None) or "",
         )
 
     @property
@@ -192,7 +196,10 @@ def method_handlers(
             deserializer,
             serializer,
             method.server_streaming,
-            getattr(servicer, UNARY_STARTS.get(method.name, ""), None),
+            # Forwarding headers needs the call's metadata: the call runs in a task then
+            None
+            if servicer.forward is not None
+            else getattr(servicer, UNARY_STARTS.get(method.name, ""), None),
             _required(restrictions.get(grpc_group(method.name) or "")),
         )
     return handlers
@@ -308,20 +315,24 @@ def lean_transport(settings: GrpcSettings) -> bool:
 
 async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
     """Bind and start the gRPC server on the running loop; raises GrpcSetupError (also
-    for a malformed --grpc-restricted-protocol)."""
+    for a malformed --grpc-restricted-protocol or --grpc-header-forward-pattern)."""
     try:
         restrictions = parse_restrictions(
             settings.restricted_protocols, "--grpc-restricted-protocol"
         )
+        forward = compile_forward_pattern(
+            settings.header_forward_pattern, "--grpc-header-forward-pattern"
+        )
     except ValueError as exc:
         raise GrpcSetupError(str(exc)) from None
-    handlers = method_handlers(InferenceServicer(plane), restrictions)
+    handlers = method_handlers(InferenceServicer(plane, forward), restrictions)
     if lean_transport(settings):
         lean = H2Server(
             {f"/{SERVICE}/{name}": h for name, h in handlers.items()},
             settings.max_message_size,
             settings.max_message_size,
             settings.http2_max_concurrent_streams,
+            forward,
         )
         try:
             await lean.listen(settings.address, settings.port, settings.reuse_port)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NoReturn
@@ -66,8 +67,12 @@ class InferenceServicer:
     """Every method of ``inference.GRPCInferenceService``, by its name. ``context`` is
     the transport's call context: ``abort(status, details)`` with a ``Status``."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, forward: re.Pattern[str] | None = None) -> None:
         self.plane = plane
+        # --grpc-header-forward-pattern (inference.compile_forward_pattern): request
+        # metadata whose key matches reach the model as parameters; with it, ModelInfer
+        # runs as a coroutine (it reads the call's metadata), see method_handlers
+        self.forward = forward
         self._server_metadata = converters.server_metadata(plane.server_metadata())
         # The last small ModelInferRequest's fields, decoded (see RequestMemo): one for
         # the process, since a call does not know its connection.
@@ -152,6 +157,8 @@ class InferenceServicer:
         plane = self.plane
         try:
             inference = converters.decode_message(request, self.memo)
+            if self.forward is not None:
+                converters.forward_metadata(inference, context, self.forward)
             result = await plane.infer(inference)
             try:
                 return converters.serialize_infer_response(result, inference)
@@ -228,6 +235,8 @@ class InferenceServicer:
                     request, raw = converters.parse_infer_request(message)
                     try:
                         inference = converters.decode_infer_request(request, raw)
+                        if self.forward is not None:
+                            converters.forward_metadata(inference, context, self.forward)
                     except ServerError as exc:
                         failed(exc.message, request, exc.code)
                         continue

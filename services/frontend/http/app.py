@@ -25,6 +25,7 @@ aiohttp's plain-text 400: tritonclient never sends such requests.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -35,6 +36,7 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
+from despina.services.frontend.inference import forward_headers
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.identity import SERVER_HEADER
 
@@ -131,10 +133,15 @@ def restrict(
 
 
 def build_app(
-    plane: DataPlane, limits: HttpLimits | None = None, restrictions: Restrictions | None = None
+    plane: DataPlane,
+    limits: HttpLimits | None = None,
+    restrictions: Restrictions | None = None,
+    forward: re.Pattern[str] | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``plane``. Sets aiohttp's default ``Server``
-    header, for this process, to Despina's (aiohttp reads it per response: no cost)."""
+    header, for this process, to Despina's (aiohttp reads it per response: no cost).
+    Request headers whose name ``forward`` matches (--http-header-forward-pattern,
+    ``inference.compile_forward_pattern``) reach the model as request parameters."""
     web_response.SERVER_SOFTWARE = SERVER_HEADER
     limits = limits or HttpLimits()
     max_input_size = limits.max_input_size
@@ -252,6 +259,12 @@ def build_app(
                     body, header_length, info["model"], info.get("version", "")
                 )
             inference.body_block = block
+            if forward is not None:
+                forwarded = {
+                    k.lower(): v for k, v in request.headers.items() if forward.search(k.lower())
+                }
+                if forwarded:
+                    forward_headers(inference, forwarded)
             result = await plane.infer(inference)
             try:
                 parts, json_length = codec.encode_infer_response_parts(result, inference)

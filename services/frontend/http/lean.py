@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -59,7 +60,12 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
-from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
+from despina.services.frontend.inference import (
+    InferenceRequest,
+    InferenceResult,
+    RequestMemo,
+    forward_headers,
+)
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.identity import SERVER_HEADER
 
@@ -125,7 +131,9 @@ class _Request:
         "head",
         "raw",
         "reserved",
+        "forwarded",  # set only with a header forward pattern (read via conn.forward)
     )
+    forwarded: dict[str, str]  # header name in lower case -> value
 
     def __init__(self) -> None:
         self.url = b""
@@ -195,17 +203,21 @@ class LeanHttpServer:
         plane: DataPlane,
         limits: HttpLimits | None = None,
         restrictions: Restrictions | None = None,
+        forward: re.Pattern[str] | None = None,
     ) -> None:
         self.plane = plane
         self.limits = limits = limits or HttpLimits()
         # Restricted APIs (frontend/restricted.py): the header names connections keep
-        # (lower case), None when nothing is restricted (no cost per request then)
+        # (lower case), None when nothing is restricted and no header is forwarded (no
+        # cost per request then)
         self.restrictions = restrictions or {}
         self.wanted: frozenset[bytes] | None = (
             frozenset(h.lower().encode("latin-1") for h, _ in self.restrictions.values())
-            if self.restrictions
+            if self.restrictions or forward is not None
             else None
         )
+        # --http-header-forward-pattern, compiled once (inference.compile_forward_pattern)
+        self.forward = forward
         self._restriction_of: dict[bytes, tuple[bytes, bytes, tuple] | None] = {}
         self.max_connections = limits.connection_cap()
         self.max_header_size = min(limits.max_header_size, MAX_HEADER_SIZE)
@@ -313,6 +325,8 @@ class _Connection(asyncio.Protocol):
         self.max_header_size = server.max_header_size
         self.wanted = server.wanted  # restricted APIs' header names, or None
         self.seen: dict[bytes, bytes] = {}  # their first values in the current request
+        self.forward = server.forward  # header names matching it reach the model
+        self.forwarded: dict[str, str] = {}  # those of the current request
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -555,6 +569,8 @@ class _Connection(asyncio.Protocol):
         self.requests += 1
         if self.wanted is not None:
             self.seen = {}
+            if self.forward is not None:
+                self.forwarded = self.current.forwarded = {}
 
     def on_url(self, url: bytes) -> None:
         req = self.current
@@ -580,6 +596,10 @@ class _Connection(asyncio.Protocol):
             lowered = name.lower()
             if lowered in self.wanted and lowered not in self.seen:
                 self.seen[lowered] = value
+            if self.forward is not None:
+                key = lowered.decode("latin-1")
+                if self.forward.search(key) is not None:
+                    self.forwarded[key] = value.decode("utf-8", "replace")
         if n == 14:
             if name.lower() == b"content-length":
                 req.length = int(value)  # llhttp has checked it is a number
@@ -871,6 +891,8 @@ def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
             return
         inference = codec.decode_infer_request(body, header_length, model, version, conn.memo)
         inference.body_block = block
+        if conn.forward is not None and req.forwarded:
+            forward_headers(inference, req.forwarded)
         pending = plane.submit(inference)
     except ServerError as exc:
         plane.drop(block)
@@ -892,6 +914,8 @@ def _infer_raw(
     answers as for any request (off the hot path: only such requests pay the fetch)."""
     plane = conn.plane
     inference = InferenceRequest(model, version, "", [], [], {}, True)
+    if conn.forward is not None and req.forwarded:
+        forward_headers(inference, req.forwarded)
 
     async def run() -> InferenceResult:
         config = await plane.model_config(model, version)
