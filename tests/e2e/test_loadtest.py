@@ -113,3 +113,28 @@ def test_ab_compares_two_settings_on_real_servers(tmp_path):
     assert rows[0][-1] == "1.00 |"
     for row in rows:
         assert float(row[2].replace(",", "")) > 0  # infer/s measured
+
+
+def test_stalls_measures_attacks_on_a_real_server(tmp_path):
+    """loadtest/stalls.py serves the shipped repository, runs the named attacks while its
+    bystanders infer, and ends with one table row per attack: the attacker's answer and
+    figures for both bystanders (the figures are measured, not judged here)."""
+    out = tmp_path / "stalls.md"
+    proc = subprocess.run(
+        [sys.executable, str(PERF.parent / "stalls.py"), "--rounds", "1"]
+        + ["--only", "header,hpack", "--baseline-s", "0.5", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| `")]
+    assert [row[0].split("`")[1] for row in rows] == ["header", "hpack"]
+    assert [row[1] for row in rows] == ["431", "RESOURCE_EXHAUSTED x64"]
+    for row in rows:
+        assert float(row[2]) >= 0  # the attack's seconds
+        for pair in row[3:6]:  # HTTP, gRPC and baseline p99 / worst, in ms
+            p99, worst = (float(x.replace(",", "")) for x in pair.split(" / "))
+            assert 0 < p99 <= worst
+        assert row[6] in ("met |", "**not met** |")
+    assert "bystander errors: http=0 grpc=0" in out.read_text()
