@@ -8,8 +8,10 @@ import asyncio
 import socket
 import threading
 import time
+import zlib
 
 import grpc
+import numpy as np
 import pytest
 import uvloop
 from hpack import Encoder, NeverIndexedHeaderTuple
@@ -499,3 +501,44 @@ def test_a_stream_without_window_takes_no_more_requests(server):
         replies = [body[i + 5 : i + 11] for i in range(0, len(body), 11)]
         assert replies == [m + b"!" for m in messages]
         assert server.taken == count
+
+
+@pytest.mark.parametrize("wbits, encoding", [(31, "gzip"), (15, "deflate")])
+def test_inflation_runs_in_steps_and_gives_the_message_back_whole(wbits, encoding):
+    """A message that inflates past INFLATE_STEP comes back whole after several steps
+    (each one loop iteration in the server), byte for byte."""
+    data = (
+        np.random.default_rng(0)
+        .integers(0, 4, 3 * h2.INFLATE_STEP + 123)
+        .astype(np.uint8)
+        .tobytes()
+    )
+    packer = zlib.compressobj(wbits=wbits)
+    inflation = h2._Inflation(packer.compress(data) + packer.flush(), encoding)
+    steps, out = 0, None
+    while out is None:
+        out = inflation.step(len(data))
+        steps += 1
+    assert out == data
+    assert steps >= 4
+
+
+def test_inflation_refuses_a_bomb_past_the_limit_without_inflating_it_all():
+    bomb = zlib.compress(bytes(64 << 20))
+    inflation = h2._Inflation(bomb, "deflate")
+    limit = 8 << 20
+    with pytest.raises(h2._CallError) as info:
+        while inflation.step(limit) is None:
+            pass
+    assert info.value.code == h2.RESOURCE_EXHAUSTED_CODE
+    assert inflation.size == limit + 1  # never more than the limit + 1 bytes produced
+
+
+def test_inflation_errors():
+    with pytest.raises(h2._CallError) as info:
+        h2._Inflation(b"x", "snappy")
+    assert info.value.code == h2.UNIMPLEMENTED_CODE
+    with pytest.raises(h2._CallError) as info:
+        h2._Inflation(b"not deflate at all", "deflate").step(1 << 20)
+    assert info.value.code == h2.INTERNAL_CODE
+    assert h2._Inflation(b"plain", None).step(10) == b"plain"

@@ -302,6 +302,7 @@ class _Stream:
         "waiter",
         "withheld",
         "fields",  # set only with a header forward pattern (H2Server.forward)
+        "inflating",
     )
     fields: dict[bytes, bytes] | None
 
@@ -328,6 +329,7 @@ class _Stream:
         self.consumed = 0  # received bytes not yet given back in a WINDOW_UPDATE
         self.waiter: asyncio.Future | None = None  # a streaming call waiting for its sends
         self.withheld = 0  # received bytes kept from the stream's window (STREAM_BACKLOG)
+        self.inflating: deque[_Inflation] | None = None  # messages being inflated, in order
 
 
 class _Head(NamedTuple):
@@ -1040,16 +1042,56 @@ class _Connection(asyncio.Protocol):
                 stream.parts = []
                 stream.size = 0
                 stream.need = -1
-                if stream.compressed:
-                    try:
-                        message = _decompress(stream.encoding, message, self.server.max_receive)
-                    except _CallError as exc:
-                        self._status(stream, exc.code, exc.message)
-                        return
-                if stream.requests is not None:
+                if stream.compressed or stream.inflating:
+                    self._inflate(stream, message, stream.compressed)
+                elif stream.requests is not None:
                     stream.requests.put(message)
                 else:
                     stream.messages.append(message)
+
+    def _inflate(self, stream: _Stream, message: bytes, compressed: bool) -> None:
+        """Queue ``message`` for inflation in steps of INFLATE_STEP bytes, one step per
+        loop iteration: a bomb that inflates to the message limit then costs other
+        clients a few ms between steps, not the ~0.1 s of one zlib call. Messages behind
+        a compressed one on the same stream wait in the queue, so they keep their order."""
+        if stream.inflating is None:
+            stream.inflating = deque()
+        try:
+            inflation = _Inflation(message, stream.encoding if compressed else None)
+        except _CallError as exc:
+            self._status(stream, exc.code, exc.message)
+            return
+        stream.inflating.append(inflation)
+        if len(stream.inflating) == 1:
+            self.loop.call_soon(self._inflate_step, stream)
+
+    def _inflate_step(self, stream: _Stream) -> None:
+        """One step of the stream's first inflation; a finished message goes to its call,
+        an error to the client; the next step or message on the next loop iteration."""
+        queue = stream.inflating
+        if stream.closed or self.transport is None or not queue:
+            stream.inflating = None
+            return
+        try:
+            message = queue[0].step(self.server.max_receive)
+        except _CallError as exc:
+            stream.inflating = None
+            self._status(stream, exc.code, exc.message)
+            self._flush()
+            return
+        if message is not None:
+            queue.popleft()
+            if stream.requests is not None:
+                stream.requests.put(message)
+            else:
+                stream.messages.append(message)
+            if not queue and stream.remote_closed:
+                self._end_of_requests(stream)
+                if self.starting:
+                    self._start_calls()
+                self._flush()
+        if queue:
+            self.loop.call_soon(self._inflate_step, stream)
 
     def _end_of_requests(self, stream: _Stream) -> None:
         stream.remote_closed = True
@@ -1057,6 +1099,8 @@ class _Connection(asyncio.Protocol):
             if stream.closed and not stream.pending and stream.trailers is None:
                 self._forget(stream)
             return
+        if stream.inflating:
+            return  # the last message inflated comes back here (_inflate_step)
         if stream.need >= 0 or stream.size:
             self._status(stream, INTERNAL_CODE, "the request ended inside a message")
             return
@@ -1335,30 +1379,56 @@ class _CallError(Exception):
         self.message = message
 
 
-def _decompress(encoding: str, message: bytes, limit: int) -> bytes:
-    """``message`` inflated; never more than ``limit`` + 1 bytes are produced (a
-    compression bomb costs what the limit allows, no more). Raises _CallError:
-    RESOURCE_EXHAUSTED past ``limit``, INTERNAL for corrupt data, UNIMPLEMENTED for an
-    unknown encoding."""
+# Bytes of inflated output per loop iteration (~5 ms of zlib here).
+INFLATE_STEP = 4 << 20
+
+
+class _Inflation:
+    """One message of a stream on its way to its call: inflated step by step (or, for
+    an uncompressed message queued behind a compressed one, passed through)."""
+
+    __slots__ = ("data", "inflater", "chunks", "size")
+
+    def __init__(self, data: bytes, encoding: str | None) -> None:
+        """Raises _CallError UNIMPLEMENTED for an unknown encoding."""
+        self.data = data
+        self.inflater = None if encoding is None else zlib.decompressobj(_wbits(encoding))
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def step(self, limit: int) -> bytes | None:
+        """Inflate up to INFLATE_STEP more bytes: the whole message once done, else None.
+        Never more than ``limit`` + 1 bytes are produced (a compression bomb costs what
+        the limit allows, no more). Raises _CallError: RESOURCE_EXHAUSTED past ``limit``,
+        INTERNAL for corrupt data."""
+        if self.inflater is None:
+            return self.data
+        try:
+            piece = self.inflater.decompress(self.data, min(INFLATE_STEP, limit + 1 - self.size))
+        except zlib.error as exc:
+            raise _CallError(INTERNAL_CODE, f"Failed to decompress the message: {exc}") from None
+        self.data = self.inflater.unconsumed_tail
+        self.chunks.append(piece)
+        self.size += len(piece)
+        if self.size > limit:
+            raise _CallError(
+                RESOURCE_EXHAUSTED_CODE,
+                f"Received message larger than max (more than {limit} bytes once decompressed)",
+            )
+        if self.data or (piece and not self.inflater.eof):
+            return None  # input left, or output that did not fit in this step
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+
+def _wbits(encoding: str) -> int:
+    """zlib's window bits for a grpc-encoding; _CallError UNIMPLEMENTED for others."""
     if encoding == "gzip":
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":
-        wbits = zlib.MAX_WBITS
-    else:
-        raise _CallError(
-            UNIMPLEMENTED_CODE, f"Compression algorithm '{encoding or 'identity'}' is disabled."
-        )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(message, limit + 1)
-    except zlib.error as exc:
-        raise _CallError(INTERNAL_CODE, f"Failed to decompress the message: {exc}") from None
-    if len(out) > limit:
-        raise _CallError(
-            RESOURCE_EXHAUSTED_CODE,
-            f"Received message larger than max (more than {limit} bytes once decompressed)",
-        )
-    return out
+        return 16 + zlib.MAX_WBITS
+    if encoding == "deflate":
+        return zlib.MAX_WBITS
+    raise _CallError(
+        UNIMPLEMENTED_CODE, f"Compression algorithm '{encoding or 'identity'}' is disabled."
+    )
 
 
 def _timeout(value: bytes) -> float | None:
