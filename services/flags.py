@@ -93,7 +93,9 @@ _REPEATABLE = {
 # tritonserver's gRPC flags that act (and Despina's own --grpc-max-message-size): one
 # table, declared by both ``despina serve`` and ``despina frontend``, and forwarded from
 # the first to the second by ``grpc_flag_argv``. (flag, type, default, help)
-_COMPRESSION_LEVELS = ("none", "low", "med", "high")
+# Triton spells the middle level "medium"; "med" is kept for scripts written against
+# earlier Despina.
+_COMPRESSION_LEVELS = ("none", "low", "medium", "med", "high")
 GRPC_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--allow-grpc", parse_bool, True, "serve Triton's gRPC protocol"),
     ("--grpc-address", str, "0.0.0.0", "address the gRPC server binds"),

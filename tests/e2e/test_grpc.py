@@ -938,7 +938,8 @@ def test_tls(tmp_path, repository, mutual):
     flags = [
         f"--grpc-server-cert={tmp_path / 'server.crt'}",
         f"--grpc-server-key={tmp_path / 'server.key'}",
-        "--grpc-infer-response-compression-level=high",
+        # Triton's spellings: "medium" (not "med") and "high"
+        f"--grpc-infer-response-compression-level={'high' if mutual else 'medium'}",
         "--grpc-keepalive-time=10000",
         "--grpc-keepalive-timeout=5000",
         "--grpc-keepalive-permit-without-calls=true",

@@ -42,7 +42,7 @@ RAW_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
 UNARY_STARTS = {"ModelInfer": "start_model_infer"}
 
 # Triton's --grpc-infer-response-compression-level -> grpc_compression_level.
-COMPRESSION_LEVELS = {"none": 0, "low": 1, "med": 2, "high": 3}
+COMPRESSION_LEVELS = {"none": 0, "low": 1, "medium": 2, "med": 2, "high": 3}
 # Triton's gRPC default is INT32_MAX (src/common.h MAX_GRPC_MESSAGE_SIZE): 2 GiB a message
 # (after decompression) is a memory bomb, so Despina takes --http-max-input-size's 64 MiB.
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
