@@ -175,6 +175,28 @@ def serve_shipped_over(transport: str, tmp_path_factory, models: tuple[str, ...]
             os.environ["DESPINA_HTTP_TRANSPORT"] = before
 
 
+def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response read from ``sock``: the status, the headers (lower-case
+    names) and the body; fails if the connection closes first."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response: {buf!r}"
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, value = line.split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed inside a body"
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
 def request_fields(req) -> tuple:
     """An ``InferenceRequest`` as comparable values (tensor data as bytes): what a
     ``RequestMemo`` rebuilds must equal what the codec decodes."""

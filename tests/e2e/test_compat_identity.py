@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.http._utils import _raise_if_error
 from tritonclient.utils import InferenceServerException
 
-from conftest import DespinaServer, serve_shipped_over
+from conftest import DespinaServer, read_http_response, serve_shipped_over
 
 TRITON_VERSION = "2.51.0"
 # Triton's extension names, in Triton's order, for what works in Despina today.
@@ -52,23 +52,7 @@ def raw(server: DespinaServer, request: bytes) -> tuple[int, dict[str, str], byt
     """One request on a fresh connection; the status, headers (lower-case names) and body."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed before a response: {data!r}"
-            data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, value = line.split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "closed inside a body"
-            body += chunk
-        return int(lines[0].split()[1]), headers, body[:length]
+        return read_http_response(sock)
 
 
 def infer_simple(client: httpclient.InferenceServerClient) -> None:

@@ -25,7 +25,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
+from conftest import SHIPPED_REPOSITORY, DespinaServer, read_http_response
 
 INFER = "/v2/models/simple/infer"
 MAX_INPUT = 64 * 1024 * 1024  # --http-max-input-size's default (Triton's)
@@ -102,28 +102,6 @@ def connect(server: DespinaServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
 
 
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response (status, lower-case headers, body); fails if the connection closes
-    first."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a response: {buf!r}"
-        buf += chunk
-    head, rest = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, value = line.split(":", 1)
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed inside a body"
-        rest += chunk
-    return int(lines[0].split()[1]), headers, rest[:length]
-
-
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
     """True when the server closes the connection within ``timeout`` seconds (EOF or a
     reset), with nothing else to read."""
@@ -163,7 +141,7 @@ def test_content_length_over_max_input_size_gets_413_at_once(limited, expect):
     sock.sendall(announce(2 * 1024**3, expect))
     if not expect:
         sock.sendall(b"\0" * 65536)  # the start of a body it will never finish
-    status, headers, body = read_response(sock)
+    status, headers, body = read_http_response(sock)
     elapsed = time.monotonic() - started
     assert status == 413, body  # with Expect, 413 came instead of 100 Continue
     assert headers["content-type"] == "application/json"
@@ -206,7 +184,7 @@ def test_chunked_body_over_max_input_size_gets_413(limited):
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
     except (BrokenPipeError, ConnectionResetError):
         pass  # refused while it was still sending
-    status, _, body = read_response(sock)
+    status, _, body = read_http_response(sock)
     assert status == 413
     assert "exceeds the maximum allowed value of 67108864 bytes" in error_of(body)
     sock.close()
@@ -224,7 +202,7 @@ def test_announced_bodies_hold_no_shared_memory(limited):
         sock.sendall(announce(2 * 1024**3, expect=False) + b"\0" * 65536)
         refused.append(sock)
     for sock in refused:
-        status, _, body = read_response(sock)
+        status, _, body = read_http_response(sock)
         assert status == 413, body
     trickling = []
     for _ in range(4):
@@ -290,7 +268,7 @@ def test_huge_header_gets_431_and_does_not_stall_others(limited):
         worst = max(worst, time.monotonic() - t)
     attacker.join(10)
     sock.settimeout(5)
-    status, _, body = read_response(sock)
+    status, _, body = read_http_response(sock)
     assert status == 431
     assert "request header fields too large" in error_of(body)
     assert worst < 1.0, worst
@@ -302,7 +280,7 @@ def test_too_many_header_fields_get_431(limited):
     sock = connect(limited.server)
     fields = "".join(f"X-F{i}: {i}\r\n" for i in range(150))
     sock.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode())
-    status, _, body = read_response(sock)
+    status, _, body = read_http_response(sock)
     assert status == 431
     assert "at most 100 fields" in error_of(body)
     assert closed_by_server(sock, 5.0)
@@ -313,7 +291,7 @@ def test_too_many_header_fields_get_431(limited):
 def test_long_url_gets_414(limited):
     sock = connect(limited.server)
     sock.sendall(f"GET /v2/models/{'m' * 9000}/ready HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    status, _, body = read_response(sock)
+    status, _, body = read_http_response(sock)
     assert status == 414
     assert error_of(body) == "request URL longer than 8192 bytes (--http-max-url-size)"
     assert closed_by_server(sock, 5.0)
@@ -354,7 +332,7 @@ def test_stalled_body_gets_408_after_the_idle_timeout(limited):
     sock = connect(limited.server)
     started = time.monotonic()
     sock.sendall(announce(1000, expect=False) + b"\0" * 10)
-    status, _, body = read_response(sock)
+    status, _, body = read_http_response(sock)
     elapsed = time.monotonic() - started
     assert status == 408
     assert error_of(body) == "request body stalled for 2 s"
@@ -372,7 +350,7 @@ def test_idle_keep_alive_connection_is_closed(limited):
     fresh = connect(limited.server)
     started = time.monotonic()
     used.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, _, _ = read_response(used)
+    status, _, _ = read_http_response(used)
     assert status == 200
     assert closed_by_server(fresh, 5.0)
     fresh_after = time.monotonic() - started
@@ -400,14 +378,14 @@ def test_connection_cap_refuses_and_logs(tmp_path_factory):
         readable = set(select.select(socks, [], [], 0.5)[0])
         assert len(readable) == 10, len(readable)
         for sock in readable:
-            status, _, body = read_response(sock)
+            status, _, body = read_http_response(sock)
             assert status == 503
             assert error_of(body) == "too many connections"
         kept = [s for s in socks if s not in readable]
         for sock in kept:  # the 50 under the cap are served
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         for sock in kept:
-            assert read_response(sock)[0] == 200
+            assert read_http_response(sock)[0] == 200
         deadline = time.monotonic() + 5
         counted = 0
         while time.monotonic() < deadline:
@@ -439,7 +417,7 @@ def test_aiohttp_transport_answers_413_at_once(tmp_path_factory, expect):
         sock = connect(srv)
         started = time.monotonic()
         sock.sendall(announce(2 * 1024**3, expect))
-        status, _, body = read_response(sock)
+        status, _, body = read_http_response(sock)
         assert status == 413, body
         assert "exceeds the maximum allowed value of 67108864 bytes" in error_of(body)
         assert time.monotonic() - started < 1.0
