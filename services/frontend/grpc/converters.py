@@ -135,20 +135,7 @@ def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
                 "(inputs, outputs, raw_input_contents and parameters entries together)"
             )
         start = pos
-        key = data[pos]
-        pos += 1
-        if key >= 0x80:  # a tag of more than one byte: field numbers from 16 (unknown)
-            key &= 0x7F
-            shift = 7
-            while True:
-                if pos >= end or shift > 63:
-                    raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
-                b = data[pos]
-                pos += 1
-                key |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
+        key, pos = _read_varint(data, pos, end, fields)
         wire = key & 7
         if key >> 3 == 0 or wire not in (0, 1, 2, 5):
             raise invalid_arg(
@@ -158,16 +145,7 @@ def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
         if wire == 1 or wire == 5:
             pos += 8 if wire == 1 else 4
             continue
-        value = shift = 0
-        while True:  # a varint: the value (wire type 0) or the length (2)
-            if pos >= end or shift > 63:
-                raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
-            b = data[pos]
-            pos += 1
-            value |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
+        value, pos = _read_varint(data, pos, end, fields)  # the value (wire 0), the length (2)
         if wire == 0:
             continue
         if value > end - pos:
@@ -187,6 +165,22 @@ def _split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
         return data, found
     kept.append(view[span:end])
     return b"".join(kept), found
+
+
+def _read_varint(data: bytes, pos: int, end: int, fields: int) -> tuple[int, int]:
+    """The varint at ``pos`` (a tag, a value or a length) and the position after it;
+    INVALID_ARG when it is cut off or longer than 10 bytes (``fields``: which field, for
+    the message)."""
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise invalid_arg(f"malformed ModelInferRequest: field {fields} is cut off")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
 
 
 def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview] | None]:
