@@ -157,6 +157,28 @@ class DespinaServer:
         return self.proc.returncode
 
 
+def serve_refused(repository: Path, *flags: str) -> tuple[subprocess.CompletedProcess, int]:
+    """``despina serve`` with ``flags`` that must stop it before it listens: the finished
+    process (stdout and stderr as text) and the HTTP port it was given, to probe."""
+    http_port = free_port()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "despina.services.cli",
+            "serve",
+            f"--model-repository={repository}",
+            f"--http-port={http_port}",
+            f"--grpc-port={free_port()}",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done, http_port
+
+
 def serve_shipped_over(transport: str, tmp_path_factory, models: tuple[str, ...]) -> DespinaServer:
     """A started ``despina serve`` of some shipped models whose frontend serves HTTP
     with ``transport`` (``DESPINA_HTTP_TRANSPORT``, inherited by the server only)."""

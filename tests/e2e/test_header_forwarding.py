@@ -16,8 +16,6 @@ import json
 import os
 import queue
 import socket
-import subprocess
-import sys
 from functools import partial
 
 import numpy as np
@@ -28,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from despina.services.frontend.inference import compile_forward_pattern
 
-from conftest import DespinaServer, free_port
+from conftest import DespinaServer, serve_refused
 
 MODEL = "params"
 CONFIG = """name: "params"
@@ -214,21 +212,7 @@ def test_reserved_forwarded_header_refused(served):
 def test_bad_pattern_stops_the_server(flag, tmp_path):
     """A pattern that is no regular expression stops ``despina serve`` before it listens
     (fail closed), saying which flag and why."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={tmp_path}",
-            f"--http-port={free_port()}",
-            f"--grpc-port={free_port()}",
-            f"{flag}=my_header(",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc, _ = serve_refused(tmp_path, f"{flag}=my_header(")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert f"{flag}: invalid regular expression 'my_header('" in out

@@ -16,8 +16,6 @@ import http.client
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from functools import partial
 
@@ -30,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from despina.services.frontend.restricted import GROUPS, parse
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer, free_port
+from conftest import SHIPPED_REPOSITORY, DespinaServer, serve_refused
 
 # A request of each group that has a route: (method, path, body, status when allowed)
 HTTP_REQUESTS = {
@@ -336,22 +334,7 @@ def test_grpc_stream_restricted(restricted):
     ],
 )
 def test_malformed_value_stops_the_server(tmp_path, flag, says):
-    http_port = free_port()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={tmp_path}",
-            f"--http-port={http_port}",
-            f"--grpc-port={free_port()}",
-            flag,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done, http_port = serve_refused(tmp_path, flag)
     assert done.returncode == 2, done.stderr
     assert says in done.stderr and "refusing to start" in done.stderr, done.stderr
     with socket.socket() as probe:
@@ -360,22 +343,10 @@ def test_malformed_value_stops_the_server(tmp_path, flag, says):
 
 def test_group_named_twice_across_flags_stops_the_server(tmp_path):
     """As Triton: a group belongs to one header, whichever flag names it again."""
-    http_port = free_port()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={tmp_path}",
-            f"--http-port={http_port}",
-            f"--grpc-port={free_port()}",
-            "--grpc-restricted-protocol=health,inference:a=1",
-            "--grpc-restricted-protocol=inference:b=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done, http_port = serve_refused(
+        tmp_path,
+        "--grpc-restricted-protocol=health,inference:a=1",
+        "--grpc-restricted-protocol=inference:b=2",
     )
     assert done.returncode == 2, done.stderr
     assert "restricted protocol 'inference' can not be specified in multiple" in done.stderr

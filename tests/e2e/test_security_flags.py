@@ -6,33 +6,12 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from despina.services.flags import add_triton_flags, refuse_unsupported_security
 
-from conftest import free_port
-
-
-def _serve(repository, *flags: str) -> subprocess.CompletedProcess:
-    http_port = free_port()
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "despina.services.cli",
-            "serve",
-            f"--model-repository={repository}",
-            f"--http-port={http_port}",
-            f"--grpc-port={free_port()}",
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ), http_port
+from conftest import serve_refused
 
 
 @pytest.mark.parametrize(
@@ -56,7 +35,7 @@ def _serve(repository, *flags: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_unsupported_security_flag_stops_the_server(tmp_path, flags, says):
-    done, http_port = _serve(tmp_path, *flags)
+    done, http_port = serve_refused(tmp_path, *flags)
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
     assert "refusing to start" in done.stderr
