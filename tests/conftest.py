@@ -3,6 +3,7 @@ them (process group killed, runtime folders and /dev/shm segments removed)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -20,6 +21,57 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_REPOSITORY = ROOT / "model_repository"
+
+# Tests whose assertions bound a measured time (a stall, a timeout, a delay): they can fail
+# on a starved machine for no fault of the code, so `-m "not timing"` leaves them out.
+TIMING_TESTS = {
+    "test_dynamic_batching.py": {"test_lone_request_waits_at_most_the_queue_delay"},
+    "test_failures.py": {"test_python_instance_killed_mid_request"},
+    "test_repository.py": {"test_two_instances_run_side_by_side"},
+    "test_loadtest.py": {"test_stalls_measures_attacks_on_a_real_server"},
+    "test_security_grpc.py": {
+        "test_control_frame_flood_gets_enhance_your_calm",
+        "test_rapid_reset_runs_no_call_and_ends_the_connection",
+        "test_resets_under_the_limit_run_no_call_in_the_same_read",
+        "test_distinct_large_header_blocks_are_not_kept",
+        "test_compression_bomb_is_refused_quickly",
+        "test_stream_with_zero_window_stops_taking_requests",
+    },
+    "test_security_http.py": {
+        "test_content_length_over_max_input_size_gets_413_at_once",
+        "test_huge_header_gets_431_and_does_not_stall_others",
+        "test_trickled_headers_are_cut_by_the_header_timeout",
+        "test_stalled_body_gets_408_after_the_idle_timeout",
+        "test_idle_keep_alive_connection_is_closed",
+        "test_aiohttp_transport_answers_413_at_once",
+    },
+    "test_security_internal.py": {
+        "test_a_request_that_breaks_in_the_host_fails_alone_and_the_burst_is_answered",
+        "test_clients_that_go_away_cancel_their_queued_requests",
+        "test_tcp_peers_without_the_cluster_secret_cannot_join",
+    },
+    "test_security_requests.py": {
+        "test_64_mib_of_zeros_is_refused_fast_while_others_are_served",
+        "test_message_over_the_default_limit_is_resource_exhausted",
+        "test_millions_of_zero_length_bytes_elements_answer_fast",
+    },
+}
+
+
+def pytest_collection_modifyitems(items):
+    """Marks each test by its folder (``unit``, ``e2e``) and the listed ones ``timing``; a
+    listed name that no test file defines stops the run, so the list cannot rot."""
+    for file, names in TIMING_TESTS.items():
+        tree = ast.parse((ROOT / "tests" / "e2e" / file).read_text())
+        unknown = names - {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        if unknown:
+            raise pytest.UsageError(f"conftest.TIMING_TESTS: {file} has no {sorted(unknown)}")
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.parent.name in ("unit", "e2e"):
+            item.add_marker(getattr(pytest.mark, path.parent.name))
+        if getattr(item, "originalname", item.name) in TIMING_TESTS.get(path.name, ()):
+            item.add_marker(pytest.mark.timing)
 
 
 def load_generator():
