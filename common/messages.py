@@ -79,7 +79,8 @@ class Infer(msgspec.Struct, array_like=True):
     """One inference request. ``rid`` is its sending frontend's id for it; the scheduler
     fills ``sid`` (its own id, unique while in flight) and ``reply_to`` (the frontend's
     reply endpoint) before handing it to a backend host. A request a frontend sends a
-    host directly (see ``Routes``) has ``sid`` 0: no scheduler tracks it."""
+    host directly (see ``Routes``) rides an ``Execution`` marked ``direct``; its ``sid``
+    stays 0."""
 
     rid: int
     model: str
@@ -227,12 +228,15 @@ class LoadResult(msgspec.Struct, tag="load_result", array_like=True):
 
 
 class Execution(msgspec.Struct, array_like=True):
-    """One batch for one model instance."""
+    """One batch for one model instance. ``direct``: a frontend sent it straight to the
+    host (a direct route): no scheduler tracks its requests, so no ``Completion`` names
+    them, and the host may batch them with other direct requests of the instance."""
 
     model: str
     version: str
     instance: int
     requests: list[Infer]
+    direct: bool = False
 
 
 class ExecuteBatch(msgspec.Struct, tag="exec", array_like=True):

@@ -500,7 +500,9 @@ class SchedulerClient:
         for entry in entries:
             wire = entry.wire
             frames.inline(wire.inputs, entry.buffers)
-            executions.append(m.Execution(wire.model, wire.version, entry.target.index, [wire]))
+            executions.append(
+                m.Execution(wire.model, wire.version, entry.target.index, [wire], True)
+            )
         if not link.send(frames.finish(self._encode(m.ExecuteBatch(executions)))):
             for entry in entries:
                 self._resolve_error(
