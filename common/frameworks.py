@@ -5,6 +5,7 @@ load it."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 # platform / backend spellings -> the framework of the backend host that runs them
@@ -32,6 +33,25 @@ CANONICAL_PLATFORM = {
     "tensorrt": "tensorrt_plan",
 }
 FRAMEWORKS: tuple[str, ...] = tuple(DEFAULT_FILENAMES)
+# framework -> (the module its backend imports, what it is, the install that provides it)
+EXTRAS = {
+    "onnxruntime": ("onnxruntime", "ONNX Runtime", "pip install onnxruntime"),
+    "pytorch": ("torch", "PyTorch", "pip install 'despina[pytorch]'"),
+    "tensorrt": ("tensorrt", "TensorRT", "pip install 'despina[tensorrt]'"),
+}
+
+
+def missing_extra(framework: str) -> str | None:
+    """Why this install cannot run the framework's backend (its module is not importable,
+    with the install that adds it), or None. Finds the module without importing it."""
+    if framework not in EXTRAS:
+        return None
+    module, what, install = EXTRAS[framework]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it
+        found = False
+    return None if found else f"the {framework} backend needs {what}: {install}"
 
 
 def from_model_file(model_dir: Path) -> str | None:

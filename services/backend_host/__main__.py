@@ -15,7 +15,7 @@ import sys
 
 from despina.common import streams
 from despina.common.errors import ServerError, unsupported
-from despina.common.frameworks import FRAMEWORKS
+from despina.common.frameworks import FRAMEWORKS, missing_extra
 from despina.common.logs import setup_logging
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.worker import BackendHost
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_backend(framework: str) -> Backend:
+    missing = missing_extra(framework)
+    if missing:
+        raise unsupported(missing)
     if framework == "onnxruntime":
         from despina.services.backend_host.backends.onnxruntime import OnnxRuntimeBackend
 
