@@ -18,7 +18,7 @@ from despina.common.errors import ServerError, unsupported
 from despina.common.frameworks import FRAMEWORKS, missing_extra
 from despina.common.logs import setup_logging
 from despina.services.backend_host.backend import Backend, InstanceSpec
-from despina.services.backend_host.worker import BackendHost
+from despina.services.backend_host.host import BackendHost
 from despina.services.flags import add_busy_poll, add_inline_threshold
 
 log = logging.getLogger("despina.backend_host")

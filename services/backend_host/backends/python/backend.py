@@ -399,7 +399,7 @@ def triton_instance_name(spec: InstanceSpec, config: dict[str, Any] | None = Non
     ``add_sub_0_0`` for the first instance of a lone group Triton named ``add_sub_0``.
 
     ``spec.instance_index`` counts instances over the groups in config order, ``count``
-    per group (the numbering of ``worker.instance_specs``). Without a matching group the
+    per group (the numbering of ``executor.instance_specs``). Without a matching group the
     name is ``<model>_0_<instance_index>``. ``config`` is the config as a dict of its
     JSON form, when the caller has it already.
     """

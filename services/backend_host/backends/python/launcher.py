@@ -47,7 +47,7 @@ from despina.common import streams
 from despina.common.process import call_forked, die_with_parent, release_free_memory
 from despina.common.shm.arena import remove_segments_of
 from despina.services.backend_host.backend import InstanceSpec, config_json
-from despina.services.backend_host.worker import instance_specs
+from despina.services.backend_host.executor import instance_specs
 
 log = logging.getLogger("despina.python_launcher")
 
