@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A/B of Despina's own settings: one ``despina serve`` per arm (its extra flags), all up
-at once, driven in turn by perf.py, round after round, so every arm sees the same
+at once, driven in turn by `despina perf`, round after round, so every arm sees the same
 machine; medians per load and arm, and the ratio of each arm to the first.
 
     python loadtest/ab.py --arm off=--busy-poll-us=0 --arm on= \\
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                             )
                     except subprocess.CalledProcessError as exc:
                         raise SystemExit(
-                            f"perf.py failed against arm {name}:\n{exc.stderr}"
+                            f"despina perf failed against arm {name}:\n{exc.stderr}"
                         ) from None
                     rec.update(meter)
                     rec["server_cpu_us_per_infer"] = _server_us(rec)

@@ -1,7 +1,7 @@
 """``despina serve`` on free loopback ports, for the loadtest scripts that measure
-Despina alone (hops.py, tensors.py, overhead.py, compare's ONNX rows): started, waited
-for, always stopped; and perf.py run against it as a child process (its CPU is then the
-client's alone, and the parent's own work does not slow it)."""
+Despina alone (ab.py, overhead.py, compare's ONNX rows, experiments/): started, waited
+for, always stopped; and ``despina perf`` run against it as a child process (its CPU is
+then the client's alone, and the parent's own work does not slow it)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PERF = ROOT / "loadtest" / "perf.py"
+PERF = ["-m", "despina.services.perf"]  # `despina perf`, with this interpreter
 
 
 def perf_argv(
@@ -32,10 +32,10 @@ def perf_argv(
     warmup: float,
     *extra: str,
 ) -> list[str]:
-    """The command line of one perf.py run (closed loop at ``concurrency``)."""
+    """The command line of one despina perf run (closed loop at ``concurrency``)."""
     return [
         sys.executable,
-        str(PERF),
+        *PERF,
         "--url",
         url,
         "--model",
@@ -61,8 +61,8 @@ def perf_run(
     warmup: float,
     *extra: str,
 ) -> dict:
-    """One perf.py run (``perf_argv``'s arguments); its result record. Raises
-    subprocess.CalledProcessError, with perf.py's stderr, when the run fails."""
+    """One despina perf run (``perf_argv``'s arguments); its result record. Raises
+    subprocess.CalledProcessError, with despina perf's stderr, when the run fails."""
     out = subprocess.run(
         perf_argv(url, model, protocol, concurrency, seconds, warmup, *extra)
         + ["--json-out", "/dev/stdout"],
@@ -127,7 +127,7 @@ class Served:
     log: str
 
     def url_for(self, protocol: str) -> str:
-        """perf.py's ``--url`` for one of its protocols."""
+        """despina perf's ``--url`` for one of its protocols."""
         if protocol.startswith("grpc"):
             return f"127.0.0.1:{self.grpc_port}"
         return f"http://127.0.0.1:{self.http_port}"

@@ -6,7 +6,7 @@
 
 Each round, in turn:
 
-1. ``despina serve`` (started once, on the shipped repository) driven by loadtest/perf.py
+1. ``despina serve`` (started once, on the shipped repository) driven by despina perf
    at c=1 over HTTP binary and gRPC: p50 per protocol.
 2. The model's file in an ``onnxruntime.InferenceSession`` in this process, with the
    same inputs: the p50 of ``run`` called back to back (warm caches: the fastest it
@@ -42,7 +42,7 @@ PROTOCOLS = ("http-binary", "grpc")
 
 
 def perf_p50(url: str, model: str, protocol: str, seconds: float) -> float:
-    """p50 ms of one perf.py run at c=1."""
+    """p50 ms of one despina perf run at c=1."""
     return perf_run(url, model, protocol, 1, seconds, 1)["p50_ms"]
 
 
@@ -86,7 +86,7 @@ ANSWER = b'{"model_name":"floor","outputs":[]}'
 
 
 class _Floor(asyncio.Protocol):
-    """HTTP/1.1 keep-alive, Content-Length bodies only: enough for perf.py."""
+    """HTTP/1.1 keep-alive, Content-Length bodies only: enough for despina perf."""
 
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
         self.transport = transport

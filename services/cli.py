@@ -13,6 +13,8 @@ commands:
   scheduler      run the scheduler service alone
   frontend       run one frontend (HTTP and gRPC) alone
   backend-host   run one backend host alone (--framework onnxruntime|pytorch|python|tensorrt)
+  perf           load one model of a running server (perf_analyzer's flags) and report
+                 infer/s and latency percentiles
 
 'despina <command> --help' describes each command's flags; 'despina --version' prints
 Despina's version and the Triton release it answers as.
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         sys.exit(serve(rest))
+    if command == "perf":
+        from despina.services.perf.cli import main as perf
+
+        sys.exit(perf(rest))
     if command == "scheduler":
         from despina.services.scheduler.__main__ import main as run
     elif command == "frontend":

@@ -224,7 +224,7 @@ def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
 # Tensors of at least this many bytes cross between Despina's processes on one machine
 # through shared memory (a frontend's arena for inputs, a backend host's for outputs) and
 # travel as refs; smaller ones ride the socket inline. Chosen by
-# loadtest/inline_threshold.py (loadtest/README.md, "Inline threshold"); every service's
+# loadtest/experiments/inline_threshold.py (loadtest/README.md, "Inline threshold"); every service's
 # default.
 INLINE_THRESHOLD = 64 * 1024
 

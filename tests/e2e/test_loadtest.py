@@ -1,8 +1,10 @@
-"""loadtest/perf.py drives every protocol it offers against a real server: a short run
-per protocol, no errors, and results a person can read (infer/s and percentiles)."""
+"""``despina perf`` (the installed command) drives every protocol it offers against a real
+server: a short run per protocol, no errors, and results a person can read (infer/s and
+percentiles); loadtest/ab.py and loadtest/experiments/stalls.py run on top of it."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-PERF = Path(__file__).resolve().parents[2] / "loadtest" / "perf.py"
+LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
+DESPINA = str(Path(sys.executable).parent / "despina")  # the console script pip installed
 
 
 @pytest.mark.parametrize(
@@ -28,8 +31,8 @@ def test_perf_drives_each_protocol(server, tmp_path, protocol, model):
     out = tmp_path / "run.json"
     proc = subprocess.run(
         [
-            sys.executable,
-            str(PERF),
+            DESPINA,
+            "perf",
             "--url",
             url,
             "--model",
@@ -60,9 +63,33 @@ def test_perf_drives_each_protocol(server, tmp_path, protocol, model):
     assert f"{protocol} c=2 infer/s=" in proc.stdout
 
 
+def test_perf_sweeps_concurrency_and_writes_csv(server, tmp_path):
+    """A sweep of two concurrencies, 1 s each: one printed line and one CSV row per level,
+    each with its own measured figures."""
+    out = tmp_path / "sweep.csv"
+    proc = subprocess.run(
+        [DESPINA, "perf", "--url", f"http://{server.url}", "--model", "simple"]
+        + ["--protocol", "http-binary", "--sweep", "1,4", "-d", "1", "--warmup", "0.3"]
+        + ["--csv-out", str(out), "--label", "sweep"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if " infer/s=" in line]
+    assert [line.split()[0:2] for line in lines] == [["http-binary", "c=1"], ["http-binary", "c=4"]]
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["concurrency"]) for r in rows] == [1, 4]
+    for row in rows:
+        assert row["label"] == "sweep" and row["errors"] == "0"
+        assert float(row["infer_per_s"]) > 0 and int(row["requests"]) > 10
+        assert 0 < float(row["p50_ms"]) <= float(row["p99_ms"])
+    assert "# simple via http://" in proc.stderr  # the setup line: the model's inputs found
+
+
 def test_perf_refuses_a_rate_on_streams(server):
     proc = subprocess.run(
-        [sys.executable, str(PERF), "--url", server.grpc_url, "--model", "simple"]
+        [DESPINA, "perf", "--url", server.grpc_url, "--model", "simple"]
         + ["--protocol", "grpc-stream", "--rate", "100", "-d", "0.5"],
         capture_output=True,
         text=True,
@@ -76,13 +103,13 @@ def test_ab_compares_two_settings_on_real_servers(tmp_path):
     """loadtest/ab.py starts one server per arm (the second serves git HEAD's code from an
     exported copy), drives each load against each arm, and ends with a table of medians
     and ratios against the first arm."""
-    if not (PERF.parents[1] / ".git").exists():
+    if not (LOADTEST.parent / ".git").exists():
         pytest.skip("the second arm serves git HEAD's code: needs a git checkout")
     out = tmp_path / "ab.txt"
     proc = subprocess.run(
         [
             sys.executable,
-            str(PERF.parent / "ab.py"),
+            str(LOADTEST / "ab.py"),
             "--arm",
             "off=--busy-poll-us=0",
             "--arm",
@@ -101,7 +128,7 @@ def test_ab_compares_two_settings_on_real_servers(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=PERF.parent,
+        cwd=LOADTEST,
     )
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
@@ -116,12 +143,12 @@ def test_ab_compares_two_settings_on_real_servers(tmp_path):
 
 
 def test_stalls_measures_attacks_on_a_real_server(tmp_path):
-    """loadtest/stalls.py serves the shipped repository, runs the named attacks while its
+    """loadtest/experiments/stalls.py serves the shipped repository, runs the named attacks while its
     bystanders infer, and ends with one table row per attack: the attacker's answer and
     figures for both bystanders (the figures are measured, not judged here)."""
     out = tmp_path / "stalls.md"
     proc = subprocess.run(
-        [sys.executable, str(PERF.parent / "stalls.py"), "--rounds", "1"]
+        [sys.executable, str(LOADTEST / "experiments" / "stalls.py"), "--rounds", "1"]
         + ["--only", "header,hpack", "--baseline-s", "0.5", "--out", str(out)],
         capture_output=True,
         text=True,

@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_despina import despina, perf_argv, perf_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # local_despina, overhead
+from local_despina import despina, perf_argv, perf_run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TICK = os.sysconf("SC_CLK_TCK")
 PROFILE_S = 3
 

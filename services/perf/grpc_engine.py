@@ -1,4 +1,4 @@
-"""gRPC load for perf.py: KServe v2 ``ModelInfer`` over HTTP/2 (``--protocol grpc``), and
+"""gRPC load for ``despina perf``: KServe v2 ``ModelInfer`` over HTTP/2 (``--protocol grpc``), and
 Triton's bidirectional ``ModelStreamInfer`` (``--protocol grpc-stream``).
 
 Two engines send the same pre-serialized ``ModelInferRequest`` (inputs in

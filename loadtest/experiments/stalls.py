@@ -25,6 +25,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -33,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_despina import ROOT, Served, despina, despina_overlay
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # local_despina, overhead
+from local_despina import ROOT, Served, despina, despina_overlay  # noqa: E402
 
 TARGET_MS = 100.0
 TAIL_S = 0.25  # a stall may outlast the attacker's answer

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from local_despina import despina, perf_run
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # local_despina, overhead
+from local_despina import despina, perf_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 PROTOCOLS = ("http-binary", "grpc", "http-shm")
 
 

@@ -49,11 +49,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import perf
-from local_despina import despina
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # local_despina, overhead
+from local_despina import despina  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from despina.services.perf import cli as perf  # noqa: E402
+
+HERE = Path(__file__).resolve().parents[1]  # loadtest/
+RESULTS = HERE / "results" / "raw"
 PROTOCOLS = ("http-binary", "grpc")
 INFINITE = 1 << 40  # larger than any tensor: everything travels inline
 KiB = 1024
