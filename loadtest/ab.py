@@ -5,7 +5,7 @@ machine; medians per load and arm, and the ratio of each arm to the first.
 
     python loadtest/ab.py --arm off=--busy-poll-us=0 --arm on= \\
         --load simple:http-binary:1 --load add_sub:http-json:32 --rounds 3 -d 4 \\
-        [--out results/busy-poll-ab-<timestamp>.txt]
+        [--out results/raw/busy-poll-ab-<timestamp>.txt]
 
 An arm is ``NAME=FLAGS`` (space-separated ``despina serve`` flags; empty: the
 defaults), or ``NAME@REF=FLAGS`` to serve git ``REF``'s code instead of the working tree

@@ -28,7 +28,7 @@ ratio is at least ``1 - --tolerance``.
 
 Prints one table per protocol and concurrency (rows: size, columns: threshold, cells:
 median p50 ms and infer/s over the rounds) and writes
-``loadtest/results/inline-threshold-<timestamp>.{md,csv}`` (medians) and ``.json`` (every
+``loadtest/results/raw/inline-threshold-<timestamp>.{md,csv}`` (medians) and ``.json`` (every
 run). Only same-run comparisons mean anything on a small shared machine.
 """
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"inline-threshold-{stamp}{'-' + args.tag if args.tag else ''}"
     base.with_suffix(".md").write_text(text)
     with open(base.with_suffix(".csv"), "w", newline="") as f:

@@ -165,3 +165,54 @@ def test_stalls_measures_attacks_on_a_real_server(tmp_path):
             assert 0 < p99 <= worst
         assert row[6] in ("met |", "**not met** |")
     assert "bystander errors: http=0 grpc=0" in out.read_text()
+
+
+def test_compare_rebuilds_its_summary_from_a_raw_run(server, tmp_path):
+    """`loadtest/compare --summarize RAW.json` starts nothing and writes the .md table and
+    the .png plot the README shows. The raw run here holds two real `despina perf` records
+    (add_sub, HTTP JSON, c=1 and c=8) as both servers' rounds."""
+    record = tmp_path / "perf.json"
+    subprocess.run(
+        [DESPINA, "perf", "--url", f"http://{server.url}", "--model", "add_sub"]
+        + ["--sweep", "1,8", "-d", "0.5", "--warmup", "0.2", "--json-out", str(record)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    c1, c8 = json.loads(record.read_text())["runs"]
+    row = {"load": "HTTP JSON c=1", "metric": "infer/s", "better": "higher"}
+    row |= {"Despina": c1["infer_per_s"], "Triton": c8["infer_per_s"]}
+    row["Despina/Triton"] = round(c1["infer_per_s"] / c8["infer_per_s"], 2)
+    machine = {"date": "2026-12-03T16:00:00", "cpu_model": "cpu", "nproc": 2}
+    machine |= {"despina_git": "abc1234", "versions": {"Triton": "2.51.0"}}
+    doc = {
+        "machine": machine,
+        "settings": {"rounds": 1, "duration_s": 0.5, "warmup_s": 0.2},
+        "notes": {"messages": ["a note"]},
+        "summary": [row],
+        "runs": {
+            "Despina": [{"http_c1": c1, "http_c8": c8}],
+            "Triton": [{"http_c1": c8, "http_c8": c1}],
+        },
+    }
+    raw = tmp_path / "raw" / "compare-20261203-160000-test.json"
+    raw.parent.mkdir()
+    raw.write_text(json.dumps(doc))
+    out = tmp_path / "summary"
+    proc = subprocess.run(
+        [sys.executable, str(LOADTEST / "compare"), "--summarize", str(raw), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "compare-20261203-160000-test.md").read_text().splitlines()
+    assert md[0].startswith("2026-12-03T16:00:00  cpu  nproc=2  Despina abc1234  Triton 2.51.0")
+    [table_row] = [line for line in md if line.startswith("| HTTP JSON c=1")]
+    cells = [c.strip() for c in table_row.strip("|").split("|")]
+    assert cells[:2] == ["HTTP JSON c=1", "infer/s"]
+    assert cells[4] == f"{row['Despina/Triton']:.2f}"
+    assert md[-1] == "- a note"
+    png = (out / "compare-20261203-160000-test.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
