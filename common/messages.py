@@ -16,6 +16,8 @@ from typing import Literal
 
 import msgspec
 
+from despina.common import control
+
 PROTOCOL_VERSION = 2
 
 ParamValue = bool | int | float | str
@@ -146,8 +148,9 @@ class Query(msgspec.Struct, tag="query", array_like=True):
 
 class QueryReply(msgspec.Struct, tag="query_reply", array_like=True):
     qid: int
-    body: bytes = b""  # JSON document, as the protocol returns it
+    body: bytes = b""  # unused since the typed ``record``; kept so old peers still decode
     error: Error | None = None
+    record: control.Record | None = None  # the answer (common/control.py); None: yes / done
 
 
 class Signature(msgspec.Struct, array_like=True):

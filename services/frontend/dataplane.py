@@ -11,7 +11,9 @@ import asyncio
 
 import orjson
 
+from despina.common import control
 from despina.common.errors import ServerError, invalid_arg
+from despina.services.frontend import control as encode
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
 from despina.services.frontend.scheduler_client import SchedulerClient
 from despina.services.identity import TRITON_NAME, TRITON_VERSION
@@ -41,9 +43,8 @@ class DataPlane:
         """``server_name``: the name the server metadata gives (Triton's clients expect
         "triton")."""
         self.client = client
-        self._server_metadata = orjson.dumps(
-            {"name": server_name, "version": SERVER_VERSION, "extensions": EXTENSIONS}
-        )
+        self.metadata = control.ServerMetadata(server_name, SERVER_VERSION, EXTENSIONS)
+        self._server_metadata = encode.server_metadata_json(self.metadata)
 
     @staticmethod
     def live() -> bool:
@@ -66,14 +67,17 @@ class DataPlane:
             return False
         return True
 
-    async def model_metadata(self, model: str, version: str = "") -> bytes:
-        return await self.client.query("model_metadata", model, version)
+    async def model_metadata(self, model: str, version: str = "") -> control.ModelMetadata:
+        record = await self.client.query("model_metadata", model, version)
+        return control.expect(record, control.ModelMetadata)
 
-    async def model_config(self, model: str, version: str = "") -> bytes:
-        return await self.client.query("model_config", model, version)
+    async def model_config(self, model: str, version: str = "") -> control.ModelConfig:
+        record = await self.client.query("model_config", model, version)
+        return control.expect(record, control.ModelConfig)
 
-    async def repository_index(self) -> bytes:
-        return await self.client.query("repository_index")
+    async def repository_index(self) -> control.RepositoryIndex:
+        record = await self.client.query("repository_index")
+        return control.expect(record, control.RepositoryIndex)
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Run one request. Output bytes may be views into a backend host's shared
@@ -102,8 +106,13 @@ class DataPlane:
 
     # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----
 
-    async def shm_status(self, cuda: bool, name: str = "") -> bytes:
-        return await self.client.query("cuda_shm_status" if cuda else "shm_status", name)
+    async def shm_status(
+        self, cuda: bool, name: str = ""
+    ) -> control.ShmStatus | control.CudaShmStatus:
+        record = await self.client.query("cuda_shm_status" if cuda else "shm_status", name)
+        if cuda:
+            return control.expect(record, control.CudaShmStatus)
+        return control.expect(record, control.ShmStatus)
 
     async def shm_register(self, cuda: bool, name: str, args: dict) -> None:
         """``args``: key, offset, byte_size (system) or raw_handle, device_id, byte_size,

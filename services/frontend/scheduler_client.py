@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import numpy as np
 
-from despina.common import busypoll, outbox, streams
+from despina.common import busypoll, control, outbox, streams
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError, invalid_arg, unavailable
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
@@ -429,7 +429,10 @@ class SchedulerClient:
 
     async def query(
         self, kind: m.QueryKind, model: str = "", version: str = "", body: bytes = b""
-    ) -> bytes:
+    ) -> control.Record | None:
+        """The scheduler's answer to one control query: its typed record, or None for
+        the kinds that return nothing. Raises its ServerError, or UNAVAILABLE when it
+        does not answer in time."""
         qid = self._next_id
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
@@ -540,7 +543,7 @@ class SchedulerClient:
                 fut = self._queries.get(msg.qid)
                 if fut is not None and not fut.done():
                     if msg.error is None:
-                        fut.set_result(msg.body)
+                        fut.set_result(msg.record)
                     else:
                         fut.set_exception(ServerError(Code(msg.error.code), msg.error.message))
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from despina.common import control as c
 from despina.common import messages as m
 from despina.common import model_config
 from despina.common.errors import ServerError, invalid_arg
@@ -44,16 +45,36 @@ class Model:
     framework: str = ""
     error: str = ""  # why the config itself could not be used
     versions: dict[str, ModelVersion] = field(default_factory=dict)
-    config_json: bytes = b""
+    # The config as the control plane returns it (Triton's JSON, and the protobuf).
+    config_record: c.ModelConfig | None = None
     # What requests must look like (common/validate.py checks them against it).
     signature: m.Signature | None = None
 
     def ready_versions(self) -> list[str]:
         return [v for v, mv in self.versions.items() if mv.state is State.READY]
 
-    def metadata_json(self) -> bytes:
-        assert self.config is not None
-        return model_config.metadata_json(self.config, self.ready_versions())
+    def metadata(self) -> c.ModelMetadata:
+        """The KServe v2 model metadata (``GET /v2/models/{name}``), with the versions
+        ready now."""
+        config = self.config
+        assert config is not None
+        batch = [-1] if config.max_batch_size > 0 else []
+
+        def tensors(items: object) -> list[c.TensorMetadata]:
+            return [
+                c.TensorMetadata(
+                    io.name, model_config.datatype(io), batch + [int(d) for d in io.dims]
+                )
+                for io in items  # type: ignore[attr-defined]
+            ]
+
+        return c.ModelMetadata(
+            config.name,
+            self.ready_versions(),
+            config.platform or config.backend,
+            tensors(config.input),
+            tensors(config.output),
+        )
 
     def default_version(self) -> str | None:
         ready = self.ready_versions()
@@ -91,7 +112,9 @@ def read_model(path: Path) -> Model:
         log.error("model '%s' is unavailable: %s", path.name, exc.message)
         return model
     model.config = config
-    model.config_json = model_config.config_json(config)
+    model.config_record = c.ModelConfig(
+        model_config.config_json(config), config.SerializeToString()
+    )
     model.signature = m.Signature(
         path.name,
         config.max_batch_size,

@@ -37,8 +37,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import orjson
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from despina.common import dtypes
@@ -623,43 +621,7 @@ def wants_final_flag(request: pb.ModelInferRequest) -> bool:
     return param is not None and param.bool_param
 
 
-# -- control plane: the data plane's JSON documents -> protobuf -----------------------
-
-
-def server_metadata(body: bytes) -> pb.ServerMetadataResponse:
-    return json_format.Parse(body, pb.ServerMetadataResponse(), ignore_unknown_fields=True)
-
-
-def model_metadata(body: bytes) -> pb.ModelMetadataResponse:
-    return json_format.Parse(body, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
-
-
-def model_config(body: bytes) -> pb.ModelConfigResponse:
-    """``/config``'s JSON (Triton's JSON form of ``ModelConfig``) -> the protobuf."""
-    response = pb.ModelConfigResponse()
-    json_format.Parse(body, response.config, ignore_unknown_fields=True)
-    return response
-
-
-def repository_index(body: bytes, ready_only: bool) -> pb.RepositoryIndexResponse:
-    """The repository index; ``ready_only`` keeps the READY model versions only."""
-    response = pb.RepositoryIndexResponse()
-    doc = orjson.loads(body)
-    for entry in doc:
-        if ready_only and entry.get("state") != "READY":
-            continue
-        json_format.ParseDict(entry, response.models.add(), ignore_unknown_fields=True)
-    return response
-
-
-def shm_status(body: bytes, cuda: bool):
-    """The data plane's shared-memory status document -> System/CudaSharedMemoryStatusResponse."""
-    response = (
-        pb.CudaSharedMemoryStatusResponse() if cuda else pb.SystemSharedMemoryStatusResponse()
-    )
-    for entry in orjson.loads(body):
-        json_format.ParseDict(entry, response.regions[entry["name"]], ignore_unknown_fields=True)
-    return response
+# -- control plane (the records' encoders are services/frontend/control.py) ---------------
 
 
 def cuda_shm_register_args(request: pb.CudaSharedMemoryRegisterRequest) -> dict:

@@ -27,6 +27,7 @@ from typing import NoReturn
 
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
+from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import GRPC_STATUS, Status
@@ -73,7 +74,7 @@ class InferenceServicer:
         # metadata whose key matches reach the model as parameters; with it, ModelInfer
         # runs as a coroutine (it reads the call's metadata), see method_handlers
         self.forward = forward
-        self._server_metadata = converters.server_metadata(plane.server_metadata())
+        self._server_metadata = control.server_metadata_pb(plane.metadata)
         # The last small ModelInferRequest's fields, decoded (see RequestMemo): one for
         # the process, since a call does not know its connection.
         self.memo = RequestMemo()
@@ -99,21 +100,21 @@ class InferenceServicer:
             body = await self.plane.model_metadata(request.name, request.version)
         except ServerError as exc:
             await _fail(context, exc)
-        return converters.model_metadata(body)
+        return control.model_metadata_pb(body)
 
     async def ModelConfig(self, request, context):
         try:
             body = await self.plane.model_config(request.name, request.version)
         except ServerError as exc:
             await _fail(context, exc)
-        return converters.model_config(body)
+        return control.model_config_pb(body)
 
     async def RepositoryIndex(self, request, context):
         try:
             body = await self.plane.repository_index()
         except ServerError as exc:
             await _fail(context, exc)
-        return converters.repository_index(body, request.ready)
+        return control.repository_index_pb(body, request.ready)
 
     # --- inference ------------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class InferenceServicer:
             body = await self.plane.shm_status(False, request.name)
         except ServerError as exc:
             await _fail(context, exc)
-        return converters.shm_status(body, cuda=False)
+        return control.shm_status_any_pb(body)
 
     async def SystemSharedMemoryRegister(self, request, context):
         args = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
@@ -298,7 +299,7 @@ class InferenceServicer:
             body = await self.plane.shm_status(True, request.name)
         except ServerError as exc:
             await _fail(context, exc)
-        return converters.shm_status(body, cuda=True)
+        return control.shm_status_any_pb(body)
 
     async def CudaSharedMemoryRegister(self, request, context):
         try:

@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web, web_response
 
 from despina.common.errors import Code, ServerError, invalid_arg
+from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
@@ -189,25 +190,25 @@ def build_app(
     async def model_metadata(request: web.Request) -> web.Response:
         info = request.match_info
         try:
-            body = await plane.model_metadata(info["model"], info.get("version", ""))
+            record = await plane.model_metadata(info["model"], info.get("version", ""))
         except ServerError as exc:
             return error_response(exc)
-        return web.Response(body=body, content_type=JSON)
+        return web.Response(body=control.model_metadata_json(record), content_type=JSON)
 
     async def model_config(request: web.Request) -> web.Response:
         info = request.match_info
         try:
-            body = await plane.model_config(info["model"], info.get("version", ""))
+            config = await plane.model_config(info["model"], info.get("version", ""))
         except ServerError as exc:
             return error_response(exc)
-        return web.Response(body=body, content_type=JSON)
+        return web.Response(body=control.model_config_json(config), content_type=JSON)
 
     async def repository_index(_: web.Request) -> web.Response:
         try:
-            body = await plane.repository_index()
+            index = await plane.repository_index()
         except ServerError as exc:
             return error_response(exc)
-        return web.Response(body=body, content_type=JSON)
+        return web.Response(body=control.repository_index_json(index), content_type=JSON)
 
     async def repository_control(request: web.Request) -> web.Response:
         return error_response(
@@ -252,7 +253,7 @@ def build_app(
             if header_length == 0:  # raw binary: the input's metadata from the config
                 config = await plane.model_config(info["model"], info.get("version", ""))
                 inference = codec.decode_raw_request(
-                    body, config, info["model"], info.get("version", "")
+                    body, config.json, info["model"], info.get("version", "")
                 )
             else:
                 inference = codec.decode_infer_request(
@@ -310,10 +311,10 @@ def build_app(
     def shm_routes(cuda: bool):
         async def status(request: web.Request) -> web.Response:
             try:
-                body = await plane.shm_status(cuda, request.match_info.get("name", ""))
+                status = await plane.shm_status(cuda, request.match_info.get("name", ""))
             except ServerError as exc:
                 return error_response(exc)
-            return web.Response(body=body, content_type=JSON)
+            return web.Response(body=control.shm_status_any_json(status), content_type=JSON)
 
         async def register(request: web.Request) -> web.Response:
             refusal = too_large(request)

@@ -56,6 +56,7 @@ import httptools
 import orjson
 
 from despina.common.errors import Code, ServerError, invalid_arg
+from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
@@ -832,9 +833,12 @@ async def _model_ready(conn: _Connection, req: _Request, model: str, version: st
     conn._reply(req, 200 if ok else 400, b"", b"", b"")
 
 
-async def _answer_json(conn: _Connection, req: _Request, pending: Awaitable[bytes]) -> None:
+async def _answer_json(
+    conn: _Connection, req: _Request, pending: Awaitable[Any], encode: Callable[[Any], bytes]
+) -> None:
+    """Answer with ``encode(record)`` (services/frontend/control.py) or the error."""
     try:
-        body = await pending
+        body = encode(await pending)
     except ServerError as exc:
         conn._reply(req, *_error_reply(exc))
         return
@@ -851,15 +855,19 @@ async def _answer_empty(conn: _Connection, req: _Request, pending: Awaitable[Non
 
 
 def _model_metadata(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
-    return _answer_json(conn, req, conn.plane.model_metadata(model, version))
+    return _answer_json(
+        conn, req, conn.plane.model_metadata(model, version), control.model_metadata_json
+    )
 
 
 def _model_config(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
-    return _answer_json(conn, req, conn.plane.model_config(model, version))
+    return _answer_json(
+        conn, req, conn.plane.model_config(model, version), control.model_config_json
+    )
 
 
 def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
-    return _answer_json(conn, req, conn.plane.repository_index())
+    return _answer_json(conn, req, conn.plane.repository_index(), control.repository_index_json)
 
 
 def _repository_control(conn: _Connection, req: _Request, model: str) -> None:
@@ -919,7 +927,7 @@ def _infer_raw(
 
     async def run() -> InferenceResult:
         config = await plane.model_config(model, version)
-        raw = codec.decode_raw_request(body, config, model, version)
+        raw = codec.decode_raw_request(body, config.json, model, version)
         inference.inputs = raw.inputs
         inference.body_block = block
         return await plane.submit(inference)
@@ -1009,7 +1017,7 @@ async def _stream_result(
 
 
 def _shm_status(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
-    return _answer_json(conn, req, conn.plane.shm_status(cuda, name))
+    return _answer_json(conn, req, conn.plane.shm_status(cuda, name), control.shm_status_any_json)
 
 
 async def _shm_register_call(plane: DataPlane, cuda: bool, name: str, body: bytes) -> None:
