@@ -248,3 +248,15 @@ def test_undecodable_bytes_raise_decode_error(wire: bytes) -> None:
 def test_validation_errors_are_decode_errors() -> None:
     # Receivers catch one exception type for every bad frame.
     assert issubclass(msgspec.ValidationError, msgspec.DecodeError)
+
+
+def test_a_direct_execution_says_so_and_an_old_peers_execution_is_scheduled() -> None:
+    """``Execution.direct`` marks a frontend's request sent straight to a host; a header
+    without the field (a peer from before it) decodes as scheduled."""
+    decode = m.decoder(m.HostFromFrontend).decode
+    direct = m.ExecuteBatch([m.Execution("simple", "1", 0, [infer(3)], True)])
+    [out] = decode(m.encoder().encode(direct)).executions  # type: ignore[union-attr]
+    assert (out.direct, out.requests[0].sid) == (True, 0)
+    old = msgspec.msgpack.encode(["exec", [["simple", "1", 0, []]]])
+    [scheduled] = decode(old).executions  # type: ignore[union-attr]
+    assert (scheduled.model, scheduled.direct) == ("simple", False)
