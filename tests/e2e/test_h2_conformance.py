@@ -365,6 +365,17 @@ def _fields_with(*extra, drop: str = "") -> list[tuple[str, str]]:
     return [f for f in request_fields(extra=extra) if f[0] != drop]
 
 
+STREAM_WINDOW = 16 << 20  # the server's SETTINGS_INITIAL_WINDOW_SIZE
+
+
+def _past_the_stream_window(sid: int) -> bytes:
+    """DATA one byte past the stream's window: half of it less one byte (no update is
+    due yet), then the rest and one byte more, in frames the server's MAX_FRAME_SIZE allows."""
+    half = STREAM_WINDOW // 2
+    first = grpc_message(b"x" * (3 * half))[: half - 1]
+    return frame(DATA, 0, sid, first) + frame(DATA, 0, sid, b"x" * (half + 2))
+
+
 STREAM_ERRORS: list[tuple[str, Callable[[RawH2], bytes], int, int]] = [
     (
         "window-update-0-on-stream",
@@ -445,6 +456,30 @@ STREAM_ERRORS: list[tuple[str, Callable[[RawH2], bytes], int, int]] = [
         lambda c: _open(c) + c.headers(1, [(":path", "/x")], end_stream=True),
         1,
         PROTOCOL_ERROR,
+    ),
+    # RFC 9113 8.2.1: a field value with CR, LF or NUL is malformed.
+    ("value-with-cr", lambda c: c.headers(1, _fields_with(("x-v", "a\rb"))), 1, PROTOCOL_ERROR),
+    ("value-with-lf", lambda c: c.headers(1, _fields_with(("x-v", "a\nb"))), 1, PROTOCOL_ERROR),
+    ("value-with-nul", lambda c: c.headers(1, _fields_with(("x-v", "a\0b"))), 1, PROTOCOL_ERROR),
+    (
+        "pseudo-header-value-with-lf",
+        lambda c: c.headers(
+            1, [(":authority", "a\nb") if f[0] == ":authority" else f for f in request_fields()]
+        ),
+        1,
+        PROTOCOL_ERROR,
+    ),
+    (
+        "trailer-value-with-nul",
+        lambda c: _open(c) + c.headers(1, [("x-trailer", "a\0b")], end_stream=True),
+        1,
+        PROTOCOL_ERROR,
+    ),
+    (
+        "data-past-the-stream-window",
+        lambda c: _open(c) + _past_the_stream_window(1),
+        1,
+        FLOW_CONTROL_ERROR,
     ),
     (
         "data-on-half-closed-stream",

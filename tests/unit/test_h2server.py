@@ -1,4 +1,4 @@
-"""The lean gRPC transport (services/frontend/grpc/h2server.py), against grpc's own client
+"""The lean gRPC transport (services/frontend/grpc/h2/), against grpc's own client
 and raw HTTP/2 frames: calls, statuses, deadlines, cancellation, limits, compression,
 streams, flow control and protocol errors."""
 
@@ -16,8 +16,12 @@ import pytest
 import uvloop
 from hpack import Encoder, NeverIndexedHeaderTuple
 
-from despina.services.frontend.grpc import h2server as h2
+from despina.services.frontend.grpc import h2
 from despina.services.frontend.grpc.errors import Status
+from despina.services.frontend.grpc.h2 import connection as h2connection
+from despina.services.frontend.grpc.h2 import frames as h2frames
+from despina.services.frontend.grpc.h2 import headers as h2headers
+from despina.services.frontend.grpc.h2 import messages as h2messages
 
 LIMIT = 8 << 20
 
@@ -262,7 +266,7 @@ def test_flow_control_holds_data_for_a_small_window(server):
     encoder = Encoder()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         # The client allows 100 bytes per stream.
-        settings = h2.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (100).to_bytes(4, "big")
+        settings = h2frames.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (100).to_bytes(4, "big")
         headers = encoder.encode(
             [
                 (":method", "POST"),
@@ -274,14 +278,14 @@ def test_flow_control_holds_data_for_a_small_window(server):
         )
         body = b"\x00" + (4).to_bytes(4, "big") + b"1000"
         sock.sendall(
-            h2.PREFACE
-            + frame(h2.SETTINGS, 0, 0, settings)
-            + frame(h2.HEADERS, h2.END_HEADERS, 1, headers)
-            + frame(h2.DATA, h2.END_STREAM, 1, body)
+            h2frames.PREFACE
+            + frame(h2frames.SETTINGS, 0, 0, settings)
+            + frame(h2frames.HEADERS, h2frames.END_HEADERS, 1, headers)
+            + frame(h2frames.DATA, h2frames.END_STREAM, 1, body)
         )
 
         def data_bytes(frames):
-            return sum(len(f[3]) for f in frames if f[0] == h2.DATA and f[2] == 1)
+            return sum(len(f[3]) for f in frames if f[0] == h2frames.DATA and f[2] == 1)
 
         frames = read_frames(sock, lambda fs: data_bytes(fs) >= 100)
         time.sleep(0.3)
@@ -291,71 +295,94 @@ def test_flow_control_holds_data_for_a_small_window(server):
         except BlockingIOError:
             extra = b""
         assert data_bytes(frames) == 100 and not extra  # held at the window
-        sock.sendall(frame(h2.WINDOW_UPDATE, 0, 1, (10_000).to_bytes(4, "big")))
+        sock.sendall(frame(h2frames.WINDOW_UPDATE, 0, 1, (10_000).to_bytes(4, "big")))
         sock.setblocking(True)
         more = read_frames(
             sock,
-            lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs),
+            lambda fs: any(f[0] == h2frames.HEADERS and f[1] & h2frames.END_STREAM for f in fs),
         )
         assert data_bytes(frames) + data_bytes(more) == 1005  # prefix + message
+
+
+def test_data_past_the_connection_window_is_a_flow_control_error(server, monkeypatch):
+    """A peer that sends more DATA than the connection window it was granted (here 1 MiB,
+    topped up once half is used) gets GOAWAY FLOW_CONTROL_ERROR (RFC 9113 6.9.1)."""
+    window = 1 << 20
+    monkeypatch.setattr(h2connection, "RECV_WINDOW", window)
+    encoder = Encoder()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        block = encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/t.S/Echo"),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+            ]
+        )
+        first = b"\x00" + (4 << 20).to_bytes(4, "big") + b"a" * (window // 2 - 6)
+        sock.sendall(
+            h2frames.PREFACE
+            + frame(h2frames.SETTINGS, 0, 0)
+            + frame(h2frames.HEADERS, h2frames.END_HEADERS, 1, block)
+            + frame(h2frames.DATA, 0, 1, first)  # just under half: no update yet
+        )
+        # Granted: the window; sent: one byte more.
+        sock.sendall(frame(h2frames.DATA, 0, 1, b"b" * (window // 2 + 2)))
+        frames = read_frames(sock, lambda fs: any(f[0] == h2frames.GOAWAY for f in fs))
+        goaway = [f[3] for f in frames if f[0] == h2frames.GOAWAY]
+        assert goaway and int.from_bytes(goaway[0][4:8], "big") == h2frames.FLOW_CONTROL_ERROR
+        assert not any(f[0] == h2frames.WINDOW_UPDATE and f[2] == 0 for f in frames[2:])
 
 
 def test_bad_preface_and_unknown_frames(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        frames = read_frames(sock, lambda fs: any(f[0] == h2.GOAWAY for f in fs))
-        goaway = [f for f in frames if f[0] == h2.GOAWAY][0]
-        assert int.from_bytes(goaway[3][4:8], "big") == h2.PROTOCOL_ERROR
+        frames = read_frames(sock, lambda fs: any(f[0] == h2frames.GOAWAY for f in fs))
+        goaway = [f for f in frames if f[0] == h2frames.GOAWAY][0]
+        assert int.from_bytes(goaway[3][4:8], "big") == h2frames.PROTOCOL_ERROR
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         # An unknown frame type is ignored; a PING is answered.
         sock.sendall(
-            h2.PREFACE
-            + frame(h2.SETTINGS, 0, 0)
+            h2frames.PREFACE
+            + frame(h2frames.SETTINGS, 0, 0)
             + frame(0xAB, 0, 0, b"?")
-            + frame(h2.PING, 0, 0, b"12345678")
+            + frame(h2frames.PING, 0, 0, b"12345678")
         )
-        frames = read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
-        assert [f[3] for f in frames if f[0] == h2.PING] == [b"12345678"]
+        frames = read_frames(sock, lambda fs: any(f[0] == h2frames.PING for f in fs))
+        assert [f[3] for f in frames if f[0] == h2frames.PING] == [b"12345678"]
 
 
 def test_header_cache_follows_the_dynamic_table():
     """Blocks that leave HPACK's dynamic table alone are cached; one that changes it
     empties the cache, since the same indexed bytes may then mean other headers."""
-
-    async def run() -> None:
-        conn = h2._Connection(h2.H2Server({}, LIMIT, LIMIT))
-        encoder = Encoder()
-        head = conn._head(encoder.encode([("content-type", "application/grpc+a")]))
-        assert head.content_type == b"application/grpc+a"
-        indexed = encoder.encode([("content-type", "application/grpc+a")])
-        assert indexed == b"\xbe"  # the first dynamic entry
-        assert conn._head(indexed).content_type == b"application/grpc+a"
-        assert indexed in conn.heads
-        assert conn._head(encoder.encode([("content-type", "application/grpc+b")]))
-        assert not conn.heads and conn.heads_bytes == 0
-        assert conn._head(b"\xbe").content_type == b"application/grpc+b"  # now the newest
-
-    asyncio.run(run())
+    decoder = h2headers.HeaderDecoder(frozenset(), None)
+    encoder = Encoder()
+    head = decoder.decode(encoder.encode([("content-type", "application/grpc+a")]))
+    assert head.content_type == b"application/grpc+a"
+    indexed = encoder.encode([("content-type", "application/grpc+a")])
+    assert indexed == b"\xbe"  # the first dynamic entry
+    assert decoder.decode(indexed).content_type == b"application/grpc+a"
+    assert indexed in decoder.heads
+    assert decoder.decode(encoder.encode([("content-type", "application/grpc+b")]))
+    assert not decoder.heads and decoder.heads_bytes == 0
+    assert decoder.decode(b"\xbe").content_type == b"application/grpc+b"  # now the newest
 
 
 def test_header_cache_is_bounded_by_bytes():
     """Distinct blocks that leave the table alone fill the cache up to its byte budget
     only; a block larger than HEADER_CACHE_BLOCK is never kept."""
-
-    async def run() -> None:
-        conn = h2._Connection(h2.H2Server({}, LIMIT, LIMIT))
-        encoder = Encoder()
-        big = encoder.encode([NeverIndexedHeaderTuple("x-big", "v" * 2000)], huffman=False)
-        assert not big[0] & 0x40  # a literal not indexed: the table stays as it was
-        conn._head(big)
-        assert big not in conn.heads
-        for i in range(2000):
-            block = encoder.encode([NeverIndexedHeaderTuple("x-n", f"{i:0300d}")], huffman=False)
-            assert conn._head(block).size == 3 + 300 + 32
-        assert conn.heads_bytes <= h2.HEADER_CACHE_BYTES
-        assert 0 < len(conn.heads) <= h2.HEADER_CACHE_BYTES // (335 + 300)
-
-    asyncio.run(run())
+    decoder = h2headers.HeaderDecoder(frozenset(), None)
+    encoder = Encoder()
+    big = encoder.encode([NeverIndexedHeaderTuple("x-big", "v" * 2000)], huffman=False)
+    assert not big[0] & 0x40  # a literal not indexed: the table stays as it was
+    decoder.decode(big)
+    assert big not in decoder.heads
+    for i in range(2000):
+        block = encoder.encode([NeverIndexedHeaderTuple("x-n", f"{i:0300d}")], huffman=False)
+        assert decoder.decode(block).size == 3 + 300 + 32
+    assert decoder.heads_bytes <= h2headers.HEADER_CACHE_BYTES
+    assert 0 < len(decoder.heads) <= h2headers.HEADER_CACHE_BYTES // (335 + 300)
 
 
 def on_loop(server: Server, fn):
@@ -367,7 +394,7 @@ def on_loop(server: Server, fn):
     return asyncio.run_coroutine_threadsafe(run(), server.loop).result(10)
 
 
-def connected(server: Server) -> h2._Connection:
+def connected(server: Server) -> h2connection.H2Connection:
     deadline = time.monotonic() + 5
     while not server.server.connections:
         assert time.monotonic() < deadline
@@ -379,12 +406,12 @@ def test_a_peer_that_does_not_read_stops_being_read(server, monkeypatch):
     """PINGs under the flood limit from a client that does not read: once the transport's
     buffer passes its high-water mark the server reads no more, so its buffer stays
     bounded; once the client reads, every PING is answered."""
-    monkeypatch.setattr(h2, "CONTROL_FRAMES_PER_SECOND", 10**9)
+    monkeypatch.setattr(h2connection, "CONTROL_FRAMES_PER_SECOND", 10**9)
     pings = 300_000
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(h2.PREFACE + frame(h2.SETTINGS, 0, 0))
+        sock.sendall(h2frames.PREFACE + frame(h2frames.SETTINGS, 0, 0))
         conn = connected(server)
-        data = frame(h2.PING, 0, 0, b"12345678") * pings
+        data = frame(h2frames.PING, 0, 0, b"12345678") * pings
         sock.settimeout(0.5)
         sent = 0
         try:
@@ -436,26 +463,26 @@ def test_a_call_reset_in_the_same_read_never_starts(server):
     body = b"\x00" + (2).to_bytes(4, "big") + b"30"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(
-            h2.PREFACE
-            + frame(h2.SETTINGS, 0, 0)
+            h2frames.PREFACE
+            + frame(h2frames.SETTINGS, 0, 0)
             + b"".join(
-                frame(h2.HEADERS, h2.END_HEADERS, sid, headers)
-                + frame(h2.DATA, h2.END_STREAM, sid, body)
-                + frame(h2.RST_STREAM, 0, sid, h2.CANCEL.to_bytes(4, "big"))
+                frame(h2frames.HEADERS, h2frames.END_HEADERS, sid, headers)
+                + frame(h2frames.DATA, h2frames.END_STREAM, sid, body)
+                + frame(h2frames.RST_STREAM, 0, sid, h2frames.CANCEL.to_bytes(4, "big"))
                 for sid in range(1, 101, 2)
             )
-            + frame(h2.PING, 0, 0, b"12345678")
+            + frame(h2frames.PING, 0, 0, b"12345678")
         )
-        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        read_frames(sock, lambda fs: any(f[0] == h2frames.PING for f in fs))
         assert server.starts == 0
         sock.sendall(
-            frame(h2.HEADERS, h2.END_HEADERS, 101, headers)
-            + frame(h2.DATA, h2.END_STREAM, 101, body)
-            + frame(h2.PING, 0, 0, b"12345678")
+            frame(h2frames.HEADERS, h2frames.END_HEADERS, 101, headers)
+            + frame(h2frames.DATA, h2frames.END_STREAM, 101, body)
+            + frame(h2frames.PING, 0, 0, b"12345678")
         )
-        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        read_frames(sock, lambda fs: any(f[0] == h2frames.PING for f in fs))
         assert server.starts == 1
-        sock.sendall(frame(h2.RST_STREAM, 0, 101, h2.CANCEL.to_bytes(4, "big")))
+        sock.sendall(frame(h2frames.RST_STREAM, 0, 101, h2frames.CANCEL.to_bytes(4, "big")))
         assert server.cancelled.wait(5)  # the future the call waited on was cancelled
 
 
@@ -476,28 +503,31 @@ def test_a_stream_without_window_takes_no_more_requests(server):
     count = 500
     messages = [f"{i:05d}".encode() for i in range(count)]
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        settings = h2.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (0).to_bytes(4, "big")
+        settings = h2frames.INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (0).to_bytes(4, "big")
         sock.sendall(
-            h2.PREFACE
-            + frame(h2.SETTINGS, 0, 0, settings)
-            + frame(h2.HEADERS, h2.END_HEADERS, 1, headers)
-            + b"".join(frame(h2.DATA, 0, 1, b"\x00" + (5).to_bytes(4, "big") + m) for m in messages)
-            + frame(h2.PING, 0, 0, b"12345678")
+            h2frames.PREFACE
+            + frame(h2frames.SETTINGS, 0, 0, settings)
+            + frame(h2frames.HEADERS, h2frames.END_HEADERS, 1, headers)
+            + b"".join(
+                frame(h2frames.DATA, 0, 1, b"\x00" + (5).to_bytes(4, "big") + m) for m in messages
+            )
+            + frame(h2frames.PING, 0, 0, b"12345678")
         )
-        read_frames(sock, lambda fs: any(f[0] == h2.PING for f in fs))
+        read_frames(sock, lambda fs: any(f[0] == h2frames.PING for f in fs))
         time.sleep(0.2)
         conn = connected(server)
         assert server.taken <= 2
         assert on_loop(server, lambda: conn.streams[1].requests.held)
         assert on_loop(server, lambda: conn.streams[1].withheld) > 0
         sock.sendall(
-            frame(h2.WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big"))
-            + frame(h2.DATA, h2.END_STREAM, 1)
+            frame(h2frames.WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big"))
+            + frame(h2frames.DATA, h2frames.END_STREAM, 1)
         )
         frames = read_frames(
-            sock, lambda fs: any(f[0] == h2.HEADERS and f[1] & h2.END_STREAM for f in fs)
+            sock,
+            lambda fs: any(f[0] == h2frames.HEADERS and f[1] & h2frames.END_STREAM for f in fs),
         )
-        body = b"".join(f[3] for f in frames if f[0] == h2.DATA)
+        body = b"".join(f[3] for f in frames if f[0] == h2frames.DATA)
         replies = [body[i + 5 : i + 11] for i in range(0, len(body), 11)]
         assert replies == [m + b"!" for m in messages]
         assert server.taken == count
@@ -509,12 +539,12 @@ def test_inflation_runs_in_steps_and_gives_the_message_back_whole(wbits, encodin
     (each one loop iteration in the server), byte for byte."""
     data = (
         np.random.default_rng(0)
-        .integers(0, 4, 3 * h2.INFLATE_STEP + 123)
+        .integers(0, 4, 3 * h2messages.INFLATE_STEP + 123)
         .astype(np.uint8)
         .tobytes()
     )
     packer = zlib.compressobj(wbits=wbits)
-    inflation = h2._Inflation(packer.compress(data) + packer.flush(), encoding)
+    inflation = h2messages.Inflation(packer.compress(data) + packer.flush(), encoding)
     steps, out = 0, None
     while out is None:
         out = inflation.step(len(data))
@@ -525,20 +555,20 @@ def test_inflation_runs_in_steps_and_gives_the_message_back_whole(wbits, encodin
 
 def test_inflation_refuses_a_bomb_past_the_limit_without_inflating_it_all():
     bomb = zlib.compress(bytes(64 << 20))
-    inflation = h2._Inflation(bomb, "deflate")
+    inflation = h2messages.Inflation(bomb, "deflate")
     limit = 8 << 20
-    with pytest.raises(h2._CallError) as info:
+    with pytest.raises(h2messages.CallError) as info:
         while inflation.step(limit) is None:
             pass
-    assert info.value.code == h2.RESOURCE_EXHAUSTED_CODE
+    assert info.value.code == h2messages.RESOURCE_EXHAUSTED_CODE
     assert inflation.size == limit + 1  # never more than the limit + 1 bytes produced
 
 
 def test_inflation_errors():
-    with pytest.raises(h2._CallError) as info:
-        h2._Inflation(b"x", "snappy")
-    assert info.value.code == h2.UNIMPLEMENTED_CODE
-    with pytest.raises(h2._CallError) as info:
-        h2._Inflation(b"not deflate at all", "deflate").step(1 << 20)
-    assert info.value.code == h2.INTERNAL_CODE
-    assert h2._Inflation(b"plain", None).step(10) == b"plain"
+    with pytest.raises(h2messages.CallError) as info:
+        h2messages.Inflation(b"x", "snappy")
+    assert info.value.code == h2messages.UNIMPLEMENTED_CODE
+    with pytest.raises(h2messages.CallError) as info:
+        h2messages.Inflation(b"not deflate at all", "deflate").step(1 << 20)
+    assert info.value.code == h2messages.INTERNAL_CODE
+    assert h2messages.Inflation(b"plain", None).step(10) == b"plain"
