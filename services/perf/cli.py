@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="despina perf",
         description="KServe v2 load generator (HTTP, gRPC, system shared memory) for Despina"
-        " and Triton: closed loop (-c/--sweep) or open loop (--rate)."
+        " and Triton: closed loop (-c/--sweep) or open loop (--rate).",
     )
     p.add_argument(
         "--url",
