@@ -119,6 +119,7 @@ def element_count(shape: list[int] | tuple[int, ...]) -> int:
 # refuses a shape whose non-zero dimensions multiply past that even when another
 # dimension is 0 ([0, 2**62] holds no element, yet no array has that shape).
 MAX_ELEMENTS = 1 << 59
+INT64_MAX = (1 << 63) - 1  # Triton counts elements in int64: its words past that.
 
 
 # The most dimensions a tensor may have: numpy's own limit (NPY_MAXDIMS in numpy 2).
@@ -148,12 +149,20 @@ def check_shape(name: str, shape: list[int] | tuple[int, ...], count: int) -> No
     """Refuse input ``name`` whose shape spans more than ``MAX_ELEMENTS`` (``count``: its
     element count, already computed by the caller). O(1) unless ``count`` is 0. Raises
     INVALID_ARG naming the input; only that request fails."""
-    if count > MAX_ELEMENTS or (count == 0 and element_span(shape) > MAX_ELEMENTS):
-        shown = "[" + ",".join(str(d) for d in shape) + "]"
+    span = count or element_span(shape)
+    if span <= MAX_ELEMENTS:
+        return
+    shown = "[" + ",".join(str(d) for d in shape) + "]"
+    if span > INT64_MAX:
         raise invalid_arg(
-            f"unexpected shape for input '{name}': {shown} spans more than {MAX_ELEMENTS} "
-            "elements (the product of its non-zero dimensions); no tensor can have that shape"
+            f"input '{name}' shape {shown} causes total element count to exceed maximum "
+            f"size of {INT64_MAX}"
         )
+    raise invalid_arg(
+        f"byte size overflow for input '{name}': shape {shown} spans more than "
+        f"{MAX_ELEMENTS} elements (the product of its non-zero dimensions); no tensor can "
+        "have that shape"
+    )
 
 
 _LEN = struct.Struct("<I")

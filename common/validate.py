@@ -89,3 +89,6 @@ def check_request(sig: m.Signature, req: m.Infer, buffers: list) -> None:
     for out in req.outputs:
         if out not in sig.outputs:
             raise invalid_arg(f"unexpected inference output '{out}' for model '{name}'")
+    if len(req.outputs) > 1 and len(set(req.outputs)) != len(req.outputs):
+        twice = next(o for i, o in enumerate(req.outputs) if o in req.outputs[:i])
+        raise invalid_arg(f"Duplicate output name '{twice}' is not allowed in a request")

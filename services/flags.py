@@ -76,6 +76,19 @@ NOT_YET = (
     "--buffer-manager-thread-count",
     "--host-policy",
     "--enable-peer-access",
+    "--model-config-name",
+    "--model-load-gpu-limit",
+    "--reuse-http-port",
+    "--reuse-grpc-port",
+    "--grpc-infer-thread-count",
+    "--grpc-max-connection-age",
+    "--grpc-max-connection-age-grace",
+    "--sagemaker-port",
+    "--sagemaker-safe-port-range",
+    "--sagemaker-thread-count",
+    "--vertex-ai-port",
+    "--vertex-ai-thread-count",
+    "--vertex-ai-default-model",
 )
 
 _REPEATABLE = {
@@ -87,6 +100,7 @@ _REPEATABLE = {
     "--cache-config",
     "--metrics-config",
     "--cuda-memory-pool-byte-size",
+    "--model-load-gpu-limit",
 }
 
 
@@ -424,6 +438,14 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
 # either stops the server, see refuse_unsupported_security.)
 FAIL_CLOSED: dict[str, str] = {}
 
+# Accepted flags that would make Despina serve something other than what was asked
+# (another configuration file than each model's config.pbtxt): they stop the server with
+# the reason, instead of argparse's bare "unrecognized arguments". flag -> why.
+WRONG_IF_IGNORED: dict[str, str] = {
+    "--model-config-name": "each model would be served with its config.pbtxt instead of the "
+    "named configuration, and Despina does not read custom configuration names yet",
+}
+
 
 def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
     """Why the server must not start: one line for each security-relevant flag that was
@@ -448,6 +470,9 @@ def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
                 "start rather than serve without the restriction; remove the flag, or put "
                 "the restriction in front of Despina (a proxy that checks the header)"
             )
+    for flag, why in WRONG_IF_IGNORED.items():
+        if getattr(args, "ignored_" + flag[2:].replace("-", "_"), None) is not None:
+            problems.append(f"{flag}: {why}: refusing to start")
     mode = getattr(args, "ignored_model_control_mode", None)
     loads = getattr(args, "ignored_load_model", None) or []
     if mode == "explicit" and "*" not in loads:

@@ -89,8 +89,9 @@ class RegionRegistry:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         """Raises ALREADY_EXISTS for a taken name, INVALID_ARG for a negative offset or
         an empty region, and INVALID_ARG with one message, whatever the reason, for a key
-        that is malformed, reserved, missing, not a plain object (a link, a directory, a
-        fifo, a file with other names or on another filesystem) or too small."""
+        that is malformed, reserved, missing or not a plain object (a link, a directory, a
+        fifo, a file with other names or on another filesystem); INVALID_ARG with Triton's
+        "failed to register ... invalid args" for a usable object the region does not fit."""
         if not name:
             raise invalid_arg("a shared memory region needs a name")
         if name in self._regions or name in self._cuda:
@@ -98,14 +99,21 @@ class RegionRegistry:
                 Code.ALREADY_EXISTS, f"shared memory region '{name}' already in manager"
             )
         if offset < 0 or byte_size <= 0:
-            raise invalid_arg(
-                f"shared memory region '{name}': offset must be >= 0 and byte_size > 0, got "
-                f"offset {offset} and byte_size {byte_size}"
+            raise _invalid_args(
+                name,
+                f"offset must be >= 0 and byte_size > 0, got offset {offset} and "
+                f"byte_size {byte_size}",
             )
-        reason = _unusable(key, offset + byte_size)
+        reason, size = _unusable(key)
         if reason is not None:
             log.info("system shared memory region '%s' refused: key %r %s", name, key, reason)
             raise _refused(key)
+        if offset + byte_size > size:
+            raise _invalid_args(
+                name,
+                f"offset {offset} + byte_size {byte_size} is past the end of '{key}' "
+                f"({size} bytes)",
+            )
         region = Region(name, key, offset, byte_size)
         self._regions[name] = region
         return region
@@ -131,7 +139,12 @@ class RegionRegistry:
         region: Region | CudaRegion | None = self._regions.get(name) or self._cuda.get(name)
         if region is None:
             raise invalid_arg(f"Unable to find shared memory region: '{name}' (for {what})")
-        if offset < 0 or size < 0 or offset + size > region.byte_size:
+        if offset < 0 or offset >= region.byte_size:
+            raise invalid_arg(
+                f"Invalid offset for shared memory region: '{name}' (for {what}: offset "
+                f"{offset}, region size {region.byte_size})"
+            )
+        if size < 0 or offset + size > region.byte_size:
             raise invalid_arg(
                 f"Invalid offset + byte size for shared memory region: '{name}' (for {what}: "
                 f"offset {offset} + byte size {size} > region size {region.byte_size})"
@@ -149,19 +162,23 @@ def _refused(key: str) -> ServerError:
     return invalid_arg(f"Unable to open shared memory region: '{key}'")
 
 
-def _unusable(key: str, end: int) -> str | None:
-    """Why ``key`` cannot hold a region ending at ``end`` (for the log), or None."""
+def _invalid_args(name: str, why: str) -> ServerError:
+    """Triton's words for a registration whose offset and size do not fit (its qa tests
+    match "failed to register shared memory region.*invalid args"), then why."""
+    return invalid_arg(f"failed to register shared memory region '{name}': invalid args ({why})")
+
+
+def _unusable(key: str) -> tuple[str | None, int]:
+    """(why ``key`` cannot be opened as a region, for the log, or None; its size)."""
     if is_reserved(key):
-        return "is reserved for Despina's own segments"
+        return "is reserved for Despina's own segments", 0
     try:
         fd, st = open_object(key)
     except ServerError:
-        return "is not a single name in the shm filesystem"
+        return "is not a single name in the shm filesystem", 0
     except OSError as exc:
-        return f"cannot be opened ({exc.strerror})"
+        return f"cannot be opened ({exc.strerror})", 0
     except ValueError:
-        return "is not a valid name"
+        return "is not a valid name", 0
     os.close(fd)
-    if end > st.st_size:
-        return f"is too small ({st.st_size} bytes, region ends at {end})"
-    return None
+    return None, st.st_size

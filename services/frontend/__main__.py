@@ -148,9 +148,13 @@ class AiohttpHttp:
     ) -> None:
         from aiohttp import web
 
-        from despina.services.frontend.http.app import build_app, handler_limits
+        from despina.services.frontend.http.app import (
+            JsonErrorRunner,
+            build_app,
+            handler_limits,
+        )
 
-        self.runner = web.AppRunner(
+        self.runner = JsonErrorRunner(
             build_app(plane, limits, restrictions, forward),
             access_log=None,
             handle_signals=False,

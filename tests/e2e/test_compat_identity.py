@@ -173,15 +173,11 @@ def test_server_name_flag(tmp_path_factory):
         assert srv.stop() == 0
 
 
-def test_malformed_http_is_400_json_on_lean(server):
-    """Malformed HTTP gets 400 and the server serves on. The lean transport answers it
-    with Triton's JSON body; aiohttp answers what its parser refuses itself, in plain
-    text (README's compatibility table says so)."""
+def test_malformed_http_is_400_json(server):
+    """Malformed HTTP gets 400 with Triton's JSON body on both transports (aiohttp's own
+    refusals go through ``app.JsonErrorRunner``), and the server serves on."""
     status, headers, body = raw(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
     assert status == 400
-    if server.transport == "lean":
-        assert headers["content-type"] == "application/json"
-        assert json.loads(body)["error"].startswith("Bad Request: ")
-    else:
-        assert headers["content-type"].startswith("text/plain")
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"].startswith("Bad Request: ")
     infer_simple(httpclient.InferenceServerClient(server.url))

@@ -44,7 +44,18 @@ def test_register_resolve_and_bounds(shm_object):
     with pytest.raises(ServerError) as info:
         reg.register("big", shm_object, 4000, 200)
     assert info.value.code is Code.INVALID_ARG
-    assert info.value.message == f"Unable to open shared memory region: '{shm_object}'"
+    assert info.value.message == (
+        "failed to register shared memory region 'big': invalid args (offset 4000 + "
+        f"byte_size 200 is past the end of '{shm_object}' (4096 bytes))"
+    )
+    with pytest.raises(ServerError) as info:
+        reg.register("empty", shm_object, 0, 0)
+    assert info.value.message.startswith(
+        "failed to register shared memory region 'empty': invalid args"
+    )
+    with pytest.raises(ServerError) as info:
+        reg.resolve("r", 2048, 1, "output 'y'")  # the offset itself is past the region
+    assert info.value.message.startswith("Invalid offset for shared memory region: 'r'")
     reg.unregister("r")
     reg.unregister("r")  # unknown names are fine
     assert reg.status() == []
@@ -67,12 +78,11 @@ def refusal(key: str, byte_size: int = 8) -> str:
 
 
 def test_every_refusal_reads_the_same(tmp_path, shm_object, shm_dir_entries):
-    """Missing, too small, a directory, a fifo, a symlink to a file that exists (and
-    one that does not), a hard link: one message, naming only the key."""
+    """Missing, a directory, a fifo, a symlink to a file that exists (and one that does
+    not), a hard link: one message, naming only the key. (An object too small for the
+    region answers Triton's "invalid args": it is one the client may register.)"""
     secret = tmp_path / "secret"
     secret.write_bytes(b"s" * 4096)
-    too_small = refusal(shm_object, 4097)
-    assert too_small == f"Unable to open shared memory region: '{shm_object}'"
     keys = {
         "missing": f"despina_unit_missing_{uuid.uuid4().hex[:8]}",
         "directory": shm_dir_entries(os.mkdir),

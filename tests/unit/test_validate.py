@@ -222,8 +222,8 @@ BAD = [
         [("INPUT0", "FP32", [0, 16]), ("INPUT1", "INT32", [0, 2**62])],
         (),
         None,
-        "unexpected shape for input 'INPUT1': [0,4611686018427387904] spans more than "
-        "576460752303423488 elements",
+        "byte size overflow for input 'INPUT1': shape [0,4611686018427387904] spans more "
+        "than 576460752303423488 elements",
     ),
     (
         "count-past-int64",
@@ -231,7 +231,8 @@ BAD = [
         [("X", "UINT8", [2**60, 16]), ("S", "BOOL", [])],
         (),
         {0: 0},
-        "unexpected shape for input 'X': [1152921504606846976,16] spans more than",
+        "input 'X' shape [1152921504606846976,16] causes total element count to exceed "
+        "maximum size of 9223372036854775807",
     ),
     (
         "byte-size-short",

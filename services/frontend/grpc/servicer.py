@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
-from despina.services.frontend import control
+from despina.services.frontend import control, unsupported
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import GRPC_STATUS, Status
@@ -41,16 +41,6 @@ log = logging.getLogger("despina.frontend")
 # requests, and the transport holds the client back: a client that does not read its
 # responses cannot make the server run and buffer more.
 STREAM_MAX_INFLIGHT = 64
-
-_UNSUPPORTED_STATISTICS = (
-    "model statistics (the statistics extension) are not supported by Despina yet"
-)
-_UNSUPPORTED_CONTROL = (
-    "explicit model load/unload is not supported by Despina yet: it runs in model control "
-    "mode 'none' (every model in the repository is loaded at start)"
-)
-_UNSUPPORTED_TRACE = "trace settings (the trace extension) are not supported by Despina yet"
-_UNSUPPORTED_LOG = "log settings (the logging extension) are not supported by Despina yet"
 
 
 async def _fail(context, exc: ServerError) -> NoReturn:
@@ -320,16 +310,16 @@ class InferenceServicer:
     # --- not built yet ----------------------------------------------------------------------
 
     async def ModelStatistics(self, request, context):
-        await _unimplemented(context, _UNSUPPORTED_STATISTICS)
+        await _unimplemented(context, unsupported.STATISTICS)
 
     async def RepositoryModelLoad(self, request, context):
-        await _unimplemented(context, _UNSUPPORTED_CONTROL)
+        await _unimplemented(context, unsupported.MODEL_CONTROL)
 
     async def RepositoryModelUnload(self, request, context):
-        await _unimplemented(context, _UNSUPPORTED_CONTROL)
+        await _unimplemented(context, unsupported.MODEL_CONTROL)
 
     async def TraceSetting(self, request, context):
-        await _unimplemented(context, _UNSUPPORTED_TRACE)
+        await _unimplemented(context, unsupported.TRACE)
 
     async def LogSettings(self, request, context):
-        await _unimplemented(context, _UNSUPPORTED_LOG)
+        await _unimplemented(context, unsupported.LOGGING)

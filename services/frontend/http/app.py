@@ -18,8 +18,8 @@ Errors: every route answers Triton's JSON ``{"error": "..."}``, and so do a path
 serves (404 ``Not Found``, a catch-all route) and a known path asked with another method
 (405 ``Method Not Allowed`` with ``Allow``, a ``*`` route beside each handler): routes,
 not middleware, so a request that matches pays nothing for them. What aiohttp answers
-itself, before any route (malformed HTTP, an oversized request line or header), stays
-aiohttp's plain-text 400: tritonclient never sends such requests.
+itself, before any route (malformed HTTP, an oversized request line or header), gets the
+same JSON body from ``JsonErrorRunner``'s request handler.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import orjson
-from aiohttp import web, web_response
+from aiohttp import web, web_protocol, web_response, web_server
 
-from despina.common.errors import Code, ServerError, invalid_arg
+from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
@@ -39,6 +40,13 @@ from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import forward_headers
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
+from despina.services.frontend.unsupported import (
+    LOGGING,
+    MODEL_CONTROL,
+    STATISTICS,
+    TRACE,
+    unsupported,
+)
 from despina.services.identity import SERVER_HEADER
 
 JSON = "application/json"
@@ -74,6 +82,36 @@ async def read_into(request: web.Request, buffer: memoryview) -> memoryview:
             f"the request body ended after {filled} bytes, Content-Length announced {size}"
         )
     return buffer
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering the requests it refuses before any route
+    (malformed HTTP, a request line or header past the limits) with Triton's JSON body
+    instead of plain text; the status and the closing of the connection stay aiohttp's."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
+        response = super().handle_error(request, status, exc, message)
+        reason = HTTPStatus(status).phrase
+        text = (message or "").split("\n", 1)[0].rstrip(":") if status != 500 else ""
+        response.body = codec.encode_error(f"{reason}: {text}" if text else reason)
+        response.content_type = JSON
+        return response
+
+
+class _JsonErrorServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer aiohttp's own refusals in JSON."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        # The app builds a plain Server (its factory is private); the subclass only
+        # changes which handler class each connection gets.
+        server.__class__ = _JsonErrorServer
+        return server
 
 
 def handler_limits(limits: HttpLimits) -> dict[str, float | int]:
@@ -210,14 +248,11 @@ def build_app(
             return error_response(exc)
         return web.Response(body=control.repository_index_json(index), content_type=JSON)
 
-    async def repository_control(request: web.Request) -> web.Response:
-        return error_response(
-            ServerError(
-                Code.UNSUPPORTED,
-                "explicit model load/unload is not supported yet: Despina runs in model "
-                "control mode 'none' (every model in the repository is loaded at start)",
-            )
-        )
+    def unsupported_route(message: str):
+        async def refuse(_: web.Request) -> web.Response:
+            return error_response(unsupported(message))
+
+        return refuse
 
     async def infer(request: web.Request) -> web.StreamResponse:
         info = request.match_info
@@ -354,8 +389,19 @@ def build_app(
     add("GET", "/v2/health/ready", ready)
     add("GET", "/v2", server_metadata)
     add("POST", "/v2/repository/index", repository_index)
-    add("POST", "/v2/repository/models/{model}/load", repository_control)
-    add("POST", "/v2/repository/models/{model}/unload", repository_control)
+    add("POST", "/v2/repository/models/{model}/load", unsupported_route(MODEL_CONTROL))
+    add("POST", "/v2/repository/models/{model}/unload", unsupported_route(MODEL_CONTROL))
+    # Before /v2/models/{model}: Triton reads /v2/models/stats as every model's statistics.
+    for path in ("/v2/models/stats", "/v2/models/{model}/stats"):
+        add("GET", path, unsupported_route(STATISTICS))
+    add("GET", "/v2/models/{model}/versions/{version}/stats", unsupported_route(STATISTICS))
+    for path, message in (
+        ("/v2/trace/setting", TRACE),
+        ("/v2/models/{model}/trace/setting", TRACE),
+        ("/v2/logging", LOGGING),
+    ):
+        add("GET", path, unsupported_route(message))
+        add("POST", path, unsupported_route(message))
     for cuda, root in ((False, "/v2/systemsharedmemory"), (True, "/v2/cudasharedmemory")):
         status, register, unregister = shm_routes(cuda)
         add("GET", root + "/status", status)

@@ -67,6 +67,9 @@ _UINT16 = np.dtype(np.uint16)
 _UINT32 = np.dtype(np.uint32)
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64", "BF16"))
 _MAX_DIMS = dtypes.MAX_DIMS
+# Triton refuses request documents nested deeper than this (qa/L0_http's depth test).
+MAX_JSON_DEPTH = 100
+_MAX_DATA_DEPTH = MAX_JSON_DEPTH - 3
 _MAX_ELEMENTS = dtypes.MAX_ELEMENTS
 
 # Request parameters whose JSON type Triton checks at the HTTP edge.
@@ -140,6 +143,10 @@ def decode_infer_request(
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as e:
+        if e.msg == "depth limit exceeded":
+            raise invalid_arg(
+                f"JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_DEPTH})"
+            ) from None
         raise invalid_arg(f"failed to parse the request JSON buffer: {e.msg} at {e.pos}") from None
     if type(doc) is not dict:
         raise invalid_arg(
@@ -308,9 +315,11 @@ def _decode_input(
     count = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:
-            raise invalid_arg(
-                f"unable to parse 'shape' of input '{name}': dimensions must be "
-                f"non-negative integers, got {_show(shape)}"
+            # Triton's words and status (500: its JSON reader's error) for this one.
+            raise internal(
+                "Unable to parse 'shape': attempt to access JSON non-unsigned-integer as "
+                f"unsigned-integer (input '{name}' has shape {_show(shape)}; dimensions "
+                "must be non-negative integers)"
             )
         count *= dim
     if count > _MAX_ELEMENTS or not count:
@@ -562,12 +571,18 @@ def _float_to_bf16(values: np.ndarray) -> np.ndarray:
 
 
 def _flatten(data: list) -> list:
-    """Elements of arbitrarily nested lists in row-major order (no recursion limit)."""
+    """Elements of nested lists in row-major order. Raises INVALID_ARG, as Triton, when
+    the nesting takes the request document past ``MAX_JSON_DEPTH`` levels (the data's
+    array sits at level 4: the request object, its 'inputs' array, the input object)."""
     out: list = []
     stack = [iter(data)]
     while stack:
         for element in stack[-1]:
             if type(element) is list:
+                if len(stack) >= _MAX_DATA_DEPTH:
+                    raise invalid_arg(
+                        f"JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_DEPTH})"
+                    )
                 stack.append(iter(element))
                 break
             out.append(element)

@@ -55,7 +55,7 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from despina.common.errors import Code, ServerError, invalid_arg
+from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
@@ -68,6 +68,13 @@ from despina.services.frontend.inference import (
     forward_headers,
 )
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
+from despina.services.frontend.unsupported import (
+    LOGGING,
+    MODEL_CONTROL,
+    STATISTICS,
+    TRACE,
+    unsupported,
+)
 from despina.services.identity import SERVER_HEADER
 
 log = logging.getLogger("despina.frontend")
@@ -870,17 +877,8 @@ def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
     return _answer_json(conn, req, conn.plane.repository_index(), control.repository_index_json)
 
 
-def _repository_control(conn: _Connection, req: _Request, model: str) -> None:
-    conn._reply(
-        req,
-        *_error_reply(
-            ServerError(
-                Code.UNSUPPORTED,
-                "explicit model load/unload is not supported yet: Despina runs in model "
-                "control mode 'none' (every model in the repository is loaded at start)",
-            )
-        ),
-    )
+def _unsupported(conn: _Connection, req: _Request, message: str) -> None:
+    conn._reply(req, *_error_reply(unsupported(message)))
 
 
 def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
@@ -1040,7 +1038,7 @@ def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> 
 
 # (method, path) -> what _route made of it: most requests repeat a few paths.
 _ROUTES: dict[tuple[bytes, bytes], tuple] = {}
-_SYNC = frozenset({_live, _server_metadata, _repository_control, _infer})
+_SYNC = frozenset({_live, _server_metadata, _unsupported, _infer})
 _SHM_ROOTS = {"systemsharedmemory": False, "cudasharedmemory": True}
 
 
@@ -1057,9 +1055,15 @@ def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, by
     segments = path.decode("utf-8", "replace").split("/")
     if segments[1] != "v2":
         return NOT_FOUND
-    get = True
+    get: bool | None = True  # None: GET and POST
     found: tuple[Callable, tuple] | None = None
     match segments[2:]:
+        case ["models", "stats"]:
+            found = _unsupported, (STATISTICS,)
+        case ["trace", "setting"] | ["models", _, "trace", "setting"]:
+            found, get = (_unsupported, (TRACE,)), None
+        case ["logging"]:
+            found, get = (_unsupported, (LOGGING,)), None
         case ["models", model, *rest] if model:
             model = _segment(model)
             version = ""
@@ -1075,6 +1079,8 @@ def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, by
                     found = _model_config, (model, version)
                 case ["infer"]:
                     found, get = (_infer, (model, version)), False
+                case ["stats"]:
+                    found = _unsupported, (STATISTICS,)
         case ["health", "live"]:
             found = _live, ()
         case ["health", "ready"]:
@@ -1084,7 +1090,7 @@ def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, by
         case ["repository", "index"]:
             found, get = (_repository_index, ()), False
         case ["repository", "models", model, "load" | "unload"] if model:
-            found, get = (_repository_control, (_segment(model),)), False
+            found, get = (_unsupported, (MODEL_CONTROL,)), False
         case [root, *rest] if root in _SHM_ROOTS:
             cuda = _SHM_ROOTS[root]
             match rest:
@@ -1100,7 +1106,10 @@ def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, by
                     found, get = (_shm_unregister, (cuda, "")), False
     if found is None:
         return NOT_FOUND
-    if method != (b"GET" if get else b"POST"):
+    if get is None:
+        if method not in (b"GET", b"POST"):
+            return 405, NOT_ALLOWED, JSON, b"Allow: GET, POST\r\n"
+    elif method != (b"GET" if get else b"POST"):
         allow = b"Allow: GET\r\n" if get else b"Allow: POST\r\n"
         return 405, NOT_ALLOWED, JSON, allow
     return found
