@@ -65,8 +65,8 @@ async def run_instance(spec: InstanceSpec, args: argparse.Namespace) -> int:
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
         instance_of=(model, version, index),
         busy_poll_s=args.busy_poll_us / 1e6,
+        arena_threshold=args.inline_threshold,
     )
-    host.arena_threshold = args.inline_threshold
     _install_signals(host)
     try:
         instance = make_backend("python").load(spec)
@@ -105,8 +105,8 @@ async def run_host(args: argparse.Namespace) -> int:
         backend,
         host_id=args.host_id,
         busy_poll_s=args.busy_poll_us / 1e6,
+        arena_threshold=args.inline_threshold,
     )
-    host.arena_threshold = args.inline_threshold
     _install_signals(host)
     await host.run()
     return 0

@@ -53,7 +53,10 @@ class BackendHost:
         host_id: str | None = None,
         instance_of: tuple[str, str, int] | None = None,
         busy_poll_s: float = 0.0,
+        arena_threshold: int,
     ) -> None:
+        """``arena_threshold``: outputs of at least this many bytes go back through this
+        host's arena when the frontend shares /dev/shm (--inline-threshold)."""
         self.scheduler_endpoint = scheduler_endpoint
         self.framework = framework
         self.backend = backend
@@ -76,6 +79,7 @@ class BackendHost:
             self._send,
             self._on_frontend_burst,
             self._idle,
+            arena_threshold,
         )
         self.executor = Executor(self.mapper, self.cuda, self.replies)
         self.executor.instances = instances
@@ -95,15 +99,6 @@ class BackendHost:
     def _idle(self) -> bool:
         """Nothing executing and nothing waiting in a batcher."""
         return not self.executor.inflight and not self.executor.queued()
-
-    @property
-    def arena_threshold(self) -> int:
-        """Outputs of at least this many bytes go back through the arena (when shared)."""
-        return self.replies.arena_threshold
-
-    @arena_threshold.setter
-    def arena_threshold(self, value: int) -> None:
-        self.replies.arena_threshold = value
 
     @property
     def instances(self) -> dict:

@@ -23,7 +23,6 @@ from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, invalid_arg
 from despina.common.shm.arena import ShmArena, ShmMapper
 from despina.services.backend_host.backend import ExecResponse
-from despina.services.flags import INLINE_THRESHOLD
 
 log = logging.getLogger("despina.backend_host")
 
@@ -48,12 +47,13 @@ class Replies:
         to_scheduler: Callable[[msgspec.Struct], None],
         on_frontend_burst: Callable[[streams.FramedProtocol, list[list]], None],
         idle: Callable[[], bool],
+        arena_threshold: int,
     ) -> None:
         self.host_id = host_id
         self.mapper = mapper
         self.cuda = cuda
         self.arena = arena
-        self.arena_threshold = INLINE_THRESHOLD
+        self.arena_threshold = arena_threshold  # outputs this large: into the arena
         self._instances = instances  # the executor's, read for classification
         self._to_scheduler = to_scheduler
         self._on_frontend_burst = on_frontend_burst
@@ -205,13 +205,13 @@ def encode_response(
     mapper: ShmMapper,
     cuda: CudaMapper | None = None,
     arena: ShmArena | None = None,
-    arena_threshold: int = INLINE_THRESHOLD,
+    arena_threshold: int = 0,
 ) -> tuple[m.InferReply, list]:
     """The reply record and its output buffers (None where the output is already in
     shared memory: the client's region when it asked for one, else, for large outputs,
-    this host's arena; either way one copy, and the block's owner releases it). Raises
-    nothing: a failure is the request's error reply, and arena blocks taken for it are
-    released."""
+    this host's arena, from ``arena_threshold`` bytes; either way one copy, and the
+    block's owner releases it). Raises nothing: a failure is the request's error reply,
+    and the arena blocks taken for it are released."""
     if response.error is not None:
         return error_reply(req, response.error.code.value, response.error.message)
     missing = [n for n in req.outputs if n not in response.outputs]
