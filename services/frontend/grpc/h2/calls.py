@@ -233,14 +233,13 @@ class Calls:
     (``status`` for a non-OK status), which gives the server's call count back. Runs on
     the loop only."""
 
+    __slots__ = ("conn", "server", "loop", "starting")
+
     def __init__(self, conn: H2Connection) -> None:
         self.conn = conn
         self.server = conn.server
         self.loop = conn.loop
         self.starting: list[Stream] = []  # calls complete in this read, started after it
-        # Bound once: called for every call (docs/architecture.md#h2-bound-methods).
-        self.send_stream = conn.send_stream
-        self.flush = conn.flush
 
     # --- a call begins --------------------------------------------------------------------
 
@@ -370,7 +369,7 @@ class Calls:
         except CallError as exc:
             stream.inflating = None
             self.status(stream, exc.code, exc.message)
-            self.flush()
+            self.conn.flush()
             return
         if message is not None:
             queue.popleft()
@@ -382,7 +381,7 @@ class Calls:
                 self.end_of_requests(stream)
                 if self.starting:
                     self.start_calls()
-                self.flush()
+                self.conn.flush()
         if queue:
             self.loop.call_soon(self.inflate_step, stream)
 
@@ -483,7 +482,7 @@ class Calls:
                     response = method.serializer(response)
                 if not self.send_message(stream, response):
                     return False
-                self.flush()
+                self.conn.flush()
                 while (stream.pending or conn.write_paused) and not stream.closed:
                     stream.waiter = self.loop.create_future()
                     await stream.waiter
@@ -514,7 +513,7 @@ class Calls:
         stream.pending.append(b"\x00" + n.to_bytes(4, "big"))
         if n:
             stream.pending.append(memoryview(message))
-        self.send_stream(stream)
+        self.conn.send_stream(stream)
         return True
 
     def expire(self, stream: Stream) -> None:
@@ -555,7 +554,7 @@ class Calls:
         if stream.task is not None and not stream.task.done():
             if stream.task is not asyncio.current_task():
                 stream.task.cancel()
-        self.flush()
+        self.conn.flush()
 
     def finish(self, stream: Stream, trailers: bytes) -> None:
         """End the call: ``trailers`` go out once its pending bytes have."""
@@ -571,5 +570,5 @@ class Calls:
             stream.requests.put(asyncio.CancelledError())
         wake(stream)
         stream.trailers = trailers
-        self.send_stream(stream)
-        self.flush()
+        self.conn.send_stream(stream)
+        self.conn.flush()

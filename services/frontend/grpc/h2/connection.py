@@ -78,6 +78,36 @@ class H2Connection(asyncio.Protocol):
     themselves (RST_STREAM, or a gRPC status through ``Calls``). Owns ``out``, the
     frames and message pieces written at the end of each read."""
 
+    # Slots: every access on the path per call stays specialised
+    # (docs/architecture.md#h2-slots).
+    __slots__ = (
+        "server",
+        "transport",
+        "buf",
+        "preface",
+        "headers",
+        "streams",
+        "last_sid",
+        "going_away",
+        "send_window",
+        "peer_initial_window",
+        "peer_max_frame",
+        "consumed",
+        "header_block",
+        "header_sid",
+        "header_end_stream",
+        "header_self_dependent",
+        "out",
+        "reset_sids",
+        "loop",
+        "strikes",
+        "strikes_since",
+        "resets",
+        "resets_since",
+        "write_paused",
+        "calls",
+    )
+
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -104,13 +134,7 @@ class H2Connection(asyncio.Protocol):
         self.resets = 0
         self.resets_since = self.strikes_since
         self.write_paused = False
-        calls = self.calls = Calls(self)
-        # Bound once: called for every call (docs/architecture.md#h2-bound-methods).
-        self.decode_head = self.headers.decode
-        self.open_call = calls.open
-        self.read_messages = calls.read_messages
-        self.end_of_requests = calls.end_of_requests
-        self.cancel = calls.cancel
+        self.calls = Calls(self)
 
     # --- connection ---------------------------------------------------------------------
 
@@ -138,7 +162,7 @@ class H2Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         for stream in list(self.streams.values()):
-            self.cancel(stream)
+            self.calls.cancel(stream)
         self.streams.clear()
         self.calls.starting = []
 
@@ -390,7 +414,7 @@ class H2Connection(asyncio.Protocol):
             return
         self._count_reset()
         del self.streams[sid]
-        self.cancel(stream)
+        self.calls.cancel(stream)
         self.forget(stream)
 
     def _on_priority(self, sid: int, payload: bytes) -> None:
@@ -437,7 +461,7 @@ class H2Connection(asyncio.Protocol):
     def _on_header_block(
         self, sid: int, block: bytes, end_stream: bool, self_dependent: bool = False
     ) -> None:
-        head = self.decode_head(block)  # decoded whatever comes of it: HPACK's state
+        head = self.headers.decode(block)  # decoded whatever comes of it: HPACK's state
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client
             if stream.remote_closed:
@@ -445,7 +469,7 @@ class H2Connection(asyncio.Protocol):
             elif not end_stream or head.trailer_error or self_dependent:
                 self.reset(sid, PROTOCOL_ERROR, stream)
             else:
-                self.end_of_requests(stream)
+                self.calls.end_of_requests(stream)
             return
         if sid <= self.last_sid:
             if sid in self.reset_sids:
@@ -466,7 +490,7 @@ class H2Connection(asyncio.Protocol):
         stream = Stream(sid, self.peer_initial_window)
         self.streams[sid] = stream
         stream.remote_closed = end_stream
-        self.open_call(stream, head, end_stream)
+        self.calls.open(stream, head, end_stream)
 
     def _on_data(self, sid: int, flags: int, payload: bytes | memoryview) -> None:
         size = len(payload)
@@ -498,9 +522,9 @@ class H2Connection(asyncio.Protocol):
                 stream.consumed = 0
         data = unpad(flags, payload)
         if stream.method is not None and not stream.closed:
-            self.read_messages(stream, data)
+            self.calls.read_messages(stream, data)
         if flags & END_STREAM:
-            self.end_of_requests(stream)
+            self.calls.end_of_requests(stream)
 
     def caught_up(self, stream: Stream) -> None:
         """A streaming call's handler has taken half its backlog: the window kept from
@@ -533,7 +557,7 @@ class H2Connection(asyncio.Protocol):
         self._remember_reset(sid)
         if stream is not None:
             self.streams.pop(sid, None)
-            self.cancel(stream)
+            self.calls.cancel(stream)
             self.forget(stream)
 
     def _remember_reset(self, sid: int) -> None:
