@@ -7,14 +7,14 @@ the protocol edge.
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
 
 from despina.common import control
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control as encode
+from despina.services.frontend.call import InferCall
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
+from despina.services.frontend.placement import BodyBlock
 from despina.services.frontend.scheduler_client import SchedulerClient
 from despina.services.identity import TRITON_NAME, TRITON_VERSION
 
@@ -79,29 +79,31 @@ class DataPlane:
         record = await self.client.query("repository_index")
         return control.expect(record, control.RepositoryIndex)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResult:
-        """Run one request. Output bytes may be views into a backend host's shared
-        memory: call ``release(result)`` once they are copied into the response."""
-        result: InferenceResult = await self.client.infer(request)
-        result.id = request.id
-        return result
+    # --- inference: decode, start, encode (services/frontend/call.py) ---------------------
 
-    def submit(self, request: InferenceRequest) -> asyncio.Future:
-        """``infer`` without a coroutine, for a caller that answers from a callback: the
-        future resolves to the result (its ``id`` not set) or raises ServerError; this
-        raises ServerError at once for what is refused before sending."""
-        return self.client.infer(request)
+    def call(self, body: BodyBlock | None = None) -> InferCall:
+        """A new inference call, owning ``body`` (the block the transport read the
+        request into, if any). Whatever happens next, its handler ``close()``s it once,
+        after encoding (or failing)."""
+        return self.client.call(body)
 
-    def release(self, result: InferenceResult) -> None:
-        self.client.release(result)
+    def start(self, call: InferCall, request: InferenceRequest) -> InferCall:
+        """Send ``request`` as ``call`` and return the call: a future of the
+        ``InferenceResult`` (output bytes may be views into a backend host's shared
+        memory, valid until the call closes). Raises ServerError at once for what is
+        refused before sending."""
+        return self.client.send(call, request)
 
-    def body_block(self, size: int):
-        """Shared memory to read a large request body into, or None; hand it to the
-        request (``InferenceRequest.body_block``), and ``drop`` it if the request fails
-        before ``infer``."""
+    async def infer(self, call: InferCall, request: InferenceRequest) -> InferenceResult:
+        """``start`` and wait: for handlers that are coroutines."""
+        return await self.client.send(call, request)
+
+    def body_block(self, size: int) -> BodyBlock | None:
+        """Shared memory to read a large request body into, or None: the transport owns
+        it until it hands it to a ``call``, and ``drop``s it if it never does."""
         return self.client.body_block(size)
 
-    def drop(self, block) -> None:
+    def drop(self, block: BodyBlock | None) -> None:
         self.client.drop(block)
 
     # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----

@@ -45,10 +45,6 @@ class InferenceRequest:
     outputs: list[OutputRequest]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     binary_output: bool = False  # HTTP "binary_data_output" request parameter
-    # The shared-memory block the request body was read into, when it was large: input
-    # data that are views of it travel as refs to it, with no copy. The scheduler client
-    # takes it over (and frees it when the reply arrives).
-    body_block: object | None = None
     # Shared by the requests a ``RequestMemo`` rebuilt from one template: the
     # signatures (by id) they were found to fit, so the rest skip that check.
     checked: dict[int, object] | None = None
@@ -167,10 +163,9 @@ class InferenceResult:
     version: str
     id: str
     outputs: list[OutputTensor]
+    # Output bytes may be views of a backend host's shared memory, lent to the call
+    # (services/frontend/call.py): valid until the call closes.
     parameters: dict[str, ParamValue] = field(default_factory=dict)
-    # Shared-memory blocks the outputs' bytes live in, lent by a backend host: the
-    # protocol adapter calls ``DataPlane.release`` once its response holds a copy.
-    leases: list = field(default_factory=list)
 
 
 _SEQUENCE_FLAGS = ("sequence_start", "sequence_end")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from despina.common.errors import Code
+from despina.common.errors import Code, ServerError
 
 
 class Status(IntEnum):
@@ -43,3 +43,8 @@ GRPC_STATUS = {
     Code.UNKNOWN: Status.UNKNOWN,
     Code.DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED,
 }
+
+
+def status_of(exc: ServerError) -> tuple[Status, str]:
+    """The one mapping of an error to what a gRPC call ends with: its status, its message."""
+    return GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message

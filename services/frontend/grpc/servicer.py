@@ -28,10 +28,11 @@ from typing import NoReturn
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend import control, unsupported
+from despina.services.frontend.call import InferCall
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
-from despina.services.frontend.grpc.errors import GRPC_STATUS, Status
-from despina.services.frontend.inference import InferenceRequest, InferenceResult, RequestMemo
+from despina.services.frontend.grpc.errors import Status, status_of
+from despina.services.frontend.inference import RequestMemo
 
 log = logging.getLogger("despina.frontend")
 
@@ -45,7 +46,7 @@ STREAM_MAX_INFLIGHT = 64
 
 async def _fail(context, exc: ServerError) -> NoReturn:
     """End the call with ``exc``'s status and message (``abort`` raises to do so)."""
-    await context.abort(GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+    await context.abort(*status_of(exc))
     raise AssertionError("unreachable: abort raises")
 
 
@@ -112,51 +113,49 @@ class InferenceServicer:
         self, request: bytes, answer: Callable[[bytes | None, int, str], None]
     ) -> asyncio.Future | None:
         """``ModelInfer`` without a coroutine, for a transport that answers from a
-        callback (``h2server``): sends the request on now and returns the future it
-        waits on (cancel it to abandon the call), or None when it has answered already.
+        callback (``h2server``): decode and start now, encode in the call's done callback.
+        Returns the call (cancel it to abandon it), or None when it has answered already.
         ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``."""
         plane = self.plane
+        call = plane.call()
         try:
-            inference = converters.decode_message(request, self.memo)
-            pending = plane.submit(inference)
+            plane.start(call, converters.decode_message(request, self.memo))
         except ServerError as exc:
-            answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+            call.close()
+            answer(None, *status_of(exc))
             return None
 
-        def done(pending: asyncio.Future) -> None:
-            if pending.cancelled():
-                return  # the call ended (deadline, reset); the data plane frees the rest
-            try:
-                result = pending.result()
-            except ServerError as exc:
-                answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+        def done(call: InferCall) -> None:
+            if call.cancelled():  # the call ended (deadline, reset)
+                call.close()
                 return
-            result.id = inference.id
             try:
-                response = converters.serialize_infer_response(result, inference, self.memo)
+                response = converters.serialize_infer_response(
+                    call.result(), call.request, self.memo
+                )
             except ServerError as exc:
-                answer(None, GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+                answer(None, *status_of(exc))
                 return
             finally:
-                plane.release(result)
+                call.close()
             answer(response, Status.OK, "")
 
-        pending.add_done_callback(done)
-        return pending
+        call.add_done_callback(done)
+        return call
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
         plane = self.plane
+        call = plane.call()
         try:
             inference = converters.decode_message(request, self.memo)
             if self.forward is not None:
                 converters.forward_metadata(inference, context, self.forward)
-            result = await plane.infer(inference)
-            try:
-                return converters.serialize_infer_response(result, inference)
-            finally:
-                plane.release(result)
+            result = await plane.infer(call, inference)
+            return converters.serialize_infer_response(result, inference)
         except ServerError as exc:
             await _fail(context, exc)
+        finally:
+            call.close()
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context
@@ -177,7 +176,7 @@ class InferenceServicer:
         # A ServerError in the queue ends the stream with its status (triton_grpc_error).
         out: asyncio.Queue[bytes | ServerError | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
-        inflight: set[asyncio.Task] = set()
+        inflight: set[InferCall] = set()
         reading = True
         grpc_error = converters.wants_grpc_error(context.invocation_metadata())
 
@@ -187,33 +186,21 @@ class InferenceServicer:
             else:
                 out.put_nowait(converters.stream_error(message, request).SerializeToString())
 
-        def finish(
-            inference: InferenceRequest,
-            request: pb.ModelInferRequest,
-            final_flag: bool,
-            task: asyncio.Task,
-        ) -> None:
-            inflight.discard(task)
-            if task.cancelled():
-                return
-            exc = task.exception()
+        def finish(request: pb.ModelInferRequest, final_flag: bool, call: InferCall) -> None:
+            inflight.discard(call)
             try:
-                if exc is None:
-                    result: InferenceResult = task.result()
-                    try:
-                        response = converters.serialize_stream_response(
-                            result, inference, final_flag
-                        )
-                    finally:
-                        plane.release(result)
-                    out.put_nowait(response)
-                else:
-                    raise exc
+                if call.cancelled():
+                    return
+                out.put_nowait(
+                    converters.serialize_stream_response(call.result(), call.request, final_flag)
+                )
             except ServerError as err:
                 failed(err.message, request, err.code)
             except Exception as err:
                 log.exception("stream request %r failed", request.id)
                 failed(f"internal error: {err}", request, Code.INTERNAL)
+            finally:
+                call.close()
             if not reading and not inflight:
                 out.put_nowait(None)
 
@@ -224,17 +211,19 @@ class InferenceServicer:
                     await slots.acquire()
                     # Bytes that are no ModelInferRequest end the stream (INVALID_ARGUMENT).
                     request, raw = converters.parse_infer_request(message)
+                    call = plane.call()
                     try:
                         inference = converters.decode_infer_request(request, raw)
                         if self.forward is not None:
                             converters.forward_metadata(inference, context, self.forward)
+                        plane.start(call, inference)
                     except ServerError as exc:
+                        call.close()
                         failed(exc.message, request, exc.code)
                         continue
-                    task = loop.create_task(plane.infer(inference))
-                    inflight.add(task)
+                    inflight.add(call)
                     final_flag = converters.wants_final_flag(request)
-                    task.add_done_callback(partial(finish, inference, request, final_flag))
+                    call.add_done_callback(partial(finish, request, final_flag))
             finally:
                 reading = False
                 if not inflight:

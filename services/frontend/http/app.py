@@ -38,7 +38,7 @@ from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
-from despina.services.frontend.inference import forward_headers
+from despina.services.frontend.inference import InferenceRequest, InferenceResult, forward_headers
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.frontend.unsupported import (
     LOGGING,
@@ -112,6 +112,35 @@ class JsonErrorRunner(web.AppRunner):
         # changes which handler class each connection gets.
         server.__class__ = _JsonErrorServer
         return server
+
+
+async def _respond(
+    request: web.Request, result: InferenceResult, inference: InferenceRequest
+) -> web.StreamResponse:
+    """The response to an infer; large outputs go out from where they are (shared
+    memory), not joined, and the transport has written them when this returns (the
+    call may close then)."""
+    parts, json_length = codec.encode_infer_response_parts(result, inference)
+    headers = {} if json_length is None else {codec.HEADER_LENGTH_HEADER: str(json_length)}
+    content_type = JSON if json_length is None else "application/octet-stream"
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if size < codec.STREAM_RESPONSE_BYTES:
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        return web.Response(body=body, content_type=content_type, headers=headers)
+    response = web.StreamResponse(headers=headers)
+    response.content_type = content_type
+    response.content_length = size
+    await response.prepare(request)
+    for part in parts:
+        await response.write(part)
+    await response.write_eof()
+    # The transport may still hold views of the parts: wait until it has written them.
+    transport = request.transport
+    while transport is not None and not transport.is_closing():
+        if transport.get_write_buffer_size() == 0:
+            break
+        await asyncio.sleep(0.001)
+    return response
 
 
 def handler_limits(limits: HttpLimits) -> dict[str, float | int]:
@@ -285,51 +314,30 @@ def build_app(
                     reserved = 0
             else:
                 body = await request.read()
-            if header_length == 0:  # raw binary: the input's metadata from the config
-                config = await plane.model_config(info["model"], info.get("version", ""))
-                inference = codec.decode_raw_request(
-                    body, config.json, info["model"], info.get("version", "")
-                )
-            else:
-                inference = codec.decode_infer_request(
-                    body, header_length, info["model"], info.get("version", "")
-                )
-            inference.body_block = block
-            if forward is not None:
-                forwarded = {
-                    k.lower(): v for k, v in request.headers.items() if forward.search(k.lower())
-                }
-                if forwarded:
-                    forward_headers(inference, forwarded)
-            result = await plane.infer(inference)
+            call = plane.call(block)
+            block = None  # the call's now
             try:
-                parts, json_length = codec.encode_infer_response_parts(result, inference)
-                headers = (
-                    {} if json_length is None else {codec.HEADER_LENGTH_HEADER: str(json_length)}
-                )
-                content_type = JSON if json_length is None else "application/octet-stream"
-                size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-                if size < codec.STREAM_RESPONSE_BYTES:
-                    body = parts[0] if len(parts) == 1 else b"".join(parts)
-                    return web.Response(body=body, content_type=content_type, headers=headers)
-                # Large outputs go out from where they are (shared memory), not joined.
-                response = web.StreamResponse(headers=headers)
-                response.content_type = content_type
-                response.content_length = size
-                await response.prepare(request)
-                for part in parts:
-                    await response.write(part)
-                await response.write_eof()
-                # The transport may still hold views of the parts: keep the shared-memory
-                # blocks until it has written them.
-                transport = request.transport
-                while transport is not None and not transport.is_closing():
-                    if transport.get_write_buffer_size() == 0:
-                        break
-                    await asyncio.sleep(0.001)
-                return response
+                if header_length == 0:  # raw binary: the input's metadata from the config
+                    config = await plane.model_config(info["model"], info.get("version", ""))
+                    inference = codec.decode_raw_request(
+                        body, config.json, info["model"], info.get("version", "")
+                    )
+                else:
+                    inference = codec.decode_infer_request(
+                        body, header_length, info["model"], info.get("version", "")
+                    )
+                if forward is not None:
+                    forwarded = {
+                        k.lower(): v
+                        for k, v in request.headers.items()
+                        if forward.search(k.lower())
+                    }
+                    if forwarded:
+                        forward_headers(inference, forwarded)
+                result = await plane.infer(call, inference)
+                return await _respond(request, result, inference)
             finally:
-                plane.release(result)
+                call.close()
         except ServerError as exc:
             return error_response(exc)
         except web.HTTPRequestEntityTooLarge:  # a chunked body over the limit

@@ -57,6 +57,7 @@ import orjson
 
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
+from despina.services.frontend.call import InferCall
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.http import codec
 from despina.services.frontend.http.errors import HTTP_STATUS
@@ -738,14 +739,24 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             return  # the connection is gone
         except Exception as exc:
-            self._failed(req, exc)
+            self._answer_error(req, exc)
         self.task = None
         if self.transport is not None:
             self._next()
 
-    def _failed(self, req: _Request, exc: Exception) -> None:
-        """A handler raised what it should not have: log it, answer 500."""
-        log.exception("HTTP %s %s failed", req.method.decode(), req.url.decode("latin-1"))
+    def _answer_error(self, req: _Request, exc: BaseException) -> None:
+        """The one place a handler's error becomes a response: a ServerError its status
+        (errors.HTTP_STATUS) and Triton's JSON body; anything else is a bug, logged,
+        answered 500."""
+        if isinstance(exc, ServerError):
+            self._reply(req, *_error_reply(exc))
+            return
+        log.error(
+            "HTTP %s %s failed",
+            req.method.decode(),
+            req.url.decode("latin-1"),
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
         if self.transport is not None:
             self._reply(req, 500, codec.encode_error(f"internal error: {exc}"), JSON, b"")
 
@@ -843,21 +854,14 @@ async def _model_ready(conn: _Connection, req: _Request, model: str, version: st
 async def _answer_json(
     conn: _Connection, req: _Request, pending: Awaitable[Any], encode: Callable[[Any], bytes]
 ) -> None:
-    """Answer with ``encode(record)`` (services/frontend/control.py) or the error."""
-    try:
-        body = encode(await pending)
-    except ServerError as exc:
-        conn._reply(req, *_error_reply(exc))
-        return
+    """Answer with ``encode(record)`` (services/frontend/control.py); an error goes to
+    ``_Connection._answer_error`` through ``_run``."""
+    body = encode(await pending)
     conn._reply(req, 200, body, JSON, b"")
 
 
 async def _answer_empty(conn: _Connection, req: _Request, pending: Awaitable[None]) -> None:
-    try:
-        await pending
-    except ServerError as exc:
-        conn._reply(req, *_error_reply(exc))
-        return
+    await pending
     conn._reply(req, 200, b"", b"", b"")
 
 
@@ -882,38 +886,33 @@ def _unsupported(conn: _Connection, req: _Request, message: str) -> None:
 
 
 def _infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
-    """Decode the request and send it on now, in the parser's callback: no task, no
-    coroutine (loadtest/README.md, "Less Python per request"). Answers at once
-    when it cannot be sent; else ``conn.task`` is the pending result, and ``_infer_done``
-    answers when it resolves (or drops the body when the connection went away)."""
+    """Decode, start, answer when the call resolves (``_infer_done``): all in the
+    parser's callback and the call's done callback, no task, no coroutine
+    (docs/architecture.md, "Less Python per request"). The call owns the body block from
+    here on; ``_infer_done`` or a refusal here closes it."""
     plane = conn.plane
-    block = req.block
-    req.block = None  # this handler owns it now
+    call = plane.call(req.block)
+    req.block = None
     try:
         header_length = codec.parse_header_length(req.header_length)
-        body = block.view if block is not None else req.body
+        body = call.body.view if call.body is not None else req.body
         if header_length == 0:
-            _infer_raw(conn, req, model, version, body, block)
+            _infer_raw(conn, req, call, model, version, body)
             return
         inference = codec.decode_infer_request(body, header_length, model, version, conn.memo)
-        inference.body_block = block
         if conn.forward is not None and req.forwarded:
             forward_headers(inference, req.forwarded)
-        pending = plane.submit(inference)
-    except ServerError as exc:
-        plane.drop(block)
-        conn._reply(req, *_error_reply(exc))
-        return
+        plane.start(call, inference)
     except Exception as exc:
-        plane.drop(block)
-        conn._failed(req, exc)
+        call.close()
+        conn._answer_error(req, exc)
         return
-    conn.task = pending
-    pending.add_done_callback(functools.partial(_infer_done, conn, req, inference, block))
+    conn.task = call
+    call.add_done_callback(functools.partial(_infer_done, conn, req, call))
 
 
 def _infer_raw(
-    conn: _Connection, req: _Request, model: str, version: str, body: Any, block: Any
+    conn: _Connection, req: _Request, call: InferCall, model: str, version: str, body: Any
 ) -> None:
     """A raw binary request (``Inference-Header-Content-Length: 0``): its input's
     metadata come from the model's configuration, fetched first; ``_infer_done``
@@ -925,83 +924,61 @@ def _infer_raw(
 
     async def run() -> InferenceResult:
         config = await plane.model_config(model, version)
-        raw = codec.decode_raw_request(body, config.json, model, version)
-        inference.inputs = raw.inputs
-        inference.body_block = block
-        return await plane.submit(inference)
+        inference.inputs = codec.decode_raw_request(body, config.json, model, version).inputs
+        return await plane.start(call, inference)
 
     conn.task = task = conn.loop.create_task(run())
-    task.add_done_callback(functools.partial(_infer_done, conn, req, inference, block))
+    task.add_done_callback(functools.partial(_infer_done, conn, req, call))
 
 
-def _infer_done(
-    conn: _Connection,
-    req: _Request,
-    inference: InferenceRequest,
-    block: Any,
-    pending: asyncio.Future,
-) -> None:
-    plane = conn.plane
-    if pending.cancelled():  # the connection is gone; the data plane frees the rest
-        plane.drop(block)
+def _infer_done(conn: _Connection, req: _Request, call: InferCall, pending: asyncio.Future) -> None:
+    """Encode the call's result (or its error) and close the call, unless the response
+    streams: then the streaming task closes it once written."""
+    if pending.cancelled():  # the connection is gone
+        call.close()
         return
     conn.task = None
+    streamed = False
     try:
-        _answer_infer(conn, req, inference, block, pending.result())
-    except ServerError as exc:
-        plane.drop(block)
-        conn._reply(req, *_error_reply(exc))
+        streamed = _answer_infer(conn, req, call, pending.result())
     except Exception as exc:
-        plane.drop(block)
-        conn._failed(req, exc)
+        conn._answer_error(req, exc)
+    finally:
+        if not streamed:
+            call.close()
     if conn.task is None:
         conn._next()
 
 
 def _answer_infer(
-    conn: _Connection,
-    req: _Request,
-    inference: InferenceRequest,
-    block: Any,
-    result: InferenceResult,
-) -> None:
-    """Write the response; the result's blocks and the request body are released once
-    it is written (for a large one, by the task that streams it)."""
-    plane = conn.plane
-    result.id = inference.id
-    streamed = False
-    try:
-        parts, json_length = codec.encode_infer_response_parts(result, inference, conn.memo)
-        if json_length is None:
-            content_type, headers = JSON, b""
-        else:
-            content_type = OCTETS
-            headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
-        if len(parts) == 1:
-            conn._reply(req, 200, parts[0], content_type, headers)
-            return
-        size = sum(p.nbytes if type(p) is memoryview else len(p) for p in parts)
-        if size < codec.STREAM_RESPONSE_BYTES:
-            conn._reply(req, 200, b"".join(parts), content_type, headers)
-            return
-        # Large outputs go out from where they are (shared memory), not joined.
-        streamed = True
-        conn.task = conn.loop.create_task(
-            conn._run(
-                req, _stream_result(conn, req, result, block, parts, size, content_type, headers)
-            )
-        )
-    finally:
-        if not streamed:
-            plane.release(result)
-            plane.drop(block)
+    conn: _Connection, req: _Request, call: InferCall, result: InferenceResult
+) -> bool:
+    """Write the response; True when a task streams it (and closes the call after)."""
+    inference = call.request
+    parts, json_length = codec.encode_infer_response_parts(result, inference, conn.memo)
+    if json_length is None:
+        content_type, headers = JSON, b""
+    else:
+        content_type = OCTETS
+        headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
+    if len(parts) == 1:
+        conn._reply(req, 200, parts[0], content_type, headers)
+        return False
+    size = sum(p.nbytes if type(p) is memoryview else len(p) for p in parts)
+    if size < codec.STREAM_RESPONSE_BYTES:
+        conn._reply(req, 200, b"".join(parts), content_type, headers)
+        return False
+    # Large outputs go out from where they are (shared memory), not joined.
+    conn.task = conn.loop.create_task(
+        conn._run(req, _stream_result(conn, req, call, parts, size, content_type, headers))
+    )
+    return True
 
 
 async def _stream_result(
     conn: _Connection,
     req: _Request,
-    result: InferenceResult,
-    block: Any,
+    call: InferCall,
     parts: list,
     size: int,
     content_type: bytes,
@@ -1010,8 +987,7 @@ async def _stream_result(
     try:
         await conn._send_parts(req, parts, size, content_type, headers)
     finally:
-        conn.plane.release(result)
-        conn.plane.drop(block)
+        call.close()
 
 
 def _shm_status(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:

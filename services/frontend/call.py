@@ -1,0 +1,75 @@
+"""One inference call, from the request its protocol decoded to the last byte of its
+answer: ``InferCall``.
+
+A call owns every buffer its request holds on the way (docs/architecture.md, "Who owns
+which buffer"):
+
+- ``body``: the shared-memory block the request body was read into (HTTP transports
+  read a large body straight into the frontend's arena), until the wire takes it;
+- ``blocks``: the frontend arena blocks that carry its inputs to the backend host (the
+  body block among them once taken), freed when the reply or error arrives, which is
+  when the host is done reading them, even if the client went away before;
+- ``leases``: the backend host's arena blocks its outputs are read from in place,
+  given back once the protocol has copied them into its response.
+
+``close()`` frees what the call still holds, once, whatever happened (answered, failed,
+client gone, cancelled): every protocol handler calls it in one place, after encoding,
+and nothing else frees a call's buffers. The call is the future of its result: awaiting
+it gives the ``InferenceResult`` or raises ``ServerError``; cancelling it (a closed
+connection, RST_STREAM, a deadline) tells whoever holds the request, the scheduler or a
+backend host, so it is dropped there if it has not started.
+
+What comes next fits here (docs/architecture.md, "What the call is built for"): several
+responses per request (decoupled models, streams) as a queue of results on the call;
+cancellation already travels down; a sequence's correlation id and slot, an ensemble
+step's or BLS call's parent call, and per-stage timestamps are fields of the call that
+the wire carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from despina.services.frontend.inference import InferenceRequest
+    from despina.services.frontend.placement import BodyBlock
+    from despina.services.frontend.routes import Target
+    from despina.services.frontend.scheduler_client import SchedulerClient
+
+
+class InferCall(asyncio.Future):
+    __slots__ = ("_client", "body", "request", "rid", "blocks", "targets", "target", "leases")
+
+    def __init__(self, client: SchedulerClient, body: BodyBlock | None = None) -> None:
+        super().__init__(loop=client.loop)
+        self._client = client
+        self.body = body
+        self.request: InferenceRequest | None = None
+        self.rid = 0  # set once sent: the key of its reply
+        self.blocks: list[tuple[str, int]] = []
+        self.targets: frozenset[str] | set[str] = frozenset()  # outputs to client regions
+        self.target: Target | None = None  # the instance, when sent there directly
+        self.leases: list[tuple[object, str, int]] = []  # (host link, key, offset)
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.rid:
+            self._client.cancelled(self)
+        return True
+
+    def close(self) -> None:
+        """Free what the call still holds: its output leases, and its body block when
+        the wire never took it. Idempotent; the input blocks the wire holds are freed
+        when the reply comes, not here."""
+        client = self._client
+        if self.leases:
+            client.give_back(self.leases)
+            self.leases = []
+        body = self.body
+        if body is not None:
+            self.body = None
+            if not body.taken:
+                body.taken = True
+                client.arena.release(body.key, body.offset)
