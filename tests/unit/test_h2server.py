@@ -353,6 +353,40 @@ def test_bad_preface_and_unknown_frames(server):
         assert [f[3] for f in frames if f[0] == h2frames.PING] == [b"12345678"]
 
 
+REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/t.S/Echo"),
+    (b":authority", b"x"),
+    (b"content-type", b"application/grpc"),
+]
+
+
+@pytest.mark.parametrize(
+    "extra, malformed",
+    [
+        ([], False),
+        ([(b"x-v", b"a b\tc")], False),
+        ([(b"x-v", b"a\rb")], True),
+        ([(b"x-v", b"a\nb")], True),
+        ([(b"x-v", b"a\x00b")], True),
+    ],
+    ids=["plain", "space-and-tab", "cr", "lf", "nul"],
+)
+def test_field_values_with_cr_lf_or_nul_are_malformed(extra, malformed):
+    """RFC 9113 8.2.1: a value with CR, LF or NUL makes a request, or trailers, malformed;
+    other characters do not."""
+    assert h2headers.parse_head(REQUEST + extra).request_error is malformed
+    assert h2headers.parse_head(extra).trailer_error is malformed
+
+
+def test_a_pseudo_header_value_with_lf_is_malformed():
+    fields = [
+        (b":path", b"/t.S/Echo\n") if name == b":path" else (name, value) for name, value in REQUEST
+    ]
+    assert h2headers.parse_head(fields).request_error
+
+
 def test_header_cache_follows_the_dynamic_table():
     """Blocks that leave HPACK's dynamic table alone are cached; one that changes it
     empties the cache, since the same indexed bytes may then mean other headers."""
