@@ -35,24 +35,18 @@ from aiohttp import web, web_protocol, web_response, web_server
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane
-from despina.services.frontend.http import codec
+from despina.services.frontend.http import codec, routes
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, forward_headers
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.frontend.unsupported import (
-    LOGGING,
-    MODEL_CONTROL,
-    STATISTICS,
-    TRACE,
     unsupported,
 )
 from despina.services.identity import SERVER_HEADER
 
 JSON = "application/json"
 # Triton's answers (src/http_server.cc) to a path no route serves and to another method.
-NOT_FOUND = codec.encode_error("Not Found")
-NOT_ALLOWED = codec.encode_error("Method Not Allowed")
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -154,52 +148,6 @@ def handler_limits(limits: HttpLimits) -> dict[str, float | int]:
     }
 
 
-def add_error_routes(app: web.Application) -> None:
-    """Give every resource of ``app`` a ``*`` route answering Triton's JSON 405 (with
-    ``Allow``), and add a last catch-all route answering its JSON 404. Call once, after
-    the other routes: aiohttp tries a resource's routes in order and the catch-all's
-    resource (indexed under ``/``) after every more specific one."""
-
-    def not_allowed(allow: str):
-        async def handler(_: web.Request) -> web.Response:
-            return web.Response(
-                status=405, body=NOT_ALLOWED, content_type=JSON, headers={"Allow": allow}
-            )
-
-        return handler
-
-    async def not_found(_: web.Request) -> web.Response:
-        return web.Response(status=404, body=NOT_FOUND, content_type=JSON)
-
-    for resource in list(app.router.resources()):
-        if isinstance(resource, web.Resource):
-            allow = ",".join(sorted({route.method for route in resource}))
-            resource.add_route("*", not_allowed(allow))
-    app.router.add_route("*", "/{path:.*}", not_found)
-
-
-def restrict(
-    handler, expect_handler, restriction: tuple[str, str]
-) -> tuple[Callable[[web.Request], Awaitable[web.StreamResponse]], Callable]:
-    """``handler`` and its ``expect_handler`` behind a restricted API's check (Triton's
-    403 for a request without the header of exactly that value, the first of its name)."""
-    header, value = restriction
-    refusal = codec.encode_error(http_message(header))
-
-    def refused(request: web.BaseRequest) -> web.Response | None:
-        if request.headers.get(header) == value:
-            return None
-        return web.Response(status=403, body=refusal, content_type=JSON)
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        return refused(request) or await handler(request)
-
-    async def guarded_expect(request: web.Request) -> web.StreamResponse | None:
-        return refused(request) or await expect_handler(request)
-
-    return guarded, guarded_expect
-
-
 def build_app(
     plane: DataPlane,
     limits: HttpLimits | None = None,
@@ -240,6 +188,8 @@ def build_app(
             writer.output_size = 0  # the response has not started
         return None
 
+    # The handlers of routes.py's operations, each taking the request and its Match's
+    # args; a ServerError they raise is answered by ``dispatch``.
     async def live(_: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -249,42 +199,26 @@ def build_app(
     async def server_metadata(_: web.Request) -> web.Response:
         return web.Response(body=plane.server_metadata(), content_type=JSON)
 
-    async def model_ready(request: web.Request) -> web.Response:
-        info = request.match_info
-        ok = await plane.model_ready(info["model"], info.get("version", ""))
+    async def model_ready(_: web.Request, model: str, version: str) -> web.Response:
+        ok = await plane.model_ready(model, version)
         return web.Response(status=200 if ok else 400)
 
-    async def model_metadata(request: web.Request) -> web.Response:
-        info = request.match_info
-        try:
-            record = await plane.model_metadata(info["model"], info.get("version", ""))
-        except ServerError as exc:
-            return error_response(exc)
+    async def model_metadata(_: web.Request, model: str, version: str) -> web.Response:
+        record = await plane.model_metadata(model, version)
         return web.Response(body=control.model_metadata_json(record), content_type=JSON)
 
-    async def model_config(request: web.Request) -> web.Response:
-        info = request.match_info
-        try:
-            config = await plane.model_config(info["model"], info.get("version", ""))
-        except ServerError as exc:
-            return error_response(exc)
+    async def model_config(_: web.Request, model: str, version: str) -> web.Response:
+        config = await plane.model_config(model, version)
         return web.Response(body=control.model_config_json(config), content_type=JSON)
 
     async def repository_index(_: web.Request) -> web.Response:
-        try:
-            index = await plane.repository_index()
-        except ServerError as exc:
-            return error_response(exc)
+        index = await plane.repository_index()
         return web.Response(body=control.repository_index_json(index), content_type=JSON)
 
-    def unsupported_route(message: str):
-        async def refuse(_: web.Request) -> web.Response:
-            return error_response(unsupported(message))
+    async def refuse(_: web.Request, message: str) -> web.Response:
+        raise unsupported(message)
 
-        return refuse
-
-    async def infer(request: web.Request) -> web.StreamResponse:
-        info = request.match_info
+    async def infer(request: web.Request, model: str, version: str) -> web.StreamResponse:
         refusal = too_large(request)
         if refusal is not None:
             return refusal
@@ -318,14 +252,10 @@ def build_app(
             block = None  # the call's now
             try:
                 if header_length == 0:  # raw binary: the input's metadata from the config
-                    config = await plane.model_config(info["model"], info.get("version", ""))
-                    inference = codec.decode_raw_request(
-                        body, config.json, info["model"], info.get("version", "")
-                    )
+                    config = await plane.model_config(model, version)
+                    inference = codec.decode_raw_request(body, config.json, model, version)
                 else:
-                    inference = codec.decode_infer_request(
-                        body, header_length, info["model"], info.get("version", "")
-                    )
+                    inference = codec.decode_infer_request(body, header_length, model, version)
                 if forward is not None:
                     forwarded = {
                         k.lower(): v
@@ -338,8 +268,6 @@ def build_app(
                 return await _respond(request, result, inference)
             finally:
                 call.close()
-        except ServerError as exc:
-            return error_response(exc)
         except web.HTTPRequestEntityTooLarge:  # a chunked body over the limit
             return web.Response(
                 status=413,
@@ -351,76 +279,76 @@ def build_app(
             pending[0] -= reserved
             plane.drop(block)
 
-    def shm_routes(cuda: bool):
-        async def status(request: web.Request) -> web.Response:
-            try:
-                status = await plane.shm_status(cuda, request.match_info.get("name", ""))
-            except ServerError as exc:
-                return error_response(exc)
-            return web.Response(body=control.shm_status_any_json(status), content_type=JSON)
+    async def shm_status(_: web.Request, cuda: bool, name: str) -> web.Response:
+        status = await plane.shm_status(cuda, name)
+        return web.Response(body=control.shm_status_any_json(status), content_type=JSON)
 
-        async def register(request: web.Request) -> web.Response:
-            refusal = too_large(request)
-            if refusal is not None:
-                return refusal
-            try:
-                try:
-                    args = orjson.loads(await request.read())
-                except orjson.JSONDecodeError as exc:
-                    raise invalid_arg(f"failed to parse the registration JSON: {exc}") from None
-                if not isinstance(args, dict):
-                    raise invalid_arg("the registration body must be a JSON object")
-                await plane.shm_register(cuda, request.match_info["name"], args)
-            except ServerError as exc:
-                return error_response(exc)
-            return web.Response(status=200)
+    async def shm_register(request: web.Request, cuda: bool, name: str) -> web.Response:
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
+        try:
+            args = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise invalid_arg(f"failed to parse the registration JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise invalid_arg("the registration body must be a JSON object")
+        await plane.shm_register(cuda, name, args)
+        return web.Response(status=200)
 
-        async def unregister(request: web.Request) -> web.Response:
-            try:
-                await plane.shm_unregister(cuda, request.match_info.get("name", ""))
-            except ServerError as exc:
-                return error_response(exc)
-            return web.Response(status=200)
+    async def shm_unregister(_: web.Request, cuda: bool, name: str) -> web.Response:
+        await plane.shm_unregister(cuda, name)
+        return web.Response(status=200)
 
-        return status, register, unregister
+    handlers: dict[str, Callable[..., Awaitable[web.StreamResponse]]] = {
+        routes.LIVE: live,
+        routes.READY: ready,
+        routes.SERVER_METADATA: server_metadata,
+        routes.MODEL_METADATA: model_metadata,
+        routes.MODEL_READY: model_ready,
+        routes.MODEL_CONFIG: model_config,
+        routes.INFER: infer,
+        routes.REPOSITORY_INDEX: repository_index,
+        routes.SHM_STATUS: shm_status,
+        routes.SHM_REGISTER: shm_register,
+        routes.SHM_UNREGISTER: shm_unregister,
+        routes.UNSUPPORTED: refuse,
+    }
+    guards = {
+        group: (header, value, codec.encode_error(http_message(header)))
+        for group, (header, value) in (restrictions or {}).items()
+    }
+
+    def refused(request: web.BaseRequest) -> web.Response | None:
+        """Triton's 403 when the path's API group is restricted and the request lacks
+        the header of exactly that value (the first of its name)."""
+        if not guards:
+            return None
+        guard = guards.get(http_group(request.path) or "")
+        if guard is None or request.headers.get(guard[0]) == guard[1]:
+            return None
+        return web.Response(status=403, body=guard[2], content_type=JSON)
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        """Every request: routes.match, the restriction, the handler; the one place a
+        ServerError becomes a response here."""
+        found = routes.match(request.method, request.raw_path.partition("?")[0])
+        if type(found) is routes.Miss:
+            headers = {"Allow": found.allow} if found.allow else None
+            return web.Response(
+                status=found.status, body=found.body, content_type=JSON, headers=headers
+            )
+        refusal = refused(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await handlers[found.op](request, *found.args)  # type: ignore[union-attr]
+        except ServerError as exc:
+            return error_response(exc)
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        return refused(request) or await expect_handler(request)
 
     app = web.Application(client_max_size=max_input_size)
-
-    def add(method: str, path: str, handler) -> None:
-        expect = expect_handler
-        restriction = (restrictions or {}).get(http_group(path) or "")
-        if restriction is not None:  # decided per route here: nothing for other routes
-            handler, expect = restrict(handler, expect_handler, restriction)
-        app.router.add_route(method, path, handler, expect_handler=expect)
-
-    add("GET", "/v2/health/live", live)
-    add("GET", "/v2/health/ready", ready)
-    add("GET", "/v2", server_metadata)
-    add("POST", "/v2/repository/index", repository_index)
-    add("POST", "/v2/repository/models/{model}/load", unsupported_route(MODEL_CONTROL))
-    add("POST", "/v2/repository/models/{model}/unload", unsupported_route(MODEL_CONTROL))
-    # Before /v2/models/{model}: Triton reads /v2/models/stats as every model's statistics.
-    for path in ("/v2/models/stats", "/v2/models/{model}/stats"):
-        add("GET", path, unsupported_route(STATISTICS))
-    add("GET", "/v2/models/{model}/versions/{version}/stats", unsupported_route(STATISTICS))
-    for path, message in (
-        ("/v2/trace/setting", TRACE),
-        ("/v2/models/{model}/trace/setting", TRACE),
-        ("/v2/logging", LOGGING),
-    ):
-        add("GET", path, unsupported_route(message))
-        add("POST", path, unsupported_route(message))
-    for cuda, root in ((False, "/v2/systemsharedmemory"), (True, "/v2/cudasharedmemory")):
-        status, register, unregister = shm_routes(cuda)
-        add("GET", root + "/status", status)
-        add("GET", root + "/region/{name}/status", status)
-        add("POST", root + "/region/{name}/register", register)
-        add("POST", root + "/region/{name}/unregister", unregister)
-        add("POST", root + "/unregister", unregister)
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        add("GET", prefix, model_metadata)
-        add("GET", prefix + "/ready", model_ready)
-        add("GET", prefix + "/config", model_config)
-        add("POST", prefix + "/infer", infer)
-    add_error_routes(app)
+    app.router.add_route("*", "/{path:.*}", dispatch, expect_handler=expect)
     return app

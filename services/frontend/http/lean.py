@@ -50,7 +50,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import unquote
 
 import httptools
 import orjson
@@ -59,7 +58,7 @@ from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.dataplane import DataPlane
-from despina.services.frontend.http import codec
+from despina.services.frontend.http import codec, routes
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import (
@@ -70,10 +69,6 @@ from despina.services.frontend.inference import (
 )
 from despina.services.frontend.restricted import Restrictions, http_group, http_message
 from despina.services.frontend.unsupported import (
-    LOGGING,
-    MODEL_CONTROL,
-    STATISTICS,
-    TRACE,
     unsupported,
 )
 from despina.services.identity import SERVER_HEADER
@@ -184,8 +179,6 @@ class _Refusal(Exception):
 
 
 # Triton's answers (src/http_server.cc) to a path no route serves and to another method.
-NOT_FOUND = (404, codec.encode_error("Not Found"), JSON, b"")
-NOT_ALLOWED = codec.encode_error("Method Not Allowed")
 TOO_LARGE = 413
 # _Request.head counts a request's header fields and their bytes in one small int (one
 # add per field): the count from bit 24, the bytes below (at most the header limit plus
@@ -1015,77 +1008,28 @@ def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> 
 # (method, path) -> what _route made of it: most requests repeat a few paths.
 _ROUTES: dict[tuple[bytes, bytes], tuple] = {}
 _SYNC = frozenset({_live, _server_metadata, _unsupported, _infer})
-_SHM_ROOTS = {"systemsharedmemory": False, "cudasharedmemory": True}
-
-
-def _segment(raw: str) -> str:
-    return unquote(raw) if "%" in raw else raw
+# routes.py's operations -> this transport's handlers.
+_HANDLERS: dict[str, Callable] = {
+    routes.LIVE: _live,
+    routes.READY: _ready,
+    routes.SERVER_METADATA: _server_metadata,
+    routes.MODEL_METADATA: _model_metadata,
+    routes.MODEL_READY: _model_ready,
+    routes.MODEL_CONFIG: _model_config,
+    routes.INFER: _infer,
+    routes.REPOSITORY_INDEX: _repository_index,
+    routes.SHM_STATUS: _shm_status,
+    routes.SHM_REGISTER: _shm_register,
+    routes.SHM_UNREGISTER: _shm_unregister,
+    routes.UNSUPPORTED: _unsupported,
+}
 
 
 def _route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, bytes, bytes, bytes]:
     """(handler, its arguments) for a request, or the reply for a path that matches no
-    route (404) or a route another method serves (405, with ``Allow``), as aiohttp
-    routes ``app.build_app``'s table: each ``{name}`` one non-empty path segment."""
-    if not path.startswith(b"/v2"):
-        return NOT_FOUND
-    segments = path.decode("utf-8", "replace").split("/")
-    if segments[1] != "v2":
-        return NOT_FOUND
-    get: bool | None = True  # None: GET and POST
-    found: tuple[Callable, tuple] | None = None
-    match segments[2:]:
-        case ["models", "stats"]:
-            found = _unsupported, (STATISTICS,)
-        case ["trace", "setting"] | ["models", _, "trace", "setting"]:
-            found, get = (_unsupported, (TRACE,)), None
-        case ["logging"]:
-            found, get = (_unsupported, (LOGGING,)), None
-        case ["models", model, *rest] if model:
-            model = _segment(model)
-            version = ""
-            if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
-                version = _segment(rest[1])
-                rest = rest[2:]
-            match rest:
-                case []:
-                    found = _model_metadata, (model, version)
-                case ["ready"]:
-                    found = _model_ready, (model, version)
-                case ["config"]:
-                    found = _model_config, (model, version)
-                case ["infer"]:
-                    found, get = (_infer, (model, version)), False
-                case ["stats"]:
-                    found = _unsupported, (STATISTICS,)
-        case ["health", "live"]:
-            found = _live, ()
-        case ["health", "ready"]:
-            found = _ready, ()
-        case []:
-            found = _server_metadata, ()
-        case ["repository", "index"]:
-            found, get = (_repository_index, ()), False
-        case ["repository", "models", model, "load" | "unload"] if model:
-            found, get = (_unsupported, (MODEL_CONTROL,)), False
-        case [root, *rest] if root in _SHM_ROOTS:
-            cuda = _SHM_ROOTS[root]
-            match rest:
-                case ["status"]:
-                    found = _shm_status, (cuda, "")
-                case ["region", name, "status"] if name:
-                    found = _shm_status, (cuda, _segment(name))
-                case ["region", name, "register"] if name:
-                    found, get = (_shm_register, (cuda, _segment(name))), False
-                case ["region", name, "unregister"] if name:
-                    found, get = (_shm_unregister, (cuda, _segment(name))), False
-                case ["unregister"]:
-                    found, get = (_shm_unregister, (cuda, "")), False
-    if found is None:
-        return NOT_FOUND
-    if get is None:
-        if method not in (b"GET", b"POST"):
-            return 405, NOT_ALLOWED, JSON, b"Allow: GET, POST\r\n"
-    elif method != (b"GET" if get else b"POST"):
-        allow = b"Allow: GET\r\n" if get else b"Allow: POST\r\n"
-        return 405, NOT_ALLOWED, JSON, allow
-    return found
+    route (404) or a route another method serves (405, with ``Allow``): routes.match."""
+    found = routes.match(method, path)
+    if type(found) is routes.Miss:
+        allow = b"Allow: %s\r\n" % found.allow.encode() if found.allow else b""
+        return found.status, found.body, JSON, allow
+    return _HANDLERS[found.op], found.args  # type: ignore[union-attr]
