@@ -1,5 +1,7 @@
-"""compose.yaml is checked by parsing (no Docker engine runs here): every service's
-command must parse with that service's own flags, and they must agree on endpoints."""
+"""compose.yaml is checked by parsing (deploy/compose-test.sh runs it for real, in
+.ci/run): every service's command must parse with that service's own flags, and they must
+agree on endpoints; the compose test's overlay, the Dockerfile's build arguments and
+.dockerignore are checked the same way."""
 
 from __future__ import annotations
 
@@ -75,3 +77,65 @@ def test_shared_memory_is_shared(compose):
 def test_ports_as_triton(compose):
     assert "8000:8000" in compose["services"]["frontend"]["ports"]
     assert "8001:8001" in compose["services"]["frontend"]["ports"]
+
+
+def test_the_compose_test_overlay_shares_the_hosts_dev_shm(compose):
+    """deploy/compose/host-shm.yaml (deploy/compose-test.sh) changes only where /dev/shm
+    comes from and lets the scheduler take client regions: same services, same endpoints."""
+    overlay = yaml.safe_load((ROOT / "deploy" / "compose" / "host-shm.yaml").read_text())
+    assert set(overlay["services"]) == set(compose["services"])
+    for name, spec in overlay["services"].items():
+        assert spec["ipc"] == "host", name
+        assert spec["image"] == "${DESPINA_IMAGE:-despina:latest}", name
+    _, base = parse(compose["services"]["scheduler"]["command"])
+    _, test = parse(overlay["services"]["scheduler"]["command"])
+    assert test.allow_client_shm is True and base.allow_client_shm is False
+    assert (test.endpoint, test.host_endpoint) == (base.endpoint, base.host_endpoint)
+    assert test.model_repository == base.model_repository
+
+
+def dockerfile_args() -> dict[str, str]:
+    args = {}
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("ARG "):
+            name, _, default = line[4:].partition("=")
+            args[name] = default.strip('"')
+    return args
+
+
+def test_dockerfile_build_arguments_default_to_the_public_ones():
+    args = dockerfile_args()
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    assert args["DESPINA_EXTRAS"] == "pytorch"
+    for name in ("PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_CONSTRAINT"):
+        assert args[name] == "", name
+    # The extras the image installs exist in pyproject.toml.
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert {"pytorch", "gpu"} <= set(extras)
+
+
+def test_dockerignore_keeps_the_context_small():
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "build", "*.egg-info", "**/__pycache__", "loadtest"} <= patterns
+    # What the Dockerfile copies is not ignored.
+    for path in ("common", "services", "model_repository", "pyproject.toml", "README.md"):
+        assert path not in patterns
+    assert "deploy" not in patterns and "deploy/docker" not in patterns
+
+
+def test_compose_test_script_is_valid_bash():
+    import subprocess
+
+    for script in (ROOT / "deploy" / "compose-test.sh", ROOT / ".ci" / "run"):
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
