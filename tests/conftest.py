@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,13 +105,20 @@ class DespinaServer:
     """``despina serve`` as a user runs it, on free ports, logging to a file."""
 
     def __init__(
-        self, repository: Path, log_path: Path, extra_args: list[str] | None = None
+        self,
+        repository: Path,
+        log_path: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``env``: variables the server runs with on top of this process's (for
+        example ``{"DESPINA_HTTP_TRANSPORT": "aiohttp"}``)."""
         self.repository = repository
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.log_path = log_path
         self.extra_args = extra_args or []
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -141,6 +149,7 @@ class DespinaServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=None if self.env is None else {**os.environ, **self.env},
         )
         if wait_ready:
             try:
@@ -237,16 +246,8 @@ def serve_shipped_over(transport: str, tmp_path_factory, models: tuple[str, ...]
     repo = tmp_path_factory.mktemp(f"{transport}-repo")
     for model in models:
         shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    before = os.environ.get("DESPINA_HTTP_TRANSPORT")
-    os.environ["DESPINA_HTTP_TRANSPORT"] = transport
-    try:
-        log = tmp_path_factory.mktemp(f"{transport}-logs") / "serve.log"
-        return DespinaServer(repo, log).start()
-    finally:
-        if before is None:
-            del os.environ["DESPINA_HTTP_TRANSPORT"]
-        else:
-            os.environ["DESPINA_HTTP_TRANSPORT"] = before
+    log = tmp_path_factory.mktemp(f"{transport}-logs") / "serve.log"
+    return DespinaServer(repo, log, env={"DESPINA_HTTP_TRANSPORT": transport}).start()
 
 
 def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -314,12 +315,60 @@ def repository(tmp_path_factory, generator) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(repository, tmp_path_factory):
+def default_server(repository, tmp_path_factory):
+    """The test repository served with the default transports (lean HTTP, Despina's own
+    HTTP/2 for gRPC)."""
     srv = DespinaServer(
         repository, tmp_path_factory.mktemp("logs") / "serve.log", ["--allow-client-shm=true"]
     ).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def fallback_server(repository, tmp_path_factory):
+    """The same repository served with the fallback transports (aiohttp for HTTP,
+    grpc.aio for gRPC): test modules that override ``server`` with ``TRANSPORTS`` run
+    against both."""
+    srv = DespinaServer(
+        repository,
+        tmp_path_factory.mktemp("logs-fallback") / "serve.log",
+        ["--allow-client-shm=true"],
+        env=FALLBACK_TRANSPORTS,
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(default_server):
+    return default_server
+
+
+# A test module runs against both transports of each protocol by overriding ``server``:
+#     @pytest.fixture(scope="module", params=TRANSPORTS)
+#     def server(request):
+#         return request.getfixturevalue(f"{request.param}_server")
+TRANSPORTS = ["default", "fallback"]
+FALLBACK_TRANSPORTS = {"DESPINA_HTTP_TRANSPORT": "aiohttp", "DESPINA_GRPC_TRANSPORT": "grpcio"}
+
+
+def assert_serves_simple(url: str) -> None:
+    """A normal inference of the shipped ``simple`` over HTTP, checked value by value:
+    the server still serves after whatever the test did to it."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url)
+    try:
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
+        inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        for inp in inputs:
+            inp.set_data_from_numpy(a)
+        result = client.infer("simple", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), 0 * a)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")

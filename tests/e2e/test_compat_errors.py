@@ -21,7 +21,13 @@ import tritonclient.http.aio as httpaio
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer, read_http_response, serve_refused
+from conftest import (
+    SHIPPED_REPOSITORY,
+    DespinaServer,
+    assert_serves_simple,
+    read_http_response,
+    serve_refused,
+)
 
 UINT64_MAX_MINUS_31 = 2**64 - 32  # Triton's test: -32 once read as a signed offset
 
@@ -63,18 +69,9 @@ def server(request, tmp_path_factory, generator):
     http_transport, grpc_transport = request.param
     root = tmp_path_factory.mktemp("compat-errors-repo")
     _write_models(root, generator)
-    saved = {k: os.environ.get(k) for k in ("DESPINA_HTTP_TRANSPORT", "DESPINA_GRPC_TRANSPORT")}
-    os.environ["DESPINA_HTTP_TRANSPORT"] = http_transport
-    os.environ["DESPINA_GRPC_TRANSPORT"] = grpc_transport
-    try:
-        log = tmp_path_factory.mktemp("compat-errors-logs") / "serve.log"
-        srv = DespinaServer(root, log, ["--allow-client-shm=true"]).start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    log = tmp_path_factory.mktemp("compat-errors-logs") / "serve.log"
+    env = {"DESPINA_HTTP_TRANSPORT": http_transport, "DESPINA_GRPC_TRANSPORT": grpc_transport}
+    srv = DespinaServer(root, log, ["--allow-client-shm=true"], env=env).start()
     yield srv
     assert srv.stop() == 0
 
@@ -110,14 +107,7 @@ def infer_json(server, doc: dict) -> tuple[int, str]:
 
 
 def still_serves(server) -> None:
-    client = httpclient.InferenceServerClient(server.url)
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-    for inp in inputs:
-        inp.set_data_from_numpy(a)
-    result = client.infer("simple", inputs)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
-    client.close()
+    assert_serves_simple(server.url)
 
 
 def one_input(shape: list, data: object) -> dict:

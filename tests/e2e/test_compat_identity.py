@@ -16,7 +16,6 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
@@ -24,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.http._utils import _raise_if_error
 from tritonclient.utils import InferenceServerException
 
-from conftest import DespinaServer, read_http_response, serve_shipped_over
+from conftest import DespinaServer, assert_serves_simple, read_http_response, serve_shipped_over
 
 TRITON_VERSION = "2.51.0"
 # Triton's extension names, in Triton's order, for what works in Despina today.
@@ -53,17 +52,6 @@ def raw(server: DespinaServer, request: bytes) -> tuple[int, dict[str, str], byt
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         sock.sendall(request)
         return read_http_response(sock)
-
-
-def infer_simple(client: httpclient.InferenceServerClient) -> None:
-    """A normal inference, checked value by value: the server still serves."""
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-    for inp in inputs:
-        inp.set_data_from_numpy(a)
-    result = client.infer("simple", inputs)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), 0 * a)
 
 
 def test_server_metadata_is_tritons_over_http_grpc_and_aio(server):
@@ -107,7 +95,7 @@ def test_unknown_route_is_tritons_json_404(server, path):
     status, headers, body = raw(server, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert (status, headers["content-type"]) == (404, "application/json"), path
     assert json.loads(body) == {"error": "Not Found"}, path
-    infer_simple(httpclient.InferenceServerClient(server.url))
+    assert_serves_simple(server.url)
 
 
 def test_wrong_method_is_tritons_json_405(server):
@@ -124,7 +112,7 @@ def test_wrong_method_is_tritons_json_405(server):
             allow,
         ), request
         assert json.loads(body) == {"error": "Method Not Allowed"}, request
-    infer_simple(httpclient.InferenceServerClient(server.url))
+    assert_serves_simple(server.url)
 
 
 def test_tritonclient_reads_the_servers_message_on_unknown_routes(server):
@@ -137,7 +125,7 @@ def test_tritonclient_reads_the_servers_message_on_unknown_routes(server):
         with pytest.raises(InferenceServerException) as info:
             _raise_if_error(response)
         assert (info.value.message(), info.value.status()) == ("Not Found", "404"), path
-    infer_simple(client)
+    assert_serves_simple(server.url)
     client.close()
 
 
@@ -180,4 +168,4 @@ def test_malformed_http_is_400_json(server):
     assert status == 400
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"].startswith("Bad Request: ")
-    infer_simple(httpclient.InferenceServerClient(server.url))
+    assert_serves_simple(server.url)

@@ -7,7 +7,6 @@ server (no process restarted) answers a normal inference."""
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 
@@ -25,16 +24,8 @@ HEADERS = {"triton_grpc_error": "true"}
 def server(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("stream-errors-repo")
     shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
-    before = os.environ.get("DESPINA_GRPC_TRANSPORT")
-    os.environ["DESPINA_GRPC_TRANSPORT"] = request.param
-    try:
-        log = tmp_path_factory.mktemp("stream-errors-logs") / "serve.log"
-        srv = DespinaServer(repo, log).start()
-    finally:
-        if before is None:
-            del os.environ["DESPINA_GRPC_TRANSPORT"]
-        else:
-            os.environ["DESPINA_GRPC_TRANSPORT"] = before
+    log = tmp_path_factory.mktemp("stream-errors-logs") / "serve.log"
+    srv = DespinaServer(repo, log, env={"DESPINA_GRPC_TRANSPORT": request.param}).start()
     yield srv
     assert srv.stop() == 0
 

@@ -25,7 +25,14 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
 
-from conftest import DespinaServer
+from conftest import TRANSPORTS, DespinaServer
+
+
+# Both transports of each protocol: lean HTTP + Despina's HTTP/2 gRPC, aiohttp + grpc.aio.
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")
+
 
 UNIMPLEMENTED = "StatusCode.UNIMPLEMENTED"
 INVALID = "StatusCode.INVALID_ARGUMENT"

@@ -19,6 +19,15 @@ from test_grpc import INVALID, assert_still_serving, infer_error, raw_request
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import TRANSPORTS
+
+
+# Both transports of each protocol: lean HTTP + Despina's HTTP/2 gRPC, aiohttp + grpc.aio.
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")
+
+
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
 ONES = np.ones((1, 16), np.int32)
 NBYTES = ONES.nbytes  # 64: one [1, 16] INT32 tensor of the "simple" model

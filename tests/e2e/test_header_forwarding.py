@@ -13,7 +13,6 @@ where nothing is forwarded. The model answers its parameters as JSON."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import socket
 from functools import partial
@@ -90,18 +89,13 @@ def served(request, tmp_path_factory):
         else []
     )
     log = tmp_path_factory.mktemp(f"forward-{name}") / "serve.log"
-    server = DespinaServer(_repository(tmp_path_factory), log, args)
-    before = {k: os.environ.get(k) for k in ("DESPINA_HTTP_TRANSPORT", "DESPINA_GRPC_TRANSPORT")}
-    os.environ["DESPINA_HTTP_TRANSPORT"] = http_transport
-    os.environ["DESPINA_GRPC_TRANSPORT"] = grpc_transport
-    try:
-        server.start()
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    server = DespinaServer(
+        _repository(tmp_path_factory),
+        log,
+        args,
+        env={"DESPINA_HTTP_TRANSPORT": http_transport, "DESPINA_GRPC_TRANSPORT": grpc_transport},
+    )
+    server.start()
     try:
         yield name, server, flags
     finally:

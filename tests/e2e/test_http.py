@@ -10,6 +10,14 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from conftest import TRANSPORTS
+
+
+# Both transports of each protocol: lean HTTP + Despina's HTTP/2 gRPC, aiohttp + grpc.aio.
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")
+
 
 def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(

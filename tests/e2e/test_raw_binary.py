@@ -10,9 +10,8 @@ import json
 
 import numpy as np
 import pytest
-import tritonclient.http as httpclient
 
-from conftest import serve_shipped_over
+from conftest import assert_serves_simple, serve_shipped_over
 
 MODELS = ("simple", "identity_fp32")
 
@@ -45,14 +44,7 @@ def _split(headers: dict[str, str], body: bytes) -> tuple[dict, bytes]:
 
 
 def _normal_inference_works(server) -> None:
-    client = httpclient.InferenceServerClient(server.url)
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-    for inp in inputs:
-        inp.set_data_from_numpy(a)
-    result = client.infer("simple", inputs)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
-    client.close()
+    assert_serves_simple(server.url)
 
 
 @pytest.mark.parametrize("count", [8, 1 << 19])  # 32 bytes, and 2 MiB (a shared-memory body)

@@ -13,7 +13,6 @@ inference (no process restarted)."""
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import time
@@ -116,18 +115,13 @@ def restricted(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp(f"restricted-{name}")
     shutil.copytree(SHIPPED_REPOSITORY / "simple", repo / "simple")
     log = tmp_path_factory.mktemp(f"restricted-{name}-logs") / "serve.log"
-    server = DespinaServer(repo, log, _flags(free))
-    before = {k: os.environ.get(k) for k in ("DESPINA_HTTP_TRANSPORT", "DESPINA_GRPC_TRANSPORT")}
-    os.environ["DESPINA_HTTP_TRANSPORT"] = http_transport
-    os.environ["DESPINA_GRPC_TRANSPORT"] = grpc_transport
-    try:
-        server.start(wait_ready=False)
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    server = DespinaServer(
+        repo,
+        log,
+        _flags(free),
+        env={"DESPINA_HTTP_TRANSPORT": http_transport, "DESPINA_GRPC_TRANSPORT": grpc_transport},
+    )
+    server.start(wait_ready=False)
     http_r, grpc_r = _restrictions(free)
     try:
         # Ready: asked with health's header where health is restricted; the supervisor

@@ -11,7 +11,6 @@ connections), the tests assert well under that (1 s, or the timeout plus slack).
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import shutil
@@ -36,16 +35,8 @@ def start(tmp_path_factory, name: str, args: list[str], transport: str = "lean")
     repo = tmp_path_factory.mktemp(f"{name}-repo")
     for model in ("simple", "identity_fp32"):
         shutil.copytree(SHIPPED_REPOSITORY / model, repo / model)
-    before = os.environ.get("DESPINA_HTTP_TRANSPORT")
-    os.environ["DESPINA_HTTP_TRANSPORT"] = transport
-    try:
-        log = tmp_path_factory.mktemp(f"{name}-logs") / "serve.log"
-        return DespinaServer(repo, log, args).start()
-    finally:
-        if before is None:
-            del os.environ["DESPINA_HTTP_TRANSPORT"]
-        else:
-            os.environ["DESPINA_HTTP_TRANSPORT"] = before
+    log = tmp_path_factory.mktemp(f"{name}-logs") / "serve.log"
+    return DespinaServer(repo, log, args, env={"DESPINA_HTTP_TRANSPORT": transport}).start()
 
 
 class Guarded:

@@ -14,6 +14,14 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from conftest import TRANSPORTS
+
+
+# Both transports of each protocol: lean HTTP + Despina's HTTP/2 gRPC, aiohttp + grpc.aio.
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")
+
 
 @pytest.fixture()
 def client(server):
