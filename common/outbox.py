@@ -19,11 +19,7 @@ from despina.common import messages as m
 log = logging.getLogger("despina.common.transport")
 
 # A peer's items are sent as soon as this many are waiting, not only at the end of the
-# loop iteration: under load a wake brings dozens of requests (one per connection), and
-# holding them all until the last is parsed leaves the next process idle meanwhile, so
-# the processes take turns instead of overlapping. Measured on 2 vCPUs (loadtest/README,
-# "The hot path"): 4 against no limit, medians of 6 rounds, HTTP c=8 +14 %, c=32 +23 %,
-# dynamic batching c=32 +15 %, gRPC c=32 +20 %; 1, 2, 8 and 16 within noise of 4.
+# loop iteration (processes overlap instead of taking turns): docs/architecture.md#burst-sends.
 BURST_LIMIT = 4
 
 
@@ -56,9 +52,13 @@ class Outbox:
 
     ``flush`` is called with ``{peer: [items...]}`` once, soon after the first ``put``,
     and at once with ``{peer: items}`` whenever a peer's items reach ``limit``.
+    ``burst=False`` (the speed path off, common/settings.py): every ``put`` is flushed at
+    once, alone, and ``gathering`` gathers nothing.
     """
 
-    def __init__(self, flush: Callable[[dict], None], limit: int = BURST_LIMIT) -> None:
+    def __init__(
+        self, flush: Callable[[dict], None], limit: int = BURST_LIMIT, burst: bool = True
+    ) -> None:
         self._flush_cb = flush
         self._pending: dict = {}
         self._loop = asyncio.get_running_loop()
@@ -69,6 +69,8 @@ class Outbox:
         # groups of ``limit``), not on the next loop iteration: for the handler of a
         # whole burst (a backend host), which knows when there is nothing more to gather.
         self.gathering = _Gathering(self)
+        if not burst:
+            self.put = self._put_alone  # type: ignore[method-assign]
 
     def put(self, peer: object, item: object, now: bool = False) -> None:
         """Queue ``item`` for ``peer``. ``now``: send it, and all that waits, at once (a
@@ -91,6 +93,14 @@ class Outbox:
         elif not self._scheduled and not self._gathering:
             self._scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _put_alone(self, peer: object, item: object, now: bool = False) -> None:
+        """``put`` without bursts: ``item`` goes to ``peer`` at once, in a message of
+        its own."""
+        try:
+            self._flush_cb({peer: [item]})
+        except Exception:
+            log.exception("outbox flush failed")
 
     def _flush(self) -> None:
         self._scheduled = False

@@ -43,8 +43,9 @@ _U32 = struct.Struct("<I")
 MAX_FRAMES = 1 << 16
 # A message's whole size (frame 0 plus its tensor frames) and its header's. Tensors cross
 # a TCP hop inline, so a message may hold a burst of requests' inputs: room for that,
-# not for a peer's claim of terabytes.
-MAX_MESSAGE_BYTES = int(os.environ.get("DESPINA_MAX_MESSAGE_BYTES") or 1 << 31)
+# not for a peer's claim of terabytes. DESPINA_MAX_MESSAGE_BYTES sets it at start-up
+# (common/settings.py ``ProcessSettings.apply``), before the first link.
+MAX_MESSAGE_BYTES = 1 << 31
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # one frame can be no larger than its message
 MAX_HEADER_BYTES = 1 << 26
 # Past this much unsent data to one peer the peer is treated as stuck.

@@ -23,10 +23,10 @@ Despina's version and the Triton release it answers as.
 
 def serve(argv: list[str]) -> int:
     from despina.common.logs import setup_logging
+    from despina.common.settings import ProcessSettings, SpeedPaths
     from despina.services.flags import (
-        add_busy_poll,
+        add_speed_paths,
         add_triton_flags,
-        parse_bool,
         refuse_unsupported_security,
         report_ignored,
     )
@@ -53,16 +53,7 @@ def serve(argv: list[str]) -> int:
         help="how frontends reach the scheduler: a unix-socket stream (measured ~10x cheaper "
         "per hop here) or ZeroMQ",
     )
-    group.add_argument(
-        "--direct-routes",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        help="frontends send requests for default-scheduled models (no batcher, no "
-        "sequences) straight to a backend host; false: every request passes the scheduler",
-    )
-    add_busy_poll(group)
+    add_speed_paths(parser.add_argument_group("Despina's speed paths"))
     add_server_name(group)
     args = parser.parse_args(argv)
     setup_logging("serve", args.log_verbose)
@@ -71,8 +62,15 @@ def serve(argv: list[str]) -> int:
         for line in refused:
             print(f"despina serve: error: {line}", file=sys.stderr)
         return 2
+    try:
+        speed = SpeedPaths.from_args(args)
+        process = ProcessSettings.from_environ()
+    except ValueError as exc:
+        print(f"despina serve: error: {exc}", file=sys.stderr)
+        return 2
+    process.apply()  # the supervisor removes what a crashed child left in the shm folder
     report_ignored(args)
-    return Supervisor(args).run()
+    return Supervisor(args, speed).run()
 
 
 def main(argv: list[str] | None = None) -> None:

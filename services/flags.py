@@ -12,6 +12,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
+from despina.common.settings import BUSY_POLL_US, SPEED_PATHS_ENV
 from despina.services.frontend.inference import compile_forward_pattern
 from despina.services.frontend.restricted import parse as parse_restrictions
 
@@ -243,11 +244,6 @@ def grpc_flag_argv(args: argparse.Namespace) -> list[str]:
 INLINE_THRESHOLD = 64 * 1024
 
 
-# How long a lightly loaded process polls before it sleeps (common/busypoll.py): at
-# concurrency 1 the next message comes within a few hundred µs here.
-BUSY_POLL_US = 1000
-
-
 def _count_of(unit: str, name: str) -> Callable[[str], int]:
     """An argparse type: a whole number of ``unit``, 0 or more."""
 
@@ -366,15 +362,49 @@ def http_flag_argv(args: argparse.Namespace) -> list[str]:
     return argv + [f"--http-restricted-api={value}" for value in args.http_restricted_api]
 
 
-def add_busy_poll(group: argparse._ActionsContainer) -> None:
+def add_speed_paths(group: argparse._ActionsContainer) -> None:
+    """The speed paths' switches (common/settings.py ``SpeedPaths``), declared alike by
+    ``despina serve`` and every service; a path's own flag beats ``--speed-paths``."""
+    group.add_argument(
+        "--speed-paths",
+        type=parse_bool,
+        default=None,
+        metavar="on|off",
+        help="Despina's own: off turns every speed path below off (the plain path: each "
+        "request decoded, each message sent at once, no polling, executions on their "
+        "instance's thread, every request through the scheduler); a path's own flag "
+        f"still turns it on (default: ${SPEED_PATHS_ENV}, else on)",
+    )
+    switches = (
+        (
+            "--request-memo",
+            "frontends rebuild a request that repeats the last one's "
+            "metadata from a template instead of decoding it",
+        ),
+        ("--burst-sends", "what one loop wake produced goes to each peer as one message"),
+        (
+            "--loop-execution",
+            "a backend host runs a quick lone instance on its loop instead of its thread",
+        ),
+        (
+            "--direct-routes",
+            "frontends send requests for default-scheduled models (no "
+            "batcher, no sequences) straight to a backend host; false: every request passes "
+            "the scheduler",
+        ),
+    )
+    for flag, text in switches:
+        group.add_argument(
+            flag, type=parse_bool, nargs="?", const=True, default=None, help=text + " (default on)"
+        )
     group.add_argument(
         "--busy-poll-us",
         type=microseconds,
-        default=BUSY_POLL_US,
+        default=None,
         metavar="US",
         help="under light load, frontends and backend hosts poll their sockets for up to this "
         "many µs when an answer is due instead of sleeping: about half the latency at "
-        "concurrency 1, for CPU spent polling; 0 turns it off (default %(default)s)",
+        f"concurrency 1, for CPU spent polling; 0 turns it off (default {BUSY_POLL_US})",
     )
 
 

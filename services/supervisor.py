@@ -28,6 +28,7 @@ from pathlib import Path
 
 from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
+from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import remove_segments_of
 from despina.services.flags import grpc_flag_argv, http_flag_argv
 from despina.services.frontend.restricted import parse as parse_restrictions
@@ -70,8 +71,11 @@ def frameworks_needed(repositories: list[Path]) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, args) -> None:  # args: the parsed ``serve`` namespace
+    def __init__(self, args, speed: SpeedPaths | None = None) -> None:
+        """``args``: the parsed ``serve`` namespace; ``speed``: the speed paths every
+        service is started with (default: all on)."""
         self.args = args
+        self.speed = speed or SpeedPaths()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="despina-"))
         self.children: list[Child] = []
         self.stopping = False
@@ -83,7 +87,8 @@ class Supervisor:
         verbose = ["--log-verbose", str(args.log_verbose)]
         # Passed explicitly, so a frontend and its backend hosts always agree.
         inline = f"--inline-threshold={args.inline_threshold}"
-        poll = f"--busy-poll-us={args.busy_poll_us}"
+        # Every service gets every path explicit: all agree, whatever their environment.
+        speed = self.speed.argv()
         scheduler = f"ipc://{self.runtime_dir}/scheduler"  # ZeroMQ, for frontends that want it
         hosts = f"unix://{self.runtime_dir}/hosts"  # stream, for backend hosts and frontends
         repos: list[str] = []
@@ -100,7 +105,7 @@ class Supervisor:
                     "--host-endpoint",
                     hosts,
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
-                    f"--direct-routes={'true' if args.direct_routes else 'false'}",
+                    *speed,
                     *repos,
                     *verbose,
                 ],
@@ -121,7 +126,7 @@ class Supervisor:
                         "--scheduler",
                         hosts,
                         inline,
-                        poll,
+                        *speed,
                         *verbose,
                     ],
                     order=1,
@@ -147,7 +152,7 @@ class Supervisor:
                             *grpc_flag_argv(args),
                             *http_flag_argv(args),
                             inline,
-                            poll,
+                            *speed,
                             "--exit-timeout-secs",
                             str(args.exit_timeout_secs),
                             *(["--reuse-port"] if args.frontends > 1 else []),

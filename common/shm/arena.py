@@ -36,8 +36,9 @@ from despina.common.errors import ServerError, invalid_arg, unavailable
 
 # The shm filesystem: /dev/shm, as shm_open uses. DESPINA_SHM_DIR moves it (arenas and
 # client regions alike), for tests and containers that mount a tmpfs elsewhere; every
-# process of one server must see the same value.
-SHM_DIR = os.environ.get("DESPINA_SHM_DIR") or "/dev/shm"
+# process of one server must see the same value. Set at start-up from the process's
+# settings (common/settings.py ``ProcessSettings.apply``), before the first arena.
+SHM_DIR = "/dev/shm"
 _ALIGN = 64
 # Names of arena segments: despina_<role>_<pid>_<random>_<n>. Client keys that look
 # like one are refused, whether or not such a segment exists.

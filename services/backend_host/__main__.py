@@ -17,9 +17,10 @@ from despina.common import streams
 from despina.common.errors import ServerError, unsupported
 from despina.common.frameworks import FRAMEWORKS, missing_extra
 from despina.common.logs import setup_logging
+from despina.common.settings import HostSettings
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.host import BackendHost
-from despina.services.flags import add_busy_poll, add_inline_threshold
+from despina.services.flags import add_inline_threshold, add_speed_paths
 
 log = logging.getLogger("despina.backend_host")
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--host-id", default=None)
     add_inline_threshold(parser)  # outputs this large come back through this host's arena
-    add_busy_poll(parser)
+    add_speed_paths(parser)  # a host acts on busy polling, burst sends and loop execution
 
 
 def make_backend(framework: str) -> Backend:
@@ -52,7 +53,7 @@ def make_backend(framework: str) -> Backend:
     raise unsupported(f"the {framework} backend is not available in this build of Despina yet")
 
 
-async def run_instance(spec: InstanceSpec, args: argparse.Namespace) -> int:
+async def run_instance(spec: InstanceSpec, args: argparse.Namespace, settings: HostSettings) -> int:
     """One Python model instance, in a process the launcher forked: load the model, then
     serve it as a backend host."""
     from despina.services.backend_host.backends.python.launcher import LOAD_FAILED_EXIT
@@ -64,8 +65,8 @@ async def run_instance(spec: InstanceSpec, args: argparse.Namespace) -> int:
         None,
         host_id=f"python-{model}-{version}-{index}-{os.getpid()}",
         instance_of=(model, version, index),
-        busy_poll_s=args.busy_poll_us / 1e6,
         arena_threshold=args.inline_threshold,
+        speed=settings.speed,
     )
     _install_signals(host)
     try:
@@ -79,7 +80,7 @@ async def run_instance(spec: InstanceSpec, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_python(args: argparse.Namespace) -> int:
+def run_python(args: argparse.Namespace, settings: HostSettings) -> int:
     """The Python launcher; in each instance process it forks, that instance."""
     import uvloop
 
@@ -90,10 +91,10 @@ def run_python(args: argparse.Namespace) -> int:
     spec = PythonLauncher(args.scheduler, host_id=args.host_id).run()
     if spec is None:
         return 0
-    return uvloop.run(run_instance(spec, args))
+    return uvloop.run(run_instance(spec, args, settings))
 
 
-async def run_host(args: argparse.Namespace) -> int:
+async def run_host(args: argparse.Namespace, settings: HostSettings) -> int:
     try:
         backend = make_backend(args.framework)
     except ServerError as exc:
@@ -104,8 +105,8 @@ async def run_host(args: argparse.Namespace) -> int:
         args.framework,
         backend,
         host_id=args.host_id,
-        busy_poll_s=args.busy_poll_us / 1e6,
         arena_threshold=args.inline_threshold,
+        speed=settings.speed,
     )
     _install_signals(host)
     await host.run()
@@ -124,15 +125,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(f"backend-{args.framework}", args.log_verbose)
     try:
+        settings = HostSettings.from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        sys.exit(78)  # EX_CONFIG: restarting will not help
+    settings.process.apply()
+    log.info("%s", settings.speed.describe())
+    try:
         streams.cluster_secret()  # an unreadable secret file is a setting to fix
     except OSError as exc:
         log.error("cannot read the cluster secret: %s", exc)
         sys.exit(78)  # EX_CONFIG: restarting will not help
     if args.framework == "python":
-        sys.exit(run_python(args))
+        sys.exit(run_python(args, settings))
     import uvloop
 
-    sys.exit(uvloop.run(run_host(args)))
+    sys.exit(uvloop.run(run_host(args, settings)))
 
 
 if __name__ == "__main__":

@@ -130,8 +130,15 @@ class Executor:
     per request, whatever happens). Loop only, except the executions handed to
     instance threads (``_run_execution``), which read ``_cancelled``."""
 
-    def __init__(self, mapper: ShmMapper, cuda: CudaMapper, replies: Replies) -> None:
+    def __init__(
+        self, mapper: ShmMapper, cuda: CudaMapper, replies: Replies, loop_execution: bool = True
+    ) -> None:
+        """``loop_execution`` False (the speed path off, common/settings.py): every
+        instance has its thread and every execution runs there."""
         self.mapper = mapper
+        self.loop_execution = loop_execution
+        # Off, no moving average is below it: nothing runs on the loop.
+        self._inline_below = INLINE_BELOW_S if loop_execution else -1.0
         self.cuda = cuda
         self.replies = replies
         self.instances: dict[InstanceKey, LoadedInstance] = {}
@@ -160,8 +167,9 @@ class Executor:
         self.rebalance_threads()
 
     def rebalance_threads(self) -> None:
-        """A lone instance runs on the loop; several get one thread each."""
-        threaded = len(self.instances) > 1
+        """A lone instance runs on the loop; several get one thread each (each always,
+        without loop execution)."""
+        threaded = len(self.instances) > 1 or not self.loop_execution
         for key, li in self.instances.items():
             if threaded and li.executor is None:
                 li.executor = concurrent.futures.ThreadPoolExecutor(
@@ -300,7 +308,7 @@ class Executor:
         thread; a slow one on the loop waits for the next loop iteration (YIELD_ABOVE_S).
         ``batched``: the instance whose batcher formed it (pumped after). ``mixed``:
         some of ``requests`` are already answered (an ``ExecResponse``, not run)."""
-        inline = li.executor is None or (not self.inflight and li.cost_s < INLINE_BELOW_S)
+        inline = li.executor is None or (not self.inflight and li.cost_s < self._inline_below)
         self.inflight += 1
         if inline and li.cost_s < YIELD_ABOVE_S and not self._deferred:
             if mixed:

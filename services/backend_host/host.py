@@ -31,6 +31,7 @@ from despina.common import messages as m
 from despina.common import streams
 from despina.common.cuda import CudaMapper
 from despina.common.errors import ServerError
+from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.services.backend_host.backend import Backend, InstanceSpec, ModelInstance
 from despina.services.backend_host.executor import Executor, instance_specs
@@ -52,11 +53,13 @@ class BackendHost:
         *,
         host_id: str | None = None,
         instance_of: tuple[str, str, int] | None = None,
-        busy_poll_s: float = 0.0,
         arena_threshold: int,
+        speed: SpeedPaths | None = None,
     ) -> None:
         """``arena_threshold``: outputs of at least this many bytes go back through this
-        host's arena when the frontend shares /dev/shm (--inline-threshold)."""
+        host's arena when the frontend shares /dev/shm (--inline-threshold). ``speed``:
+        the speed paths (busy polling, burst sends, loop execution); default all on."""
+        self.speed = speed = speed or SpeedPaths()
         self.scheduler_endpoint = scheduler_endpoint
         self.framework = framework
         self.backend = backend
@@ -81,7 +84,7 @@ class BackendHost:
             self._idle,
             arena_threshold,
         )
-        self.executor = Executor(self.mapper, self.cuda, self.replies)
+        self.executor = Executor(self.mapper, self.cuda, self.replies, speed.loop_execution)
         self.executor.instances = instances
         self._start = self.executor.start
         self._encode = m.encoder().encode
@@ -89,7 +92,6 @@ class BackendHost:
         self._decode_frontend = m.decoder(m.HostFromFrontend).decode
         self._stopping = asyncio.Event()
         self._link: streams.FramedProtocol | None = None
-        self._busy_poll_s = busy_poll_s
         self._load_error = ""
         # Extra control handlers (the Python launcher overrides loading).
         self.on_load: Callable[[m.LoadModel], None] | None = None
@@ -113,7 +115,9 @@ class BackendHost:
         executor = self.executor
         # Idle after answering a few: poll for the next request instead of sleeping. Not
         # while an execution runs on a thread: polling would hold the GIL it needs.
-        self.replies.start(self._busy_poll_s, lambda: not executor.inflight)
+        self.replies.start(
+            self.speed.busy_poll_s, lambda: not executor.inflight, burst=self.speed.burst
+        )
         self._load_error = load_error
         backoff = 0.05
         while not self._stopping.is_set():

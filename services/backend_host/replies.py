@@ -66,10 +66,11 @@ class Replies:
         self._undelivered: list[tuple[str, int, str, str]] = []
         self.poll: busypoll.BusyPoll | None = None
 
-    def start(self, busy_poll_s: float, waiting: Callable[[], bool]) -> None:
-        """On the loop, before the first reply: the outbox, and the busy poll that keeps
-        the loop turning while ``waiting`` says nothing runs on a thread."""
-        self.outbox = outbox.Outbox(self._flush)
+    def start(self, busy_poll_s: float, waiting: Callable[[], bool], burst: bool = True) -> None:
+        """On the loop, before the first reply: the outbox (``burst`` False: each reply
+        sent at once), and the busy poll that keeps the loop turning while ``waiting``
+        says nothing runs on a thread."""
+        self.outbox = outbox.Outbox(self._flush, burst=burst)
         self.put = self.outbox.put
         self.poll = busypoll.BusyPoll(busy_poll_s, waiting)
 

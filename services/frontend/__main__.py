@@ -15,11 +15,12 @@ import time
 from typing import Protocol
 
 from despina.common.logs import setup_logging
+from despina.common.settings import FrontendSettings
 from despina.services.flags import (
-    add_busy_poll,
     add_grpc_flags,
     add_http_flags,
     add_inline_threshold,
+    add_speed_paths,
     parse_bool,
 )
 from despina.services.frontend.dataplane import DataPlane
@@ -34,12 +35,9 @@ from despina.services.identity import add_server_name
 
 log = logging.getLogger("despina.frontend")
 
-# HTTP/REST is served by the lean transport (http/lean.py, on httptools) by default:
-# measured ~22 % less frontend CPU per request and 13 MiB less RSS than aiohttp, +17 % /
-# +9 % infer/s at c=8 / c=32 (loadtest/README.md, "The hot path").
-# DESPINA_HTTP_TRANSPORT=aiohttp serves it with aiohttp (http/app.py) instead. Each is
-# imported only when it serves.
-HTTP_TRANSPORT_ENV = "DESPINA_HTTP_TRANSPORT"
+# HTTP/REST is served by the lean transport (http/lean.py) unless DESPINA_HTTP_TRANSPORT
+# (common/settings.py) says aiohttp (http/app.py): docs/architecture.md#settings.
+# Each is imported only when it serves.
 
 EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
 
@@ -97,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the HTTP and gRPC ports with sibling frontends (SO_REUSEPORT)",
     )
     add_inline_threshold(parser)
-    add_busy_poll(parser)
+    add_speed_paths(parser)  # a frontend acts on memos, busy polling, burst sends, direct routes
     add_server_name(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
@@ -123,10 +121,11 @@ class LeanHttp:
         limits: HttpLimits,
         restrictions: Restrictions,
         forward: re.Pattern[str] | None = None,
+        memo: bool = True,
     ) -> None:
         from despina.services.frontend.http.lean import LeanHttpServer
 
-        self.server = LeanHttpServer(plane, limits, restrictions, forward)
+        self.server = LeanHttpServer(plane, limits, restrictions, forward, memo=memo)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
         await self.server.listen(host, port, reuse_port)
@@ -145,6 +144,7 @@ class AiohttpHttp:
         limits: HttpLimits,
         restrictions: Restrictions,
         forward: re.Pattern[str] | None = None,
+        memo: bool = True,  # aiohttp's transport keeps no memo
     ) -> None:
         from aiohttp import web
 
@@ -177,12 +177,12 @@ class AiohttpHttp:
         await self.runner.cleanup()
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
     client = SchedulerClient(
         args.scheduler,
         args.reply_endpoint,
         inline_threshold=args.inline_threshold,
-        busy_poll_s=args.busy_poll_us / 1e6,
+        speed=settings.speed,
     )
     if args.advertise_endpoint:
         client.reply_endpoint = args.advertise_endpoint
@@ -195,11 +195,6 @@ async def amain(args: argparse.Namespace) -> int:
     http_server: HttpServer | None = None
     grpc_server = None
     if args.allow_http:
-        transport = os.environ.get(HTTP_TRANSPORT_ENV, "lean")
-        if transport not in ("lean", "aiohttp"):
-            log.error("%s must be 'lean' or 'aiohttp', got %r", HTTP_TRANSPORT_ENV, transport)
-            client.close()
-            return EXIT_CONFIG
         limits = HttpLimits.from_args(args)
         try:
             restrictions = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
@@ -210,8 +205,8 @@ async def amain(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             client.close()
             return EXIT_CONFIG
-        server_class = LeanHttp if transport == "lean" else AiohttpHttp
-        http_server = server_class(plane, limits, restrictions, forward)
+        server_class = LeanHttp if settings.http_transport == "lean" else AiohttpHttp
+        http_server = server_class(plane, limits, restrictions, forward, settings.speed.memo)
         try:
             await http_server.start(args.http_address, args.http_port, args.reuse_port)
         except OSError as exc:
@@ -223,9 +218,14 @@ async def amain(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         log.info("Started HTTPService at %s:%d", args.http_address, args.http_port)
     if args.allow_grpc:
-        settings = GrpcSettings.from_args(args, reuse_port=args.reuse_port)
+        grpc = GrpcSettings.from_args(
+            args,
+            reuse_port=args.reuse_port,
+            transport=settings.grpc_transport,
+            memo=settings.speed.memo,
+        )
         try:
-            grpc_server = await start_server(plane, settings)
+            grpc_server = await start_server(plane, grpc)
         except GrpcSetupError as exc:
             log.error("%s", exc)
             if http_server is not None:
@@ -234,7 +234,7 @@ async def amain(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         log.info(
             "Started GRPCInferenceService at %s (%s)",
-            settings.target,
+            grpc.target,
             "lean HTTP/2 transport" if isinstance(grpc_server, H2Server) else "grpc.aio",
         )
     stopping = asyncio.Event()
@@ -269,11 +269,18 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("frontend", args.log_verbose)
+    try:
+        settings = FrontendSettings.from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_CONFIG)
+    settings.process.apply()
+    log.info("%s", settings.speed.describe())
     keep_large_buffers()
     raise_open_file_limit()
     import uvloop
 
-    sys.exit(uvloop.run(amain(args)))
+    sys.exit(uvloop.run(amain(args, settings)))
 
 
 if __name__ == "__main__":

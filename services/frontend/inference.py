@@ -35,6 +35,64 @@ class OutputRequest:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
 
 
+class FrozenParams(dict):
+    """A memo template's parameters: still a ``dict`` (msgspec, orjson and the codecs
+    take it as one; ``dict(p)`` is a mutable copy), but every change raises TypeError, so
+    no request rebuilt from a template can change the next one's."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: object, **_kwargs: object) -> None:
+        raise TypeError("a request memo's parameters are shared: copy them to change them")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+
+class FrozenList(list):
+    """A memo template's list (an input's shape, the outputs): still a ``list`` (equal to
+    one, encoded as one; ``list(x)`` is a mutable copy), but every change raises
+    TypeError."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: object, **_kwargs: object) -> None:
+        raise TypeError("a request memo's lists are shared: copy them to change them")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse  # type: ignore[assignment]
+
+
+class FrozenOutputRequest(OutputRequest):
+    """A memo template's ``OutputRequest``: its fields cannot be set (``frozen_output``)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise TypeError("a request memo's outputs are shared: copy them to change them")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutputRequest):
+            return NotImplemented
+        return (self.name, self.binary, self.parameters) == (
+            other.name,
+            other.binary,
+            other.parameters,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def frozen_output(output: OutputRequest) -> FrozenOutputRequest:
+    """``output`` as a template's: its fields fixed, its parameters a ``FrozenParams``."""
+    frozen = FrozenOutputRequest.__new__(FrozenOutputRequest)
+    set_field = object.__setattr__
+    set_field(frozen, "name", output.name)
+    set_field(frozen, "binary", output.binary)
+    set_field(frozen, "parameters", FrozenParams(output.parameters))
+    return frozen
+
+
 @dataclass(slots=True)
 class InferenceRequest:
     model: str
@@ -58,8 +116,14 @@ class RequestMemo:
     against the model's signature stays checked (``InferenceRequest.checked``): ~35 µs
     of a c=1 request on 2 vCPUs. Each protocol's codec says what "the same" is
     (``key``: the body's leading bytes, ``marks``: bytes expected at offsets after it)
-    and where each input's data lies (``remember``). Owned by one connection or
-    servicer; holds no request bytes, only where each input's data lies."""
+    and where each input's data lies (``remember``). Owned by one connection (HTTP and
+    the lean gRPC transport; grpc.aio calls keep none); holds no request bytes, only
+    where each input's data lies.
+
+    The template is immutable: what ``rebuild`` shares between requests (shapes,
+    parameters, the outputs) is ``FrozenList``, ``FrozenParams`` and ``FrozenOutputRequest``;
+    each request gets its own inputs list. Only ``checked`` is shared on purpose: the
+    data plane's record of what it checked for this template."""
 
     __slots__ = (
         "key",
@@ -84,8 +148,8 @@ class RequestMemo:
         # (name, datatype, shape, parameters, start of its data in the body or -1, end,
         # its data when not in the body: converted JSON or typed contents, or None)
         self.inputs: list[tuple] = []
-        self.outputs: list[OutputRequest] = []
-        self.params: dict[str, ParamValue] = {}
+        self.outputs: list[OutputRequest] = FrozenList()
+        self.params: dict[str, ParamValue] = FrozenParams()
         self.binary = False
         self.checked: dict[int, object] = {}
         # The last response to this template, as its codec encoded it (for reuse)
@@ -110,9 +174,17 @@ class RequestMemo:
         """Remember ``request``, decoded from ``body``: ``spans`` gives, per input, where
         its data lies in the body (None: it is not the body's)."""
         self.inputs = [
-            (t.name, t.datatype, t.shape, t.parameters, -1, 0, t.data)
+            (t.name, t.datatype, FrozenList(t.shape), FrozenParams(t.parameters), -1, 0, t.data)
             if span is None
-            else (t.name, t.datatype, t.shape, t.parameters, span[0], span[1], None)
+            else (
+                t.name,
+                t.datatype,
+                FrozenList(t.shape),
+                FrozenParams(t.parameters),
+                span[0],
+                span[1],
+                None,
+            )
             for t, span in zip(request.inputs, spans)
         ]
         self.key = body[:key_length]
@@ -120,11 +192,14 @@ class RequestMemo:
         self.marks = marks or []
         self.model, self.version = request.model, request.version
         self.request_id = request.id
-        self.outputs = request.outputs
-        self.params = request.parameters
+        self.outputs = FrozenList(frozen_output(o) for o in request.outputs)
+        self.params = FrozenParams(request.parameters)
         self.binary = request.binary_output
         self.checked = {}
         self.reply = None
+        # The template's own from now on: a reply cached for it (``reply``) is found by them
+        request.outputs = self.outputs
+        request.parameters = self.params
         request.checked = self.checked
 
     def forget(self) -> None:

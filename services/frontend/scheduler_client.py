@@ -27,6 +27,7 @@ import msgspec
 from despina.common import busypoll, control, outbox, streams
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError, unavailable
+from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.common.validate import check_request
 from despina.services.frontend.call import InferCall
@@ -79,15 +80,18 @@ class SchedulerClient:
         *,
         inline_threshold: int,
         arena_segment_size: int = 64 * 1024 * 1024,
-        busy_poll_s: float = 0.0,
-        direct_routes: bool = True,
+        speed: SpeedPaths | None = None,
     ) -> None:
+        """``speed``: the speed paths (busy polling, burst sends, direct routes); default
+        all on."""
+        speed = speed or SpeedPaths()
         self.scheduler_endpoint = scheduler_endpoint
         self.listen_endpoint = reply_endpoint
         # What backend hosts are told to send replies to (differs behind NAT/containers).
         self.reply_endpoint = reply_endpoint
         self.inline_threshold = inline_threshold
-        self.direct_routes = direct_routes
+        self.direct_routes = speed.direct_routes
+        self._burst = speed.burst
         self.arena = ShmArena(arena_prefix("fe"), arena_segment_size)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, InferCall] = {}  # rid -> the call its reply resolves
@@ -101,7 +105,7 @@ class SchedulerClient:
         self._to_scheduler: SchedulerLink | None = None
         self._replies: asyncio.AbstractServer | None = None
         self._outbox: outbox.Outbox | None = None
-        self._busy_poll_s = busy_poll_s
+        self._busy_poll_s = speed.busy_poll_s
         self._poll: busypoll.BusyPoll | None = None
 
     async def start(self) -> None:
@@ -109,7 +113,7 @@ class SchedulerClient:
         self._replies = await streams.serve(
             self.listen_endpoint, lambda link, burst: self._on_burst(burst, link), self._link_lost
         )
-        self._outbox = outbox.Outbox(self._flush)
+        self._outbox = outbox.Outbox(self._flush, burst=self._burst)
         # Poll while a few requests are out: their replies come within the budget.
         self._poll = busypoll.BusyPoll(self._busy_poll_s, self._lightly_loaded)
         self._to_scheduler = await connect_scheduler(

@@ -12,7 +12,8 @@ from pathlib import Path
 from despina.common import streams
 from despina.common.errors import ServerError
 from despina.common.logs import setup_logging
-from despina.services.flags import parse_bool
+from despina.common.settings import SchedulerSettings
+from despina.services.flags import add_speed_paths, parse_bool
 from despina.services.scheduler.server import SchedulerServer
 
 log = logging.getLogger("despina.scheduler")
@@ -46,19 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="let clients register system shared-memory regions",
     )
-    parser.add_argument(
-        "--direct-routes",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        help="let frontends send requests for default-scheduled models straight to a "
-        "backend host (false: every request passes through the scheduler)",
-    )
+    add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     try:
         streams.cluster_secret()  # an unreadable secret file is a setting to fix
     except OSError as exc:
@@ -70,7 +63,7 @@ async def amain(args: argparse.Namespace) -> int:
             args.host_endpoint,
             [Path(p) for p in args.model_repository],
             allow_client_shm=args.allow_client_shm,
-            direct_routes=args.direct_routes,
+            speed=settings.speed,
         )
     except ServerError as exc:
         log.error("%s", exc.message)
@@ -87,9 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("scheduler", args.log_verbose)
+    try:
+        settings = SchedulerSettings.from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_CONFIG)
+    settings.process.apply()
+    log.info("%s", settings.speed.describe())
     import uvloop
 
-    sys.exit(uvloop.run(amain(args)))
+    sys.exit(uvloop.run(amain(args, settings)))
 
 
 if __name__ == "__main__":

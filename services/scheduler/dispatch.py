@@ -54,7 +54,10 @@ class Dispatcher:
     """Owns the in-flight table (sid -> InFlight), the sid counter and the wake's outbox;
     sends batches to hosts and replies to frontends. Runs on the loop's thread only."""
 
-    def __init__(self, schedulers: dict[tuple[str, str], ModelScheduler]) -> None:
+    def __init__(
+        self, schedulers: dict[tuple[str, str], ModelScheduler], *, burst: bool = True
+    ) -> None:
+        self._burst = burst  # False: each message sent at once (common/settings.py)
         self.schedulers = schedulers
         self.inflight: dict[int, InFlight] = {}
         # The reply endpoint -> frontend table that ``routes.RoutePublisher`` keeps;
@@ -69,7 +72,7 @@ class Dispatcher:
         """Open the wake's outbox on the running loop; ``driver``: the ZeroMQ frontends'
         socket, or None."""
         self.driver = driver
-        self._put = outbox.Outbox(self.flush).put
+        self._put = outbox.Outbox(self.flush, burst=self._burst).put
 
     def close(self) -> None:
         if self.driver is not None:

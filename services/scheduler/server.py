@@ -30,6 +30,7 @@ from despina.common import messages as m
 from despina.common import streams
 from despina.common.batching import batch_rules
 from despina.common.errors import ServerError, not_found, unavailable
+from despina.common.settings import SpeedPaths
 from despina.common.shm.regions import RegionRegistry
 from despina.common.validate import check_request
 from despina.services.scheduler import validate
@@ -57,8 +58,10 @@ class SchedulerServer:
         repositories: list[Path],
         *,
         allow_client_shm: bool = False,
-        direct_routes: bool = True,
+        speed: SpeedPaths | None = None,
     ) -> None:
+        """``speed``: the speed paths (direct routes, burst sends); default all on."""
+        speed = speed or SpeedPaths()
         self.endpoint = endpoint
         self.host_endpoint = host_endpoint
         self.repositories = repositories
@@ -66,13 +69,13 @@ class SchedulerServer:
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
         self.hosts: Hosts = {}
         self.regions = RegionRegistry()
-        self.dispatcher = Dispatcher(self.schedulers)
+        self.dispatcher = Dispatcher(self.schedulers, burst=speed.burst)
         self.routes = RoutePublisher(
             self.models,
             self.schedulers,
             self.hosts,
             self.dispatcher.send_frontend,
-            enabled=direct_routes,
+            enabled=speed.direct_routes,
         )
         self.dispatcher.frontends = self.routes.frontends
         self.placement = Placement(

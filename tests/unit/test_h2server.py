@@ -75,7 +75,7 @@ class Server:
         }
         handlers["/t.S/Stream"] = h2.MethodHandler(stream, None, None, streaming=True)
 
-        def start(request: bytes, answer):
+        def start(request: bytes, answer, state=None):
             """A call started without a task: answers at once, or from a future."""
             self.starts += 1
             if request == b"now":

@@ -13,7 +13,6 @@ frontend process.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,11 +47,6 @@ COMPRESSION_LEVELS = {"none": 0, "low": 1, "medium": 2, "med": 2, "high": 3}
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
-# DESPINA_GRPC_TRANSPORT=grpcio serves gRPC with grpc.aio even where the lean transport
-# (h2server) could; "auto" (the default) picks the lean one where it can.
-TRANSPORT_ENV = "DESPINA_GRPC_TRANSPORT"
-
-
 class GrpcServer(Protocol):
     async def stop(self, grace: float | None) -> None: ...
 
@@ -85,9 +79,20 @@ class GrpcSettings:
     restricted_protocols: tuple[str, ...] = ()
     # --grpc-header-forward-pattern, compiled by start_server (inference.py)
     header_forward_pattern: str = ""
+    # "grpcio" serves with grpc.aio even where the lean transport (h2server) could; "auto"
+    # picks the lean one where it can (DESPINA_GRPC_TRANSPORT, common/settings.py)
+    transport: str = "auto"
+    memo: bool = True  # request memos, one per connection (the speed path's switch)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, *, reuse_port: bool = False) -> GrpcSettings:
+    def from_args(
+        cls,
+        args: argparse.Namespace,
+        *,
+        reuse_port: bool = False,
+        transport: str = "auto",
+        memo: bool = True,
+    ) -> GrpcSettings:
         return cls(
             address=args.grpc_address,
             port=args.grpc_port,
@@ -110,6 +115,8 @@ class GrpcSettings:
             http2_max_concurrent_streams=args.grpc_http2_max_concurrent_streams,
             restricted_protocols=tuple(getattr(args, "grpc_restricted_protocol", None) or ()),
             header_forward_pattern=getattr(args, "grpc_header_forward_pattern", None) or "",
+            transport=transport,
+            memo=memo,
         )
 
     @property
@@ -304,8 +311,8 @@ _CORE_ONLY = (
 
 def lean_transport(settings: GrpcSettings) -> bool:
     """Whether h2server can serve ``settings``: plaintext, no response compression,
-    keepalive and ping settings at their defaults, and not turned off by TRANSPORT_ENV."""
-    if os.environ.get(TRANSPORT_ENV, "auto") == "grpcio":
+    keepalive and ping settings at their defaults, and not turned off (``transport``)."""
+    if settings.transport == "grpcio":
         return False
     if settings.use_ssl or settings.use_ssl_mutual or settings.compression_level != "none":
         return False
@@ -325,7 +332,8 @@ async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
         )
     except ValueError as exc:
         raise GrpcSetupError(str(exc)) from None
-    handlers = method_handlers(InferenceServicer(plane, forward), restrictions)
+    servicer = InferenceServicer(plane, forward, settings.memo)
+    handlers = method_handlers(servicer, restrictions)
     if lean_transport(settings):
         lean = H2Server(
             {f"/{SERVICE}/{name}": h for name, h in handlers.items()},
@@ -333,6 +341,7 @@ async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
             settings.max_message_size,
             settings.http2_max_concurrent_streams,
             forward,
+            connection_state=servicer.new_memo,  # a request memo per connection
         )
         try:
             await lean.listen(settings.address, settings.port, settings.reuse_port)

@@ -59,16 +59,18 @@ class InferenceServicer:
     """Every method of ``inference.GRPCInferenceService``, by its name. ``context`` is
     the transport's call context: ``abort(status, details)`` with a ``Status``."""
 
-    def __init__(self, plane: DataPlane, forward: re.Pattern[str] | None = None) -> None:
+    def __init__(
+        self, plane: DataPlane, forward: re.Pattern[str] | None = None, memo: bool = True
+    ) -> None:
         self.plane = plane
         # --grpc-header-forward-pattern (inference.compile_forward_pattern): request
         # metadata whose key matches reach the model as parameters; with it, ModelInfer
         # runs as a coroutine (it reads the call's metadata), see method_handlers
         self.forward = forward
         self._server_metadata = control.server_metadata_pb(plane.metadata)
-        # The last small ModelInferRequest's fields, decoded (see RequestMemo): one for
-        # the process, since a call does not know its connection.
-        self.memo = RequestMemo()
+        # Request memos (RequestMemo) are per connection: the transport keeps one from
+        # ``new_memo`` and hands it to ``start_model_infer``; False: the speed path is off.
+        self.memo_enabled = memo
 
     # --- health and metadata --------------------------------------------------------------
 
@@ -109,17 +111,25 @@ class InferenceServicer:
 
     # --- inference ------------------------------------------------------------------------
 
+    def new_memo(self) -> RequestMemo | None:
+        """A connection's request memo, or None when memos are off."""
+        return RequestMemo() if self.memo_enabled else None
+
     def start_model_infer(
-        self, request: bytes, answer: Callable[[bytes | None, int, str], None]
+        self,
+        request: bytes,
+        answer: Callable[[bytes | None, int, str], None],
+        memo: RequestMemo | None = None,
     ) -> asyncio.Future | None:
         """``ModelInfer`` without a coroutine, for a transport that answers from a
         callback (``h2server``): decode and start now, encode in the call's done callback.
         Returns the call (cancel it to abandon it), or None when it has answered already.
-        ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``."""
+        ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``.
+        ``memo``: the connection's (``new_memo``), or None to decode every request."""
         plane = self.plane
         call = plane.call()
         try:
-            plane.start(call, converters.decode_message(request, self.memo))
+            plane.start(call, converters.decode_message(request, memo))
         except ServerError as exc:
             call.close()
             answer(None, *status_of(exc))
@@ -130,9 +140,7 @@ class InferenceServicer:
                 call.close()
                 return
             try:
-                response = converters.serialize_infer_response(
-                    call.result(), call.request, self.memo
-                )
+                response = converters.serialize_infer_response(call.result(), call.request, memo)
             except ServerError as exc:
                 answer(None, *status_of(exc))
                 return
@@ -147,7 +155,8 @@ class InferenceServicer:
         plane = self.plane
         call = plane.call()
         try:
-            inference = converters.decode_message(request, self.memo)
+            # No memo: a grpc.aio call does not know its connection (docs/architecture.md#speed-paths)
+            inference = converters.decode_message(request)
             if self.forward is not None:
                 converters.forward_metadata(inference, context, self.forward)
             result = await plane.infer(call, inference)

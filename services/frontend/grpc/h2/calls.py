@@ -81,10 +81,12 @@ class MethodHandler(NamedTuple):
     responses. A (de)serializer of None passes message bytes through.
 
     ``start`` (optional, unary methods without (de)serializers): the call without a task
-    or coroutine (docs/architecture.md#h2-calls-without-a-task): ``start(request, answer)``
-    returns the future the call waits on, cancelled if the call ends first, or None once
-    it has answered; it answers with ``answer(response, OK, "")`` or
-    ``answer(None, status, message)``.
+    or coroutine (docs/architecture.md#h2-calls-without-a-task): ``start(request, answer,
+    state)`` returns the future the call waits on, cancelled if the call ends first, or
+    None once it has answered; it answers with ``answer(response, OK, "")`` or
+    ``answer(None, status, message)``. ``state``: the connection's own object, made by
+    ``H2Server``'s ``connection_state`` when the connection opened (a request memo), or
+    None.
 
     ``required`` (optional): (header name in lower case, value, status, message): a call
     without that header field of exactly that value (its first, if repeated) ends with
@@ -233,13 +235,16 @@ class Calls:
     (``status`` for a non-OK status), which gives the server's call count back. Runs on
     the loop only."""
 
-    __slots__ = ("conn", "server", "loop", "starting")
+    __slots__ = ("conn", "server", "loop", "starting", "state")
 
     def __init__(self, conn: H2Connection) -> None:
         self.conn = conn
-        self.server = conn.server
+        self.server = server = conn.server
         self.loop = conn.loop
         self.starting: list[Stream] = []  # calls complete in this read, started after it
+        # This connection's object for ``MethodHandler.start`` (its request memo), or None
+        make_state = server.connection_state
+        self.state = None if make_state is None else make_state()
 
     # --- a call begins --------------------------------------------------------------------
 
@@ -422,7 +427,9 @@ class Calls:
                 stream.task = self.loop.create_task(self.run(stream, method, fields))
                 continue
             try:
-                stream.task = method.start(stream.messages.pop(), partial(self.answer, stream))
+                stream.task = method.start(
+                    stream.messages.pop(), partial(self.answer, stream), self.state
+                )
             except Exception as exc:
                 log.exception("gRPC call %s failed", path_of(self.server, method))
                 self.status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 from despina.services.frontend.grpc.h2.calls import STREAM_FIELDS, Method, MethodHandler
 from despina.services.frontend.grpc.h2.connection import H2Connection
@@ -26,8 +27,12 @@ class H2Server:
         max_send: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS_DEFAULT,
         forward: re.Pattern[str] | None = None,
+        connection_state: Callable[[], object] | None = None,
     ) -> None:
+        """``connection_state``: makes each connection's object for the methods'
+        ``start`` (``MethodHandler``), when the connection opens."""
         self.methods = {path: Method(h) for path, h in handlers.items()}
+        self.connection_state = connection_state
         # --grpc-header-forward-pattern: fields whose name matches it are kept as well
         # (``CallContext.invocation_metadata``), for the servicer to forward
         self.forward = forward
