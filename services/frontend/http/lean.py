@@ -4,8 +4,8 @@ frontend's loop, parsing with ``httptools`` (llhttp).
 aiohttp builds a protocol, a router match, a request and a response object per request
 and passes the body through a stream reader: ~20-25 % of the frontend's CPU in the
 profiles (loadtest/results/profiles-*), and its import ~15-20 MiB of RSS. This server
-serves the same routes as ``app.build_app`` (same ``DataPlane`` calls, same ``codec``
-functions, same statuses, bodies and headers) with one parser per connection and one
+serves the same route table as ``app.build_app`` (``routes.match``; the same
+``DataPlane`` calls, ``codec`` functions, statuses, bodies and headers) with one parser per connection and one
 bytes join per response. It serves by default; ``DESPINA_HTTP_TRANSPORT=aiohttp``
 picks aiohttp instead (``services/frontend/__main__.py``).
 
@@ -34,10 +34,11 @@ line a second). Timeouts cost nothing per request: one sweep per server a period
 and closes those idle too long, or answers 408 to a request whose headers, or whose
 body, stopped arriving.
 
-Sync routes (liveness, server metadata, errors) are answered in the parser's callbacks,
-and so is infer: it is sent on from there and answered from its future's callback (no
-task, no coroutine: they cost a c=1 request ~15 µs). The other routes that await the
-data plane run as one task per request.
+The routes come from the one route table (``routes.match``) and are answered by
+``lean_ops``: sync routes (liveness, server metadata, errors) in the parser's callbacks,
+and so is infer: it is started from there and answered from its call's done callback (no
+task, no coroutine: docs/architecture.md, "Less Python per request"). The other routes
+that await the data plane run as one task per request.
 """
 
 from __future__ import annotations

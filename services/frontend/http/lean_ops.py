@@ -1,0 +1,244 @@
+"""The lean HTTP transport's handlers of the route table's operations (routes.py): each
+answers through ``conn._reply`` (or ``conn._send_parts``); those in ``SYNC`` run in the
+parser's callback and answer before returning (infer: from its call's done callback), the
+others are coroutines run as one task per request. A ServerError they raise is answered
+by ``_Connection._answer_error``, the one place it becomes a response."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from despina.common.errors import invalid_arg
+from despina.services.frontend import control
+from despina.services.frontend.call import InferCall
+from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.http import codec, routes
+from despina.services.frontend.inference import (
+    InferenceRequest,
+    InferenceResult,
+    forward_headers,
+)
+from despina.services.frontend.unsupported import unsupported
+
+if TYPE_CHECKING:
+    from despina.services.frontend.http.lean import _Connection, _Request
+
+JSON = b"Content-Type: application/json\r\n"
+OCTETS = b"Content-Type: application/octet-stream\r\n"
+HEADER_LENGTH = codec.HEADER_LENGTH_HEADER.encode()
+
+
+# Each handler answers through conn._reply (or _send_parts); those in _SYNC return
+# before awaiting anything and run without a task (one that waits for a future sets
+# conn.task to it and answers from the future's callback); the others run in a task.
+
+
+def _live(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200, b"", b"", b"")
+
+
+async def _ready(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200 if await conn.plane.ready() else 400, b"", b"", b"")
+
+
+def _server_metadata(conn: _Connection, req: _Request) -> None:
+    conn._reply(req, 200, conn.plane.server_metadata(), JSON, b"")
+
+
+async def _model_ready(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    ok = await conn.plane.model_ready(model, version)
+    conn._reply(req, 200 if ok else 400, b"", b"", b"")
+
+
+async def _answer_json(
+    conn: _Connection, req: _Request, pending: Awaitable[Any], encode: Callable[[Any], bytes]
+) -> None:
+    """Answer with ``encode(record)`` (services/frontend/control.py); an error goes to
+    ``_Connection._answer_error`` through ``_run``."""
+    body = encode(await pending)
+    conn._reply(req, 200, body, JSON, b"")
+
+
+async def _answer_empty(conn: _Connection, req: _Request, pending: Awaitable[None]) -> None:
+    await pending
+    conn._reply(req, 200, b"", b"", b"")
+
+
+def _model_metadata(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
+    return _answer_json(
+        conn, req, conn.plane.model_metadata(model, version), control.model_metadata_json
+    )
+
+
+def _model_config(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
+    return _answer_json(
+        conn, req, conn.plane.model_config(model, version), control.model_config_json
+    )
+
+
+def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.repository_index(), control.repository_index_json)
+
+
+def _unsupported(conn: _Connection, req: _Request, message: str) -> None:
+    conn._answer_error(req, unsupported(message))
+
+
+def infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    """Decode, start, answer when the call resolves (``_infer_done``): all in the
+    parser's callback and the call's done callback, no task, no coroutine
+    (docs/architecture.md, "Less Python per request"). The call owns the body block from
+    here on; ``_infer_done`` or a refusal here closes it."""
+    plane = conn.plane
+    call = plane.call(req.block)
+    req.block = None
+    try:
+        header_length = codec.parse_header_length(req.header_length)
+        body = call.body.view if call.body is not None else req.body
+        if header_length == 0:
+            _infer_raw(conn, req, call, model, version, body)
+            return
+        inference = codec.decode_infer_request(body, header_length, model, version, conn.memo)
+        if conn.forward is not None and req.forwarded:
+            forward_headers(inference, req.forwarded)
+        plane.start(call, inference)
+    except Exception as exc:
+        call.close()
+        conn._answer_error(req, exc)
+        return
+    conn.task = call
+    call.add_done_callback(functools.partial(_infer_done, conn, req, call))
+
+
+def _infer_raw(
+    conn: _Connection, req: _Request, call: InferCall, model: str, version: str, body: Any
+) -> None:
+    """A raw binary request (``Inference-Header-Content-Length: 0``): its input's
+    metadata come from the model's configuration, fetched first; ``_infer_done``
+    answers as for any request (off the hot path: only such requests pay the fetch)."""
+    plane = conn.plane
+    inference = InferenceRequest(model, version, "", [], [], {}, True)
+    if conn.forward is not None and req.forwarded:
+        forward_headers(inference, req.forwarded)
+
+    async def run() -> InferenceResult:
+        config = await plane.model_config(model, version)
+        inference.inputs = codec.decode_raw_request(body, config.json, model, version).inputs
+        return await plane.start(call, inference)
+
+    conn.task = task = conn.loop.create_task(run())
+    task.add_done_callback(functools.partial(_infer_done, conn, req, call))
+
+
+def _infer_done(conn: _Connection, req: _Request, call: InferCall, pending: asyncio.Future) -> None:
+    """Encode the call's result (or its error) and close the call, unless the response
+    streams: then the streaming task closes it once written."""
+    if pending.cancelled():  # the connection is gone
+        call.close()
+        return
+    conn.task = None
+    streamed = False
+    try:
+        streamed = _answer_infer(conn, req, call, pending.result())
+    except Exception as exc:
+        conn._answer_error(req, exc)
+    finally:
+        if not streamed:
+            call.close()
+    if conn.task is None:
+        conn._next()
+
+
+def _answer_infer(
+    conn: _Connection, req: _Request, call: InferCall, result: InferenceResult
+) -> bool:
+    """Write the response; True when a task streams it (and closes the call after)."""
+    inference = call.request
+    parts, json_length = codec.encode_infer_response_parts(result, inference, conn.memo)
+    if json_length is None:
+        content_type, headers = JSON, b""
+    else:
+        content_type = OCTETS
+        headers = b"%s: %d\r\n" % (HEADER_LENGTH, json_length)
+    if len(parts) == 1:
+        conn._reply(req, 200, parts[0], content_type, headers)
+        return False
+    size = sum(p.nbytes if type(p) is memoryview else len(p) for p in parts)
+    if size < codec.STREAM_RESPONSE_BYTES:
+        conn._reply(req, 200, b"".join(parts), content_type, headers)
+        return False
+    # Large outputs go out from where they are (shared memory), not joined.
+    conn.task = conn.loop.create_task(
+        conn._run(req, _stream_result(conn, req, call, parts, size, content_type, headers))
+    )
+    return True
+
+
+async def _stream_result(
+    conn: _Connection,
+    req: _Request,
+    call: InferCall,
+    parts: list,
+    size: int,
+    content_type: bytes,
+    headers: bytes,
+) -> None:
+    try:
+        await conn._send_parts(req, parts, size, content_type, headers)
+    finally:
+        call.close()
+
+
+def _shm_status(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.shm_status(cuda, name), control.shm_status_any_json)
+
+
+async def _shm_register_call(plane: DataPlane, cuda: bool, name: str, body: bytes) -> None:
+    try:
+        args = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_arg(f"failed to parse the registration JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise invalid_arg("the registration body must be a JSON object")
+    await plane.shm_register(cuda, name, args)
+
+
+def _shm_register(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_empty(conn, req, _shm_register_call(conn.plane, cuda, name, req.body))
+
+
+def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> Awaitable:
+    return _answer_empty(conn, req, conn.plane.shm_unregister(cuda, name))
+
+
+SYNC = frozenset({_live, _server_metadata, _unsupported, infer})
+# routes.py's operations -> this transport's handlers.
+_HANDLERS: dict[str, Callable] = {
+    routes.LIVE: _live,
+    routes.READY: _ready,
+    routes.SERVER_METADATA: _server_metadata,
+    routes.MODEL_METADATA: _model_metadata,
+    routes.MODEL_READY: _model_ready,
+    routes.MODEL_CONFIG: _model_config,
+    routes.INFER: infer,
+    routes.REPOSITORY_INDEX: _repository_index,
+    routes.SHM_STATUS: _shm_status,
+    routes.SHM_REGISTER: _shm_register,
+    routes.SHM_UNREGISTER: _shm_unregister,
+    routes.UNSUPPORTED: _unsupported,
+}
+
+
+def route(method: bytes, path: bytes) -> tuple[Callable, tuple] | tuple[int, bytes, bytes, bytes]:
+    """(handler, its arguments) for a request, or the reply for a path that matches no
+    route (404) or a route another method serves (405, with ``Allow``): routes.match."""
+    found = routes.match(method, path)
+    if type(found) is routes.Miss:
+        allow = b"Allow: %s\r\n" % found.allow.encode() if found.allow else b""
+        return found.status, found.body, JSON, allow
+    return _HANDLERS[found.op], found.args  # type: ignore[union-attr]
