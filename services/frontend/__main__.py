@@ -52,11 +52,11 @@ def keep_large_buffers() -> None:
     """Let glibc reuse the memory of large buffers instead of mapping fresh pages for
     each one. A large gRPC message passes through several buffers of its size (grpc's
     own, then the response); by default glibc maps each from the system and unmaps it on
-    free, and faulting the fresh pages in cost more than the copies themselves: measured
-    on a 16 MiB identity call, 140 ms of CPU per call against 37 ms with these settings.
-    Buffers up to 32 MiB now come from the heap, and up to 256 MiB of free heap stays
-    mapped for the next ones (the price: a frontend that served large tensors keeps that
-    much). No-op where the C library is not glibc."""
+    free, and faulting the fresh pages in cost more than the copies themselves
+    (docs/architecture.md#large-buffers-in-the-frontend). Buffers up to 32 MiB now come
+    from the heap, and up to 256 MiB of free heap stays mapped for the next ones (the
+    price: a frontend that served large tensors keeps that much). No-op where the C
+    library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -1,10 +1,8 @@
 """A lean HTTP/1.1 transport for the REST frontend: an ``asyncio.Protocol`` on the
 frontend's loop, parsing with ``httptools`` (llhttp).
 
-aiohttp builds a protocol, a router match, a request and a response object per request
-and passes the body through a stream reader: ~20-25 % of the frontend's CPU in the
-profiles (loadtest/results/profiles-*), and its import ~15-20 MiB of RSS. This server
-serves the same route table as ``app.build_app`` (``routes.match``; the same
+aiohttp builds several objects per request and costs a frontend CPU and memory
+(docs/architecture.md#why-the-lean-http-transport). This server serves the same route table as ``app.build_app`` (``routes.match``; the same
 ``DataPlane`` calls, ``codec`` functions, statuses, bodies and headers) with one parser per connection and one
 bytes join per response. It serves by default; ``DESPINA_HTTP_TRANSPORT=aiohttp``
 picks aiohttp instead (``services/frontend/__main__.py``).
