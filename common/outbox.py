@@ -2,7 +2,7 @@
 peer and flushes them together on the next loop iteration, in groups of
 ``BURST_LIMIT`` while the wake goes on, or at once when its owner says so (``put(...,
 now=True)``, the end of a ``gathering`` block); ``FrameList`` builds the frame list of
-one outgoing message (DESIGN.md, "The hot path").
+one outgoing message (docs/architecture.md#the-hot-path).
 
 No ZeroMQ here: the stream hops (common/streams.py) use these too, and a backend host
 needs nothing else of common/transport.py.

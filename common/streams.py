@@ -4,9 +4,8 @@ machines), driven by asyncio Protocols: the transport of the data-plane hops.
 The framing carries the same multipart messages as the ZeroMQ sockets (frame 0 a
 msgpack header, then tensor frames): ``u32 frame count, u32 length per frame``, then the
 frames. A protocol parses every complete message that one ``data_received`` brought and
-hands them to one callback, so a process still reacts once per wake (DESIGN.md, "The hot
-path": these hops were ~30 % faster than libzmq at c=8, one thread wake-up per hop
-instead of three).
+hands them to one callback, so a process still reacts once per wake (one thread wake-up
+per hop, where libzmq takes three: docs/architecture.md#the-hot-path).
 
 A peer's death closes its stream at once, so ``on_lost`` is how a process learns that a
 peer is gone; TCP keepalive catches peers that vanish without closing (a cut network).

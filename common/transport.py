@@ -6,7 +6,7 @@ callback. ZeroMQ's FD is edge-triggered and a send can consume the edge, so afte
 send (and after each burst) ``EVENTS`` is checked again and a drain re-scheduled if input
 is waiting. ``Outbox`` (common/outbox.py, re-exported here) gathers what a wake
 produced and flushes it once per loop iteration, so each peer gets one message per wake
-(DESIGN.md, "The hot path").
+(docs/architecture.md#the-hot-path).
 
 With a cluster secret (common/streams.py, ``cluster_secret``), a ``tcp://`` ZeroMQ socket
 runs CURVE with the scheduler's key pair derived from the secret (``secure``): a peer
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 Frames = list  # list of bytes | memoryview | zmq.Frame
 
 # Large frames are sent without a copy; below this a copy is cheaper than the
-# bookkeeping (measured in DESIGN.md: copy=False pays only above ~64 KiB).
+# bookkeeping (docs/architecture.md#the-hot-path).
 ZERO_COPY_THRESHOLD = 64 * 1024
 
 HEARTBEAT_OPTIONS = {

@@ -4,7 +4,7 @@ the same routes with the same behaviour.
 
 Routes are thin: decode with ``codec``, call the data plane, encode. No middleware sits
 on the path (each costs microseconds per request, and the frontend is the bottleneck:
-DESIGN.md, "The hot path").
+docs/architecture.md#the-hot-path).
 
 Limits (``limits.HttpLimits``) as far as aiohttp offers them: the maximum input size
 (``client_max_size``; a Content-Length over it gets Triton's JSON 413 before the body is
@@ -240,7 +240,7 @@ def build_app(
                     pending[0] += size
             if block is not None:
                 # Large binary tensors: read the body straight into shared memory, where
-                # the backend host reads the inputs in place (the one copy of DESIGN.md).
+                # the backend host reads the inputs in place (docs/architecture.md#the-zero-copy-contract).
                 try:
                     body: bytes | memoryview = await read_into(request, block.view)
                 finally:
