@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 
 import orjson
 
@@ -25,11 +26,22 @@ class ControlAnswers:
     scheduler also reads to resolve the regions requests name. Loop's thread only."""
 
     def __init__(
-        self, models: dict[str, Model], regions: RegionRegistry, *, allow_client_shm: bool
+        self,
+        models: dict[str, Model],
+        regions: RegionRegistry,
+        *,
+        allow_client_shm: bool,
+        strict_readiness: bool = True,
+        unloaded: Callable[[], list[str]] | None = None,
     ) -> None:
+        """``strict_readiness`` (Triton's --strict-readiness): the server is ready only
+        once every model it loads is; false: once it answers. ``unloaded``: the
+        repository's models no load has read (model_control.py), for the index."""
         self.models = models
         self.regions = regions
         self.allow_client_shm = allow_client_shm
+        self.strict_readiness = strict_readiness
+        self.unloaded = unloaded
 
     def answer(self, q: m.Query) -> m.QueryReply:
         """The reply to ``q``: its record, none, or the error (never raises)."""
@@ -41,9 +53,12 @@ class ControlAnswers:
 
     def _record(self, q: m.Query) -> c.Record | None:
         if q.kind == "server_ready":
+            if not self.strict_readiness:
+                return None
             waiting = [
                 f"{mv.name}:{mv.version}"
                 for model in self.models.values()
+                if model.wanted
                 for mv in model.versions.values()
                 if mv.state is State.LOADING
                 or (mv.state is State.UNAVAILABLE and not mv.reason.startswith("load failed"))
@@ -133,4 +148,7 @@ class ControlAnswers:
                 entries.append(c.IndexEntry(model.name, None, State.UNAVAILABLE.value, model.error))
             for mv in model.versions.values():
                 entries.append(c.IndexEntry(model.name, mv.version, mv.state.value, mv.reason))
+        for name in self.unloaded() if self.unloaded is not None else []:
+            entries.append(c.IndexEntry(name, None, "", ""))
+        entries.sort(key=lambda e: (e.name, int(e.version) if e.version else -1))
         return c.RepositoryIndex(entries)

@@ -30,10 +30,14 @@ TRITON_VERSION = "2.51.0"
 EXTENSIONS = [
     "classification",
     "model_repository",
+    "model_repository(unload_dependents)",
     "model_configuration",
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
+    "statistics",
+    "trace",
+    "logging",
 ]
 DESPINA_VERSION = version("despina")  # pyproject.toml's, as installed
 SERVER_HEADER = f"despina/{DESPINA_VERSION}"

@@ -27,11 +27,6 @@ from conftest import serve_refused
             ["--grpc-restricted-protocol", "shared-memory,registry:admin-key=secret"],
             "unknown restricted protocol 'registry'",
         ),
-        (
-            ["--model-control-mode=explicit", "--load-model=simple"],
-            "--model-control-mode=explicit serves only the models named by --load-model",
-        ),
-        (["--model-control-mode", "explicit"], "refusing to start"),
     ],
 )
 def test_unsupported_security_flag_stops_the_server(tmp_path, flags, says):
@@ -45,13 +40,17 @@ def test_unsupported_security_flag_stops_the_server(tmp_path, flags, says):
 
 
 def test_explicit_mode_loading_every_model_is_safe(tmp_path):
-    """``--load-model=*`` names every model, which is what Despina serves, and poll mode
-    loads what none mode does: neither is refused."""
+    """Model control acts (tests/e2e/test_model_control.py): explicit mode, with
+    ``--load-model=*`` or a named model, and poll mode are not refused."""
     parser = argparse.ArgumentParser()
     add_triton_flags(parser)
     args = parser.parse_args(
         ["--model-repository", str(tmp_path), "--model-control-mode=explicit", "--load-model=*"]
     )
     assert refuse_unsupported_security(args) == []
+    args = parser.parse_args(
+        ["--model-repository", str(tmp_path), "--model-control-mode=explicit", "--load-model=a"]
+    )
+    assert refuse_unsupported_security(args) == [] and args.load_model == ["a"]
     args = parser.parse_args(["--model-repository", str(tmp_path), "--model-control-mode=poll"])
     assert refuse_unsupported_security(args) == []
