@@ -35,9 +35,6 @@ EXTENSIONS = [
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
-    "statistics",
-    "trace",
-    "logging",
 ]
 DESPINA_VERSION = version("despina")  # pyproject.toml's, as installed
 SERVER_HEADER = f"despina/{DESPINA_VERSION}"
