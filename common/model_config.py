@@ -35,20 +35,55 @@ def parse_text(text: str, source: str = "config.pbtxt") -> ModelConfig:
     return config
 
 
-def load(model_dir: Path) -> ModelConfig:
-    """Read and complete ``<model_dir>/config.pbtxt``. Raises INVALID_ARG saying why."""
+# Off under --strict-model-config=true / --disable-auto-complete-config: set once by the
+# scheduler at start (``set_auto_complete``), read by ``load`` when not told.
+_AUTO_COMPLETE = True
+
+
+def set_auto_complete(enabled: bool) -> None:
+    """The process-wide default of ``load``'s ``auto_complete`` (the scheduler's flag)."""
+    global _AUTO_COMPLETE
+    _AUTO_COMPLETE = enabled
+
+
+def load(model_dir: Path, *, auto_complete: bool | None = None) -> ModelConfig:
+    """Read and complete ``<model_dir>/config.pbtxt``. Raises INVALID_ARG saying why.
+
+    With ``auto_complete`` (Triton's default; off under ``--strict-model-config=true`` or
+    ``--disable-auto-complete-config``) a missing file is a minimal config that the
+    backend host completes from the model file at load, and a config that declares no
+    inputs or outputs is left for it to complete too (``needs_completion``). Without it,
+    both are refused here with the flag named."""
+    if auto_complete is None:
+        auto_complete = _AUTO_COMPLETE
     path = model_dir / "config.pbtxt"
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise invalid_arg(
-            f"model '{model_dir.name}' has no config.pbtxt (auto-completing a missing "
-            "configuration is not supported yet)"
-        ) from None
+        if not auto_complete:
+            raise invalid_arg(
+                f"model '{model_dir.name}' has no config.pbtxt, and auto-complete is disabled "
+                "(--disable-auto-complete-config or --strict-model-config=true): a model "
+                "configuration file is required"
+            ) from None
+        text = ""
     config = parse_text(text, str(path))
     complete(config, model_dir)
+    if not auto_complete and needs_completion(config):
+        raise invalid_arg(
+            f"model '{config.name}': {path} declares no "
+            f"{'input' if not config.input else 'output'}, and auto-complete is disabled "
+            "(--disable-auto-complete-config or --strict-model-config=true): declare every "
+            "input and output"
+        )
     validate(config)
     return config
+
+
+def needs_completion(config: ModelConfig) -> bool:
+    """True when the config leaves inputs or outputs for the backend to fill from the
+    model file (Triton's auto-complete)."""
+    return not config.input or not config.output
 
 
 def framework_of(config: ModelConfig, model_dir: Path | None = None) -> str:
@@ -108,6 +143,42 @@ def complete(config: ModelConfig, model_dir: Path) -> None:
             group.kind = mc.ModelInstanceGroup.KIND_CPU
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
+
+
+# What auto-complete sets max_batch_size to when the model file shows a batch dimension
+# (Triton's --backend-config=default-max-batch-size, 4 unless given).
+DEFAULT_MAX_BATCH_SIZE = 4
+
+Tensor = tuple[str, str, list[int]]  # name, Triton data type ("FP32"), shape (-1: dynamic)
+
+
+def complete_from_model(
+    config: ModelConfig,
+    inputs: list[Tensor],
+    outputs: list[Tensor],
+    default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> None:
+    """Fill the inputs, outputs and max_batch_size a config leaves out from a model
+    file's signature, as Triton's ONNX Runtime backend does: when the config declares no
+    inputs or outputs and sets no max_batch_size, a first dimension that is dynamic in
+    every input and output is the batch dimension (max_batch_size becomes
+    ``default_max_batch_size``; Triton also adds ``dynamic_batching {}``, which Despina
+    leaves to the config: the scheduler is chosen from the config as read); declared
+    inputs and outputs are kept as written. Pure."""
+    declared = {io.name for io in config.input} | {io.name for io in config.output}
+    if not declared and config.max_batch_size == 0 and default_max_batch_size > 0:
+        tensors = inputs + outputs
+        if tensors and all(shape and shape[0] == -1 for _, _, shape in tensors):
+            config.max_batch_size = default_max_batch_size
+    skip = 1 if config.max_batch_size > 0 else 0
+    for items, target in ((inputs, config.input), (outputs, config.output)):
+        for name, dt, shape in items:
+            if name in declared:
+                continue
+            io = target.add()
+            io.name = name
+            io.data_type = mc.DataType.Value(dtypes.to_config_type(dt))
+            io.dims.extend([-1 if d is None or d < 0 else d for d in shape[skip:]] or [1])
 
 
 def validate(config: ModelConfig) -> None:

@@ -86,11 +86,104 @@ def test_parse_text_default_source_is_config_pbtxt() -> None:
 # --- load: the model folder ------------------------------------------------------------
 
 
-def test_load_missing_config_is_invalid_arg(tmp_path: Path) -> None:
+def test_load_missing_config_is_minimal_with_auto_complete(tmp_path: Path) -> None:
+    """Without config.pbtxt the folder's model file names the framework; the backend host
+    completes inputs and outputs at load (needs_completion)."""
     model_dir = write_model(tmp_path, "noconf", None, files=("1/model.onnx",))
-    raises_invalid_arg(
-        model_config.load, model_dir, fragments=("model 'noconf' has no config.pbtxt",)
+    config = model_config.load(model_dir, auto_complete=True)
+    assert (config.name, config.platform, config.backend) == (
+        "noconf",
+        "onnxruntime_onnx",
+        "onnxruntime",
     )
+    assert config.default_model_filename == "model.onnx"
+    assert model_config.needs_completion(config)
+
+
+def test_load_missing_config_is_invalid_arg_when_strict(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "noconf", None, files=("1/model.onnx",))
+    with pytest.raises(ServerError) as exc_info:
+        model_config.load(model_dir, auto_complete=False)
+    assert exc_info.value.code is Code.INVALID_ARG
+    assert "model 'noconf' has no config.pbtxt" in exc_info.value.message
+    assert "--strict-model-config=true" in exc_info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "missing"),
+    [('backend: "onnxruntime"', "input"), ('backend: "python"' + ADD.split("output")[0], "output")],
+)
+def test_load_incomplete_config_is_invalid_arg_when_strict(
+    tmp_path: Path, text: str, missing: str
+) -> None:
+    model_dir = write_model(tmp_path, "partial", text)
+    with pytest.raises(ServerError) as exc_info:
+        model_config.load(model_dir, auto_complete=False)
+    assert f"declares no {missing}, and auto-complete is disabled" in exc_info.value.message
+    # With auto-complete (the default) it is left for the backend.
+    assert model_config.needs_completion(model_config.load(model_dir))
+
+
+def test_set_auto_complete_is_loads_default(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path, "noconf", None, files=("1/model.onnx",))
+    model_config.set_auto_complete(False)
+    try:
+        raises_invalid_arg(model_config.load, model_dir, fragments=("has no config.pbtxt",))
+    finally:
+        model_config.set_auto_complete(True)
+    assert model_config.load(model_dir).name == "noconf"
+
+
+# --- complete_from_model: Triton's ONNX auto-complete rules --------------------------------
+
+
+def _completed(text: str, inputs: list, outputs: list) -> mc.ModelConfig:
+    config = model_config.parse_text(text)
+    model_config.complete_from_model(config, inputs, outputs)
+    return config
+
+
+def _io(items) -> list[tuple[str, int, list[int]]]:
+    return [(t.name, t.data_type, list(t.dims)) for t in items]
+
+
+def test_complete_dynamic_first_dimension_is_the_batch() -> None:
+    config = _completed(
+        "", [("A", "FP32", [-1, 4]), ("S", "BYTES", [-1])], [("O", "INT64", [-1, 2, -1])]
+    )
+    assert config.max_batch_size == model_config.DEFAULT_MAX_BATCH_SIZE == 4
+    assert _io(config.input) == [("A", mc.TYPE_FP32, [4]), ("S", mc.TYPE_STRING, [1])]
+    assert _io(config.output) == [("O", mc.TYPE_INT64, [2, -1])]
+    # Despina leaves scheduling to the config as read (Triton would add dynamic_batching).
+    assert config.WhichOneof("scheduling_choice") is None
+
+
+def test_complete_fixed_first_dimension_is_no_batch() -> None:
+    config = _completed("", [("A", "INT32", [2, 3])], [("O", "INT32", [-1, 3])])
+    assert config.max_batch_size == 0
+    assert _io(config.input) == [("A", mc.TYPE_INT32, [2, 3])]
+    assert _io(config.output) == [("O", mc.TYPE_INT32, [-1, 3])]
+
+
+def test_complete_keeps_declared_tensors_and_max_batch_size() -> None:
+    config = _completed(
+        'max_batch_size: 2 input [{ name: "A" data_type: TYPE_FP16 dims: [8] }]',
+        [("A", "FP32", [-1, 4]), ("B", "FP32", [-1, 4])],
+        [("O", "FP32", [-1, 4])],
+    )
+    assert config.max_batch_size == 2
+    assert _io(config.input) == [("A", mc.TYPE_FP16, [8]), ("B", mc.TYPE_FP32, [4])]
+    assert _io(config.output) == [("O", mc.TYPE_FP32, [4])]
+
+
+def test_complete_declared_max_batch_size_zero_keeps_full_shapes() -> None:
+    config = _completed(
+        'output [{ name: "O" data_type: TYPE_FP32 dims: [-1, 4] }]',
+        [("A", "FP32", [-1, 4])],
+        [("O", "FP32", [-1, 4])],
+    )
+    assert config.max_batch_size == 0
+    assert _io(config.input) == [("A", mc.TYPE_FP32, [-1, 4])]
 
 
 def test_load_parse_error_names_the_path(tmp_path: Path) -> None:

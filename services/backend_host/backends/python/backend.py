@@ -84,7 +84,64 @@ class PythonBackend:
         when importing or initializing the model raised; the message carries the
         model's exception and traceback so the repository index can show it.
         """
-        return PythonModelInstance(spec)
+        from despina.services.backend_host import warmup
+
+        instance = PythonModelInstance(spec)
+        try:
+            warmup.run(instance, spec)  # model_warmup, before the instance says it is up
+        except BaseException:
+            instance.unload()
+            raise
+        return instance
+
+
+def complete_config(config_json_text: bytes, model_dir: Path, version: str) -> bytes | None:
+    """Triton's Python auto-complete: the config (Triton's JSON form) as the model's
+    ``TritonPythonModel.auto_complete_config(auto_complete_model_config)`` staticmethod
+    returns it, or None when the model has no such method. Imports ``model.py``: call it
+    in a process that is thrown away afterwards (the launcher's forked child). Raises
+    ServerError (INVALID_ARG naming the model) when the import or the method fails or
+    returns something else than the ``pb_utils.ModelConfig`` it was given."""
+    install_utils_module()
+    config = orjson.loads(config_json_text)
+    name = config.get("name", model_dir.name)
+    path = model_dir / version / (config.get("default_model_filename") or "model.py")
+    if not path.is_file():
+        raise invalid_arg(f"Python model file not found in '{path}'")
+    if b"auto_complete_config" not in path.read_bytes():
+        return None  # nothing to call: spare the import (a model may import torch)
+    for directory in (path.parent, model_dir):
+        if str(directory) not in sys.path:
+            sys.path.append(str(directory))
+    try:
+        module_spec = importlib.util.spec_from_file_location(
+            f"_despina_autocomplete_{next(_module_ids)}", path
+        )
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        raise invalid_arg(
+            f"Failed to load Python model file '{path}' to auto-complete the config of "
+            f"model '{name}': {describe_exception(exc)}"
+        ) from None
+    model_class = getattr(module, "TritonPythonModel", None)
+    method = getattr(model_class, "auto_complete_config", None)
+    if not callable(method):
+        return None
+    given = pb_utils.ModelConfig(config)
+    try:
+        returned = method(given)
+    except (Exception, SystemExit) as exc:
+        raise invalid_arg(
+            f"auto_complete_config of model '{name}' failed: {describe_exception(exc)}"
+        ) from None
+    if not isinstance(returned, pb_utils.ModelConfig):
+        raise invalid_arg(
+            f"auto_complete_config of model '{name}' must return the pb_utils.ModelConfig it "
+            f"was given, it returned {type(returned).__name__}"
+        )
+    return orjson.dumps(returned.as_dict())
 
 
 class PythonModelInstance:
@@ -142,7 +199,7 @@ class PythonModelInstance:
         if not callable(getattr(model_class, "execute", None)):
             self._forget_modules()
             raise invalid_arg(f"Python model {path} does not implement `execute` method.")
-        # A model's auto_complete_config staticmethod is tolerated and not called.
+        # auto_complete_config ran before the instances were started (launcher.py).
 
         try:
             self._model = model_class()

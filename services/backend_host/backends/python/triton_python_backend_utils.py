@@ -10,8 +10,8 @@ Tensors here are plain numpy arrays held by reference: an input ``Tensor`` wraps
 array the backend host mapped (often a read-only view onto shared memory), and an output
 ``Tensor`` keeps the model's array, so nothing is copied on the way in or out.
 
-Features of later work (decoupled response senders, BLS ``exec``, the auto-complete
-``ModelConfig`` helper, custom metrics, model loading API) exist as names so a model
+Features of later work (decoupled response senders, BLS ``exec``, custom metrics,
+model loading API) exist as names so a model
 imports cleanly, and raise ``TritonModelException("... is not supported by Despina
 yet")`` when used. Nothing in this module is shared across threads by the backend; an
 instance runs one batch at a time.
@@ -647,10 +647,95 @@ class Logger:
 
 
 class ModelConfig:
-    """The auto-complete helper; ``auto_complete_config`` is not called by Despina yet."""
+    """The auto-complete helper a model's ``auto_complete_config(auto_complete_model_config)``
+    staticmethod receives and returns (Triton's API): the model's config in Triton's JSON
+    form, which the methods below extend. Raises ``ValueError`` where Triton's does (a
+    tensor without name/data_type/dims, one that contradicts the config)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise _not_supported("auto_complete_config (pb_utils.ModelConfig)")
+    def __init__(self, model_config: dict | str) -> None:
+        self._model_config = (
+            json.loads(model_config) if isinstance(model_config, str) else model_config
+        )
+
+    def as_dict(self) -> dict:
+        return self._model_config
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        config = self._model_config
+        current = int(config.get("max_batch_size", 0))
+        if current not in (0, max_batch_size):
+            raise ValueError(
+                f"configuration specified max_batch_size {current}, but in "
+                f"auto-complete-config function for model '{config.get('name')}' specified "
+                f"max_batch_size {max_batch_size}"
+            )
+        config["max_batch_size"] = int(max_batch_size)
+
+    def set_dynamic_batching(self) -> None:
+        config = self._model_config
+        if config.get("sequence_batching"):
+            raise ValueError(
+                f"configuration for model '{config.get('name')}' specified "
+                "sequence_batching, cannot change to dynamic batching"
+            )
+        config.setdefault("dynamic_batching", {})
+
+    def set_model_transaction_policy(self, transaction_policy_dict: dict) -> None:
+        for key in transaction_policy_dict:
+            if key != "decoupled":
+                raise ValueError(
+                    f"model transaction property '{key}' is not supported (only 'decoupled')"
+                )
+        policy = self._model_config.setdefault("model_transaction_policy", {})
+        policy["decoupled"] = bool(transaction_policy_dict.get("decoupled", False))
+
+    def add_input(self, input: dict) -> None:
+        self._add("input", input)
+
+    def add_output(self, output: dict) -> None:
+        self._add("output", output)
+
+    def _add(self, kind: str, tensor: dict) -> None:
+        model = self._model_config.get("name")
+        if not isinstance(tensor, dict):
+            raise ValueError(f"{kind} for model '{model}' must be a dict, got {type(tensor)}")
+        for key in ("name", "data_type", "dims"):
+            if key not in tensor:
+                raise ValueError(
+                    f"{kind} in auto-complete-config function for model "
+                    f"'{model}' is missing '{key}' property."
+                )
+        allowed = (
+            {"name", "data_type", "dims", "optional"}
+            if kind == "input"
+            else {"name", "data_type", "dims"}
+        )
+        for key in tensor:
+            if key not in allowed:
+                raise ValueError(
+                    f"{kind} '{tensor['name']}' in auto-complete-config function for model "
+                    f"'{model}' has an unknown property '{key}'"
+                )
+        entries = self._model_config.setdefault(kind, [])
+        for entry in entries:
+            if entry.get("name") != tensor["name"]:
+                continue
+            if entry.get("data_type", "TYPE_INVALID") not in ("TYPE_INVALID", tensor["data_type"]):
+                raise ValueError(
+                    f"unable to load model '{model}', configuration expects datatype "
+                    f"{entry['data_type']} for {kind} '{tensor['name']}', model provides "
+                    f"{tensor['data_type']}"
+                )
+            if entry.get("dims") and [int(d) for d in entry["dims"]] != list(tensor["dims"]):
+                raise ValueError(
+                    f"model '{model}', tensor '{tensor['name']}': the model expects dims "
+                    f"{list(tensor['dims'])} but the model configuration specifies dims "
+                    f"{entry['dims']}"
+                )
+            entry.setdefault("data_type", tensor["data_type"])
+            entry["dims"] = list(tensor["dims"])
+            return
+        entries.append({k: (list(v) if k == "dims" else v) for k, v in tensor.items()})
 
 
 class MetricFamily:
