@@ -129,7 +129,11 @@ class Placement:
         for index in indexes:
             sched.add_slot(Slot(stream, mv.name, mv.version, index))
         assert model.config is not None
-        if sched.slot_count >= instance_count(model.config) and mv.state is State.LOADING:
+        if (
+            sched.slot_count >= instance_count(model.config)
+            and mv.state in (State.LOADING, State.UNAVAILABLE)  # not while it unloads
+            and model.wanted
+        ):
             mv.state, mv.reason = State.READY, ""
             log.info("successfully loaded '%s' version %s", mv.name, mv.version)
         touched.add((mv.name, mv.version))
