@@ -10,8 +10,9 @@ machine; medians per load and arm, and the ratio of each arm to the first.
 An arm is ``NAME=FLAGS`` (space-separated ``despina serve`` flags; empty: the
 defaults), or ``NAME@REF=FLAGS`` to serve git ``REF``'s code instead of the working tree
 (``--arm before@HEAD~1= --arm after=`` measures a change). A load is
-``MODEL:PROTOCOL:CONCURRENCY``, a model of the shipped repository (an arm's flags may add
-``--model-repository=DIR``). Each run's line gives the CPU the hypervisor stole
+``MODEL:PROTOCOL:CONCURRENCY[:PERF FLAGS]``, a model of the shipped repository (an arm's
+flags may add ``--model-repository=DIR``), with extra ``despina perf`` flags after a
+third colon (``identity_fp32:http-shm:1:--shape-override=4194304``: 16 MiB tensors). Each run's line gives the CPU the hypervisor stole
 meanwhile (cores): on this kind of VM a run with more than ~0.15 is slower for that
 reason alone, so rounds, not single runs, carry the result.
 """
@@ -40,13 +41,13 @@ def parse_arm(text: str) -> tuple[str, str, list[str]]:
     return name, ref, flags.split()
 
 
-def parse_load(text: str) -> tuple[str, str, int]:
+def parse_load(text: str) -> tuple[str, str, int, tuple[str, ...]]:
     try:
-        model, protocol, concurrency = text.split(":")
-        return model, protocol, int(concurrency)
+        model, protocol, concurrency, *rest = text.split(":", 3)
+        return model, protocol, int(concurrency), tuple(rest[0].split() if rest else ())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected MODEL:PROTOCOL:CONCURRENCY, got '{text}'"
+            f"expected MODEL:PROTOCOL:CONCURRENCY[:PERF FLAGS], got '{text}'"
         ) from None
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 env = {**os.environ, "PYTHONPATH": despina_overlay(ref, tmp / name)}
             served[name] = stack.enter_context(despina(flags, name, env=env))
         for rnd in range(1, args.rounds + 1):
-            for model, protocol, concurrency in args.load:
+            for model, protocol, concurrency, perf_flags in args.load:
                 for name, srv in served.items():
                     url = srv.url_for(protocol)
                     try:
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                                 args.warmup,
                                 "--server-pid",
                                 str(srv.proc.pid),
+                                *perf_flags,
                             )
                     except subprocess.CalledProcessError as exc:
                         raise SystemExit(
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"\n## medians of {args.rounds} rounds; ratio: infer/s against arm '{first}'")
     say("| load | arm | infer/s | p50 ms | p99 ms | server CPU µs/infer | ratio |")
     say("| --- | --- | --- | --- | --- | --- | --- |")
-    for model, protocol, concurrency in args.load:
+    for model, protocol, concurrency, _ in args.load:
         base = statistics.median(
             r["infer_per_s"] for r in runs[(model, protocol, concurrency, first)]
         )
