@@ -33,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import orjson
 
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unsupported
@@ -157,6 +158,19 @@ class PythonModelInstance:
         self._spec = spec
         self._name = triton_instance_name(spec, config)
         self._outputs: tuple[str, ...] = tuple(o["name"] for o in config.get("output", ()))
+        # Inputs and outputs with a ``reshape`` (only those): the model sees
+        # ``reshape.shape`` and returns it; the client sends and gets ``dims``.
+        self._batched = int(config.get("max_batch_size", 0)) > 0
+        self._reshape_in = {
+            i["name"]: tuple(int(d) for d in i["reshape"]["shape"])
+            for i in config.get("input", ())
+            if "reshape" in i
+        }
+        self._reshape_out = {
+            o["name"]: tuple(int(d) for d in o["dims"])
+            for o in config.get("output", ())
+            if "reshape" in o
+        }
         self._bf16_inputs = frozenset(
             i["name"] for i in config.get("input", ()) if i.get("data_type") == "TYPE_BF16"
         )
@@ -281,6 +295,16 @@ class PythonModelInstance:
         InferenceResponse per request: every request of the batch fails, the instance
         stays usable.
         """
+        if self._reshape_in:
+            requests = [
+                ExecRequest(
+                    r.request_id,
+                    self._reshape(r.inputs, self._reshape_in),
+                    r.requested_outputs,
+                    r.parameters,
+                )
+                for r in requests
+            ]
         pb_requests = [self._wrap(r) for r in requests]
         try:
             result = self._model.execute(pb_requests)
@@ -311,7 +335,20 @@ class PythonModelInstance:
                     f"list, found type '{type(resp)}'.",
                 )
             responses.append(self._convert(req, resp))
+        if self._reshape_out:
+            for response in responses:
+                if response.error is None:
+                    response.outputs = self._reshape(response.outputs, self._reshape_out)
         return responses
+
+    def _reshape(self, arrays: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict:
+        out = dict(arrays)
+        for name, shape in shapes.items():
+            array = out.get(name)
+            if array is not None:
+                array = np.asarray(array)
+                out[name] = array.reshape((array.shape[0], *shape) if self._batched else shape)
+        return out
 
     def _wrap(self, request: ExecRequest) -> pb_utils.InferenceRequest:
         bf16 = self._bf16_inputs
