@@ -132,13 +132,16 @@ def scan(roots: list[Path], names: set[str] | None = None) -> dict[str, Model]:
 
 
 def fingerprint(path: Path) -> str:
-    """A digest of what a model folder holds: every file's relative path, size and
-    modification time (content is not read: a model file may be gigabytes). Poll mode
+    """A digest of what a model folder holds: every folder's relative path, and every
+    file's relative path, size and modification time (content is not read: a model file may be gigabytes). Poll mode
     compares it to see a change; '' when the folder is gone."""
+    if not path.is_dir():
+        return ""
     digest = hashlib.sha256()
     try:
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
+            digest.update(f"{os.path.relpath(dirpath, path)}/\n".encode())  # empty ones too
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
                 try:

@@ -447,6 +447,37 @@ def test_poll_mode_follows_the_repository(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_model_of_a_new_framework_gets_a_backend_host(tmp_path):
+    """Poll mode, an ONNX-only repository: a Python model added later gets a backend host
+    of its own, started by ``despina serve``."""
+    root = tmp_path / "repo"
+    write_scale(root, "scale_n", {1: 2.0})
+    srv = DespinaServer(
+        root,
+        tmp_path / "serve.log",
+        [
+            "--model-control-mode=poll",
+            "--repository-poll-secs=1",
+            f"--metrics-port={free_port()}",
+        ],
+    ).start()
+    try:
+        assert not srv.child_pids("--framework python")
+        shutil.copytree(SHIPPED_REPOSITORY / "add_sub", root / "add_sub")
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        wait_for(lambda: client.is_model_ready("add_sub"), 40, "the Python model")
+        assert len(srv.child_pids("--framework python")) >= 1
+        a = np.ones((1, 16), dtype=np.float32)
+        inputs = [grpcclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+        for tensor in inputs:
+            tensor.set_data_from_numpy(a)
+        assert (client.infer("add_sub", inputs).as_numpy("OUTPUT0") == 2).all()
+        assert infer(client, "scale_n") == 2.0
+        client.close()
+    finally:
+        assert srv.stop() == 0
+
+
 def test_exit_on_error_stops_the_server_and_the_default_serves_on(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
