@@ -23,6 +23,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_REPOSITORY = ROOT / "model_repository"
 
+# DESPINA_SPEED_PATHS=off in the test run's environment: every server the tests start
+# inherits it and takes no speed path (docs/architecture.md#speed-paths).
+SPEED_PATHS_OFF = os.environ.get("DESPINA_SPEED_PATHS", "").strip().lower() in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
+def needs_speed_path(path: str) -> pytest.MarkDecorator:
+    """Skips a test that measures ``path``'s effect when the run turned speed paths off."""
+    return pytest.mark.skipif(SPEED_PATHS_OFF, reason=f"DESPINA_SPEED_PATHS=off: no {path}")
+
+
 # Tests whose assertions bound a measured time (a stall, a timeout, a delay): they can fail
 # on a starved machine for no fault of the code, so `-m "not timing"` leaves them out.
 TIMING_TESTS = {
@@ -116,6 +131,7 @@ class DespinaServer:
         self.repository = repository
         self.http_port = free_port()
         self.grpc_port = free_port()
+        self.metrics_port = free_port()  # --metrics-port in extra_args wins
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.env = env
@@ -144,6 +160,8 @@ class DespinaServer:
                 str(self.grpc_port),
                 "--exit-timeout-secs",
                 "5",
+                "--metrics-port",
+                str(self.metrics_port),
                 *self.extra_args,
             ],
             stdout=self._log,

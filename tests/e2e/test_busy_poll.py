@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
+from conftest import SHIPPED_REPOSITORY, DespinaServer, needs_speed_path
 
 REQUESTS = 200
 # Long enough that the gap between this test's requests always falls inside it.
@@ -99,6 +99,7 @@ def test_without_polling_each_process_sleeps_for_every_request(servers):
     assert sleeps["host"] >= 0.8, sleeps
 
 
+@needs_speed_path("loop execution (a host polls only while no execution is on a thread)")
 def test_with_polling_neither_sleeps_while_an_answer_is_due(servers):
     sleeps = _sleeps_per_request(servers[BUDGET_US])
     # The frontend still sleeps while the client prepares its next request (nothing is

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
+from conftest import SHIPPED_REPOSITORY, DespinaServer, needs_speed_path
 
 
 def _copy_simple(root, name: str, extra: str) -> None:
@@ -95,6 +95,7 @@ def grpc_infer(server: DespinaServer, model: str):
         client.close()
 
 
+@needs_speed_path("direct routes")
 @pytest.mark.parametrize("model", ["simple", "simple_dyn"])
 def test_model_is_served_while_the_scheduler_is_frozen(direct_server, model):
     http_infer(direct_server, model)  # the routes have reached the frontend
