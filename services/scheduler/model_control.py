@@ -39,8 +39,8 @@ import msgspec
 import orjson
 
 from despina.common import messages as m
-from despina.common.errors import Code, ServerError, internal, invalid_arg
-from despina.services.scheduler.dispatch import Dispatcher, FrontendId
+from despina.common.errors import Code, ServerError, internal, invalid_arg, unavailable
+from despina.services.scheduler.dispatch import DROPPED, Dispatcher, FrontendId
 from despina.services.scheduler.interface import ModelScheduler
 from despina.services.scheduler.placement import Placement
 from despina.services.scheduler.repository import (
@@ -327,6 +327,7 @@ class ModelControl:
         new load does not have (``drop_versions``)."""
         await self._drained(old, time.monotonic() + ROUTE_GRACE_S)
         for version in old.versions:
+            self._fail_queued(old, version)
             self.placement.stop_instances(old, version)
             if version in drop_versions and self.schedulers.get((old.name, version)) is (
                 old.schedulers.get(version)
@@ -348,6 +349,21 @@ class ModelControl:
             model.name,
             DRAIN_TIMEOUT_S,
         )
+
+    def _fail_queued(self, model: Model, version: str) -> None:
+        """Answer UNAVAILABLE what is still queued for ``model``'s ``version`` when its
+        instances stop (after the drain timed out, or its instances went away)."""
+        live = self.schedulers.get((model.name, version))
+        if live is None or live is not model.schedulers.get(version):
+            return  # not serving: its queue moved to the load that replaced it
+        for pending in live.drain_queue():
+            if pending.buffers is DROPPED:
+                continue  # answered CANCELLED already
+            self.dispatcher.reply_error(
+                pending.frontend,
+                pending.request,
+                unavailable(f"model '{model.name}' version {version} was unloaded"),
+            )
 
     def _holds_requests(self, model: Model) -> bool:
         for version, sched in model.schedulers.items():
@@ -377,6 +393,7 @@ class ModelControl:
             self.routes.publish()
             await self._drained(model, time.monotonic() + ROUTE_GRACE_S)
             for mv in model.versions.values():
+                self._fail_queued(model, mv.version)
                 self.placement.stop_instances(model, mv.version)
                 mv.state, mv.reason = State.UNAVAILABLE, "unloaded"
             self.routes.publish()
