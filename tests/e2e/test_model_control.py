@@ -372,8 +372,12 @@ def test_python_model_reloads_and_unloads_under_load(explicit):
         done.set()
         thread.join(30)
     assert errors == []
+    # The launcher and the new load's two instance processes; the old one has stopped.
+    python = "--framework python"
+    wait_for(lambda: len(explicit.child_pids(python)) == 3, 20, "the old instance to exit")
     http.unload_model("add_sub")
     assert index(http)["add_sub"] == [("1", "UNAVAILABLE", "unloaded")]
+    wait_for(lambda: len(explicit.child_pids(python)) == 1, 20, "the instances to exit")
     http.close()
 
 
