@@ -145,6 +145,8 @@ def explicit(tmp_path_factory):
     (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
     shutil.copytree(SHIPPED_REPOSITORY / "identity_fp32", root / "identity_fp32")
     shutil.copytree(SHIPPED_REPOSITORY / "add_sub", root / "add_sub")
+    second = tmp_path_factory.mktemp("second_repository")
+    write_scale(second, "scale_second", {1: 13.0})
     srv = DespinaServer(
         root,
         tmp_path_factory.mktemp("logs") / "serve.log",
@@ -153,6 +155,7 @@ def explicit(tmp_path_factory):
             "--load-model=scale_a",
             "--load-model=scale_all",
             "--load-model=broken",
+            f"--model-repository={second}",
             f"--metrics-port={free_port()}",
         ],
     ).start()
@@ -234,6 +237,11 @@ def test_load_unload_and_load_again_over_both_protocols(explicit):
     http.unload_model("scale_b")  # not loaded: nothing to do
     with pytest.raises(InferenceServerException, match="failed to load 'nowhere'"):
         grpc.load_model("nowhere")
+    # The second --model-repository is one repository with the first.
+    assert index(http)["scale_second"] == [("", "", "")]
+    grpc.load_model("scale_second")
+    assert infer(http, "scale_second") == 13.0
+    http.unload_model("scale_second")
     http.close()
     grpc.close()
 
