@@ -158,6 +158,19 @@ def _clean(status: int) -> bool:
     return 200 <= status < 500 or status == 501
 
 
+def _bad_dim(body: object) -> bool:
+    """Whether an input's JSON shape holds a dimension that is not an unsigned integer:
+    Triton answers that 500 ("Unable to parse 'shape' ..."), its qa tests check it, and
+    Despina answers as Triton (docs/compatibility.md)."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    return isinstance(inputs, list) and any(
+        isinstance(t, dict)
+        and isinstance(t.get("shape"), list)
+        and any(type(d) is not int or d < 0 for d in t["shape"])
+        for t in inputs
+    )
+
+
 def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: fuzz\r\nContent-Length: {len(body)}\r\n".encode()
@@ -223,7 +236,7 @@ def infer_body(draw):
 def test_http_json_infer_bodies(target, model, body):
     conn = RawHttp(target.http_port)
     status = conn.exchange(_post(f"/v2/models/{model}/infer", json.dumps(body).encode()))
-    assert _clean(status), (status, body)
+    assert _clean(status) or (status == 500 and _bad_dim(body)), (status, body)
     conn.close()
 
 
@@ -244,7 +257,7 @@ def test_http_binary_extension_bodies(target, model, body, tail, announced):
     )
     conn = RawHttp(target.http_port)
     status = conn.exchange(request)
-    assert _clean(status), (status, body, length)
+    assert _clean(status) or (status == 500 and _bad_dim(body)), (status, body, length)
     conn.close()
 
 
