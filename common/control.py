@@ -84,10 +84,46 @@ class CudaShmStatus(msgspec.Struct, tag="cuda_shm_status", array_like=True):
     regions: list[CudaShmRegionStatus]
 
 
+class ModelStatistics(msgspec.Struct, array_like=True):
+    """One model version's counts and durations (ns), Triton's statistics and metrics in
+    one record. It travels twice: as a delta a frontend or backend host accumulated for
+    at most ``common/stats.FLUSH_S`` (``messages.StatsReport``: only what that process
+    saw, see common/stats.py for who counts what), and as the scheduler's merged totals
+    (``Statistics``). Mutable on purpose: a reporter adds into its delta in place."""
+
+    name: str
+    version: str
+    success_count: int = 0  # requests answered without error (frontends)
+    success_ns: int = 0  # their end-to-end duration, decode to reply
+    fail: dict[str, list[int]] = {}  # reason (Triton's) -> [count, ns] (frontends)
+    queue_count: int = 0  # requests executed (backend hosts, from here on)
+    queue_ns: int = 0  # received by the host (or queued in its batcher) to batch start
+    input_count: int = 0
+    input_ns: int = 0  # reading the inputs, the batch's time counted per request
+    infer_count: int = 0
+    infer_ns: int = 0  # the model's execute, the batch's time counted per request
+    output_count: int = 0
+    output_ns: int = 0  # encoding and queueing the replies, counted per request
+    inference_count: int = 0  # inferences (the batch dimension summed) executed
+    execution_count: int = 0  # executions (batches)
+    last_inference: int = 0  # ms since the epoch of the last execution's end
+    batch: dict[int, list[int]] = {}  # batch size -> [count, input_ns, infer_ns, output_ns]
+    # Per-stage histograms: stage -> bucket counts (common/stats.BOUNDS_NS, then +Inf),
+    # then the sum of the observations in ns.
+    stages: dict[str, list[int]] = {}
+    pending: int = 0  # a gauge, set by the scheduler in its totals: requests it queues
+
+
+class Statistics(msgspec.Struct, tag="statistics", array_like=True):
+    """The scheduler's totals for the model versions a statistics query asked for."""
+
+    models: list[ModelStatistics]
+
+
 _R = TypeVar("_R")
 
 # What a ``QueryReply`` may carry.
-Record = ModelMetadata | ModelConfig | RepositoryIndex | ShmStatus | CudaShmStatus
+Record = ModelMetadata | ModelConfig | RepositoryIndex | ShmStatus | CudaShmStatus | Statistics
 
 
 def expect(record: object, kind: type[_R]) -> _R:

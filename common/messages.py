@@ -133,6 +133,7 @@ QueryKind = Literal[
     "cuda_shm_status",
     "cuda_shm_register",  # body: {"name", "raw_handle" (bytes, base64), "device_id", "byte_size"}
     "cuda_shm_unregister",
+    "statistics",  # model, version: "" for every ready model version (or every version)
 ]
 
 
@@ -290,9 +291,17 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     rids: list[int]
 
 
+class StatsReport(msgspec.Struct, tag="stats", array_like=True):
+    """Frontend or backend host -> scheduler, at most every common/stats.FLUSH_S while
+    there is something new: the counts it added since its last report, per model
+    version (common/stats.py says who counts what); the scheduler adds them up."""
+
+    models: list[control.ModelStatistics]
+
+
 # What each socket may receive: one decoder per socket.
-SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel
-SchedulerFromHost = HostHello | LoadResult | Completion
+SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel | StatsReport
+SchedulerFromHost = HostHello | LoadResult | Completion | StatsReport
 FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink
 HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel
 HostFromFrontend = Release | ExecuteBatch | Cancel

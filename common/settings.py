@@ -22,6 +22,7 @@ HTTP_TRANSPORT_ENV = "DESPINA_HTTP_TRANSPORT"
 GRPC_TRANSPORT_ENV = "DESPINA_GRPC_TRANSPORT"
 SHM_DIR_ENV = "DESPINA_SHM_DIR"
 MAX_MESSAGE_BYTES_ENV = "DESPINA_MAX_MESSAGE_BYTES"
+STATISTICS_ENV = "DESPINA_STATISTICS"  # off: no process counts (serve --allow-metrics=false)
 
 # How long a lightly loaded process polls before it sleeps (common/busypoll.py): at
 # concurrency 1 the next message comes within a few hundred µs here.
@@ -125,6 +126,9 @@ class ProcessSettings:
 
     shm_dir: str = SHM_DIR
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Whether the process counts statistics (common/stats.py): ``DESPINA_STATISTICS``,
+    # which serve sets off under --allow-metrics=false.
+    statistics: bool = True
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> ProcessSettings:
@@ -138,7 +142,8 @@ class ProcessSettings:
             ) from None
         if size <= 0:
             raise ValueError(f"{MAX_MESSAGE_BYTES_ENV} must be above 0, got '{raw}'")
-        return cls(environ.get(SHM_DIR_ENV) or SHM_DIR, size)
+        statistics = parse_switch(environ.get(STATISTICS_ENV) or "on", STATISTICS_ENV)
+        return cls(environ.get(SHM_DIR_ENV) or SHM_DIR, size, statistics)
 
     def apply(self) -> None:
         """Set the module values that every arena and link of this process reads; call

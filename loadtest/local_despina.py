@@ -150,6 +150,7 @@ def despina(
             f"--model-repository={ROOT / 'model_repository'}",
             f"--http-port={http}",
             f"--grpc-port={grpc}",
+            f"--metrics-port={free_port()}",  # arms up at once must not share 8002
             *extra_args,
         ],
         stdout=log,

@@ -44,16 +44,10 @@ NOT_YET = (
     "--backend-directory",
     "--backend-config",
     "--repoagent-directory",
-    "--allow-metrics",
-    "--allow-gpu-metrics",
-    "--allow-cpu-metrics",
     "--allow-sagemaker",
     "--allow-vertex-ai",
     "--http-thread-count",
     "--grpc-max-response-pool-size",
-    "--metrics-address",
-    "--metrics-interval-ms",
-    "--metrics-config",
     "--trace-config",
     "--trace-file",
     "--trace-level",
@@ -408,6 +402,59 @@ def add_speed_paths(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_metrics_flags(group: argparse._ActionsContainer) -> None:
+    """tritonserver's metrics flags (services/frontend/metrics.py), declared by both
+    ``despina serve`` and ``despina frontend``; ``metrics_flag_argv`` forwards them."""
+    group.add_argument(
+        "--allow-metrics",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="serve Prometheus metrics on --metrics-port; false: no endpoint, and no "
+        "process counts anything (the statistics extension then answers zeros)",
+    )
+    for flag, what in (("--allow-cpu-metrics", "CPU"), ("--allow-gpu-metrics", "GPU")):
+        group.add_argument(
+            flag,
+            type=parse_bool,
+            nargs="?",
+            const=True,
+            default=True,
+            help=f"include the {what} metrics (default true)",
+        )
+    group.add_argument("--metrics-address", default="0.0.0.0", help="address of the metrics port")
+    group.add_argument("--metrics-port", type=int, default=8002, help="metrics port")
+    group.add_argument(
+        "--metrics-interval-ms",
+        type=int,
+        default=2000,
+        help="how often the machine gauges (CPU, GPU) are read, at most (the counts are "
+        "exact at every scrape: processes report them within 100 ms)",
+    )
+    group.add_argument(
+        "--metrics-config",
+        action="append",
+        default=[],
+        metavar="<setting>=<value>",
+        help="summary_latencies=true, summary_quantiles=<q>:<error>,..., "
+        "histogram_latencies=true (repeatable)",
+    )
+
+
+def metrics_flag_argv(args: argparse.Namespace) -> list[str]:
+    """The metrics flags of a parsed ``serve`` command line, for a frontend."""
+    return [
+        f"--allow-metrics={'true' if args.allow_metrics else 'false'}",
+        f"--allow-cpu-metrics={'true' if args.allow_cpu_metrics else 'false'}",
+        f"--allow-gpu-metrics={'true' if args.allow_gpu_metrics else 'false'}",
+        f"--metrics-address={args.metrics_address}",
+        f"--metrics-port={args.metrics_port}",
+        f"--metrics-interval-ms={args.metrics_interval_ms}",
+        *(f"--metrics-config={value}" for value in args.metrics_config),
+    ]
+
+
 def add_inline_threshold(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--inline-threshold",
@@ -431,9 +478,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--http-address", default="0.0.0.0")
     g.add_argument("--http-port", type=int, default=8000)
-    g.add_argument(
-        "--metrics-port", type=int, default=8002, help="metrics port (metrics are not served yet)"
-    )
+    add_metrics_flags(g)
     g.add_argument("--allow-http", type=parse_bool, nargs="?", const=True, default=True)
     add_http_flags(g)
     add_grpc_flags(g)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
-from despina.common.settings import SpeedPaths
+from despina.common.settings import STATISTICS_ENV, SpeedPaths
 from despina.common.shm.arena import remove_segments_of
-from despina.services.flags import grpc_flag_argv, http_flag_argv
+from despina.services.flags import grpc_flag_argv, http_flag_argv, metrics_flag_argv
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.identity import describe
 
@@ -83,6 +83,8 @@ class Supervisor:
 
     def plan(self) -> None:
         args = self.args
+        if not args.allow_metrics:  # no process counts (children inherit the environment)
+            os.environ[STATISTICS_ENV] = "off"
         py = [sys.executable, "-m"]
         verbose = ["--log-verbose", str(args.log_verbose)]
         # Passed explicitly, so a frontend and its backend hosts always agree.
@@ -151,6 +153,7 @@ class Supervisor:
                             str(args.http_port),
                             *grpc_flag_argv(args),
                             *http_flag_argv(args),
+                            *metrics_flag_argv(args),
                             inline,
                             *speed,
                             "--exit-timeout-secs",

@@ -67,6 +67,7 @@ async def run_instance(spec: InstanceSpec, args: argparse.Namespace, settings: H
         instance_of=(model, version, index),
         arena_threshold=args.inline_threshold,
         speed=settings.speed,
+        statistics=settings.process.statistics,
     )
     _install_signals(host)
     try:
@@ -107,6 +108,7 @@ async def run_host(args: argparse.Namespace, settings: HostSettings) -> int:
         host_id=args.host_id,
         arena_threshold=args.inline_threshold,
         speed=settings.speed,
+        statistics=settings.process.statistics,
     )
     _install_signals(host)
     await host.run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import itertools
 import logging
 import time
 import traceback
@@ -32,6 +33,7 @@ from despina.common.batching import Batcher, batch_rules, batch_size
 from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unavailable
 from despina.common.shm.arena import ShmMapper
+from despina.common.stats import Recorder
 from despina.services.backend_host.backend import (
     ExecRequest,
     ExecResponse,
@@ -71,6 +73,9 @@ class LoadedInstance:
     batcher: Batcher[tuple[m.Infer, ExecRequest]] | None = None
     running: bool = False
     pumping: bool = False
+    # Statistics: seconds spent reading the inputs of the direct requests now waiting in
+    # the batcher (the next batch it forms is counted them).
+    input_s: float = 0.0
 
     def labels(self, output: str) -> list[str]:
         """The classification labels of ``output`` (its ``label_filename``), read once."""
@@ -155,6 +160,11 @@ class Executor:
         # (reply_to, rid) of backlog requests whose clients went away: dropped when their
         # execution starts, forgotten when it finishes. Read by instance threads.
         self._cancelled: set[tuple[str, int]] = set()
+        # Statistics (common/stats.py), None when not counting: each launched execution's
+        # (launch time, its requests' seconds in the batcher (-1.0: not batched here),
+        # input seconds) by id, until it finishes.
+        self.stats: Recorder | None = None
+        self._launched: dict[int, tuple[float, float, float]] = {}
 
     # --- instances ----------------------------------------------------------------------
 
@@ -243,6 +253,7 @@ class Executor:
             )
             return
         mixed = False
+        t0 = time.monotonic() if self.stats is not None else 0.0
         try:
             requests: list = [self._exec_request(req, frames) for req in execution.requests]
         except Exception:
@@ -265,8 +276,13 @@ class Executor:
                     )
                 else:
                     batcher.add((req, exec_req), batch_size(req))
+            if t0:
+                li.input_s += time.monotonic() - t0
             self._to_pump.add(li)
             return
+        if t0:
+            t1 = time.monotonic()
+            self._launched[id(execution)] = (t1, -1.0, t1 - t0)
         self._launch(li, execution, requests, mixed=mixed)
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
@@ -355,16 +371,64 @@ class Executor:
         execution: m.Execution,
         responses: list[ExecResponse] | None,
         batch_error: ServerError | None,
+        ran: tuple[float, float] | None = None,
         started: bool = False,
         batched: LoadedInstance | None = None,
     ) -> None:
         """The execution is over: its results go to ``replies``, and the batcher that
-        formed it (``batched``) may run its next batch."""
+        formed it (``batched``) may run its next batch. ``ran``: when the model's
+        execute began and ended (time.monotonic), if it ran."""
         if started:
             self.inflight -= 1
             if self._backlog:
                 self._backlog.pop(id(execution), None)
+        if self.stats is not None and ran is not None:
+            self._count(execution, responses, ran)
+            return self._after_answer(execution, batched)
+        launched = self._launched
+        if launched:
+            launched.pop(id(execution), None)
         self._answer(execution, responses, batch_error)
+        self._after_answer(execution, batched)
+
+    def _count(
+        self,
+        execution: m.Execution,
+        responses: list[ExecResponse] | None,
+        ran: tuple[float, float],
+    ) -> None:
+        """Answer ``execution`` (it ran) and count it in the statistics: once per batch."""
+        start, end = ran
+        t_launch, batched_s, input_s = self._launched.pop(id(execution), (start, -1.0, 0.0))
+        answering = time.monotonic()
+        self._answer(execution, responses, None)
+        answered = time.monotonic()
+        stats = self.stats
+        assert stats is not None
+        requests = execution.requests
+        n = len(requests)
+        li = self.instances.get((execution.model, execution.version, execution.instance))
+        batched = False
+        if li is not None:
+            known = li._batched
+            if known is None:
+                known = li._batched = config_dict(li.spec.config).get("max_batch_size", 0) > 0
+            batched = known
+        inferences = sum(batch_size(r) for r in requests) if batched else n
+        stats.execution(
+            execution.model,
+            execution.version,
+            n,
+            inferences,
+            int(n * max(0.0, start - t_launch) * 1e9),
+            int(input_s * 1e9),
+            int((end - start) * 1e9),
+            int((answered - answering) * 1e9),
+            int(time.time() * 1000),
+            int(batched_s * 1e9) if batched_s >= 0 else -1,
+        )
+
+    def _after_answer(self, execution: m.Execution, batched: LoadedInstance | None) -> None:
         cancelled = self._cancelled
         if cancelled:
             for req in execution.requests:
@@ -423,6 +487,7 @@ class Executor:
                 if not count:
                     batcher.arm()
                     return
+                arrivals = list(itertools.islice(batcher.arrivals, count)) if self.stats else ()
                 batch = batcher.take(count)
                 execution = m.Execution(
                     spec.model_name,
@@ -432,6 +497,14 @@ class Executor:
                     True,
                 )
                 li.running = True
+                if self.stats is not None:
+                    now = time.monotonic()
+                    self._launched[id(execution)] = (
+                        now,
+                        sum(now - t for t in arrivals),
+                        li.input_s * len(batch) / (len(batch) + len(batcher)),
+                    )
+                    li.input_s *= len(batcher) / (len(batch) + len(batcher))
                 self._launch(li, execution, [e for _, e in batch], batched=li)
         finally:
             li.pumping = False
@@ -439,13 +512,16 @@ class Executor:
 
 def _timed_run(
     li: LoadedInstance, requests: list[ExecRequest]
-) -> tuple[list[ExecResponse] | None, ServerError | None]:
-    """``_run``, keeping ``li.cost_s`` (the placement hint for the next executions)."""
-    start = time.perf_counter()
+) -> tuple[list[ExecResponse] | None, ServerError | None, tuple[float, float] | None]:
+    """``_run``, keeping ``li.cost_s`` (the placement hint for the next executions), and
+    when it began and ended (time.monotonic; None if it failed as a whole)."""
+    start = time.monotonic()
     try:
-        return _run(li.instance, requests)
+        responses, error = _run(li.instance, requests)
     finally:
-        li.cost_s += (time.perf_counter() - start - li.cost_s) / 8
+        end = time.monotonic()
+        li.cost_s += (end - start - li.cost_s) / 8
+    return responses, error, None if error is not None else (start, end)
 
 
 def _run_execution(
@@ -454,7 +530,7 @@ def _run_execution(
     requests: list,
     cancelled: set[tuple[str, int]] | None,
     mixed: bool = True,
-) -> tuple[list[ExecResponse] | None, ServerError | None]:
+) -> tuple[list[ExecResponse] | None, ServerError | None, tuple[float, float] | None]:
     """``_timed_run`` of the requests still to run: those whose client went away
     (``cancelled``, read as the execution starts) are answered CANCELLED and those
     already answered (an ``ExecResponse`` in ``requests``; ``mixed`` says there may be
@@ -471,13 +547,18 @@ def _run_execution(
     if len(live) == len(requests):
         return _timed_run(li, requests)
     if not live:
-        return requests, None
-    responses, error = _timed_run(li, live)
+        return requests, None, None
+    responses, error, ran = _timed_run(li, live)
     answers = iter(responses) if responses is not None else None
     failed = ExecResponse(error=error)
-    return [
-        r if type(r) is ExecResponse else (next(answers) if answers else failed) for r in requests
-    ], None
+    return (
+        [
+            r if type(r) is ExecResponse else (next(answers) if answers else failed)
+            for r in requests
+        ],
+        None,
+        ran,
+    )
 
 
 def _run(

@@ -33,6 +33,7 @@ from despina.common.cuda import CudaMapper
 from despina.common.errors import ServerError
 from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
+from despina.common.stats import Recorder
 from despina.services.backend_host.backend import Backend, InstanceSpec, ModelInstance
 from despina.services.backend_host.executor import Executor, instance_specs
 from despina.services.backend_host.replies import Replies
@@ -55,6 +56,7 @@ class BackendHost:
         instance_of: tuple[str, str, int] | None = None,
         arena_threshold: int,
         speed: SpeedPaths | None = None,
+        statistics: bool = True,
     ) -> None:
         """``arena_threshold``: outputs of at least this many bytes go back through this
         host's arena when the frontend shares /dev/shm (--inline-threshold). ``speed``:
@@ -86,6 +88,8 @@ class BackendHost:
         )
         self.executor = Executor(self.mapper, self.cuda, self.replies, speed.loop_execution)
         self.executor.instances = instances
+        if statistics:  # what this host executes, counted (common/stats.py)
+            self.executor.stats = Recorder(lambda models: self._send(m.StatsReport(models)))
         self._start = self.executor.start
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode

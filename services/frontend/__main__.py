@@ -20,6 +20,7 @@ from despina.services.flags import (
     add_grpc_flags,
     add_http_flags,
     add_inline_threshold,
+    add_metrics_flags,
     add_speed_paths,
     parse_bool,
 )
@@ -28,6 +29,12 @@ from despina.services.frontend.grpc.h2server import H2Server
 from despina.services.frontend.grpc.server import GrpcSettings, GrpcSetupError, start_server
 from despina.services.frontend.http.limits import HttpLimits, raise_open_file_limit
 from despina.services.frontend.inference import compile_forward_pattern
+from despina.services.frontend.metrics import (
+    MachineGauges,
+    MetricsConfig,
+    MetricsServer,
+    StatsCollector,
+)
 from despina.services.frontend.restricted import Restrictions
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.frontend.scheduler_client import SchedulerClient
@@ -99,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_name(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
+    add_metrics_flags(parser)
 
 
 class HttpServer(Protocol):
@@ -186,11 +194,19 @@ async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
     )
     if args.advertise_endpoint:
         client.reply_endpoint = args.advertise_endpoint
+    if args.allow_metrics and settings.process.statistics:
+        client.count_statistics()
     try:
         await client.start()
     except Exception as exc:
         log.error("could not set up the scheduler connection: %s", exc)
         return EXIT_CONFIG
+    metrics_server = None
+    if args.allow_metrics:
+        metrics_server = await start_metrics(client, args)
+        if metrics_server is None:
+            client.close()
+            return EXIT_CONFIG
     plane = DataPlane(client, args.server_name)
     http_server: HttpServer | None = None
     grpc_server = None
@@ -260,8 +276,36 @@ async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
         await grpc_stopping
     if http_server is not None:
         await http_server.stop(0.5)
+    if metrics_server is not None:
+        metrics_server.close()
     client.close()
     return 0
+
+
+async def start_metrics(client: SchedulerClient, args: argparse.Namespace) -> MetricsServer | None:
+    """The /metrics endpoint on --metrics-address:--metrics-port, or None (logged) when
+    --metrics-config is wrong or the port cannot be bound."""
+    try:
+        config = MetricsConfig.parse(args.metrics_config)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return None
+    machine = MachineGauges(
+        args.metrics_interval_ms / 1000, args.allow_cpu_metrics, args.allow_gpu_metrics
+    )
+    server = MetricsServer(client, StatsCollector(config, machine))
+    try:
+        await server.start(args.metrics_address, args.metrics_port, args.reuse_port)
+    except OSError as exc:
+        log.error(
+            "could not listen for metrics on %s:%d: %s",
+            args.metrics_address,
+            args.metrics_port,
+            exc,
+        )
+        return None
+    log.info("Started Metrics Service at %s:%d", args.metrics_address, args.metrics_port)
+    return server
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,11 @@ the wire carries.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
+
+from despina.common.errors import Code
+from despina.common.stats import CANCELED, OTHER
 
 if TYPE_CHECKING:
     from despina.services.frontend.inference import InferenceRequest
@@ -39,7 +43,20 @@ if TYPE_CHECKING:
 
 
 class InferCall(asyncio.Future):
-    __slots__ = ("_client", "body", "request", "rid", "blocks", "targets", "target", "leases")
+    __slots__ = (
+        "_client",
+        "body",
+        "request",
+        "rid",
+        "blocks",
+        "targets",
+        "target",
+        "leases",
+        "t0",
+        "t_sent",
+        "t_reply",
+        "reason",
+    )
 
     def __init__(self, client: SchedulerClient, body: BodyBlock | None = None) -> None:
         super().__init__(loop=client.loop)
@@ -51,6 +68,11 @@ class InferCall(asyncio.Future):
         self.targets: frozenset[str] | set[str] = frozenset()  # outputs to client regions
         self.target: Target | None = None  # the instance, when sent there directly
         self.leases: list[tuple[object, str, int]] = []  # (host link, key, offset)
+        # Statistics (common/stats.py): when the call began (0.0: not counted), and why
+        # it failed where the error alone does not say (Triton's reasons).
+        self.t0 = time.monotonic() if client.stats is not None else 0.0
+        self.t_sent = self.t_reply = 0.0  # its request sent, its reply read (when counted)
+        self.reason = ""
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):
@@ -64,6 +86,8 @@ class InferCall(asyncio.Future):
         the wire never took it. Idempotent; the input blocks the wire holds are freed
         when the reply comes, not here."""
         client = self._client
+        if self.t0:
+            self._count(client)
         if self.leases:
             client.give_back(self.leases)
             self.leases = []
@@ -73,3 +97,30 @@ class InferCall(asyncio.Future):
             if not body.taken:
                 body.taken = True
                 client.arena.release(body.key, body.offset)
+
+    def _count(self, client: SchedulerClient) -> None:
+        """Count the call once in its frontend's statistics: a success, or a failure
+        with Triton's reason (CANCELED, BACKEND: a host's reply; REJECTED: refused before
+        any host, or OTHER). A call never sent (its request did not decode) is not."""
+        now, t0 = time.monotonic(), self.t0
+        ns = int((now - t0) * 1e9)
+        self.t0 = 0.0
+        request = self.request
+        stats = client.stats
+        if request is None or stats is None:
+            return
+        if self.cancelled():
+            stats.request(request.model, request.version, ns, CANCELED)
+        elif self.done():
+            exc = self.exception()
+            if exc is None:
+                result = self.result()
+                decode = int((self.t_sent - t0) * 1e9) if self.t_sent else -1
+                encode = int((now - self.t_reply) * 1e9) if self.t_reply else -1
+                stats.request(result.model, result.version, ns, None, decode, encode)
+            else:
+                code = getattr(exc, "code", None)
+                reason = CANCELED if code is Code.CANCELLED else (self.reason or OTHER)
+                stats.request(request.model, request.version, ns, reason)
+        elif self.reason:
+            stats.request(request.model, request.version, ns, self.reason)

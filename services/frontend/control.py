@@ -156,3 +156,81 @@ def shm_status_any_pb(
     if isinstance(record, c.CudaShmStatus):
         return cuda_shm_status_pb(record)
     return shm_status_pb(record)
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def _duration(count: int, ns: int) -> dict:
+    return {"count": count, "ns": ns}
+
+
+def _inference_stats(s: c.ModelStatistics) -> dict:
+    fail_count = sum(entry[0] for entry in s.fail.values())
+    fail_ns = sum(entry[1] for entry in s.fail.values())
+    return {
+        "success": _duration(s.success_count, s.success_ns),
+        "fail": _duration(fail_count, fail_ns),
+        "queue": _duration(s.queue_count, s.queue_ns),
+        "compute_input": _duration(s.input_count, s.input_ns),
+        "compute_infer": _duration(s.infer_count, s.infer_ns),
+        "compute_output": _duration(s.output_count, s.output_ns),
+        "cache_hit": _duration(0, 0),  # no response cache yet
+        "cache_miss": _duration(0, 0),
+    }
+
+
+def _batch_stats(s: c.ModelStatistics) -> list[dict]:
+    return [
+        {
+            "batch_size": size,
+            "compute_input": _duration(count, input_ns),
+            "compute_infer": _duration(count, infer_ns),
+            "compute_output": _duration(count, output_ns),
+        }
+        for size, (count, input_ns, infer_ns, output_ns) in sorted(s.batch.items())
+    ]
+
+
+def statistics_json(record: c.Statistics) -> bytes:
+    """Triton's statistics extension JSON: ``model_stats``, one entry per model version
+    (``response_stats`` empty: no decoupled models yet)."""
+    return orjson.dumps(
+        {
+            "model_stats": [
+                {
+                    "name": s.name,
+                    "version": s.version,
+                    "last_inference": s.last_inference,
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": _inference_stats(s),
+                    "response_stats": {},
+                    "batch_stats": _batch_stats(s),
+                    "memory_usage": [],
+                }
+                for s in record.models
+            ]
+        }
+    )
+
+
+def statistics_pb(record: c.Statistics) -> pb.ModelStatisticsResponse:
+    response = pb.ModelStatisticsResponse()
+    for s in record.models:
+        entry = response.model_stats.add(
+            name=s.name,
+            version=s.version,
+            last_inference=s.last_inference,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        for key, value in _inference_stats(s).items():
+            duration = getattr(entry.inference_stats, key)
+            duration.count, duration.ns = value["count"], value["ns"]
+        for batch in _batch_stats(s):
+            stats = entry.batch_stats.add(batch_size=batch["batch_size"])
+            for key in ("compute_input", "compute_infer", "compute_output"):
+                duration = getattr(stats, key)
+                duration.count, duration.ns = batch[key]["count"], batch[key]["ns"]
+    return response

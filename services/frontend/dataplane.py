@@ -23,7 +23,7 @@ SERVER_NAME = TRITON_NAME
 SERVER_VERSION = TRITON_VERSION
 # The Triton protocol extensions that work today, with Triton's names, in Triton's order;
 # the list grows with each feature. Left out: sequence, schedule_policy (priority and
-# timeout parameters are not acted on), model_repository(unload_dependents), statistics,
+# timeout parameters are not acted on), model_repository(unload_dependents),
 # trace, logging (not built yet), and cuda_shared_memory: built but never yet run on a GPU,
 # and refused (501) where no GPU or cupy is present, so a client that picks its path from
 # this list would be sent down an unproven one. model_repository is listed: the index
@@ -35,6 +35,7 @@ EXTENSIONS = [
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
+    "statistics",
 ]
 
 
@@ -74,6 +75,13 @@ class DataPlane:
     async def model_config(self, model: str, version: str = "") -> control.ModelConfig:
         record = await self.client.query("model_config", model, version)
         return control.expect(record, control.ModelConfig)
+
+    async def statistics(self, model: str = "", version: str = "") -> control.Statistics:
+        """The statistics extension: every ready model version's totals (``model`` ""),
+        or one model's (its ready versions, or ``version``). Raises the metadata
+        query's errors for a model or version that is not there."""
+        record = await self.client.query("statistics", model, version)
+        return control.expect(record, control.Statistics)
 
     async def repository_index(self) -> control.RepositoryIndex:
         record = await self.client.query("repository_index")

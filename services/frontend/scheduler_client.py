@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 
@@ -29,6 +30,7 @@ from despina.common import messages as m
 from despina.common.errors import Code, ServerError, unavailable
 from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
+from despina.common.stats import BACKEND, REJECTED, Recorder
 from despina.common.validate import check_request
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
@@ -107,6 +109,17 @@ class SchedulerClient:
         self._outbox: outbox.Outbox | None = None
         self._busy_poll_s = speed.busy_poll_s
         self._poll: busypoll.BusyPoll | None = None
+        # This frontend's statistics deltas (common/stats.py), None when not counting
+        # (--allow-metrics=false): ``count_statistics`` turns it on before ``start``.
+        self.stats: Recorder | None = None
+
+    def count_statistics(self) -> None:
+        """Count every call's outcome and duration, reported to the scheduler."""
+        self.stats = Recorder(self._report_stats)
+
+    def _report_stats(self, models: list) -> None:
+        if self._to_scheduler is not None:
+            self._to_scheduler.send([self._encode(m.StatsReport(models))])
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -194,10 +207,13 @@ class SchedulerClient:
                 wire.reply_to = self.reply_endpoint
         except BaseException:
             self._free_blocks(call)
+            call.reason = REJECTED
             raise
         rid = self._next_id
         self._next_id += 1
         wire.rid = call.rid = rid
+        if call.t0:
+            call.t_sent = time.monotonic()
         if targets:
             call.targets = set(targets)
         self._pending[rid] = call
@@ -379,6 +395,7 @@ class SchedulerClient:
         if call.blocks:
             self._free_blocks(call)
         if reply.error is not None:
+            call.reason = BACKEND if link is not None else REJECTED
             if not call.done():
                 call.set_exception(ServerError(Code(reply.error.code), reply.error.message))
             return
@@ -406,6 +423,8 @@ class SchedulerClient:
         if call.done():  # the client went away
             call.close()
             return
+        if call.t0:
+            call.t_reply = time.monotonic()
         call.set_result(result)
 
     def _resolve_error(self, rid: int, exc: ServerError) -> None:

@@ -42,6 +42,7 @@ from despina.services.scheduler.interface import ModelScheduler, Pending
 from despina.services.scheduler.placement import Hosts, Placement
 from despina.services.scheduler.repository import Model, scan
 from despina.services.scheduler.routes import RoutePublisher
+from despina.services.scheduler.stats import StatsTotals
 
 log = logging.getLogger("despina.scheduler")
 
@@ -82,6 +83,8 @@ class SchedulerServer:
             self.models, self.schedulers, self.hosts, self.dispatcher, self.routes
         )
         self.control = ControlAnswers(self.models, self.regions, allow_client_shm=allow_client_shm)
+        # Every frontend's and host's StatsReport added up (the statistics extension, /metrics).
+        self.stats = StatsTotals(lambda: self.models, self.schedulers)
         # Bound once: called per request or per burst.
         self._dispatch = self.dispatcher.dispatch
         self._reply_error = self.dispatcher.reply_error
@@ -159,9 +162,14 @@ class SchedulerServer:
         if isinstance(msg, m.InferBatch):
             self._on_infer(identity, msg, frames, touched)
         elif isinstance(msg, m.Query):
-            self.dispatcher.send_frontend(identity, self.control.answer(msg))
+            if msg.kind == "statistics":
+                self.dispatcher.send_frontend(identity, self.stats.answer(msg))
+            else:
+                self.dispatcher.send_frontend(identity, self.control.answer(msg))
         elif isinstance(msg, m.Cancel):
             self.dispatcher.cancel(msg)
+        elif isinstance(msg, m.StatsReport):
+            self.stats.report(msg)
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
             self.routes.frontend_joined(identity, msg.reply_endpoint)
@@ -178,6 +186,8 @@ class SchedulerServer:
                 continue
             if isinstance(msg, (m.InferBatch, m.Query, m.FrontendHello, m.Cancel)):
                 self._on_frontend_message(stream, msg, [None, *frames], touched)
+            elif isinstance(msg, m.StatsReport):
+                self.stats.report(msg)
             elif isinstance(msg, m.Completion):
                 self.dispatcher.completed(msg, touched)
             elif isinstance(msg, m.HostHello):

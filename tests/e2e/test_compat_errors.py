@@ -243,9 +243,6 @@ def test_load_and_unload_in_mode_none_answer_tritons_error(server):
 @pytest.mark.parametrize(
     ("method", "path", "feature"),
     [
-        ("GET", "/v2/models/stats", "statistics"),
-        ("GET", "/v2/models/simple/stats", "statistics"),
-        ("GET", "/v2/models/simple/versions/1/stats", "statistics"),
         ("GET", "/v2/trace/setting", "trace"),
         ("POST", "/v2/trace/setting", "trace"),
         ("POST", "/v2/models/simple/trace/setting", "trace"),
@@ -270,9 +267,6 @@ def test_extensions_not_built_answer_501_in_json(server, method, path, feature):
 
 def test_unsupported_extension_errors_reach_tritonclient(server):
     client = httpclient.InferenceServerClient(server.url)
-    with pytest.raises(InferenceServerException, match="statistics extension") as info:
-        client.get_inference_statistics()
-    assert info.value.status() == "501"
     with pytest.raises(InferenceServerException, match="trace extension"):
         client.get_trace_settings()
     client.close()

@@ -35,6 +35,7 @@ EXTENSIONS = [
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
+    "statistics",
 ]
 DESPINA_VERSION = version("despina")  # pyproject.toml's, as installed
 SERVER_HEADER = f"despina/{DESPINA_VERSION}"

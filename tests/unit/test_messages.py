@@ -43,6 +43,13 @@ FROM_FRONTEND = [
     m.Query(qid=5, kind="model_metadata", model="simple", version="2"),
     m.Query(qid=6, kind="repository_index"),
     m.Cancel(reply_to="tcp://fe:8011", rids=[3, 9]),
+    m.StatsReport(
+        models=[
+            m.control.ModelStatistics(
+                "simple", "", success_count=2, success_ns=900, fail={"REJECTED": [1, 40]}
+            )
+        ]
+    ),
 ]
 
 FROM_HOST = [
@@ -60,6 +67,17 @@ FROM_HOST = [
     m.Completion(host_id="h1", done=[("simple", "1", 0, [1, 2, 3]), ("other", "2", 1, [])]),
     m.Completion(host_id="h1", done=[]),
     m.Completion(host_id="h1", done=[], undelivered=[("tcp://fe:1", 7, "simple", "1")]),
+    m.StatsReport(
+        models=[
+            m.control.ModelStatistics(
+                "simple",
+                "1",
+                execution_count=1,
+                batch={4: [1, 10, 20, 30]},
+                stages={"compute": [0, 4] + [0] * 17},
+            )
+        ]
+    ),
 ]
 
 FRONTEND_INBOUND = [

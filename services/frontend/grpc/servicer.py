@@ -308,7 +308,11 @@ class InferenceServicer:
     # --- not built yet ----------------------------------------------------------------------
 
     async def ModelStatistics(self, request, context):
-        await _unimplemented(context, unsupported.STATISTICS)
+        try:
+            record = await self.plane.statistics(request.name, request.version)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return control.statistics_pb(record)
 
     async def RepositoryModelLoad(self, request, context):
         await _unimplemented(context, unsupported.MODEL_CONTROL)

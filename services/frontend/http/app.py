@@ -211,6 +211,10 @@ def build_app(
         config = await plane.model_config(model, version)
         return web.Response(body=control.model_config_json(config), content_type=JSON)
 
+    async def statistics(_: web.Request, model: str, version: str) -> web.Response:
+        record = await plane.statistics(model, version)
+        return web.Response(body=control.statistics_json(record), content_type=JSON)
+
     async def repository_index(_: web.Request) -> web.Response:
         index = await plane.repository_index()
         return web.Response(body=control.repository_index_json(index), content_type=JSON)
@@ -309,6 +313,7 @@ def build_app(
         routes.MODEL_CONFIG: model_config,
         routes.INFER: infer,
         routes.REPOSITORY_INDEX: repository_index,
+        routes.STATISTICS: statistics,
         routes.SHM_STATUS: shm_status,
         routes.SHM_REGISTER: shm_register,
         routes.SHM_UNREGISTER: shm_unregister,

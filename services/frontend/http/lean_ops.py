@@ -81,6 +81,10 @@ def _model_config(conn: _Connection, req: _Request, model: str, version: str) ->
     )
 
 
+def _statistics(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
+    return _answer_json(conn, req, conn.plane.statistics(model, version), control.statistics_json)
+
+
 def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
     return _answer_json(conn, req, conn.plane.repository_index(), control.repository_index_json)
 
@@ -227,6 +231,7 @@ _HANDLERS: dict[str, Callable] = {
     routes.MODEL_CONFIG: _model_config,
     routes.INFER: infer,
     routes.REPOSITORY_INDEX: _repository_index,
+    routes.STATISTICS: _statistics,
     routes.SHM_STATUS: _shm_status,
     routes.SHM_REGISTER: _shm_register,
     routes.SHM_UNREGISTER: _shm_unregister,

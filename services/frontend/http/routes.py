@@ -12,7 +12,7 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 from despina.services.frontend.http import codec
-from despina.services.frontend.unsupported import LOGGING, MODEL_CONTROL, STATISTICS, TRACE
+from despina.services.frontend.unsupported import LOGGING, MODEL_CONTROL, TRACE
 
 # The operations. Handlers take the ``args`` of their ``Match``:
 LIVE = "live"  # ()
@@ -26,6 +26,7 @@ REPOSITORY_INDEX = "repository_index"  # ()
 SHM_STATUS = "shm_status"  # (cuda, region name or "")
 SHM_REGISTER = "shm_register"  # (cuda, region name)
 SHM_UNREGISTER = "shm_unregister"  # (cuda, region name or "": every region)
+STATISTICS = "statistics"  # (model or "": every model, version or "")
 UNSUPPORTED = "unsupported"  # (message): an extension not built yet, Triton's 501
 
 NOT_FOUND_BODY = codec.encode_error("Not Found")
@@ -75,7 +76,7 @@ def match(method: bytes | str, path: bytes | str) -> Match | Miss:
     found: Match | None = None
     match segments[2:]:
         case ["models", "stats"]:
-            found = Match(UNSUPPORTED, (STATISTICS,))
+            found = Match(STATISTICS, ("", ""))
         case ["trace", "setting"] | ["models", _, "trace", "setting"]:
             found, methods = Match(UNSUPPORTED, (TRACE,)), _GET_POST
         case ["logging"]:
@@ -96,7 +97,7 @@ def match(method: bytes | str, path: bytes | str) -> Match | Miss:
                 case ["infer"]:
                     found, methods = Match(INFER, (model, version)), _POST
                 case ["stats"]:
-                    found = Match(UNSUPPORTED, (STATISTICS,))
+                    found = Match(STATISTICS, (model, version))
         case ["health", "live"]:
             found = Match(LIVE, ())
         case ["health", "ready"]:

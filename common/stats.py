@@ -1,0 +1,266 @@
+"""Counting requests where the work happens, cheaply, and adding the counts up.
+
+Who counts what (docs/architecture.md#statistics-and-metrics):
+
+- a frontend counts each request it answered: success or failure (with Triton's reason)
+  and its end-to-end duration, decode to reply (``Recorder.request``, from ``InferCall``);
+- a backend host counts each execution it ran (``Recorder.execution``): the batch size,
+  inferences, the compute input / infer / output durations and each request's queue
+  time, once per batch, never per request.
+
+Each process adds into a ``ModelStatistics`` delta per model version (common/control.py)
+and sends every delta it has in one ``StatsReport`` at most every ``FLUSH_S`` while there
+is something new (a timer on its loop, none when idle). The scheduler adds the deltas up
+(services/scheduler/stats.py), so totals survive a reporter's restart and are exact once
+the last delta arrived. Loop only: nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_left
+from collections.abc import Callable
+
+from despina.common.control import ModelStatistics
+
+FLUSH_S = 0.1  # the longest a count waits before it is sent
+
+# Upper bounds (le) of the per-stage histograms' buckets, in µs, then +Inf: fixed, so
+# the buckets of every process add up.
+BOUNDS_US = (
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    25000,
+    50000,
+    100000,
+    250000,
+    500000,
+    1000000,
+    2500000,
+    5000000,
+    10000000,
+)
+BOUNDS_NS = tuple(b * 1000 for b in BOUNDS_US)
+_SLOTS = len(BOUNDS_NS) + 2  # the buckets, +Inf, then the sum
+
+# The stages of despina_stage_duration_us, in a request's order: frontend_decode (a
+# frontend: the call began to its request sent), batch_wait (a host: waiting in its
+# batcher for a batch, direct routes), queue (a host: received, or batched, to the batch's
+# start), compute_input, compute, output (a host: reading the inputs, the model's
+# execute, encoding the replies), frontend_encode (a frontend: the reply came to the call
+# closed), and request (a frontend: the whole, decode to reply).
+STAGES = (
+    "frontend_decode",
+    "batch_wait",
+    "queue",
+    "compute_input",
+    "compute",
+    "output",
+    "frontend_encode",
+    "request",
+)
+
+_HOST_STAGES = ("queue", "compute_input", "compute", "output")  # every execution has them
+
+# Triton's failure reasons (nv_inference_request_failure's ``reason``).
+REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
+REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
+
+
+def observe(stats: ModelStatistics, stage: str, ns: int, count: int = 1) -> None:
+    """``count`` observations of ``ns`` each into ``stage``'s histogram."""
+    buckets = stats.stages.get(stage)
+    if buckets is None:
+        buckets = stats.stages[stage] = [0] * _SLOTS
+    buckets[bisect_left(BOUNDS_NS, ns)] += count
+    buckets[-1] += ns * count
+
+
+def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
+    """Add ``delta``'s counts into ``into`` (``last_inference``: the later one)."""
+    into.success_count += delta.success_count
+    into.success_ns += delta.success_ns
+    for reason, (count, ns) in delta.fail.items():
+        entry = into.fail.setdefault(reason, [0, 0])
+        entry[0] += count
+        entry[1] += ns
+    into.queue_count += delta.queue_count
+    into.queue_ns += delta.queue_ns
+    into.input_count += delta.input_count
+    into.input_ns += delta.input_ns
+    into.infer_count += delta.infer_count
+    into.infer_ns += delta.infer_ns
+    into.output_count += delta.output_count
+    into.output_ns += delta.output_ns
+    into.inference_count += delta.inference_count
+    into.execution_count += delta.execution_count
+    into.last_inference = max(into.last_inference, delta.last_inference)
+    for size, values in delta.batch.items():
+        entry = into.batch.setdefault(size, [0, 0, 0, 0])
+        for i, value in enumerate(values[:4]):
+            entry[i] += value
+    for stage, buckets in delta.stages.items():
+        if len(buckets) != _SLOTS:
+            continue  # a peer with other bounds: its buckets would not add up
+        entry = into.stages.setdefault(stage, [0] * _SLOTS)
+        for i, value in enumerate(buckets):
+            entry[i] += value
+
+
+def quantile(buckets: list[int], q: float) -> float:
+    """An estimate of the ``q`` quantile, in µs, from a stage's bucket counts (linear
+    within the bucket, as Prometheus' histogram_quantile); 0.0 with no observation."""
+    counts = buckets[:-1]
+    total = sum(counts)
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if i >= len(BOUNDS_US):
+                return float(BOUNDS_US[-1])
+            low = BOUNDS_US[i - 1] if i else 0
+            return low + (BOUNDS_US[i] - low) * (rank - seen) / count
+        seen += count
+    return float(BOUNDS_US[-1])
+
+
+class Recorder:
+    """One process's deltas, per model version, and the timer that sends them: at most
+    ``period_s`` after the first count since the last send, one call of ``send`` with
+    every delta. Loop only."""
+
+    __slots__ = ("_send", "_period_s", "_models", "_timer")
+
+    def __init__(
+        self, send: Callable[[list[ModelStatistics]], None], period_s: float = FLUSH_S
+    ) -> None:
+        self._send = send
+        self._period_s = period_s
+        self._models: dict[tuple[str, str], ModelStatistics] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def get(self, model: str, version: str) -> ModelStatistics:
+        """The delta to add into for ``model`` ``version``; arms the send."""
+        stats = self._models.get((model, version))
+        if stats is None:
+            stats = self._models[(model, version)] = ModelStatistics(model, version)
+            if self._timer is None:  # the first count since the last send
+                self._timer = asyncio.get_running_loop().call_later(self._period_s, self.flush)
+        return stats
+
+    def flush(self) -> None:
+        """Send every delta now (nothing when there is none)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._models:
+            models, self._models = list(self._models.values()), {}
+            self._send(models)
+
+    # --- what a frontend counts ---------------------------------------------------------
+
+    def request(
+        self,
+        model: str,
+        version: str,
+        ns: int,
+        reason: str | None,
+        decode_ns: int = -1,
+        encode_ns: int = -1,
+    ) -> None:
+        """One request answered: ``reason`` None for a success, else Triton's reason;
+        a success's decode and encode times, where known (-1: not)."""
+        stats = self.get(model, version)
+        if reason is None:
+            stats.success_count += 1
+            stats.success_ns += ns
+            stages = stats.stages  # observe(), inlined: this runs once per request
+            buckets = stages.get("request") or stages.setdefault("request", [0] * _SLOTS)
+            buckets[bisect_left(BOUNDS_NS, ns)] += 1
+            buckets[-1] += ns
+            if decode_ns >= 0:
+                buckets = stages.get("frontend_decode") or stages.setdefault(
+                    "frontend_decode", [0] * _SLOTS
+                )
+                buckets[bisect_left(BOUNDS_NS, decode_ns)] += 1
+                buckets[-1] += decode_ns
+            if encode_ns >= 0:
+                buckets = stages.get("frontend_encode") or stages.setdefault(
+                    "frontend_encode", [0] * _SLOTS
+                )
+                buckets[bisect_left(BOUNDS_NS, encode_ns)] += 1
+                buckets[-1] += encode_ns
+        else:
+            entry = stats.fail.get(reason)
+            if entry is None:
+                entry = stats.fail[reason] = [0, 0]
+            entry[0] += 1
+            entry[1] += ns
+
+    # --- what a backend host counts -----------------------------------------------------
+
+    def execution(
+        self,
+        model: str,
+        version: str,
+        requests: int,
+        inferences: int,
+        queue_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        end_ms: int,
+        batch_wait_ns: int = -1,
+    ) -> None:
+        """One execution of ``requests`` requests (``inferences``: their batch sizes
+        summed) ran: ``queue_ns`` and ``batch_wait_ns`` (-1: it was not formed by the
+        host's batcher) all its requests' times together, the other durations the
+        batch's own (each request is counted the batch's time, as Triton). Triton's
+        queue duration is both waits."""
+        stats = self.get(model, version)
+        stats.queue_count += requests
+        stats.queue_ns += queue_ns + max(0, batch_wait_ns)
+        stats.input_count += requests
+        stats.input_ns += input_ns * requests
+        stats.infer_count += requests
+        stats.infer_ns += infer_ns * requests
+        stats.output_count += requests
+        stats.output_ns += output_ns * requests
+        stats.inference_count += inferences
+        stats.execution_count += 1
+        if end_ms > stats.last_inference:
+            stats.last_inference = end_ms
+        entry = stats.batch.get(inferences)
+        if entry is None:
+            entry = stats.batch[inferences] = [0, 0, 0, 0]
+        entry[0] += 1
+        entry[1] += input_ns
+        entry[2] += infer_ns
+        entry[3] += output_ns
+        stages = stats.stages
+        if "queue" not in stages:  # observe(), inlined: this runs once per execution
+            for stage in _HOST_STAGES:
+                stages[stage] = [0] * _SLOTS
+        each = queue_ns // requests
+        buckets = stages["queue"]
+        buckets[bisect_left(BOUNDS_NS, each)] += requests
+        buckets[-1] += each * requests
+        buckets = stages["compute_input"]
+        buckets[bisect_left(BOUNDS_NS, input_ns)] += requests
+        buckets[-1] += input_ns * requests
+        buckets = stages["compute"]
+        buckets[bisect_left(BOUNDS_NS, infer_ns)] += requests
+        buckets[-1] += infer_ns * requests
+        buckets = stages["output"]
+        buckets[bisect_left(BOUNDS_NS, output_ns)] += requests
+        buckets[-1] += output_ns * requests
+        if batch_wait_ns >= 0:
+            observe(stats, "batch_wait", batch_wait_ns // requests, requests)

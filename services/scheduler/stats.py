@@ -1,0 +1,105 @@
+"""The statistics' totals: every frontend's and backend host's ``StatsReport`` added up
+per model version, and the answer to a ``statistics`` query (the statistics extension,
+and each frontend's /metrics scrape) as a ``control.Statistics`` record.
+
+Totals live here, not in the reporters, so they survive a reporter's restart and add
+up across every frontend and host. A delta naming a version "" (a request that named
+none and failed before a version was picked) counts for the model's default version; a
+delta for a model the repository does not have is dropped (Triton keeps no statistics
+for unknown models). Off the request path: at most one report per reporter per
+common/stats.FLUSH_S. Loop's thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from despina.common import control as c
+from despina.common import messages as m
+from despina.common import stats
+from despina.common.errors import ServerError, not_found
+from despina.services.scheduler import validate
+from despina.services.scheduler.interface import ModelScheduler
+from despina.services.scheduler.repository import Model, State
+
+
+class StatsTotals:
+    """Owns the totals. ``models`` and ``schedulers`` are read (the repository, and the
+    per-version schedulers whose queues make the pending gauge)."""
+
+    def __init__(
+        self,
+        models: Callable[[], dict[str, Model]],
+        schedulers: dict[tuple[str, str], ModelScheduler],
+    ) -> None:
+        self._models = models
+        self._schedulers = schedulers
+        self.totals: dict[tuple[str, str], c.ModelStatistics] = {}
+
+    def report(self, msg: m.StatsReport) -> None:
+        """Add one reporter's deltas in."""
+        models = self._models()
+        totals = self.totals
+        for delta in msg.models:
+            version = delta.version
+            if not version:
+                model = models.get(delta.name)
+                version = (model.default_version() if model is not None else None) or ""
+                if not version:
+                    continue
+            elif delta.name not in models:
+                continue
+            key = (delta.name, version)
+            total = totals.get(key)
+            if total is None:
+                total = totals[key] = c.ModelStatistics(delta.name, version)
+            stats.merge(total, delta)
+
+    def answer(self, q: m.Query) -> m.QueryReply:
+        """The totals ``q`` asks for (never raises): ``q.model`` "" for every ready model
+        version; a model (and version, "" for all of its ready ones) that is not there is
+        the error a metadata query would get."""
+        try:
+            record = self._statistics(q.model, q.version)
+        except ServerError as exc:
+            return m.QueryReply(q.qid, b"", m.Error(exc.code.value, exc.message))
+        return m.QueryReply(q.qid, record=record)
+
+    def _statistics(self, name: str, version: str) -> c.Statistics:
+        models = self._models()
+        if not name:
+            keys = [
+                (model.name, v)
+                for model in sorted(models.values(), key=lambda model: model.name)
+                for v in sorted(model.ready_versions(), key=_version_order)
+            ]
+        else:
+            model = models.get(name)
+            if model is None:
+                raise not_found(f"Request for unknown model: '{name}' is not found")
+            if version:
+                keys = [(name, validate.resolve_version(model, version))]
+            else:
+                validate.resolve_version(model, "")  # Triton's error for no ready version
+                keys = [
+                    (name, v)
+                    for v, mv in sorted(model.versions.items(), key=lambda e: _version_order(e[0]))
+                    if mv.state is State.READY
+                ]
+        return c.Statistics([self._snapshot(key) for key in keys])
+
+    def _snapshot(self, key: tuple[str, str]) -> c.ModelStatistics:
+        total = self.totals.get(key)
+        record = c.ModelStatistics(key[0], key[1])
+        if total is not None:
+            stats.merge(record, total)  # a copy: the reply is encoded after more reports
+        scheduler = self._schedulers.get(key)
+        if scheduler is not None:
+            queue = getattr(scheduler, "queue", ())
+            batcher = getattr(scheduler, "batcher", ())
+            record.pending = len(queue) + len(batcher)
+        return record
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (0, version)

@@ -1,0 +1,149 @@
+"""common/stats.py (deltas, merging, histograms), the scheduler's totals
+(services/scheduler/stats.py) and the metrics exposition (services/frontend/metrics.py)
+on real records: what each process counts adds up exactly, and the text is Triton's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from despina.common import control as c
+from despina.common import messages as m
+from despina.common import stats
+from despina.services.frontend import control as encode
+from despina.services.frontend.metrics import (
+    MachineGauges,
+    MetricsConfig,
+    StatsCollector,
+    exposition,
+)
+
+
+def test_observe_puts_each_duration_in_its_bucket():
+    s = c.ModelStatistics("m", "1")
+    stats.observe(s, "queue", 50_000)  # 50 µs: le 50
+    stats.observe(s, "queue", 50_001)  # just above: le 100
+    stats.observe(s, "queue", 10**12, 3)  # beyond the last bound: +Inf, three times
+    buckets = s.stages["queue"]
+    assert len(buckets) == len(stats.BOUNDS_US) + 2
+    assert buckets[0] == 1 and buckets[1] == 1 and buckets[-2] == 3
+    assert buckets[-1] == 50_000 + 50_001 + 3 * 10**12
+
+
+def test_recorder_sends_one_report_per_period_then_nothing():
+    sent: list[list[c.ModelStatistics]] = []
+
+    async def run() -> None:
+        recorder = stats.Recorder(sent.append, period_s=0.02)
+        recorder.request("m", "1", 1000, None)
+        recorder.request("m", "1", 3000, None)
+        recorder.request("m", "1", 500, stats.BACKEND)
+        recorder.execution("m", "1", 4, 6, 400, 10, 100, 20, 1234, batch_wait_ns=4000)
+        await asyncio.sleep(0.06)
+        assert len(sent) == 1  # one report for all of it
+        await asyncio.sleep(0.06)
+        assert len(sent) == 1  # idle: nothing more
+
+    asyncio.run(run())
+    (delta,) = sent[0]
+    assert (delta.success_count, delta.success_ns) == (2, 4000)
+    assert delta.fail == {stats.BACKEND: [1, 500]}
+    # Triton's queue time is both waits: the host's queue and its batcher's.
+    assert (delta.queue_count, delta.queue_ns) == (4, 4400)
+    assert sum(delta.stages["batch_wait"][:-1]) == 4 and delta.stages["batch_wait"][-1] == 4000
+    assert (delta.infer_count, delta.infer_ns) == (4, 400)  # the batch's time, per request
+    assert (delta.inference_count, delta.execution_count, delta.last_inference) == (6, 1, 1234)
+    assert delta.batch == {6: [1, 10, 100, 20]}
+    assert sum(delta.stages["compute"][:-1]) == 4
+    assert sum(delta.stages["request"][:-1]) == 2
+
+
+def test_merge_adds_deltas_of_every_reporter_exactly():
+    total = c.ModelStatistics("m", "1")
+    for i in range(3):
+        delta = c.ModelStatistics("m", "1")
+        delta.success_count, delta.success_ns = 2, 10
+        delta.fail = {stats.REJECTED: [1, 5]}
+        delta.batch = {2: [1, 1, 2, 3]}
+        delta.last_inference = 100 + i
+        stats.observe(delta, "compute", 700_000)
+        # Over the wire, as a StatsReport.
+        wire = msgspec.msgpack.decode(
+            msgspec.msgpack.encode(m.StatsReport([delta])), type=m.StatsReport
+        )
+        stats.merge(total, wire.models[0])
+    assert (total.success_count, total.success_ns) == (6, 30)
+    assert total.fail == {stats.REJECTED: [3, 15]}
+    assert total.batch == {2: [3, 3, 6, 9]}
+    assert total.last_inference == 102
+    assert sum(total.stages["compute"][:-1]) == 3
+
+
+def test_quantile_interpolates_within_the_bucket():
+    s = c.ModelStatistics("m", "1")
+    stats.observe(s, "request", 75_000, 10)  # ten in (50, 100] µs
+    assert stats.quantile(s.stages["request"], 0.5) == pytest.approx(75.0)
+    assert stats.quantile([0] * (len(stats.BOUNDS_US) + 2), 0.5) == 0.0
+
+
+def test_metrics_config_parses_tritons_settings():
+    config = MetricsConfig.parse(
+        ["summary_latencies=true", "summary_quantiles=0.5:0.05,0.99:0.001"]
+    )
+    assert config.summary_latencies and config.summary_quantiles == (0.5, 0.99)
+    assert MetricsConfig.parse(None) == MetricsConfig()
+    with pytest.raises(ValueError, match="unknown --metrics-config setting 'nope'"):
+        MetricsConfig.parse(["nope=1"])
+    with pytest.raises(ValueError, match="summary_latencies takes true or false"):
+        MetricsConfig.parse(["summary_latencies=maybe"])
+    with pytest.raises(ValueError, match="within"):
+        MetricsConfig.parse(["summary_quantiles=1.5:0.1"])
+
+
+def snapshot() -> c.Statistics:
+    s = c.ModelStatistics("simple", "1", success_count=3, success_ns=3_000_000)
+    s.fail = {stats.BACKEND: [2, 10]}
+    s.inference_count, s.execution_count = 3, 2
+    for _ in range(3):
+        stats.observe(s, "request", 1_000_000)
+    return c.Statistics([s])
+
+
+def test_exposition_has_tritons_names_and_summaries():
+    collector = StatsCollector(
+        MetricsConfig(summary_latencies=True, summary_quantiles=(0.5,)),
+        MachineGauges(60.0, cpu=True, gpu=False),
+    )
+    collector.snapshot = snapshot()
+    text = exposition(collector).decode()
+    assert "# TYPE nv_inference_request_success counter\n" in text
+    assert 'nv_inference_request_success{model="simple",version="1"} 3.0\n' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    failures = {
+        s.labels["reason"]: s.value for s in families["nv_inference_request_failure"].samples
+    }
+    assert failures == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 2, "OTHER": 0}
+    summary = families["nv_inference_request_summary_us"]
+    assert summary.type == "summary"
+    by_name = {(s.name, s.labels.get("quantile")): s.value for s in summary.samples}
+    assert by_name[("nv_inference_request_summary_us_count", None)] == 3
+    assert by_name[("nv_inference_request_summary_us_sum", None)] == 3000.0
+    assert 500 < by_name[("nv_inference_request_summary_us", "0.5")] <= 1000
+    assert families["nv_inference_request_duration_us"].samples[0].value == 3000.0
+
+
+def test_statistics_encoders_match_tritons_shapes():
+    record = snapshot()
+    record.models[0].batch = {1: [1, 5, 6, 7], 2: [1, 8, 9, 10]}
+    doc = msgspec.json.decode(encode.statistics_json(record))
+    (entry,) = doc["model_stats"]
+    assert entry["inference_stats"]["fail"] == {"count": 2, "ns": 10}
+    assert [b["batch_size"] for b in entry["batch_stats"]] == [1, 2]
+    assert entry["batch_stats"][1]["compute_infer"] == {"count": 1, "ns": 9}
+    proto = encode.statistics_pb(record)
+    (pb_entry,) = proto.model_stats
+    assert pb_entry.inference_stats.success.count == 3
+    assert pb_entry.batch_stats[0].compute_output.ns == 7
