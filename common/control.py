@@ -84,6 +84,20 @@ class CudaShmStatus(msgspec.Struct, tag="cuda_shm_status", array_like=True):
     regions: list[CudaShmRegionStatus]
 
 
+class LogSettings(msgspec.Struct, tag="log_settings", array_like=True):
+    """The logging extension's settings (common/logs.py: log_file, log_info,
+    log_warning, log_error, log_verbose_level, log_format)."""
+
+    settings: dict[str, bool | int | str]
+
+
+class TraceSettings(msgspec.Struct, tag="trace_settings", array_like=True):
+    """The trace extension's settings of a model or the global ones, as Triton answers
+    them: each a list of strings (trace_level's may hold several, the others one)."""
+
+    settings: dict[str, list[str]]
+
+
 class ModelStatistics(msgspec.Struct, array_like=True):
     """One model version's counts and durations (ns), Triton's statistics and metrics in
     one record. It travels twice: as a delta a frontend or backend host accumulated for
@@ -123,7 +137,16 @@ class Statistics(msgspec.Struct, tag="statistics", array_like=True):
 _R = TypeVar("_R")
 
 # What a ``QueryReply`` may carry.
-Record = ModelMetadata | ModelConfig | RepositoryIndex | ShmStatus | CudaShmStatus | Statistics
+Record = (
+    ModelMetadata
+    | ModelConfig
+    | RepositoryIndex
+    | ShmStatus
+    | CudaShmStatus
+    | LogSettings
+    | TraceSettings
+    | Statistics
+)
 
 
 def expect(record: object, kind: type[_R]) -> _R:

@@ -21,6 +21,7 @@ from despina.common.settings import HostSettings
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.host import BackendHost
 from despina.services.flags import add_inline_threshold, add_speed_paths
+from despina.services.observability_flags import add_log_trace_flags, log_settings_of
 
 log = logging.getLogger("despina.backend_host")
 
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the scheduler's endpoint for backend hosts (its --host-endpoint)",
     )
     parser.add_argument("--log-verbose", type=int, default=0)
+    add_log_trace_flags(parser)
     parser.add_argument("--host-id", default=None)
     add_inline_threshold(parser)  # outputs this large come back through this host's arena
     add_speed_paths(parser)  # a host acts on busy polling, burst sends and loop execution
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="despina backend-host", allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging(f"backend-{args.framework}", args.log_verbose)
+    setup_logging(f"backend-{args.framework}", args.log_verbose, log_settings_of(args))
     try:
         settings = HostSettings.from_args(args)
     except ValueError as exc:

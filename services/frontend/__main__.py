@@ -39,6 +39,7 @@ from despina.services.frontend.restricted import Restrictions
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.frontend.scheduler_client import SchedulerClient
 from despina.services.identity import add_server_name
+from despina.services.observability_flags import add_log_trace_flags, log_settings_of
 
 log = logging.getLogger("despina.frontend")
 
@@ -106,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_name(parser)
     parser.add_argument("--exit-timeout-secs", type=float, default=30.0)
     parser.add_argument("--log-verbose", type=int, default=0)
+    add_log_trace_flags(parser)
     add_metrics_flags(parser)
 
 
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="despina frontend", allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging("frontend", args.log_verbose)
+    setup_logging("frontend", args.log_verbose, log_settings_of(args))
     try:
         settings = FrontendSettings.from_args(args)
     except ValueError as exc:
