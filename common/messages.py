@@ -229,6 +229,9 @@ class LoadResult(msgspec.Struct, tag="load_result", array_like=True):
         int
     ]  # indexes now running here (instances of other processes report themselves)
     error: str = ""
+    # The config as the backend completed it at load (Triton's auto-complete), serialized
+    # ModelConfig; empty when the host changed nothing.
+    config: bytes = b""
 
 
 class Execution(msgspec.Struct, array_like=True):

@@ -32,8 +32,6 @@ def parse_bool(value: str) -> bool:
 NOT_YET = (
     "--id",
     "--exit-on-error",
-    "--disable-auto-complete-config",
-    "--strict-model-config",
     "--strict-readiness",
     "--model-control-mode",
     "--repository-poll-secs",
@@ -483,6 +481,19 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     add_http_flags(g)
     add_grpc_flags(g)
     g.add_argument("--log-verbose", type=int, default=0)
+    g.add_argument(
+        "--strict-model-config",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="true: every model needs a complete config.pbtxt (no auto-complete)",
+    )
+    g.add_argument(
+        "--disable-auto-complete-config",
+        action="store_true",
+        help="do not complete configs from the model files (as --strict-model-config=true)",
+    )
     g.add_argument("--exit-timeout-secs", type=float, default=30.0)
     g.add_argument(
         "--allow-client-shm",
@@ -558,6 +569,15 @@ def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
             "--load-model=* to serve every model"
         )
     return problems
+
+
+def auto_complete(args: argparse.Namespace) -> bool:
+    """Whether configs are completed from model files (Triton's default): not under
+    --strict-model-config=true or --disable-auto-complete-config."""
+    return not (
+        getattr(args, "strict_model_config", False)
+        or getattr(args, "disable_auto_complete_config", False)
+    )
 
 
 def report_ignored(args: argparse.Namespace) -> list[str]:

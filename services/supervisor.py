@@ -30,7 +30,12 @@ from despina.common.errors import ServerError
 from despina.common.process import call_forked, die_with_parent
 from despina.common.settings import STATISTICS_ENV, SpeedPaths
 from despina.common.shm.arena import remove_segments_of
-from despina.services.flags import grpc_flag_argv, http_flag_argv, metrics_flag_argv
+from despina.services.flags import (
+    auto_complete,
+    grpc_flag_argv,
+    http_flag_argv,
+    metrics_flag_argv,
+)
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.identity import describe
 
@@ -109,6 +114,7 @@ class Supervisor:
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
                     *speed,
                     *repos,
+                    *([] if auto_complete(args) else ["--disable-auto-complete-config"]),
                     *verbose,
                 ],
                 order=2,

@@ -24,16 +24,18 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
 from despina.common import messages as m
 from despina.common import streams
 from despina.common.cuda import CudaMapper
-from despina.common.errors import ServerError
+from despina.common.errors import ServerError, invalid_arg
 from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
 from despina.common.stats import Recorder
+from despina.services.backend_host import warmup
 from despina.services.backend_host.backend import Backend, InstanceSpec, ModelInstance
 from despina.services.backend_host.executor import Executor, instance_specs
 from despina.services.backend_host.replies import Replies
@@ -265,9 +267,13 @@ class BackendHost:
         loop = asyncio.get_running_loop()
         loaded: list[int] = []
         error = ""
+        completed = b""
         try:
+            completed = await loop.run_in_executor(None, self._complete_config, msg)
+            if completed:
+                msg = m.LoadModel(msg.model, msg.version, msg.model_dir, completed, msg.instances)
             for spec in instance_specs(msg):
-                instance = await loop.run_in_executor(None, self.backend.load, spec)
+                instance = await loop.run_in_executor(None, self._load_instance, spec)
                 self.executor.add(spec, instance)
                 loaded.append(spec.instance_index)
         except ServerError as exc:
@@ -280,9 +286,46 @@ class BackendHost:
                 self.executor.unload((msg.model, msg.version, index))
             loaded = []
             self.executor.rebalance_threads()
-        self._send(m.LoadResult(msg.model, msg.version, loaded, error))
+        self._send(m.LoadResult(msg.model, msg.version, loaded, error, completed))
         if not error:
             log.info("loaded '%s' version %s: %d instance(s)", msg.model, msg.version, len(loaded))
+
+    def _complete_config(self, msg: m.LoadModel) -> bytes:
+        """Triton's auto-complete, done where the model file can be read: the config with
+        the inputs, outputs and max_batch_size it left out filled by the backend from the
+        model file, serialized; empty when it needed nothing (or the backend completes
+        nothing). Raises ServerError saying why the file could not complete it. Runs on
+        a thread: it may read the model."""
+        from despina.common import model_config
+        from despina.common.protos import model_config_pb2 as mc
+
+        config = mc.ModelConfig()
+        config.ParseFromString(msg.config)
+        if not model_config.needs_completion(config):
+            return b""
+        complete = getattr(self.backend, "complete_config", None)
+        if complete is None:  # TorchScript, TensorRT: as Triton's backends, no file says
+            raise invalid_arg(
+                f"model '{msg.model}': the {self.framework} backend cannot complete the "
+                "inputs and outputs of a config from the model file: declare them in "
+                "config.pbtxt"
+            )
+        complete(config, Path(msg.model_dir) / msg.version)
+        model_config.validate(config)
+        return config.SerializeToString()
+
+    def _load_instance(self, spec: InstanceSpec) -> ModelInstance:
+        """Load one instance and run its warmup (``model_warmup``) before it is reported
+        loaded; a failed warmup unloads it and raises, naming the sample. Runs on a
+        thread."""
+        assert self.backend is not None
+        instance = self.backend.load(spec)
+        try:
+            warmup.run(instance, spec)
+        except BaseException:
+            instance.unload()
+            raise
+        return instance
 
     def add_instance(self, spec: InstanceSpec, instance: ModelInstance) -> None:
         """An instance loaded by the caller (a Python instance process)."""

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let clients register system shared-memory regions",
     )
     add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
+    parser.add_argument(
+        "--disable-auto-complete-config",
+        action="store_true",
+        help="refuse configs that leave inputs or outputs to the model file (no auto-complete)",
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
 
 
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("scheduler", args.log_verbose)
+    if args.disable_auto_complete_config:
+        from despina.common import model_config
+
+        model_config.set_auto_complete(False)
     try:
         settings = SchedulerSettings.from_args(args)
     except ValueError as exc:

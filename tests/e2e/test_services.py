@@ -160,9 +160,10 @@ def test_tritonserver_flags_are_accepted(tmp_path):
         assert http_status(f"http://{srv.url}/v2/models/simple/ready") == 200
         log = srv.log()
         assert (
-            "--strict-model-config is accepted for compatibility with tritonserver but not supported yet"
+            "--backend-config is accepted for compatibility with tritonserver but not supported yet"
             in log
         )
+        assert "--strict-model-config is accepted" not in log  # it acts (auto-complete)
         assert "--model-control-mode is accepted" in log
         assert "Started HTTPService at 0.0.0.0:" in log
         assert "Despina is ready" in log

@@ -5,14 +5,18 @@ config's model_warmup asks for)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from despina.common import dtypes
+from despina.common import dtypes, model_config
+from despina.common import messages as m
 from despina.common.errors import Code, ServerError
 from despina.services.backend_host import warmup
+from despina.services.backend_host.backends.onnxruntime import OnnxRuntimeBackend
 from despina.services.backend_host.backends.python import triton_python_backend_utils as pb
+from despina.services.backend_host.host import BackendHost
 
 
 def test_model_config_adds_tensors_and_batching() -> None:
@@ -118,3 +122,47 @@ def test_samples_batch_size_over_max_is_refused(tmp_path: Path) -> None:
     config = {"max_batch_size": 1, "model_warmup": [sample()]}
     with pytest.raises(ServerError, match="exceeds the model's max_batch_size 1"):
         warmup.samples(config, tmp_path)
+
+
+def _load_msg(tmp_path: Path, text: str) -> m.LoadModel:
+    config = model_config.parse_text(text)
+    return m.LoadModel("m", "1", str(tmp_path), config.SerializeToString(), [0])
+
+
+def test_host_refuses_to_complete_without_a_backend_that_can(tmp_path: Path) -> None:
+    """TorchScript (and TensorRT): Triton's backends cannot read inputs and outputs from
+    the file, so an incomplete config is a load failure that says so."""
+    host = SimpleNamespace(backend=object(), framework="pytorch")
+    with pytest.raises(ServerError) as exc_info:
+        BackendHost._complete_config(host, _load_msg(tmp_path, 'backend: "pytorch"'))
+    assert "the pytorch backend cannot complete the inputs and outputs" in exc_info.value.message
+    complete = 'backend: "pytorch" input [{name: "I" data_type: TYPE_FP32 dims: [1]}] ' + (
+        'output [{name: "O" data_type: TYPE_FP32 dims: [1]}]'
+    )
+    assert BackendHost._complete_config(host, _load_msg(tmp_path, complete)) == b""
+
+
+def test_host_completes_onnx_from_the_graph(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.INT64, ["n", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT64, ["n", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (tmp_path / "1").mkdir()
+    save(model, str(tmp_path / "1" / "model.onnx"))
+    host = SimpleNamespace(backend=OnnxRuntimeBackend(), framework="onnxruntime")
+    msg = _load_msg(
+        tmp_path, 'name: "m" backend: "onnxruntime" default_model_filename: "model.onnx"'
+    )
+    config = model_config.ModelConfig()
+    config.ParseFromString(BackendHost._complete_config(host, msg))
+    assert config.max_batch_size == 4
+    assert [(i.name, model_config.datatype(i), list(i.dims)) for i in config.input] == [
+        ("X", "INT64", [3])
+    ]
+    assert [o.name for o in config.output] == ["Y"]

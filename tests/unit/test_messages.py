@@ -64,6 +64,7 @@ FROM_HOST = [
     ),
     m.LoadResult(model="simple", version="1", instances=[0, 1]),
     m.LoadResult(model="simple", version="1", instances=[], error="no model.onnx"),
+    m.LoadResult(model="simple", version="1", instances=[0], config=b"\n\x06simple"),
     m.Completion(host_id="h1", done=[("simple", "1", 0, [1, 2, 3]), ("other", "2", 1, [])]),
     m.Completion(host_id="h1", done=[]),
     m.Completion(host_id="h1", done=[], undelivered=[("tcp://fe:1", 7, "simple", "1")]),

@@ -38,12 +38,14 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from despina.common import messages as m
 from despina.common import streams
+from despina.common.errors import Code, ServerError
 from despina.common.process import call_forked, die_with_parent, release_free_memory
 from despina.common.shm.arena import remove_segments_of
 from despina.services.backend_host.backend import InstanceSpec, config_json
@@ -85,20 +87,56 @@ class Child:
         return self.returncode
 
 
-def instances_of(loads: list[m.LoadModel]) -> list[list[InstanceSpec] | str]:
+def instances_of(loads: list[m.LoadModel]) -> list[tuple[list[InstanceSpec], bytes] | str]:
     """For each message, its instance specs with the config in Triton's JSON form (what
-    an instance reads, and its model's ``initialize`` gets), or why it cannot be read."""
-    out: list[list[InstanceSpec] | str] = []
+    an instance reads, and its model's ``initialize`` gets) and the serialized config
+    the model's ``auto_complete_config`` completed (empty when it has none), or why it
+    cannot be read. Imports the models that auto-complete: run it in a forked child."""
+    out: list[tuple[list[InstanceSpec], bytes] | str] = []
     for msg in loads:
         try:
+            completed = _auto_complete(msg)
+            if completed:
+                msg = m.LoadModel(msg.model, msg.version, msg.model_dir, completed, msg.instances)
             specs = instance_specs(msg)
             config = config_json(specs[0].config) if specs else b""
             for spec in specs:
                 spec.config = config
-            out.append(specs)
+            out.append((specs, completed))
         except Exception as exc:
-            out.append(f"{type(exc).__name__}: {exc}")
+            out.append(
+                exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+            )
     return out
+
+
+def _auto_complete(msg: m.LoadModel) -> bytes:
+    """The LoadModel's config as the model's ``auto_complete_config`` completes it,
+    serialized, validated; empty when the model has no such method or changed nothing."""
+    from google.protobuf import json_format
+
+    from despina.common import model_config
+    from despina.services.backend_host.backends.python.backend import complete_config
+
+    original = model_config.ModelConfig()
+    original.ParseFromString(msg.config)
+    sys.argv = stub_argv()  # the model is imported as its instances will import it
+    completed = complete_config(
+        model_config.config_json(original), Path(msg.model_dir), msg.version
+    )
+    if completed is None:
+        return b""
+    config = model_config.ModelConfig()
+    try:
+        json_format.Parse(completed, config)
+    except json_format.ParseError as exc:
+        raise ServerError(
+            Code.INVALID_ARG,
+            f"auto_complete_config of model '{msg.model}' made an invalid config: {exc}",
+        ) from None
+    model_config.validate(config)
+    serialized = config.SerializeToString()
+    return b"" if serialized == msg.config else serialized
 
 
 def stub_argv() -> list[str]:
@@ -335,12 +373,17 @@ class PythonLauncher:
 
     # --- instances ---------------------------------------------------------------------
 
-    def load(self, msg: m.LoadModel, specs: list[InstanceSpec] | str) -> None:
+    def load(self, msg: m.LoadModel, specs: tuple[list[InstanceSpec], bytes] | str) -> None:
         """Start the processes of ``specs`` (``instances_of`` of ``msg``: the specs, or
         why the message could not be read)."""
         error = specs if isinstance(specs, str) else ""
+        completed = b"" if isinstance(specs, str) else specs[1]
+        if completed and not error:
+            # Before any instance starts: the scheduler takes the completed config
+            # (services/scheduler/autocomplete.py) before an instance can join.
+            self._send(m.LoadResult(msg.model, msg.version, [], "", completed))
         try:
-            for spec in specs if isinstance(specs, list) else []:
+            for spec in [] if isinstance(specs, str) else specs[0]:
                 child = Child(spec)
                 self.children.append(child)
                 self._spawn(child)
