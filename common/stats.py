@@ -135,17 +135,35 @@ def quantile(buckets: list[int], q: float) -> float:
 class Recorder:
     """One process's deltas, per model version, and the timer that sends them: at most
     ``period_s`` after the first count since the last send, one call of ``send`` with
-    every delta. Loop only."""
+    every delta. Loop only.
 
-    __slots__ = ("_send", "_period_s", "_models", "_timer")
+    What a request or an execution leaves on the request path is one tuple appended to
+    a list (``request``; the host's executor keeps its own, read by ``collect``): the
+    adding up runs at the flush, over everything the period brought, in one warm loop.
+    Measured: counting each request as it ended cost a backend host ~40 µs of CPU per
+    request at concurrency 1 (cold code between two sleeps), the append costs ~1 µs."""
+
+    __slots__ = ("_send", "_period_s", "_models", "_timer", "_requests", "collect")
 
     def __init__(
-        self, send: Callable[[list[ModelStatistics]], None], period_s: float = FLUSH_S
+        self,
+        send: Callable[[list[ModelStatistics]], None],
+        period_s: float = FLUSH_S,
+        collect: Callable[[], None] | None = None,
     ) -> None:
+        """``collect``: called first at each flush, to count (``execution``) what its
+        owner queued since the last one."""
         self._send = send
         self._period_s = period_s
         self._models: dict[tuple[str, str], ModelStatistics] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._requests: list[tuple] = []
+        self.collect = collect
+
+    def arm(self) -> None:
+        """Flush within ``period_s`` (once armed, the timer stands until it fires)."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._period_s, self.flush)
 
     def get(self, model: str, version: str) -> ModelStatistics:
         """The delta to add into for ``model`` ``version``; arms the send."""
@@ -153,12 +171,18 @@ class Recorder:
         if stats is None:
             stats = self._models[(model, version)] = ModelStatistics(model, version)
             if self._timer is None:  # the first count since the last send
-                self._timer = asyncio.get_running_loop().call_later(self._period_s, self.flush)
+                self.arm()
         return stats
 
     def flush(self) -> None:
-        """Send every delta now (nothing when there is none)."""
-        if self._timer is not None:
+        """Count what is queued and send every delta now (nothing when there is none)."""
+        if self.collect is not None:
+            self.collect()
+        requests, self._requests = self._requests, []
+        count = self._count_request
+        for request in requests:
+            count(*request)
+        if self._timer is not None:  # the one that fired, or one armed meanwhile
             self._timer.cancel()
             self._timer = None
         if self._models:
@@ -177,7 +201,21 @@ class Recorder:
         encode_ns: int = -1,
     ) -> None:
         """One request answered: ``reason`` None for a success, else Triton's reason;
-        a success's decode and encode times, where known (-1: not)."""
+        a success's decode and encode times, where known (-1: not). Counted at the
+        next flush."""
+        self._requests.append((model, version, ns, reason, decode_ns, encode_ns))
+        if self._timer is None:
+            self.arm()
+
+    def _count_request(
+        self,
+        model: str,
+        version: str,
+        ns: int,
+        reason: str | None,
+        decode_ns: int,
+        encode_ns: int,
+    ) -> None:
         stats = self.get(model, version)
         if reason is None:
             stats.success_count += 1

@@ -165,6 +165,8 @@ class Executor:
         # input seconds) by id, until it finishes.
         self.stats: Recorder | None = None
         self._launched: dict[int, tuple[float, float, float]] = {}
+        # Executions answered since the statistics' last flush, with their times.
+        self._uncounted: list[tuple] = []
 
     # --- instances ----------------------------------------------------------------------
 
@@ -397,36 +399,78 @@ class Executor:
         responses: list[ExecResponse] | None,
         ran: tuple[float, float],
     ) -> None:
-        """Answer ``execution`` (it ran) and count it in the statistics: once per batch."""
-        start, end = ran
-        t_launch, batched_s, input_s = self._launched.pop(id(execution), (start, -1.0, 0.0))
+        """Answer ``execution`` (it ran) and queue its numbers, a flat tuple (holding the
+        execution itself would keep its requests alive, work for the garbage collector):
+        ``count_queued`` counts them at the statistics' next flush, off the request's
+        path (common/stats.Recorder)."""
+        launched = self._launched.pop(id(execution), None)
         answering = time.monotonic()
         self._answer(execution, responses, None)
         answered = time.monotonic()
-        stats = self.stats
-        assert stats is not None
         requests = execution.requests
         n = len(requests)
+        inferences = n
         li = self.instances.get((execution.model, execution.version, execution.instance))
-        batched = False
         if li is not None:
-            known = li._batched
-            if known is None:
-                known = li._batched = config_dict(li.spec.config).get("max_batch_size", 0) > 0
-            batched = known
-        inferences = sum(batch_size(r) for r in requests) if batched else n
-        stats.execution(
-            execution.model,
-            execution.version,
+            batched = li._batched
+            if batched is None:
+                batched = li._batched = config_dict(li.spec.config).get("max_batch_size", 0) > 0
+            if batched:
+                inferences = batch_size(requests[0]) if n == 1 else sum(map(batch_size, requests))
+        start, end = ran
+        t_launch, batched_s, input_s = launched or (start, -1.0, 0.0)
+        uncounted = self._uncounted
+        if not uncounted:
+            stats = self.stats
+            assert stats is not None
+            stats.arm()
+        uncounted.append(
+            (
+                execution.model,
+                execution.version,
+                n,
+                inferences,
+                start - t_launch,
+                input_s,
+                end - start,
+                answered - answering,
+                end,
+                batched_s,
+            )
+        )
+
+    def count_queued(self) -> None:
+        """Count the executions ``_count`` queued, once per batch (the statistics'
+        ``collect``, called at each flush)."""
+        uncounted, self._uncounted = self._uncounted, []
+        stats = self.stats
+        if stats is None:
+            return
+        wall_ms, now = time.time() * 1000, time.monotonic()  # end_ms: the wall clock's
+        for (
+            model,
+            version,
             n,
             inferences,
-            int(n * max(0.0, start - t_launch) * 1e9),
-            int(input_s * 1e9),
-            int((end - start) * 1e9),
-            int((answered - answering) * 1e9),
-            int(time.time() * 1000),
-            int(batched_s * 1e9) if batched_s >= 0 else -1,
-        )
+            queue_s,
+            input_s,
+            infer_s,
+            output_s,
+            end,
+            batched_s,
+        ) in uncounted:
+            stats.execution(
+                model,
+                version,
+                n,
+                inferences,
+                int(n * max(0.0, queue_s) * 1e9),
+                int(input_s * 1e9),
+                int(infer_s * 1e9),
+                int(output_s * 1e9),
+                int(wall_ms - (now - end) * 1000),
+                int(batched_s * 1e9) if batched_s >= 0 else -1,
+            )
 
     def _after_answer(self, execution: m.Execution, batched: LoadedInstance | None) -> None:
         cancelled = self._cancelled

@@ -91,7 +91,10 @@ class BackendHost:
         self.executor = Executor(self.mapper, self.cuda, self.replies, speed.loop_execution)
         self.executor.instances = instances
         if statistics:  # what this host executes, counted (common/stats.py)
-            self.executor.stats = Recorder(lambda models: self._send(m.StatsReport(models)))
+            self.executor.stats = Recorder(
+                lambda models: self._send(m.StatsReport(models)),
+                collect=self.executor.count_queued,
+            )
         self._start = self.executor.start
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode
