@@ -133,6 +133,16 @@ QueryKind = Literal[
     "cuda_shm_status",
     "cuda_shm_register",  # body: {"name", "raw_handle" (bytes, base64), "device_id", "byte_size"}
     "cuda_shm_unregister",
+    # Model control (services/scheduler/model_control.py), answered once done; body:
+    # the request's parameters as JSON ({"config": str, "file:<v>/<name>": base64 str,
+    # "unload_dependents": bool}).
+    "repository_load",
+    "repository_unload",
+    # The logging and trace extensions (services/scheduler/settings_store.py); body: the
+    # update's JSON as the HTTP extension spells it, empty to read; trace_setting's
+    # model: the model, "" for the global settings.
+    "log_settings",
+    "trace_setting",
     "statistics",  # model, version: "" for every ready model version (or every version)
 ]
 
@@ -220,6 +230,13 @@ class LoadModel(msgspec.Struct, tag="load", array_like=True):
 class UnloadModel(msgspec.Struct, tag="unload", array_like=True):
     model: str
     version: str
+    instances: list[int] | None = None  # the indexes to stop; None: every instance
+
+
+# The instance indexes of a model version's load ``g`` (services/scheduler/model_control.py)
+# start at ``g * INSTANCE_STRIDE``: a reload's new instances run beside the old ones on
+# one host until the old ones retire.
+INSTANCE_STRIDE = 1000
 
 
 class LoadResult(msgspec.Struct, tag="load_result", array_like=True):
@@ -294,6 +311,16 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     rids: list[int]
 
 
+class Settings(msgspec.Struct, tag="settings", array_like=True):
+    """Scheduler -> every frontend and backend host, when it joins and whenever they
+    change: the logging extension's settings (common/logs.py) and the trace settings
+    (services/frontend/trace.py): ``trace[""]`` the global ones, ``trace[model]`` a
+    model's own fields (the others fall back to the global ones)."""
+
+    log: dict[str, ParamValue]
+    trace: dict[str, dict[str, list[str]]] = {}
+
+
 class StatsReport(msgspec.Struct, tag="stats", array_like=True):
     """Frontend or backend host -> scheduler, at most every common/stats.FLUSH_S while
     there is something new: the counts it added since its last report, per model
@@ -305,8 +332,8 @@ class StatsReport(msgspec.Struct, tag="stats", array_like=True):
 # What each socket may receive: one decoder per socket.
 SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel | StatsReport
 SchedulerFromHost = HostHello | LoadResult | Completion | StatsReport
-FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink
-HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel
+FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink | Settings
+HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel | Settings
 HostFromFrontend = Release | ExecuteBatch | Cancel
 
 

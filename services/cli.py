@@ -56,7 +56,9 @@ def serve(argv: list[str]) -> int:
     add_speed_paths(parser.add_argument_group("Despina's speed paths"))
     add_server_name(group)
     args = parser.parse_args(argv)
-    setup_logging("serve", args.log_verbose)
+    from despina.services.observability_flags import log_settings_of
+
+    setup_logging("serve", args.log_verbose, log_settings_of(args))
     refused = refuse_unsupported_security(args)
     if refused:
         for line in refused:

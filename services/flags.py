@@ -31,12 +31,6 @@ def parse_bool(value: str) -> bool:
 # Accepted for compatibility; not acted on yet. Value-taking unless listed in _BOOLEAN.
 NOT_YET = (
     "--id",
-    "--exit-on-error",
-    "--strict-readiness",
-    "--model-control-mode",
-    "--repository-poll-secs",
-    "--load-model",
-    "--model-load-thread-count",
     "--model-load-retry-count",
     "--model-namespacing",
     "--backend-directory",
@@ -46,17 +40,6 @@ NOT_YET = (
     "--allow-vertex-ai",
     "--http-thread-count",
     "--grpc-max-response-pool-size",
-    "--trace-config",
-    "--trace-file",
-    "--trace-level",
-    "--trace-rate",
-    "--trace-count",
-    "--trace-log-frequency",
-    "--log-info",
-    "--log-warning",
-    "--log-error",
-    "--log-format",
-    "--log-file",
     "--cache-config",
     "--cache-directory",
     "--response-cache-byte-size",
@@ -400,6 +383,67 @@ def add_speed_paths(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_model_control_flags(group: argparse._ActionsContainer) -> None:
+    """tritonserver's model-control flags (services/scheduler/model_control.py), declared
+    by ``despina serve`` and ``despina scheduler``; ``model_control_argv`` forwards them."""
+    group.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="none: load every model at start; explicit: load the --load-model ones, then "
+        "what clients load and unload; poll: load every model and follow the repository's "
+        "changes every --repository-poll-secs",
+    )
+    group.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="explicit mode: a model to load at start (repeatable; '*' for every model)",
+    )
+    group.add_argument(
+        "--repository-poll-secs",
+        type=_seconds,
+        default=15.0,
+        help="poll mode: seconds between two looks at the repository (default %(default)s)",
+    )
+    group.add_argument(
+        "--strict-readiness",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="true: the server is ready once every model it loads is; false: once it answers",
+    )
+    group.add_argument(
+        "--exit-on-error",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="true: stop the server when a model fails to load at start (Triton's default "
+        "is true; Despina's is false: a broken model is UNAVAILABLE and the others serve)",
+    )
+    group.add_argument(
+        "--model-load-thread-count",
+        type=_count_of("loads", "load_count"),
+        default=4,
+        help="models loaded at once by load requests and polls (default %(default)s)",
+    )
+
+
+def model_control_argv(args: argparse.Namespace) -> list[str]:
+    """The model-control flags of a parsed ``serve`` command line, for the scheduler."""
+    return [
+        f"--model-control-mode={args.model_control_mode}",
+        *[f"--load-model={name}" for name in args.load_model],
+        f"--repository-poll-secs={args.repository_poll_secs}",
+        f"--strict-readiness={'true' if args.strict_readiness else 'false'}",
+        f"--exit-on-error={'true' if args.exit_on_error else 'false'}",
+        f"--model-load-thread-count={args.model_load_thread_count}",
+    ]
+
+
 def add_metrics_flags(group: argparse._ActionsContainer) -> None:
     """tritonserver's metrics flags (services/frontend/metrics.py), declared by both
     ``despina serve`` and ``despina frontend``; ``metrics_flag_argv`` forwards them."""
@@ -481,6 +525,9 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     add_http_flags(g)
     add_grpc_flags(g)
     g.add_argument("--log-verbose", type=int, default=0)
+    from despina.services.observability_flags import add_log_trace_flags
+
+    add_log_trace_flags(g)  # --log-info/-warning/-error/-format/-file, --trace-*
     g.add_argument(
         "--strict-model-config",
         type=parse_bool,
@@ -495,6 +542,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
         help="do not complete configs from the model files (as --strict-model-config=true)",
     )
     g.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    add_model_control_flags(g)
     g.add_argument(
         "--allow-client-shm",
         type=parse_bool,
@@ -535,9 +583,7 @@ WRONG_IF_IGNORED: dict[str, str] = {
 
 def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
     """Why the server must not start: one line for each security-relevant flag that was
-    given but is not supported, and for an explicit model-control mode that would serve
-    models nobody named (Despina loads the whole repository until model control exists).
-    Empty when the command line is safe to serve."""
+    given but is not supported. Empty when the command line is safe to serve."""
     problems = []
     for option in ("--http-restricted-api", "--grpc-restricted-protocol"):
         try:
@@ -559,15 +605,10 @@ def refuse_unsupported_security(args: argparse.Namespace) -> list[str]:
     for flag, why in WRONG_IF_IGNORED.items():
         if getattr(args, "ignored_" + flag[2:].replace("-", "_"), None) is not None:
             problems.append(f"{flag}: {why}: refusing to start")
-    mode = getattr(args, "ignored_model_control_mode", None)
-    loads = getattr(args, "ignored_load_model", None) or []
-    if mode == "explicit" and "*" not in loads:
-        problems.append(
-            "--model-control-mode=explicit serves only the models named by --load-model, "
-            "and Despina does not support model control yet (it would load the whole "
-            "repository): refusing to start; use --model-control-mode=none, or "
-            "--load-model=* to serve every model"
-        )
+    if hasattr(args, "trace_config"):
+        from despina.services.observability_flags import refuse
+
+        problems += refuse(args)  # --trace-config mode=opentelemetry (fail closed)
     return problems
 
 

@@ -35,9 +35,11 @@ from despina.services.flags import (
     grpc_flag_argv,
     http_flag_argv,
     metrics_flag_argv,
+    model_control_argv,
 )
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.identity import describe
+from despina.services.observability_flags import log_trace_argv
 
 log = logging.getLogger("despina.serve")
 
@@ -85,13 +87,19 @@ class Supervisor:
         self.children: list[Child] = []
         self.stopping = False
         self.exit_code = 0
+        # Model control (_watch_repository): the frameworks hosts run for, and the
+        # repositories' folder names when their configs were last read.
+        self._frameworks: set[str] = set()
+        self._folders: set[str] = set()
+        self._next_look = 0.0
 
     def plan(self) -> None:
         args = self.args
         if not args.allow_metrics:  # no process counts (children inherit the environment)
             os.environ[STATISTICS_ENV] = "off"
         py = [sys.executable, "-m"]
-        verbose = ["--log-verbose", str(args.log_verbose)]
+        # The logging and trace flags: every service logs and traces as told from the start.
+        verbose = ["--log-verbose", str(args.log_verbose), *log_trace_argv(args)]
         # Passed explicitly, so a frontend and its backend hosts always agree.
         inline = f"--inline-threshold={args.inline_threshold}"
         # Every service gets every path explicit: all agree, whatever their environment.
@@ -114,6 +122,7 @@ class Supervisor:
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
                     *speed,
                     *repos,
+                    *model_control_argv(args),
                     *([] if auto_complete(args) else ["--disable-auto-complete-config"]),
                     *verbose,
                 ],
@@ -122,23 +131,24 @@ class Supervisor:
         )
         # Reading the configs loads protobuf: in a forked child, not in this process.
         repositories = [Path(p) for p in args.model_repository]
+        self._backend_argv = lambda framework: (
+            py
+            + [
+                "despina.services.backend_host",
+                "--framework",
+                framework,
+                "--scheduler",
+                hosts,
+                inline,
+                *speed,
+                *verbose,
+            ]
+        )
+        self._folders = _folder_names(args.model_repository)
         for framework in call_forked(frameworks_needed, repositories):
+            self._frameworks.add(framework)
             self.children.append(
-                Child(
-                    f"backend-{framework}",
-                    py
-                    + [
-                        "despina.services.backend_host",
-                        "--framework",
-                        framework,
-                        "--scheduler",
-                        hosts,
-                        inline,
-                        *speed,
-                        *verbose,
-                    ],
-                    order=1,
-                )
+                Child(f"backend-{framework}", self._backend_argv(framework), order=1)
             )
         if args.allow_http or args.allow_grpc:
             for i in range(args.frontends):
@@ -189,10 +199,35 @@ class Supervisor:
             while not self.stopping:
                 time.sleep(0.1)
                 self._check_children()
+                self._watch_repository()
         finally:
             self._stop_all()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return self.exit_code
+
+    def _watch_repository(self) -> None:
+        """Outside model-control mode none, a model added to a repository may need a
+        framework no backend host runs: start one. Looks each second; the configs are
+        read (in a forked child) only when the repositories' folder names change."""
+        if getattr(self.args, "model_control_mode", "none") == "none" or self.stopping:
+            return
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + 1.0
+        folders = _folder_names(self.args.model_repository)
+        if folders == self._folders:
+            return
+        self._folders = folders
+        repositories = [Path(p) for p in self.args.model_repository]
+        for framework in call_forked(frameworks_needed, repositories):
+            if framework in self._frameworks:
+                continue
+            self._frameworks.add(framework)
+            child = Child(f"backend-{framework}", self._backend_argv(framework), order=1)
+            self.children.append(child)
+            log.info("a model of framework %s appeared: starting a backend host", framework)
+            self._spawn(child)
 
     def _request_stop(self) -> None:
         if not self.stopping:
@@ -297,6 +332,17 @@ class Supervisor:
             if child.proc is not None:
                 remove_segments_of(child.proc.pid)
         log.info("all services stopped")
+
+
+def _folder_names(repositories: list[str]) -> set[str]:
+    """Every ``<repository>/<folder>`` name (unreadable repositories count as empty)."""
+    names: set[str] = set()
+    for repo in repositories:
+        try:
+            names.update(f"{repo}/{name}" for name in os.listdir(repo))
+        except OSError:
+            continue
+    return names
 
 
 def _listening(pids: list[int], ports: list[int]) -> bool:

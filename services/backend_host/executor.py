@@ -122,10 +122,11 @@ def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
             model_dir=Path(load.model_dir),
             config=config,
             instance_index=index,
-            kind=placements[index][0] if index < len(placements) else "KIND_CPU",
-            device_id=placements[index][1] if index < len(placements) else 0,
+            kind=placements[at][0] if at < len(placements) else "KIND_CPU",
+            device_id=placements[at][1] if at < len(placements) else 0,
         )
         for index in load.instances
+        for at in (index % m.INSTANCE_STRIDE,)  # a reload's indexes: the same groups
     ]
 
 

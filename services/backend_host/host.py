@@ -28,8 +28,8 @@ from pathlib import Path
 
 import msgspec
 
+from despina.common import logs, streams
 from despina.common import messages as m
-from despina.common import streams
 from despina.common.cuda import CudaMapper
 from despina.common.errors import ServerError, invalid_arg
 from despina.common.settings import SpeedPaths
@@ -227,12 +227,34 @@ class BackendHost:
             elif isinstance(msg, m.UnloadModel):
                 if self.on_unload is not None:
                     self.on_unload(msg)
-                for key in [k for k in self.instances if k[:2] == (msg.model, msg.version)]:
+                for key in [
+                    k
+                    for k in self.instances
+                    if k[:2] == (msg.model, msg.version)
+                    and (msg.instances is None or k[2] in msg.instances)
+                ]:
                     self.executor.unload(key)
+            elif isinstance(msg, m.Settings):  # the logging extension's, from the scheduler
+                logs.apply(msg.log)
+                # Verbose: every execution logged; otherwise no cost on the path.
+                self._start = self._start_logged if logs.verbose() else self.executor.start
             elif isinstance(msg, m.Introduce):
                 hello = self._encode(m.HostLink(self.host_id))
                 for endpoint in msg.endpoints:
                     self.replies.stream(endpoint).send([hello])
+
+    def _start_logged(self, execution: m.Execution, frames: list) -> None:
+        """``executor.start`` after a verbose line naming the requests (in place of it
+        while the log verbose level is above 0)."""
+        log.debug(
+            "execute %s:%s on instance %d (%s): %s",
+            execution.model,
+            execution.version,
+            execution.instance,
+            "direct" if execution.direct else "scheduled",
+            ", ".join(f"id '{r.request_id}'" for r in execution.requests),
+        )
+        self.executor.start(execution, frames)
 
     def _on_frontend_burst(self, link: streams.FramedProtocol, burst: list[list]) -> None:
         """Direct requests, cancels, and releases of output blocks the frontend has sent

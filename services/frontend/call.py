@@ -89,7 +89,7 @@ class InferCall(asyncio.Future):
         if self.t0:
             self._count(client)
         if self.leases:
-            client.give_back(self.leases)
+            client.release_leases(self.leases)
             self.leases = []
         body = self.body
         if body is not None:

@@ -158,6 +158,58 @@ def shm_status_any_pb(
     return shm_status_pb(record)
 
 
+# --- logging and trace settings ---------------------------------------------------------
+
+
+def log_settings_json(record: c.LogSettings) -> bytes:
+    return orjson.dumps(record.settings)
+
+
+def log_settings_pb(record: c.LogSettings) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for name, value in record.settings.items():
+        slot = response.settings[name]
+        if type(value) is bool:
+            slot.bool_param = value
+        elif type(value) is int:
+            slot.uint32_param = value
+        else:
+            slot.string_param = str(value)
+    return response
+
+
+def log_settings_update(request: pb.LogSettingsRequest) -> bytes:
+    """A gRPC ``LogSettingsRequest`` as the HTTP JSON update the scheduler reads."""
+    update: dict[str, bool | int | str] = {}
+    for name, value in request.settings.items():
+        kind = value.WhichOneof("parameter_choice")
+        update[name] = getattr(value, kind) if kind is not None else ""
+    return orjson.dumps(update)
+
+
+def trace_settings_json(record: c.TraceSettings) -> bytes:
+    """Triton's form: ``trace_level`` an array, every other setting one string."""
+    return orjson.dumps(
+        {k: v if k == "trace_level" else (v[0] if v else "") for k, v in record.settings.items()}
+    )
+
+
+def trace_settings_pb(record: c.TraceSettings) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for name, value in record.settings.items():
+        response.settings[name].value.extend(value)
+    return response
+
+
+def trace_settings_update(request: pb.TraceSettingRequest) -> bytes:
+    """A gRPC ``TraceSettingRequest`` as the HTTP JSON update: a setting with no value
+    clears it (null), as Triton reads it."""
+    update: dict[str, list[str] | None] = {
+        name: list(value.value) or None for name, value in request.settings.items()
+    }
+    return orjson.dumps(update)
+
+
 # --- statistics -------------------------------------------------------------------------
 
 

@@ -7,15 +7,21 @@ the protocol edge.
 
 from __future__ import annotations
 
+import logging
+import time
+from functools import partial
+
 import orjson
 
-from despina.common import control
+from despina.common import control, logs
+from despina.common import messages as m
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control as encode
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.inference import InferenceRequest, InferenceResult
 from despina.services.frontend.placement import BodyBlock
 from despina.services.frontend.scheduler_client import SchedulerClient
+from despina.services.frontend.trace import Tracer
 from despina.services.identity import TRITON_NAME, TRITON_VERSION
 
 # Triton's clients check the name (services/identity.py); ``--server-name`` sets another.
@@ -23,20 +29,63 @@ SERVER_NAME = TRITON_NAME
 SERVER_VERSION = TRITON_VERSION
 # The Triton protocol extensions that work today, with Triton's names, in Triton's order;
 # the list grows with each feature. Left out: sequence, schedule_policy (priority and
-# timeout parameters are not acted on), model_repository(unload_dependents),
-# trace, logging (not built yet), and cuda_shared_memory: built but never yet run on a GPU,
-# and refused (501) where no GPU or cupy is present, so a client that picks its path from
-# this list would be sent down an unproven one. model_repository is listed: the index
-# works, and load / unload are refused as Triton refuses them in model-control mode none.
+# timeout parameters are not acted on), and
+# cuda_shared_memory: built but never yet run on a GPU, and refused (501) where no GPU or
+# cupy is present, so a client that picks its path from this list would be sent down an
+# unproven one. model_repository: index, load and unload (services/scheduler/model_control.py;
+# refused as Triton refuses them outside model-control mode explicit).
 EXTENSIONS = [
     "classification",
     "model_repository",
+    "model_repository(unload_dependents)",
     "model_configuration",
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "trace",
+    "logging",
 ]
+
+
+# A load waits for the model's instances (a Python model starts processes), an unload
+# for the model's requests: longer than a query's wait (the scheduler bounds both).
+CONTROL_TIMEOUT_S = 600.0
+
+
+def repository_parameters(body: bytes) -> dict:
+    """The ``parameters`` object of a repository load / unload body (HTTP JSON:
+    ``{"parameters": {...}}``; an empty body has none). Raises INVALID_ARG."""
+    if not body:
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_arg(f"failed to parse the request JSON: {exc}") from None
+    parameters = doc.get("parameters", {}) if isinstance(doc, dict) else None
+    if not isinstance(parameters, dict):
+        raise invalid_arg("the request body must be a JSON object with a 'parameters' object")
+    return parameters
+
+
+def index_ready(body: bytes) -> bool:
+    """The ``ready`` flag of a repository index body (HTTP JSON ``{"ready": true}``).
+    Raises INVALID_ARG."""
+    if not body:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_arg(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid_arg("the repository index request must be a JSON object")
+    ready = doc.get("ready", False)
+    if type(ready) is not bool:
+        raise invalid_arg("'ready' of the repository index request must be a boolean")
+    return ready
+
+
+log = logging.getLogger("despina.frontend")
 
 
 class DataPlane:
@@ -45,6 +94,11 @@ class DataPlane:
         "triton")."""
         self.client = client
         self.metadata = control.ServerMetadata(server_name, SERVER_VERSION, EXTENSIONS)
+        # The trace extension (trace.py); the scheduler's settings arrive in _on_settings.
+        self.tracer = Tracer()
+        client.settings_listeners.append(self._on_settings)
+        if client.settings is not None:
+            self._on_settings(client.settings)
         self._server_metadata = encode.server_metadata_json(self.metadata)
 
     @staticmethod
@@ -83,9 +137,27 @@ class DataPlane:
         record = await self.client.query("statistics", model, version)
         return control.expect(record, control.Statistics)
 
-    async def repository_index(self) -> control.RepositoryIndex:
-        record = await self.client.query("repository_index")
-        return control.expect(record, control.RepositoryIndex)
+    async def repository_index(self, ready: bool = False) -> control.RepositoryIndex:
+        """Every model of the repositories; ``ready``: the READY versions only."""
+        record = control.expect(
+            await self.client.query("repository_index"), control.RepositoryIndex
+        )
+        if ready:
+            record.models = [e for e in record.models if e.state == "READY"]
+        return record
+
+    async def repository_load(self, model: str, parameters: dict) -> None:
+        """Load (or reload) ``model``; returns once it serves. ``parameters``: Triton's
+        load parameters, ``config`` (JSON text) and ``file:<version>/<name>`` (base64
+        text). Raises the scheduler's ServerError (UNSUPPORTED outside explicit mode)."""
+        body = orjson.dumps(parameters)
+        await self.client.query("repository_load", model, body=body, timeout=CONTROL_TIMEOUT_S)
+
+    async def repository_unload(self, model: str, parameters: dict) -> None:
+        """Unload ``model`` once its requests are done; ``parameters``:
+        ``unload_dependents`` (bool)."""
+        body = orjson.dumps(parameters)
+        await self.client.query("repository_unload", model, body=body, timeout=CONTROL_TIMEOUT_S)
 
     # --- inference: decode, start, encode (services/frontend/call.py) ---------------------
 
@@ -104,15 +176,67 @@ class DataPlane:
 
     async def infer(self, call: InferCall, request: InferenceRequest) -> InferenceResult:
         """``start`` and wait: for handlers that are coroutines."""
-        return await self.client.send(call, request)
+        return await self.start(call, request)
+
+    # --- logging and trace extensions (settings held by the scheduler) -------------------
+
+    async def log_settings(self, update: bytes = b"") -> control.LogSettings:
+        """The logging settings, after applying ``update`` (the HTTP JSON object; empty:
+        read only). The scheduler applies a change in every process before answering."""
+        record = await self.client.query("log_settings", body=update)
+        return control.expect(record, control.LogSettings)
+
+    async def trace_setting(self, model: str = "", update: bytes = b"") -> control.TraceSettings:
+        """``model``'s trace settings ("": the global ones), after ``update`` (the HTTP
+        JSON object, a field ``null`` clears it; empty: read only)."""
+        record = await self.client.query("trace_setting", model, body=update)
+        return control.expect(record, control.TraceSettings)
+
+    def _on_settings(self, msg: m.Settings) -> None:
+        """The scheduler's logging and trace settings: applied to this process. ``start``
+        is the plain one unless tracing or verbose logging is on (no cost otherwise)."""
+        logs.apply(msg.log)
+        self.tracer.update(msg.trace)
+        if self.tracer.active:
+            self.start = self._start_traced  # type: ignore[method-assign]
+        elif logs.verbose():
+            self.start = self._start_logged  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("start", None)
+
+    def _start_logged(self, call: InferCall, request: InferenceRequest) -> InferCall:
+        log.debug("infer %s:%s id '%s'", request.model, request.version, request.id)
+        return self.client.send(call, request)
+
+    def _start_traced(self, call: InferCall, request: InferenceRequest) -> InferCall:
+        """``start``, tracing the requests the tracer samples (trace.py)."""
+        if logs.verbose():
+            log.debug("infer %s:%s id '%s'", request.model, request.version, request.id)
+        record = self.tracer.sample(request.model)
+        if record is None:
+            return self.client.send(call, request)
+        stamps = record["timestamps"]
+        stamps.append({"name": "REQUEST_START", "ns": time.time_ns()})
+        self.client.send(call, request)
+        stamps.append({"name": "QUEUE_START", "ns": time.time_ns()})
+        call.add_done_callback(partial(self._traced, request, record))
+        return call
+
+    def _traced(self, request: InferenceRequest, record: dict, call: InferCall) -> None:
+        if call.cancelled():
+            return
+        version = request.version
+        if call.exception() is None:
+            version = call.result().version or version
+        self.tracer.finish(request.model, record, version)
 
     def body_block(self, size: int) -> BodyBlock | None:
         """Shared memory to read a large request body into, or None: the transport owns
-        it until it hands it to a ``call``, and ``drop``s it if it never does."""
+        it until it hands it to a ``call``, and ``release_body``s it if it never does."""
         return self.client.body_block(size)
 
-    def drop(self, block: BodyBlock | None) -> None:
-        self.client.drop(block)
+    def release_body(self, block: BodyBlock | None) -> None:
+        self.client.release_body(block)
 
     # --- shared memory (the registry lives in the scheduler, shared by all frontends) ----
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -104,6 +105,9 @@ class SchedulerClient:
         self._next_id = 1
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.FrontendInbound).decode
+        # Who takes the scheduler's logging and trace settings (each DataPlane).
+        self.settings_listeners: list[Callable[[m.Settings], None]] = []
+        self.settings: m.Settings | None = None  # the last received
         self._to_scheduler: SchedulerLink | None = None
         self._replies: asyncio.AbstractServer | None = None
         self._outbox: outbox.Outbox | None = None
@@ -206,7 +210,7 @@ class SchedulerClient:
                 wire.version = route.version
                 wire.reply_to = self.reply_endpoint
         except BaseException:
-            self._free_blocks(call)
+            self._release_blocks(call)
             call.reason = REJECTED
             raise
         rid = self._next_id
@@ -242,14 +246,14 @@ class SchedulerClient:
         if link is not None:
             self._outbox.put(link, _Cancel(call.rid))
 
-    def _free_blocks(self, call: InferCall) -> None:
+    def _release_blocks(self, call: InferCall) -> None:
         """Free the call's input blocks: the holder is done reading them."""
         arena = self.arena
         for key, offset in call.blocks:
             arena.release(key, offset)
         call.blocks = []
 
-    def give_back(self, leases: list) -> None:
+    def release_leases(self, leases: list) -> None:
         """The protocol has copied these outputs into its response: give the backend
         hosts' arena blocks back (one Release per host per wake)."""
         assert self._outbox is not None
@@ -257,11 +261,17 @@ class SchedulerClient:
             self._outbox.put(link, (key, offset))
 
     async def query(
-        self, kind: m.QueryKind, model: str = "", version: str = "", body: bytes = b""
+        self,
+        kind: m.QueryKind,
+        model: str = "",
+        version: str = "",
+        body: bytes = b"",
+        timeout: float = QUERY_TIMEOUT_S,
     ) -> control.Record | None:
         """The scheduler's answer to one control query: its typed record, or None for
         the kinds that return nothing. Raises its ServerError, or UNAVAILABLE when it
-        does not answer in time."""
+        does not answer within ``timeout`` seconds."""
+        log.debug("query %s '%s' version '%s'", kind, model, version)
         qid = self._next_id
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
@@ -269,7 +279,7 @@ class SchedulerClient:
         assert self._to_scheduler is not None
         self._to_scheduler.send([self._encode(m.Query(qid, kind, model, version, body))])
         try:
-            return await asyncio.wait_for(fut, QUERY_TIMEOUT_S)
+            return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise unavailable("the scheduler did not answer in time") from None
         finally:
@@ -280,13 +290,13 @@ class SchedulerClient:
     def body_block(self, size: int) -> BodyBlock | None:
         """A shared-memory block to read a large request body into (None when small);
         the transport owns it until it hands it to a call (``call(body)``), and frees one
-        it never hands on with ``drop``."""
+        it never hands on with ``release_body``."""
         if size < self.inline_threshold:
             return None
         key, offset, view = self.arena.allocate(size)
         return BodyBlock(key, offset, view[:size])
 
-    def drop(self, block: BodyBlock | None) -> None:
+    def release_body(self, block: BodyBlock | None) -> None:
         """Free a body block that no call took."""
         if block is not None and not block.taken:
             block.taken = True
@@ -362,6 +372,10 @@ class SchedulerClient:
                 self._host_links[msg.host_id] = link
             elif isinstance(msg, m.Routes):
                 self.routes.update(msg)
+            elif isinstance(msg, m.Settings):
+                self.settings = msg
+                for listener in self.settings_listeners:
+                    listener(msg)
             elif isinstance(msg, m.QueryReply):
                 fut = self._queries.get(msg.qid)
                 if fut is not None and not fut.done():
@@ -393,7 +407,7 @@ class SchedulerClient:
         if call.target is not None:
             call.target.outstanding -= 1
         if call.blocks:
-            self._free_blocks(call)
+            self._release_blocks(call)
         if reply.error is not None:
             call.reason = BACKEND if link is not None else REJECTED
             if not call.done():
@@ -434,6 +448,6 @@ class SchedulerClient:
         if call.target is not None:
             call.target.outstanding -= 1
         if call.blocks:
-            self._free_blocks(call)
+            self._release_blocks(call)
         if not call.done():
             call.set_exception(exc)

@@ -11,8 +11,6 @@ MODEL_CONTROL = (
     "model control mode 'none': every model in the repository is loaded at start)"
 )
 STATISTICS = "model statistics (the statistics extension) are not supported by Despina yet"
-TRACE = "trace settings (the trace extension) are not supported by Despina yet"
-LOGGING = "log settings (the logging extension) are not supported by Despina yet"
 
 
 def unsupported(message: str) -> ServerError:

@@ -13,8 +13,15 @@ from despina.common import streams
 from despina.common.errors import ServerError
 from despina.common.logs import setup_logging
 from despina.common.settings import SchedulerSettings
-from despina.services.flags import add_speed_paths, parse_bool
+from despina.services.flags import add_model_control_flags, add_speed_paths, parse_bool
+from despina.services.observability_flags import (
+    add_log_trace_flags,
+    log_settings_of,
+    trace_settings_of,
+)
+from despina.services.scheduler.model_control import ControlSettings
 from despina.services.scheduler.server import SchedulerServer
+from despina.services.scheduler.settings_store import SettingsStore
 
 log = logging.getLogger("despina.scheduler")
 EXIT_CONFIG = 78  # EX_CONFIG: a setting is wrong; restarting will not help
@@ -48,12 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let clients register system shared-memory regions",
     )
     add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
+    add_model_control_flags(parser)
     parser.add_argument(
         "--disable-auto-complete-config",
         action="store_true",
         help="refuse configs that leave inputs or outputs to the model file (no auto-complete)",
     )
     parser.add_argument("--log-verbose", type=int, default=0)
+    add_log_trace_flags(parser)
 
 
 async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
@@ -69,22 +78,34 @@ async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
             [Path(p) for p in args.model_repository],
             allow_client_shm=args.allow_client_shm,
             speed=settings.speed,
+            control=ControlSettings(
+                args.model_control_mode,
+                args.load_model,
+                args.repository_poll_secs,
+                args.strict_readiness,
+                args.exit_on_error,
+                args.model_load_thread_count,
+            ),
+            settings=SettingsStore(log_settings_of(args), trace_settings_of(args)),
         )
     except ServerError as exc:
         log.error("%s", exc.message)
+        return EXIT_CONFIG
+    except ValueError as exc:  # --trace-config (observability_flags.trace_settings_of)
+        log.error("%s", exc)
         return EXIT_CONFIG
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
     await server.run()
-    return 0
+    return server.model_control.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="despina scheduler", allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging("scheduler", args.log_verbose)
+    setup_logging("scheduler", args.log_verbose, log_settings_of(args))
     if args.disable_auto_complete_config:
         from despina.common import model_config
 

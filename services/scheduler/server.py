@@ -39,9 +39,11 @@ from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.dispatch import Dispatcher, FrontendId, HostStream
 from despina.services.scheduler.dynamic_batcher import DynamicBatcher
 from despina.services.scheduler.interface import ModelScheduler, Pending
+from despina.services.scheduler.model_control import ControlSettings, ModelControl
 from despina.services.scheduler.placement import Hosts, Placement
-from despina.services.scheduler.repository import Model, scan
+from despina.services.scheduler.repository import Model
 from despina.services.scheduler.routes import RoutePublisher
+from despina.services.scheduler.settings_store import SettingsStore
 from despina.services.scheduler.stats import StatsTotals
 
 log = logging.getLogger("despina.scheduler")
@@ -60,14 +62,24 @@ class SchedulerServer:
         *,
         allow_client_shm: bool = False,
         speed: SpeedPaths | None = None,
+        control: ControlSettings | None = None,
+        settings: SettingsStore | None = None,
     ) -> None:
-        """``speed``: the speed paths (direct routes, burst sends); default all on."""
+        """``speed``: the speed paths (direct routes, burst sends); default all on.
+        ``control``: model control (mode, models to load, polling); default mode none."""
+        control = control or ControlSettings()
+        # The logging and trace settings (settings_store.py), from the flags.
+        self.settings = settings or SettingsStore()
         speed = speed or SpeedPaths()
         self.endpoint = endpoint
         self.host_endpoint = host_endpoint
         self.repositories = repositories
-        self.models: dict[str, Model] = scan(repositories)
+        self.models: dict[str, Model] = {}
         self.schedulers: dict[tuple[str, str], ModelScheduler] = {}
+        # Reads the repositories into models and schedulers (model_control.py).
+        self.model_control = ModelControl(
+            repositories, control, self.models, self.schedulers, self._make_scheduler
+        )
         self.hosts: Hosts = {}
         self.regions = RegionRegistry()
         self.dispatcher = Dispatcher(self.schedulers, burst=speed.burst)
@@ -82,7 +94,14 @@ class SchedulerServer:
         self.placement = Placement(
             self.models, self.schedulers, self.hosts, self.dispatcher, self.routes
         )
-        self.control = ControlAnswers(self.models, self.regions, allow_client_shm=allow_client_shm)
+        self.model_control.attach(self.placement, self.routes, self.dispatcher, self.stop)
+        self.control = ControlAnswers(
+            self.models,
+            self.regions,
+            allow_client_shm=allow_client_shm,
+            strict_readiness=control.strict_readiness,
+            unloaded=self.model_control.unloaded_names,
+        )
         # Every frontend's and host's StatsReport added up (the statistics extension, /metrics).
         self.stats = StatsTotals(lambda: self.models, self.schedulers)
         # Bound once: called per request or per burst.
@@ -91,9 +110,6 @@ class SchedulerServer:
         self._decode_frontend = m.decoder(m.SchedulerFromFrontend).decode
         self._decode_stream = m.decoder(m.SchedulerFromFrontend | m.SchedulerFromHost).decode
         self._stopping = asyncio.Event()
-        for model in self.models.values():
-            for version in model.versions:
-                self.schedulers[(model.name, version)] = self._make_scheduler(model, version)
 
     def _make_scheduler(self, model: Model, version: str) -> ModelScheduler:
         assert model.config is not None and model.config_record is not None
@@ -119,6 +135,7 @@ class SchedulerServer:
             sock.bind(self.endpoint)
             driver = transport.SocketDriver(sock, self._on_frontend_burst)
         self.dispatcher.start(driver)
+        self.model_control.start()
         host_server = await streams.serve(
             self.host_endpoint, self._on_stream_burst, self._on_stream_lost
         )
@@ -134,6 +151,7 @@ class SchedulerServer:
             await self._stopping.wait()
         finally:
             host_server.close()
+            self.model_control.close()
             self.placement.close()
             self.dispatcher.close()
 
@@ -162,8 +180,13 @@ class SchedulerServer:
         if isinstance(msg, m.InferBatch):
             self._on_infer(identity, msg, frames, touched)
         elif isinstance(msg, m.Query):
-            if msg.kind == "statistics":
+            log.debug("query %s '%s' version '%s'", msg.kind, msg.model, msg.version)
+            if msg.kind in ("log_settings", "trace_setting"):
+                self._on_settings_query(identity, msg)
+            elif msg.kind == "statistics":
                 self.dispatcher.send_frontend(identity, self.stats.answer(msg))
+            elif msg.kind in ("repository_load", "repository_unload"):  # answered once done
+                self.model_control.request(self.dispatcher.send_frontend, identity, msg)
             else:
                 self.dispatcher.send_frontend(identity, self.control.answer(msg))
         elif isinstance(msg, m.Cancel):
@@ -173,6 +196,7 @@ class SchedulerServer:
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
             self.routes.frontend_joined(identity, msg.reply_endpoint)
+            self.dispatcher.send_frontend(identity, self.settings.message())
 
     def _on_stream_burst(self, stream: HostStream, burst: list[list]) -> None:
         """Streams carry backend hosts and, when they choose streams, frontends: the
@@ -192,10 +216,24 @@ class SchedulerServer:
                 self.dispatcher.completed(msg, touched)
             elif isinstance(msg, m.HostHello):
                 self.placement.host_joined(stream, msg, touched)
+                if stream in self.hosts:
+                    self.dispatcher.send_host(stream, self.settings.message())
             elif isinstance(msg, m.LoadResult):
                 self.placement.load_result(stream, msg, touched)
         for key in touched:
             self._dispatch(key)
+
+    def _on_settings_query(self, identity: FrontendId, q: m.Query) -> None:
+        """Answer a logging / trace settings query; a change is applied here and sent to
+        every frontend and backend host (Python instance processes included) at once."""
+        reply, changed = self.settings.answer(q)
+        if changed:  # the store applied a logging change to this process already
+            news = self.settings.message()
+            for frontend in list(self.routes.frontends.values()):
+                self.dispatcher.send_frontend(frontend, news)
+            for stream in list(self.hosts):
+                self.dispatcher.send_host(stream, news)
+        self.dispatcher.send_frontend(identity, reply)
 
     def _on_stream_lost(self, stream: HostStream) -> None:
         if not self.placement.host_lost(stream):
@@ -210,6 +248,12 @@ class SchedulerServer:
             self.routes.frontend_joined(identity, batch.reply_to)
         models = self.models
         schedulers = self.schedulers
+        if log.isEnabledFor(logging.DEBUG):  # --log-verbose: one line per burst of requests
+            log.debug(
+                "requests from %s: %s",
+                batch.reply_to,
+                ", ".join(f"{r.model} id '{r.request_id}'" for r in batch.requests),
+            )
         for req in batch.requests:
             try:
                 buffers = [

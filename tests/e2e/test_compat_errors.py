@@ -241,34 +241,39 @@ def test_load_and_unload_in_mode_none_answer_tritons_error(server):
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "feature"),
+    ("method", "path", "body", "status", "expected"),
     [
-        ("GET", "/v2/trace/setting", "trace"),
-        ("POST", "/v2/trace/setting", "trace"),
-        ("POST", "/v2/models/simple/trace/setting", "trace"),
-        ("GET", "/v2/logging", "logging"),
-        ("POST", "/v2/logging", "logging"),
+        ("GET", "/v2/trace/setting", None, 200, "trace_level"),
+        ("POST", "/v2/trace/setting", b"{}", 200, "trace_rate"),
+        ("POST", "/v2/models/simple/trace/setting", b"{}", 200, "trace_mode"),
+        ("POST", "/v2/trace/setting", b"{not json", 400, "failed to parse"),
+        ("POST", "/v2/trace/setting", b'{"trace_rate": "x"}', 400, "trace_rate"),
+        ("GET", "/v2/logging", None, 200, "log_verbose_level"),
+        ("POST", "/v2/logging", b"{}", 200, "log_format"),
+        ("POST", "/v2/logging", b"[1]", 400, "JSON object"),
+        ("POST", "/v2/logging", b'{"log_file": "x"}', 501, "can not be updated"),
     ],
 )
-def test_extensions_not_built_answer_501_in_json(server, method, path, feature):
-    """Triton's routes, Triton's UNSUPPORTED status (501), a JSON body tritonclient
-    reads; ``/v2/models/stats`` is every model's statistics, not a model named stats."""
+def test_trace_and_logging_routes_answer_in_json(server, method, path, body, status, expected):
+    """Triton's routes of the trace and logging extensions: the settings as a JSON
+    object, or the error as the JSON body tritonclient reads (a file location is
+    refused with Triton's words and UNSUPPORTED status)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
-    conn.request(method, path, body=b"{}" if method == "POST" else None)
+    conn.request(method, path, body=body)
     response = conn.getresponse()
-    status, doc = response.status, json.loads(response.read())
+    got, doc = response.status, json.loads(response.read())
     conn.close()
-    assert status == 501
-    assert (
-        f"the {feature} extension" in doc["error"]
-        and "not supported by Despina yet" in doc["error"]
-    )
+    assert got == status
+    if status == 200:
+        assert expected in doc
+    else:
+        assert expected in doc["error"]
 
 
-def test_unsupported_extension_errors_reach_tritonclient(server):
+def test_extension_errors_reach_tritonclient(server):
     client = httpclient.InferenceServerClient(server.url)
-    with pytest.raises(InferenceServerException, match="trace extension"):
-        client.get_trace_settings()
+    with pytest.raises(InferenceServerException, match="trace file location can not be"):
+        client.update_trace_settings(settings={"trace_file": "/tmp/t.json"})
     client.close()
 
 

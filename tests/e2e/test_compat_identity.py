@@ -36,6 +36,8 @@ EXTENSIONS = [
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "trace",
+    "logging",
 ]
 DESPINA_VERSION = version("despina")  # pyproject.toml's, as installed
 SERVER_HEADER = f"despina/{DESPINA_VERSION}"

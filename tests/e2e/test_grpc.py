@@ -177,10 +177,6 @@ def test_features_not_built_yet_answer_unimplemented(client):
     calls = [
         lambda: client.load_model("simple"),
         lambda: client.unload_model("simple"),
-        client.get_trace_settings,
-        lambda: client.update_trace_settings(settings={"trace_rate": "1"}),
-        client.get_log_settings,
-        lambda: client.update_log_settings({"log_verbose_level": 1}),
     ]
     for call in calls:
         with pytest.raises(InferenceServerException) as info:
@@ -191,6 +187,21 @@ def test_features_not_built_yet_answer_unimplemented(client):
         assert "not supported by Despina yet" in message or message.startswith(
             "explicit model load / unload is not allowed if polling is enabled"
         )
+    assert_still_serving(client)
+
+
+def test_trace_and_log_settings_answer_as_triton(client):
+    """The trace and logging extensions answer (tests/e2e/test_trace.py and
+    test_logging.py drive them); what they refuse ends the call, not the server."""
+    trace = client.get_trace_settings(as_json=True)["settings"]
+    assert trace["trace_level"] == {"value": ["OFF"]} and trace["trace_mode"] == {
+        "value": ["triton"]
+    }
+    logs = client.get_log_settings(as_json=True)["settings"]
+    assert logs["log_verbose_level"] == {"uint32_param": 0}
+    with pytest.raises(InferenceServerException) as info:
+        client.update_trace_settings(settings={"trace_rate": "0"})
+    assert "trace_rate" in info.value.message()
     assert_still_serving(client)
 
 

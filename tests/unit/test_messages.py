@@ -42,6 +42,8 @@ FROM_FRONTEND = [
     m.Query(qid=4, kind="server_ready"),
     m.Query(qid=5, kind="model_metadata", model="simple", version="2"),
     m.Query(qid=6, kind="repository_index"),
+    m.Query(qid=7, kind="trace_setting", model="simple", body=b'{"trace_rate": null}'),
+    m.Query(qid=8, kind="log_settings"),
     m.Cancel(reply_to="tcp://fe:8011", rids=[3, 9]),
     m.StatsReport(
         models=[
@@ -81,6 +83,12 @@ FROM_HOST = [
     ),
 ]
 
+# The logging and trace settings every frontend and host is sent (settings_store.py).
+SETTINGS = m.Settings(
+    log={"log_info": True, "log_verbose_level": 2, "log_format": "ISO8601", "log_file": ""},
+    trace={"": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["2"]}, "simple": {}},
+)
+
 FRONTEND_INBOUND = [
     m.ReplyBatch(replies=[reply(1), reply(2, m.Error("INVALID_ARG", "bad input"))]),
     m.ReplyBatch(replies=[m.InferReply(rid=3)]),
@@ -107,6 +115,7 @@ FRONTEND_INBOUND = [
     ),
     m.Routes(routes=[]),
     m.HostLink(host_id="python-add_sub-1-0-77"),
+    SETTINGS,
 ]
 
 HOST_INBOUND = [
@@ -132,6 +141,8 @@ HOST_INBOUND = [
     m.ExecuteBatch(executions=[]),
     m.Introduce(endpoints=["unix:///tmp/despina-x/frontend-0", "tcp://fe:8020"]),
     m.Cancel(reply_to="unix:///tmp/despina-x/frontend-0", rids=[]),
+    SETTINGS,
+    m.Settings(log={"log_verbose_level": 0}),
 ]
 
 SOCKETS = [

@@ -4,8 +4,8 @@ Each handler converts the protobuf request with ``converters``, calls one ``Data
 method (the same single path to the scheduler the HTTP frontend takes) and converts
 what comes back. A ``ServerError`` ends the call with the status ``GRPC_STATUS`` maps
 its code to and its message as the details, the same message the HTTP frontend sends.
-Features Despina has not built yet (statistics, model control, trace and log settings)
-answer UNIMPLEMENTED and say so.
+The trace and log settings (``TraceSetting``, ``LogSettings``) are held by the scheduler
+(services/scheduler/settings_store.py), as every other control answer.
 
 ``ModelInfer`` and ``ModelStreamInfer`` take and return message bytes (``server``
 registers them without a protobuf (de)serializer): ``converters`` parses and serializes
@@ -19,6 +19,7 @@ decoded, for the next call that repeats them).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from typing import NoReturn
 
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
-from despina.services.frontend import control, unsupported
+from despina.services.frontend import control
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
@@ -108,6 +109,20 @@ class InferenceServicer:
         except ServerError as exc:
             await _fail(context, exc)
         return control.repository_index_pb(body, request.ready)
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            await self.plane.repository_load(request.model_name, _repository_parameters(request))
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self.plane.repository_unload(request.model_name, _repository_parameters(request))
+        except ServerError as exc:
+            await _fail(context, exc)
+        return pb.RepositoryModelUnloadResponse()
 
     # --- inference ------------------------------------------------------------------------
 
@@ -314,14 +329,31 @@ class InferenceServicer:
             await _fail(context, exc)
         return control.statistics_pb(record)
 
-    async def RepositoryModelLoad(self, request, context):
-        await _unimplemented(context, unsupported.MODEL_CONTROL)
-
-    async def RepositoryModelUnload(self, request, context):
-        await _unimplemented(context, unsupported.MODEL_CONTROL)
-
     async def TraceSetting(self, request, context):
-        await _unimplemented(context, unsupported.TRACE)
+        try:
+            update = control.trace_settings_update(request) if request.settings else b""
+            record = await self.plane.trace_setting(request.model_name, update)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return control.trace_settings_pb(record)
 
     async def LogSettings(self, request, context):
-        await _unimplemented(context, unsupported.LOGGING)
+        try:
+            update = control.log_settings_update(request) if request.settings else b""
+            record = await self.plane.log_settings(update)
+        except ServerError as exc:
+            await _fail(context, exc)
+        return control.log_settings_pb(record)
+
+
+def _repository_parameters(request) -> dict:
+    """A load's or unload's ``parameters`` map as the HTTP extension's JSON spells them
+    (``DataPlane.repository_load``): file contents (``bytes_param``) as base64 text."""
+    parameters: dict = {}
+    for key, param in request.parameters.items():
+        which = param.WhichOneof("parameter_choice")
+        value = getattr(param, which) if which else None
+        if which == "bytes_param":
+            value = base64.b64encode(param.bytes_param).decode()
+        parameters[key] = value
+    return parameters

@@ -34,7 +34,7 @@ from aiohttp import web, web_protocol, web_response, web_server
 
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
-from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.dataplane import DataPlane, index_ready, repository_parameters
 from despina.services.frontend.http import codec, routes
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
@@ -215,9 +215,30 @@ def build_app(
         record = await plane.statistics(model, version)
         return web.Response(body=control.statistics_json(record), content_type=JSON)
 
-    async def repository_index(_: web.Request) -> web.Response:
-        index = await plane.repository_index()
+    async def repository_index(request: web.Request) -> web.Response:
+        index = await plane.repository_index(index_ready(await request.read()))
         return web.Response(body=control.repository_index_json(index), content_type=JSON)
+
+    async def repository_load(request: web.Request, model: str) -> web.StreamResponse:
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
+        await plane.repository_load(model, repository_parameters(await request.read()))
+        return web.Response(status=200)
+
+    async def repository_unload(request: web.Request, model: str) -> web.Response:
+        await plane.repository_unload(model, repository_parameters(await request.read()))
+        return web.Response(status=200)
+
+    async def logging_settings(request: web.Request) -> web.Response:
+        update = (await request.read() or b"{}") if request.method == "POST" else b""
+        record = await plane.log_settings(update)
+        return web.Response(body=control.log_settings_json(record), content_type=JSON)
+
+    async def trace_setting(request: web.Request, model: str) -> web.Response:
+        update = (await request.read() or b"{}") if request.method == "POST" else b""
+        record = await plane.trace_setting(model, update)
+        return web.Response(body=control.trace_settings_json(record), content_type=JSON)
 
     async def refuse(_: web.Request, message: str) -> web.Response:
         raise unsupported(message)
@@ -281,7 +302,7 @@ def build_app(
             )
         finally:
             pending[0] -= reserved
-            plane.drop(block)
+            plane.release_body(block)
 
     async def shm_status(_: web.Request, cuda: bool, name: str) -> web.Response:
         status = await plane.shm_status(cuda, name)
@@ -314,9 +335,13 @@ def build_app(
         routes.INFER: infer,
         routes.REPOSITORY_INDEX: repository_index,
         routes.STATISTICS: statistics,
+        routes.REPOSITORY_LOAD: repository_load,
+        routes.REPOSITORY_UNLOAD: repository_unload,
         routes.SHM_STATUS: shm_status,
         routes.SHM_REGISTER: shm_register,
         routes.SHM_UNREGISTER: shm_unregister,
+        routes.LOGGING: logging_settings,
+        routes.TRACE_SETTING: trace_setting,
         routes.UNSUPPORTED: refuse,
     }
     guards = {

@@ -367,7 +367,7 @@ class _Connection(asyncio.Protocol):
             self._abandon(self.current)
             self.current = None
         for req in self.queue:
-            plane.drop(req.block)
+            plane.release_body(req.block)
         self.queue.clear()
         self._wake_drained()
 
@@ -421,7 +421,7 @@ class _Connection(asyncio.Protocol):
 
     def _abandon(self, req: _Request) -> None:
         """Free what a request that will not be handled holds: its block, its budget."""
-        self.plane.drop(req.block)
+        self.plane.release_body(req.block)
         req.block = None
         if req.reserved:
             self.server.pending_body_bytes -= req.reserved
@@ -775,7 +775,7 @@ class _Connection(asyncio.Protocol):
 
     def _close_after(self, transport: asyncio.Transport) -> None:
         for queued in self.queue:
-            self.plane.drop(queued.block)
+            self.plane.release_body(queued.block)
         self.queue.clear()
         self.broken = True  # read nothing more
         if self.linger and transport.can_write_eof():

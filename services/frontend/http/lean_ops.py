@@ -16,7 +16,7 @@ import orjson
 from despina.common.errors import invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.call import InferCall
-from despina.services.frontend.dataplane import DataPlane
+from despina.services.frontend.dataplane import DataPlane, index_ready, repository_parameters
 from despina.services.frontend.http import codec, routes
 from despina.services.frontend.inference import (
     InferenceRequest,
@@ -81,12 +81,50 @@ def _model_config(conn: _Connection, req: _Request, model: str, version: str) ->
     )
 
 
+async def _repository_index_call(plane: DataPlane, body: bytes) -> Any:
+    return await plane.repository_index(index_ready(body))
+
+
 def _statistics(conn: _Connection, req: _Request, model: str, version: str) -> Awaitable:
     return _answer_json(conn, req, conn.plane.statistics(model, version), control.statistics_json)
 
 
 def _repository_index(conn: _Connection, req: _Request) -> Awaitable:
-    return _answer_json(conn, req, conn.plane.repository_index(), control.repository_index_json)
+    return _answer_json(
+        conn, req, _repository_index_call(conn.plane, req.body), control.repository_index_json
+    )
+
+
+async def _repository_control(
+    act: Callable[[str, dict], Awaitable[None]], model: str, body: bytes
+) -> None:
+    await act(model, repository_parameters(body))
+
+
+def _repository_load(conn: _Connection, req: _Request, model: str) -> Awaitable:
+    return _answer_empty(
+        conn, req, _repository_control(conn.plane.repository_load, model, req.body)
+    )
+
+
+def _repository_unload(conn: _Connection, req: _Request, model: str) -> Awaitable:
+    return _answer_empty(
+        conn, req, _repository_control(conn.plane.repository_unload, model, req.body)
+    )
+
+
+def _logging(conn: _Connection, req: _Request) -> Awaitable:
+    """GET reads the logging settings, POST updates them (every process, at once)."""
+    update = (req.body or b"{}") if req.method == b"POST" else b""
+    return _answer_json(conn, req, conn.plane.log_settings(update), control.log_settings_json)
+
+
+def _trace_setting(conn: _Connection, req: _Request, model: str) -> Awaitable:
+    """GET reads a model's (or the global) trace settings, POST updates them."""
+    update = (req.body or b"{}") if req.method == b"POST" else b""
+    return _answer_json(
+        conn, req, conn.plane.trace_setting(model, update), control.trace_settings_json
+    )
 
 
 def _unsupported(conn: _Connection, req: _Request, message: str) -> None:
@@ -232,9 +270,13 @@ _HANDLERS: dict[str, Callable] = {
     routes.INFER: infer,
     routes.REPOSITORY_INDEX: _repository_index,
     routes.STATISTICS: _statistics,
+    routes.REPOSITORY_LOAD: _repository_load,
+    routes.REPOSITORY_UNLOAD: _repository_unload,
     routes.SHM_STATUS: _shm_status,
     routes.SHM_REGISTER: _shm_register,
     routes.SHM_UNREGISTER: _shm_unregister,
+    routes.LOGGING: _logging,
+    routes.TRACE_SETTING: _trace_setting,
     routes.UNSUPPORTED: _unsupported,
 }
 

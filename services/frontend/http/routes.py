@@ -12,7 +12,6 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 from despina.services.frontend.http import codec
-from despina.services.frontend.unsupported import LOGGING, MODEL_CONTROL, TRACE
 
 # The operations. Handlers take the ``args`` of their ``Match``:
 LIVE = "live"  # ()
@@ -23,9 +22,13 @@ MODEL_READY = "model_ready"  # (model, version)
 MODEL_CONFIG = "model_config"  # (model, version)
 INFER = "infer"  # (model, version)
 REPOSITORY_INDEX = "repository_index"  # ()
+REPOSITORY_LOAD = "repository_load"  # (model)
+REPOSITORY_UNLOAD = "repository_unload"  # (model)
 SHM_STATUS = "shm_status"  # (cuda, region name or "")
 SHM_REGISTER = "shm_register"  # (cuda, region name)
 SHM_UNREGISTER = "shm_unregister"  # (cuda, region name or "": every region)
+TRACE_SETTING = "trace_setting"  # (model or "": the global settings); GET reads, POST updates
+LOGGING = "logging"  # (); GET reads, POST updates
 STATISTICS = "statistics"  # (model or "": every model, version or "")
 UNSUPPORTED = "unsupported"  # (message): an extension not built yet, Triton's 501
 
@@ -77,10 +80,12 @@ def match(method: bytes | str, path: bytes | str) -> Match | Miss:
     match segments[2:]:
         case ["models", "stats"]:
             found = Match(STATISTICS, ("", ""))
-        case ["trace", "setting"] | ["models", _, "trace", "setting"]:
-            found, methods = Match(UNSUPPORTED, (TRACE,)), _GET_POST
+        case ["trace", "setting"]:
+            found, methods = Match(TRACE_SETTING, ("",)), _GET_POST
+        case ["models", model, "trace", "setting"] if model:
+            found, methods = Match(TRACE_SETTING, (_segment(model),)), _GET_POST
         case ["logging"]:
-            found, methods = Match(UNSUPPORTED, (LOGGING,)), _GET_POST
+            found, methods = Match(LOGGING, ()), _GET_POST
         case ["models", model, *rest] if model:
             model = _segment(model)
             version = ""
@@ -106,8 +111,10 @@ def match(method: bytes | str, path: bytes | str) -> Match | Miss:
             found = Match(SERVER_METADATA, ())
         case ["repository", "index"]:
             found, methods = Match(REPOSITORY_INDEX, ()), _POST
-        case ["repository", "models", model, "load" | "unload"] if model:
-            found, methods = Match(UNSUPPORTED, (MODEL_CONTROL,)), _POST
+        case ["repository", "models", model, "load"] if model:
+            found, methods = Match(REPOSITORY_LOAD, (_segment(model),)), _POST
+        case ["repository", "models", model, "unload"] if model:
+            found, methods = Match(REPOSITORY_UNLOAD, (_segment(model),)), _POST
         case [root, *rest] if root in _SHM_ROOTS:
             cuda = _SHM_ROOTS[root]
             match rest:

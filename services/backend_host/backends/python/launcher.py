@@ -43,8 +43,8 @@ from typing import Any
 
 import msgspec
 
+from despina.common import logs, streams
 from despina.common import messages as m
-from despina.common import streams
 from despina.common.errors import Code, ServerError
 from despina.common.process import call_forked, die_with_parent, release_free_memory
 from despina.common.shm.arena import remove_segments_of
@@ -370,6 +370,8 @@ class PythonLauncher:
                 self.load(msg, next(instances))
             elif isinstance(msg, m.UnloadModel):
                 self.unload(msg)
+            elif isinstance(msg, m.Settings):  # the logging extension's, from the scheduler
+                logs.apply(msg.log)
 
     # --- instances ---------------------------------------------------------------------
 
@@ -418,6 +420,7 @@ class PythonLauncher:
             c
             for c in self.children
             if (c.spec.model_name, c.spec.version) == (msg.model, msg.version)
+            and (msg.instances is None or c.spec.instance_index in msg.instances)
         ]:
             child.wanted = False
             self._terminate(child)
