@@ -209,7 +209,7 @@ async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
         if metrics_server is None:
             client.close()
             return EXIT_CONFIG
-    plane = DataPlane(client, args.server_name)
+    plane = DataPlane(client, args.server_name, args.allow_metrics)
     http_server: HttpServer | None = None
     grpc_server = None
     if args.allow_http:

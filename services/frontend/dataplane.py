@@ -89,11 +89,15 @@ log = logging.getLogger("despina.frontend")
 
 
 class DataPlane:
-    def __init__(self, client: SchedulerClient, server_name: str = SERVER_NAME) -> None:
+    def __init__(
+        self, client: SchedulerClient, server_name: str = SERVER_NAME, statistics: bool = True
+    ) -> None:
         """``server_name``: the name the server metadata gives (Triton's clients expect
-        "triton")."""
+        "triton"); ``statistics``: whether statistics are counted (--allow-metrics), else
+        the extension is not listed."""
         self.client = client
-        self.metadata = control.ServerMetadata(server_name, SERVER_VERSION, EXTENSIONS)
+        extensions = [e for e in EXTENSIONS if statistics or e != "statistics"]
+        self.metadata = control.ServerMetadata(server_name, SERVER_VERSION, extensions)
         # The trace extension (trace.py); the scheduler's settings arrive in _on_settings.
         self.tracer = Tracer()
         client.settings_listeners.append(self._on_settings)

@@ -30,7 +30,7 @@ from despina.common import messages as m
 from despina.common import streams
 from despina.common.batching import batch_rules
 from despina.common.errors import ServerError, not_found, unavailable
-from despina.common.settings import SpeedPaths
+from despina.common.settings import ProcessSettings, SpeedPaths
 from despina.common.shm.regions import RegionRegistry
 from despina.common.validate import check_request
 from despina.services.scheduler import validate
@@ -103,7 +103,9 @@ class SchedulerServer:
             unloaded=self.model_control.unloaded_names,
         )
         # Every frontend's and host's StatsReport added up (the statistics extension, /metrics).
-        self.stats = StatsTotals(lambda: self.models, self.schedulers)
+        self.stats = StatsTotals(
+            lambda: self.models, self.schedulers, ProcessSettings.from_environ().statistics
+        )
         # Bound once: called per request or per burst.
         self._dispatch = self.dispatcher.dispatch
         self._reply_error = self.dispatcher.reply_error

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from despina.common import control as c
 from despina.common import messages as m
 from despina.common import stats
-from despina.common.errors import ServerError, not_found
+from despina.common.errors import Code, ServerError, not_found
 from despina.services.scheduler import validate
 from despina.services.scheduler.interface import ModelScheduler
 from despina.services.scheduler.repository import Model, State
@@ -31,9 +31,13 @@ class StatsTotals:
         self,
         models: Callable[[], dict[str, Model]],
         schedulers: dict[tuple[str, str], ModelScheduler],
+        counting: bool = True,
     ) -> None:
+        """``counting``: whether the processes count (--allow-metrics); when they do not,
+        a statistics query is refused rather than answered with zeros."""
         self._models = models
         self._schedulers = schedulers
+        self.counting = counting
         self.totals: dict[tuple[str, str], c.ModelStatistics] = {}
 
     def report(self, msg: m.StatsReport) -> None:
@@ -60,6 +64,12 @@ class StatsTotals:
         version; a model (and version, "" for all of its ready ones) that is not there is
         the error a metadata query would get."""
         try:
+            if not self.counting:
+                raise ServerError(
+                    Code.UNSUPPORTED,
+                    "statistics are not counted on this server: start it with "
+                    "--allow-metrics=true (docs/observability.md)",
+                )
             record = self._statistics(q.model, q.version)
         except ServerError as exc:
             return m.QueryReply(q.qid, b"", m.Error(exc.code.value, exc.message))

@@ -70,7 +70,7 @@ def stats_server(request, tmp_path_factory, generator):
     srv = DespinaServer(
         root,
         tmp_path_factory.mktemp("logs") / "serve.log",
-        ["--frontends", "2", *request.param],
+        ["--frontends", "2", "--allow-metrics=true", *request.param],
     ).start()
     yield srv
     srv.stop()

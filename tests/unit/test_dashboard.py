@@ -120,7 +120,9 @@ def metrics_text(tmp_path_factory) -> str:
         shutil.copytree(SHIPPED_REPOSITORY / model, root / model)
     port = free_port()
     srv = DespinaServer(
-        root, tmp_path_factory.mktemp("logs") / "serve.log", [f"--metrics-port={port}"]
+        root,
+        tmp_path_factory.mktemp("logs") / "serve.log",
+        [f"--metrics-port={port}", "--allow-metrics=true"],
     ).start()
     try:
         client = httpclient.InferenceServerClient(srv.url)
