@@ -22,7 +22,8 @@ HTTP_TRANSPORT_ENV = "DESPINA_HTTP_TRANSPORT"
 GRPC_TRANSPORT_ENV = "DESPINA_GRPC_TRANSPORT"
 SHM_DIR_ENV = "DESPINA_SHM_DIR"
 MAX_MESSAGE_BYTES_ENV = "DESPINA_MAX_MESSAGE_BYTES"
-STATISTICS_ENV = "DESPINA_STATISTICS"  # off: no process counts (serve --allow-metrics=false)
+# on: every process counts (serve --allow-metrics=true sets it); unset or off: none does
+STATISTICS_ENV = "DESPINA_STATISTICS"
 
 # How long a lightly loaded process polls before it sleeps (common/busypoll.py): at
 # concurrency 1 the next message comes within a few hundred µs here.
@@ -127,7 +128,8 @@ class ProcessSettings:
     shm_dir: str = SHM_DIR
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Whether the process counts statistics (common/stats.py): ``DESPINA_STATISTICS``,
-    # which serve sets off under --allow-metrics=false.
+    # which serve sets on under --allow-metrics=true (off by default: no variable is
+    # added to the processes' environment, which Python models see).
     statistics: bool = True
 
     @classmethod
@@ -142,7 +144,7 @@ class ProcessSettings:
             ) from None
         if size <= 0:
             raise ValueError(f"{MAX_MESSAGE_BYTES_ENV} must be above 0, got '{raw}'")
-        statistics = parse_switch(environ.get(STATISTICS_ENV) or "on", STATISTICS_ENV)
+        statistics = parse_switch(environ.get(STATISTICS_ENV) or "off", STATISTICS_ENV)
         return cls(environ.get(SHM_DIR_ENV) or SHM_DIR, size, statistics)
 
     def apply(self) -> None:

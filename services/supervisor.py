@@ -95,8 +95,8 @@ class Supervisor:
 
     def plan(self) -> None:
         args = self.args
-        if not args.allow_metrics:  # no process counts (children inherit the environment)
-            os.environ[STATISTICS_ENV] = "off"
+        if args.allow_metrics:  # every process counts (children inherit the environment)
+            os.environ[STATISTICS_ENV] = "on"
         py = [sys.executable, "-m"]
         # The logging and trace flags: every service logs and traces as told from the start.
         verbose = ["--log-verbose", str(args.log_verbose), *log_trace_argv(args)]
