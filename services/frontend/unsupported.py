@@ -10,7 +10,6 @@ MODEL_CONTROL = (
     "explicit model load / unload is not allowed if polling is enabled (Despina runs in "
     "model control mode 'none': every model in the repository is loaded at start)"
 )
-STATISTICS = "model statistics (the statistics extension) are not supported by Despina yet"
 
 
 def unsupported(message: str) -> ServerError:
