@@ -235,19 +235,37 @@ done
 echo "[compose-test] the scheduler logged $joined onnxruntime host(s) joining"
 [ "$joined" -ge 2 ] || { docker logs --tail 20 "$scheduler"; exit 1; }
 "$PY" deploy/compose_check.py serve --timeout 60
-serving=() standby=()
-for c in "${onnx[@]}"; do
-    if docker logs "$c" 2>&1 | grep -q "loaded 'simple'"; then serving+=("$c"); else standby+=("$c"); fi
+# A host's log line may reach `docker logs` a moment after the request it served: look
+# again for up to 30 s before concluding that no host loaded the model.
+for _ in $(seq 60); do
+    serving=() standby=()
+    for c in "${onnx[@]}"; do
+        if docker logs "$c" 2>&1 | grep -q "loaded 'simple'"; then
+            serving+=("$c")
+        else
+            standby+=("$c")
+        fi
+    done
+    [ "${#serving[@]}" -ge 1 ] && break; sleep 0.5
 done
 echo "[compose-test] onnxruntime hosts: ${#serving[@]} serving simple, ${#standby[@]} standby" \
     "(a model has one instance: placement puts it on one host, the other waits)"
-[ "${#serving[@]}" -ge 1 ] || { echo "no onnxruntime host loaded simple"; exit 1; }
+if [ "${#serving[@]}" -lt 1 ]; then
+    echo "no onnxruntime host loaded simple; their logs and the scheduler's:"
+    for c in "${onnx[@]}"; do docker logs --tail 15 "$c" 2>&1 | sed "s/^/[${c:0:12}] /"; done
+    docker logs --tail 25 "$scheduler" 2>&1 | sed "s/^/[scheduler] /"
+    exit 1
+fi
 
 step "stopping the serving onnxruntime host ${serving[0]:0:12}"
 docker stop -t 5 "${serving[0]}" >/dev/null
 "$PY" deploy/compose_check.py wait --timeout 90
 survivor=$(printf '%s\n' "${onnx[@]}" | grep -v "${serving[0]}" | head -1)
-docker logs "$survivor" 2>&1 | grep -q "loaded 'simple'" \
-    || { echo "the other host ${survivor:0:12} did not load simple"; exit 1; }
+took_over=0
+for _ in $(seq 60); do
+    if docker logs "$survivor" 2>&1 | grep -q "loaded 'simple'"; then took_over=1; break; fi
+    sleep 0.5
+done
+[ "$took_over" = 1 ] || { echo "the other host ${survivor:0:12} did not load simple"; exit 1; }
 echo "[compose-test] host ${survivor:0:12} took over simple"
 "$PY" deploy/compose_check.py serve --timeout 60
