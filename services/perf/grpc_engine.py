@@ -41,6 +41,8 @@ from time import perf_counter_ns
 
 import numpy as np
 
+from despina.services.perf.report import combine_workers
+
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 _CHANNEL_OPTIONS = [
@@ -465,18 +467,4 @@ def run_aio(
     for res in results:
         if "fatal" in res:
             raise GrpcSetupError(res["fatal"])
-    latencies = np.concatenate([np.frombuffer(r["latencies"], dtype=np.int64) for r in results])
-    first = [r["first_error"] for r in results if r["first_error"]]
-    return {
-        "requests": int(latencies.size),
-        "window_s": sum(r["window_ns"] for r in results) / len(results) / 1e9,
-        "infer_per_s": sum(len(r["latencies"]) / 8 / (r["window_ns"] / 1e9) for r in results),
-        "latency_ns": latencies,
-        "errors": sum(r["errors"] for r in results),
-        "warmup_errors": sum(r["warmup_errors"] for r in results),
-        "first_error": first[0] if first else None,
-        "client_cpu_user_s": sum(r["cpu_user_s"] for r in results),
-        "client_cpu_sys_s": sum(r["cpu_sys_s"] for r in results),
-        "server_cpu_s": (server1 - server0) if server_pids else None,
-        "unsent": sum(r["unsent"] for r in results),
-    }
+    return combine_workers(results, (server1 - server0) if server_pids else None)

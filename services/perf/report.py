@@ -42,6 +42,27 @@ CSV_FIELDS = (
 )
 
 
+def combine_workers(results: list[dict], server_cpu_s: float | None) -> dict:
+    """One run's record from its worker processes' results (each: ``latencies`` as int64
+    bytes, its window, errors, CPU, unsent requests); ``server_cpu_s``: the server's CPU
+    over the window, None when not measured. Both engines' workers report this shape."""
+    latencies = np.concatenate([np.frombuffer(r["latencies"], dtype=np.int64) for r in results])
+    first_errors = [r["first_error"] for r in results if r["first_error"]]
+    return {
+        "requests": int(latencies.size),
+        "window_s": sum(r["window_ns"] for r in results) / len(results) / 1e9,
+        "infer_per_s": sum(len(r["latencies"]) / 8 / (r["window_ns"] / 1e9) for r in results),
+        "latency_ns": latencies,
+        "errors": sum(r["errors"] for r in results),
+        "warmup_errors": sum(r["warmup_errors"] for r in results),
+        "first_error": first_errors[0] if first_errors else None,
+        "client_cpu_user_s": sum(r["cpu_user_s"] for r in results),
+        "client_cpu_sys_s": sum(r["cpu_sys_s"] for r in results),
+        "server_cpu_s": server_cpu_s,
+        "unsent": sum(r["unsent"] for r in results),
+    }
+
+
 def summarize(
     raw: dict,
     protocol: str,
