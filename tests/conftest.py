@@ -4,6 +4,7 @@ them (process group killed, runtime folders and /dev/shm segments removed)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -234,6 +235,17 @@ class DespinaServer:
             pass
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def scheduler_frozen(server: DespinaServer):
+    """The server's scheduler process stopped (SIGSTOP) for the block, then continued."""
+    [pid] = server.child_pids("despina.services.scheduler")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def serve_refused(repository: Path, *flags: str) -> tuple[subprocess.CompletedProcess, int]:

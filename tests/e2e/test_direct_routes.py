@@ -6,10 +6,7 @@ server runs with ``--direct-routes=false``."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer, needs_speed_path
+from conftest import SHIPPED_REPOSITORY, DespinaServer, needs_speed_path, scheduler_frozen
 
 
 def _copy_simple(root, name: str, extra: str) -> None:
@@ -53,16 +50,6 @@ def scheduled_server(tmp_path_factory):
     ).start()
     yield srv
     srv.stop()
-
-
-@contextlib.contextmanager
-def scheduler_frozen(server: DespinaServer):
-    [pid] = server.child_pids("despina.services.scheduler")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 A = np.arange(16, dtype=np.int32).reshape(1, 16)

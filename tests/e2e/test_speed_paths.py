@@ -6,17 +6,14 @@ scheduler (answered only once it runs again)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer
+from conftest import SHIPPED_REPOSITORY, DespinaServer, scheduler_frozen
 
 ALL_OFF = (
     "speed paths on: none; off: request memo, burst sends, busy polling, loop execution, "
@@ -35,16 +32,6 @@ def plain_server(tmp_path_factory):
     ).start()
     yield srv
     srv.stop()
-
-
-@contextlib.contextmanager
-def scheduler_frozen(server: DespinaServer):
-    [pid] = server.child_pids("despina.services.scheduler")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def simple_inputs(module, a: np.ndarray, b: np.ndarray, binary: bool = True) -> list:
