@@ -12,7 +12,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from despina.common.settings import BUSY_POLL_US, SPEED_PATHS_ENV
+from despina.common.settings import BUSY_POLL_US, SPEED_PATHS_ENV, parse_switch
 from despina.services.frontend.inference import compile_forward_pattern
 from despina.services.frontend.restricted import parse as parse_restrictions
 
@@ -20,12 +20,11 @@ log = logging.getLogger("despina")
 
 
 def parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+    """tritonserver's boolean flag values (settings.parse_switch's spellings)."""
+    try:
+        return parse_switch(value, "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'") from None
 
 
 # Accepted for compatibility; not acted on yet. Value-taking unless listed in _BOOLEAN.

@@ -20,15 +20,7 @@ from __future__ import annotations
 import argparse
 
 from despina.common import logs
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+from despina.services.flags import parse_bool
 
 
 def add_log_trace_flags(group: argparse._ActionsContainer) -> None:
@@ -36,7 +28,7 @@ def add_log_trace_flags(group: argparse._ActionsContainer) -> None:
     for name in ("info", "warning", "error"):
         group.add_argument(
             f"--log-{name}",
-            type=_bool,
+            type=parse_bool,
             nargs="?",
             const=True,
             default=True,
