@@ -98,6 +98,10 @@ class Infer(msgspec.Struct, array_like=True):
     output_targets: dict[str, TensorRef] = {}
     # Outputs to return as their top-k classes (Triton's classification extension).
     classification: dict[str, int] = {}
+    # A traced request only (services/frontend/trace.py): the trace timestamps taken on
+    # the way, (name, wall-clock ns) in order; the scheduler adds QUEUE_START, the backend
+    # host its QUEUE_START (direct routes) and COMPUTE_*, and the reply brings them back.
+    trace: list[tuple[str, int]] | None = None
 
 
 class InferReply(msgspec.Struct, array_like=True):
@@ -106,6 +110,7 @@ class InferReply(msgspec.Struct, array_like=True):
     version: str = ""
     outputs: list[Tensor] = []
     error: Error | None = None
+    trace: list[tuple[str, int]] | None = None  # the request's ``Infer.trace``, stamped
 
 
 # --- frontend <-> scheduler -------------------------------------------------------------

@@ -10,9 +10,12 @@ settings the logging extension (common/logs.py) and the trace extension
   --trace-file, --trace-level (repeatable), --trace-rate, --trace-count,
   --trace-log-frequency.
 
-``--trace-config mode=opentelemetry`` (and any ``opentelemetry,`` setting) stops the
-server at start: Despina does not export OpenTelemetry spans yet, and a server that
-silently exported nothing would lose what the operator asked for (fail closed).
+``--trace-config mode=opentelemetry`` exports traces as OpenTelemetry spans
+(services/frontend/otel.py) to ``--trace-config opentelemetry,url=...`` (with
+``resource=``, ``bsp_max_queue_size=``, ``bsp_schedule_delay=``,
+``bsp_max_export_batch_size=``). Without the optional packages (the ``otel`` extra) the
+server refuses to start in that mode: a server that silently exported nothing would lose
+what the operator asked for (fail closed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 
 from despina.common import logs
 from despina.services.flags import parse_bool
+from despina.services.frontend import otel
 
 
 def add_log_trace_flags(group: argparse._ActionsContainer) -> None:
@@ -107,12 +111,16 @@ def trace_settings_of(args: argparse.Namespace) -> dict[str, list[str]]:
         key, eq, value = setting.partition("=")
         if not eq or not key:
             raise ValueError(f"--trace-config {item}: expecting [mode,]setting=value")
-        if mode == "opentelemetry" or (not mode and key == "mode" and value != "triton"):
-            raise ValueError(
-                f"--trace-config {item}: OpenTelemetry trace export is not supported by "
-                "Despina yet: refusing to start rather than trace nothing; use Triton's "
-                "trace mode (--trace-config triton,file=PATH)"
-            )
+        if not mode and key == "mode":
+            found["trace_mode"] = [_trace_mode(item, value)]
+            continue
+        if mode == "opentelemetry":
+            if key not in otel.SETTINGS:
+                raise ValueError(
+                    f"--trace-config {item}: unknown OpenTelemetry setting; expecting one "
+                    f"of {', '.join(otel.SETTINGS)}"
+                )
+            continue  # otel_settings_of reads them
         if mode == "triton" and key in _TRITON_KEYS:
             found[_TRITON_KEYS[key]] = [value]
         elif not mode and key in _GLOBAL_KEYS:
@@ -121,10 +129,36 @@ def trace_settings_of(args: argparse.Namespace) -> dict[str, list[str]]:
                 found["trace_level"] = levels
             else:
                 found[_GLOBAL_KEYS[key]] = [value]
-        elif not mode and key == "mode":
-            continue
         else:
             raise ValueError(f"--trace-config {item}: unknown trace setting")
+    return found
+
+
+def _trace_mode(item: str, value: str) -> str:
+    """``mode=``'s value, checked: opentelemetry needs its packages here."""
+    if value not in ("triton", "opentelemetry"):
+        raise ValueError(f"--trace-config {item}: the mode is triton or opentelemetry")
+    absent = otel.missing() if value == "opentelemetry" else []
+    if absent:
+        raise ValueError(
+            f"--trace-config {item}: OpenTelemetry trace export needs the Python "
+            f"package(s) {', '.join(absent)} (pip install 'despina[otel]'): refusing to "
+            "start rather than trace nothing; or use Triton's trace mode "
+            "(--trace-config triton,file=PATH)"
+        )
+    return value
+
+
+def otel_settings_of(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The ``--trace-config opentelemetry,<setting>=<value>`` settings by name (a
+    repeated one keeps every value, in order: ``resource``); checked by
+    ``trace_settings_of``."""
+    found: dict[str, list[str]] = {}
+    for item in args.trace_config:
+        mode, _, setting = item.rpartition(",")
+        key, _, value = setting.partition("=")
+        if mode == "opentelemetry":
+            found.setdefault(key, []).append(value)
     return found
 
 

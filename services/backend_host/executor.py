@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from despina.common import dtypes
+from despina.common import dtypes, trace_stamps
 from despina.common import messages as m
 from despina.common.batching import Batcher, batch_rules, batch_size
 from despina.common.cuda import CudaMapper
@@ -168,6 +168,9 @@ class Executor:
         self._launched: dict[int, tuple[float, float, float]] = {}
         # Executions answered since the statistics' last flush, with their times.
         self._uncounted: list[tuple] = []
+        # Some trace level is on (the scheduler's Settings): traced requests get their
+        # QUEUE_START (direct routes) and COMPUTE_* stamps (common/trace_stamps.py).
+        self.tracing = False
 
     # --- instances ----------------------------------------------------------------------
 
@@ -255,6 +258,8 @@ class Executor:
                 ),
             )
             return
+        if self.tracing and execution.direct:
+            trace_stamps.stamp(execution.requests, "QUEUE_START")
         mixed = False
         t0 = time.monotonic() if self.stats is not None else 0.0
         try:
@@ -327,6 +332,8 @@ class Executor:
         thread; a slow one on the loop waits for the next loop iteration (YIELD_ABOVE_S).
         ``batched``: the instance whose batcher formed it (pumped after). ``mixed``:
         some of ``requests`` are already answered (an ``ExecResponse``, not run)."""
+        if self.tracing:
+            trace_stamps.stamp(execution.requests, "COMPUTE_START")
         inline = li.executor is None or (not self.inflight and li.cost_s < self._inline_below)
         self.inflight += 1
         if inline and li.cost_s < YIELD_ABOVE_S and not self._deferred:
@@ -385,6 +392,8 @@ class Executor:
             self.inflight -= 1
             if self._backlog:
                 self._backlog.pop(id(execution), None)
+            if self.tracing:
+                trace_stamps.computed(execution.requests, ran)
         if self.stats is not None and ran is not None:
             self._count(execution, responses, ran)
             return self._after_answer(execution, batched)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from despina.common import logs, streams
+from despina.common import logs, streams, trace_stamps
 from despina.common import messages as m
 from despina.common.cuda import CudaMapper
 from despina.common.errors import ServerError, invalid_arg
@@ -236,6 +236,7 @@ class BackendHost:
                     self.executor.unload(key)
             elif isinstance(msg, m.Settings):  # the logging extension's, from the scheduler
                 logs.apply(msg.log)
+                self.executor.tracing = trace_stamps.tracing(msg.trace)
                 # Verbose: every execution logged; otherwise no cost on the path.
                 self._start = self._start_logged if logs.verbose() else self.executor.start
             elif isinstance(msg, m.Introduce):

@@ -197,7 +197,7 @@ def _shares_shm(endpoint: str) -> bool:
 
 
 def error_reply(req: m.Infer, code: str, message: str) -> tuple[m.InferReply, list]:
-    return m.InferReply(req.rid, req.model, req.version, [], m.Error(code, message)), []
+    return m.InferReply(req.rid, req.model, req.version, [], m.Error(code, message), req.trace), []
 
 
 def encode_response(
@@ -272,4 +272,4 @@ def encode_response(
             return error_reply(req, exc.code.value, exc.message)
         log.error("encoding the reply to %d failed:\n%s", req.rid, traceback.format_exc())
         return error_reply(req, Code.INTERNAL.value, f"{type(exc).__name__}: {exc}")
-    return m.InferReply(req.rid, req.model, req.version, tensors), buffers
+    return m.InferReply(req.rid, req.model, req.version, tensors, None, req.trace), buffers

@@ -39,7 +39,11 @@ from despina.services.frontend.restricted import Restrictions
 from despina.services.frontend.restricted import parse as parse_restrictions
 from despina.services.frontend.scheduler_client import SchedulerClient
 from despina.services.identity import add_server_name
-from despina.services.observability_flags import add_log_trace_flags, log_settings_of
+from despina.services.observability_flags import (
+    add_log_trace_flags,
+    log_settings_of,
+    otel_settings_of,
+)
 
 log = logging.getLogger("despina.frontend")
 
@@ -210,6 +214,7 @@ async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
             client.close()
             return EXIT_CONFIG
     plane = DataPlane(client, args.server_name, args.allow_metrics)
+    plane.tracer.otel_settings = otel_settings_of(args)  # --trace-config opentelemetry,...
     http_server: HttpServer | None = None
     grpc_server = None
     if args.allow_http:

@@ -56,6 +56,7 @@ class InferCall(asyncio.Future):
         "t_sent",
         "t_reply",
         "reason",
+        "trace",
     )
 
     def __init__(self, client: SchedulerClient, body: BodyBlock | None = None) -> None:
@@ -73,6 +74,9 @@ class InferCall(asyncio.Future):
         self.t0 = time.monotonic() if client.stats is not None else 0.0
         self.t_sent = self.t_reply = 0.0  # its request sent, its reply read (when counted)
         self.reason = ""
+        # A traced request's wire stamps (services/frontend/trace.py): the list it is sent
+        # with (``Infer.trace``), then the reply's. None: not traced.
+        self.trace: list | None = None
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):

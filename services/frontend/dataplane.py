@@ -8,7 +8,6 @@ the protocol edge.
 from __future__ import annotations
 
 import logging
-import time
 from functools import partial
 
 import orjson
@@ -216,23 +215,24 @@ class DataPlane:
         """``start``, tracing the requests the tracer samples (trace.py)."""
         if logs.verbose():
             log.debug("infer %s:%s id '%s'", request.model, request.version, request.id)
-        record = self.tracer.sample(request.model)
+        record = self.tracer.sample(request.model, request.id)
         if record is None:
             return self.client.send(call, request)
-        stamps = record["timestamps"]
-        stamps.append({"name": "REQUEST_START", "ns": time.time_ns()})
+        call.trace = self.tracer.start(record, request)  # the wire carries it: Infer.trace
         self.client.send(call, request)
-        stamps.append({"name": "QUEUE_START", "ns": time.time_ns()})
         call.add_done_callback(partial(self._traced, request, record))
         return call
 
     def _traced(self, request: InferenceRequest, record: dict, call: InferCall) -> None:
+        """The traced call is answered (before its handler closes it: the outputs are
+        still readable)."""
         if call.cancelled():
             return
-        version = request.version
+        version, result = request.version, None
         if call.exception() is None:
-            version = call.result().version or version
-        self.tracer.finish(request.model, record, version)
+            result = call.result()
+            version = result.version or version
+        self.tracer.finish(request.model, record, version, call.trace, result)
 
     def body_block(self, size: int) -> BodyBlock | None:
         """Shared memory to read a large request body into, or None: the transport owns

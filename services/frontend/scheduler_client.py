@@ -191,6 +191,7 @@ class SchedulerClient:
                 request.id,
                 output_targets=targets,
                 classification=classification_counts(request),
+                trace=call.trace,
             )
             picked = (
                 None
@@ -408,6 +409,8 @@ class SchedulerClient:
             call.target.outstanding -= 1
         if call.blocks:
             self._release_blocks(call)
+        if call.trace is not None:
+            call.trace = reply.trace  # the stamps of the processes it passed
         if reply.error is not None:
             call.reason = BACKEND if link is not None else REJECTED
             if not call.done():

@@ -1,5 +1,6 @@
-"""Triton's trace extension in a frontend: which requests are traced, their timestamps,
-and the trace file.
+"""Triton's trace extension in a frontend: which requests are traced, their timestamps
+across the processes they pass, their tensors, and where traces go (the trace file, or
+OpenTelemetry).
 
 The scheduler holds the settings (services/scheduler/settings_store.py) and sends them
 whole (``messages.Settings.trace``): ``trace[""]`` the global ones, ``trace[model]`` the
@@ -9,17 +10,35 @@ starts calls through ``Tracer.start`` only while some level is on (``DataPlane``
 
 Sampling: every ``trace_rate``-th request of a model is traced (the 1st, the
 rate+1-th...), until ``trace_count`` traces were taken (-1: no end); counted in each
-frontend. A traced request records, on the wall clock in nanoseconds:
-REQUEST_START (the frontend starts the call), QUEUE_START (its message leaves for the
-scheduler or the backend host), REQUEST_END (its reply arrived); the one JSON record per
-request that Triton writes: ``{"id", "model_name", "model_version", "timestamps":
-[{"name", "ns"}, ...]}``.
+frontend. A traced request carries a list on the wire (``Infer.trace``) that the
+scheduler and the backend host stamp (common/trace_stamps.py) and its reply brings
+back; untraced requests carry None. Its timestamps, all ``time.time_ns()`` (one clock
+for the processes of a machine), in order:
 
-The file: ``trace_file`` holds one JSON array, kept valid after every write; with
-``log_frequency`` 0 each trace is added as it completes, with N > 0 every N traces go
-to a new file ``trace_file.<k>`` (k = 0, 1, ... as Triton names them). Frontends that
-share the file take an advisory lock (``fcntl.flock``) around each write. Trace ids
-count from 1 in each frontend. Loop's thread only.
+  REQUEST_START          this frontend starts the call (the request is decoded)
+  QUEUE_START            the scheduler took it (scheduled routes), or the backend host
+                         did (direct routes: the host's batcher is the queue)
+  COMPUTE_START          the backend host launches the execution holding it
+  COMPUTE_INPUT_END      the model's execute begins (inputs are views, already read)
+  COMPUTE_OUTPUT_START   the model's execute returned
+  COMPUTE_END            the host is about to encode the replies
+  REQUEST_END            its reply reached this frontend
+
+``trace_level`` TENSORS adds the request's input tensors (activity TENSOR_QUEUE_INPUT,
+as the frontend sent them) and output tensors (TENSOR_BACKEND_OUTPUT, as the reply
+brought them), each ``{"name", "data", "shape", "dtype"}`` in Triton's text form.
+
+The file (``trace_mode`` triton): ``trace_file`` holds one JSON array, kept valid after
+every write: per traced request one record ``{"id", "model_name", "model_version",
+"request_id", "timestamps": [{"name", "ns"}, ...]}``, then its tensor records ``{"id",
+"activity", "tensor"}``. With ``log_frequency`` 0 each trace is added as it completes,
+with N > 0 every N traces go to a new file ``trace_file.<k>`` (k = 0, 1, ... as Triton
+names them). Frontends that share the file take an advisory lock (``fcntl.flock``)
+around each write. Trace ids count from 1 in each frontend.
+
+``trace_mode`` opentelemetry (``--trace-config mode=opentelemetry``): each trace is
+exported as spans instead (services/frontend/otel.py), to the URL the frontend's own
+``--trace-config opentelemetry,url=`` flags name (``otel_settings``). Loop's thread only.
 """
 
 from __future__ import annotations
@@ -30,8 +49,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import orjson
+
+from despina.common import dtypes
+
+if TYPE_CHECKING:
+    from despina.services.frontend.inference import InferenceRequest, InferenceResult
+    from despina.services.frontend.otel import OtelExport
 
 log = logging.getLogger("despina.frontend")
 
@@ -41,18 +68,31 @@ _DEFAULTS = {
     "trace_count": ["-1"],
     "log_frequency": ["0"],
     "trace_file": [""],
+    "trace_mode": ["triton"],
 }
 
 
 class _ModelTrace:
     """One model's effective settings and its sampling state."""
 
-    __slots__ = ("on", "rate", "remaining", "frequency", "file", "seen", "pending")
+    __slots__ = (
+        "on",
+        "tensors",
+        "otel",
+        "rate",
+        "remaining",
+        "frequency",
+        "file",
+        "seen",
+        "pending",
+    )
 
     def __init__(self, fields: dict[str, list[str]]) -> None:
         levels = fields["trace_level"]
         self.file = fields["trace_file"][0]
-        self.on = any(level != "OFF" for level in levels) and bool(self.file)
+        self.otel = fields.get("trace_mode", ["triton"]) == ["opentelemetry"]
+        self.on = any(level != "OFF" for level in levels) and (self.otel or bool(self.file))
+        self.tensors = "TENSORS" in levels and not self.otel  # Triton: not in OpenTelemetry
         self.rate = max(1, int(fields["trace_rate"][0]))
         self.remaining = int(fields["trace_count"][0])
         self.frequency = int(fields["log_frequency"][0])
@@ -61,13 +101,19 @@ class _ModelTrace:
 
 
 class Tracer:
-    """Samples requests and writes their traces, per the settings last received."""
+    """Samples requests and writes (or exports) their traces, per the settings last
+    received."""
 
     def __init__(self) -> None:
         self._settings: dict[str, dict[str, list[str]]] = {"": dict(_DEFAULTS)}
         self._models: dict[str, _ModelTrace] = {}
         self._ids = itertools.count(1)
         self.active = False
+        # This frontend's --trace-config opentelemetry,<setting>=<value> settings
+        # (services/observability_flags.otel_settings_of); the exporter starts at the
+        # first trace to export.
+        self.otel_settings: dict[str, list[str]] = {}
+        self._otel: OtelExport | None = None
 
     def update(self, trace: dict[str, dict[str, list[str]]]) -> None:
         """Take the settings the scheduler sent (all of them); sampling starts over.
@@ -91,7 +137,7 @@ class Tracer:
             found = self._models[model] = _ModelTrace(fields)
         return found
 
-    def sample(self, model: str) -> dict | None:
+    def sample(self, model: str, request_id: str = "") -> dict | None:
         """A new trace record if this request of ``model`` is to be traced, else None."""
         state = self._model(model)
         if not state.on or state.remaining == 0:
@@ -102,16 +148,57 @@ class Tracer:
             return None
         if state.remaining > 0:
             state.remaining -= 1
-        return {"id": next(self._ids), "model_name": model, "timestamps": []}
+        record: dict = {"id": next(self._ids), "model_name": model, "timestamps": []}
+        if request_id:
+            record["request_id"] = request_id
+        return record
 
-    def finish(self, model: str, record: dict, version: str) -> None:
-        """The traced request is answered: file its record."""
+    def start(self, record: dict, request: InferenceRequest) -> list:
+        """The sampled request starts: REQUEST_START, its input tensors (TENSORS), and
+        the list the wire carries for the other processes' stamps."""
+        record["timestamps"].append({"name": "REQUEST_START", "ns": time.time_ns()})
+        if self._model(request.model).tensors:
+            record["tensors"] = [
+                _tensor(record["id"], "TENSOR_QUEUE_INPUT", t.name, t.datatype, t.shape, t.data)
+                for t in request.inputs
+            ]
+        return []
+
+    def finish(
+        self,
+        model: str,
+        record: dict,
+        version: str,
+        stamps: list | None = None,
+        result: InferenceResult | None = None,
+    ) -> None:
+        """The traced request is answered: add the other processes' ``stamps`` (from
+        the reply) and REQUEST_END, its output tensors (TENSORS, from ``result``; read
+        before the call closes), and file or export the record."""
         record["model_version"] = int(version) if version.isdigit() else -1
-        record["timestamps"].append({"name": "REQUEST_END", "ns": time.time_ns()})
+        timestamps = record["timestamps"]
+        if stamps:
+            timestamps.extend({"name": name, "ns": ns} for name, ns in stamps)
+        timestamps.append({"name": "REQUEST_END", "ns": time.time_ns()})
         state = self._model(model)
+        if state.tensors and result is not None:
+            record.setdefault("tensors", []).extend(
+                _tensor(record["id"], "TENSOR_BACKEND_OUTPUT", t.name, t.datatype, t.shape, t.data)
+                for t in result.outputs
+            )
+        if state.otel:
+            self._export(record)
+            return
         state.pending.append(record)
         if state.frequency <= 0 or len(state.pending) >= state.frequency:
             self._write(state)
+
+    def _export(self, record: dict) -> None:
+        if self._otel is None:
+            from despina.services.frontend.otel import OtelExport
+
+            self._otel = OtelExport(self.otel_settings)
+        self._otel.export(record)
 
     def flush(self) -> None:
         """Write every trace not yet written (settings change, shutdown)."""
@@ -119,9 +206,21 @@ class Tracer:
             if state.pending:
                 self._write(state)
 
+    def close(self) -> None:
+        """Write what is pending and send the spans still batched (shutdown)."""
+        self.flush()
+        if self._otel is not None:
+            self._otel.close()
+
     @staticmethod
     def _write(state: _ModelTrace) -> None:
-        records, state.pending = state.pending, []
+        records: list[dict] = []
+        for record in state.pending:
+            tensors = record.pop("tensors", None)
+            records.append(record)
+            if tensors:
+                records.extend(tensors)
+        state.pending = []
         try:
             if state.frequency > 0:
                 _with_lock(state.file, lambda: _new_numbered(state.file, records))
@@ -129,6 +228,43 @@ class Tracer:
                 _with_lock(state.file, lambda: _extend(state.file, records))
         except OSError as exc:
             log.error("cannot write %d trace(s) to %s: %s", len(records), state.file, exc)
+
+
+def _tensor(
+    trace_id: int,
+    activity: str,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    data: bytes | memoryview | None,
+) -> dict:
+    """One TENSORS record in Triton's form: data as comma-separated values ("" where
+    the bytes are in a client's shared memory), shape as "d0,d1"."""
+    return {
+        "id": trace_id,
+        "activity": activity,
+        "tensor": {
+            "name": name,
+            "data": _values(datatype, shape, data),
+            "shape": ",".join(map(str, shape)),
+            "dtype": datatype,
+        },
+    }
+
+
+def _values(datatype: str, shape: list[int], data: bytes | memoryview | None) -> str:
+    if data is None:
+        return ""
+    try:
+        if datatype == "BYTES":
+            items = dtypes.deserialize_bytes(data, dtypes.element_count(shape))
+            return ",".join(
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in items
+            )
+        array = np.frombuffer(data, dtype=dtypes.to_numpy(datatype))
+    except (ValueError, TypeError, KeyError):
+        return ""
+    return ",".join(map(str, array.tolist()))
 
 
 def _with_lock(path: str, write: Callable[[], None]) -> None:

@@ -27,7 +27,7 @@ import msgspec
 import orjson
 
 from despina.common import messages as m
-from despina.common import streams
+from despina.common import streams, trace_stamps
 from despina.common.batching import batch_rules
 from despina.common.errors import ServerError, not_found, unavailable
 from despina.common.settings import ProcessSettings, SpeedPaths
@@ -70,6 +70,8 @@ class SchedulerServer:
         control = control or ControlSettings()
         # The logging and trace settings (settings_store.py), from the flags.
         self.settings = settings or SettingsStore()
+        # Some trace level is on: traced requests get their QUEUE_START here.
+        self.tracing = trace_stamps.tracing(self.settings.trace)
         speed = speed or SpeedPaths()
         self.endpoint = endpoint
         self.host_endpoint = host_endpoint
@@ -230,6 +232,7 @@ class SchedulerServer:
         every frontend and backend host (Python instance processes included) at once."""
         reply, changed = self.settings.answer(q)
         if changed:  # the store applied a logging change to this process already
+            self.tracing = trace_stamps.tracing(self.settings.trace)
             news = self.settings.message()
             for frontend in list(self.routes.frontends.values()):
                 self.dispatcher.send_frontend(frontend, news)
@@ -248,6 +251,8 @@ class SchedulerServer:
             # A frontend this scheduler has not met (it restarted; ZeroMQ said no hello).
             # ``!=``: a ZeroMQ identity is a new bytes object in every message.
             self.routes.frontend_joined(identity, batch.reply_to)
+        if self.tracing:
+            trace_stamps.stamp(batch.requests, "QUEUE_START")
         models = self.models
         schedulers = self.schedulers
         if log.isEnabledFor(logging.DEBUG):  # --log-verbose: one line per burst of requests

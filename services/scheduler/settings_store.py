@@ -36,6 +36,8 @@ TRACE_DEFAULTS: dict[str, list[str]] = {
 }
 LOG_FILE_REFUSED = "log file location can not be updated through network protocol"
 TRACE_FILE_REFUSED = "trace file location can not be updated through network protocol"
+# The mode is set at start (--trace-config mode=): its exporter is set up then.
+TRACE_MODE_REFUSED = "trace mode can not be updated through network protocol"
 _LOG_BOOLS = ("log_info", "log_warning", "log_error")
 
 
@@ -50,10 +52,9 @@ def check_trace_field(name: str, value: list[str]) -> list[str]:
             )
         return list(value)
     if name == "trace_mode":
-        if value != ["triton"]:
-            raise ServerError(
-                Code.UNSUPPORTED,
-                "trace mode 'opentelemetry' is not supported by Despina yet; use 'triton'",
+        if value not in (["triton"], ["opentelemetry"]):
+            raise invalid_arg(
+                f"unable to parse 'trace_mode': expecting triton or opentelemetry, got {value!r}"
             )
         return value
     if name == "trace_file":
@@ -176,7 +177,9 @@ class SettingsStore:
             if name == "trace_file":
                 raise ServerError(Code.UNSUPPORTED, TRACE_FILE_REFUSED)
             if name == "trace_mode" and raw is not None:
-                check_trace_field(name, _trace_value(name, raw) or [])
+                mode = check_trace_field(name, _trace_value(name, raw) or [])
+                if mode != self.trace_start["trace_mode"]:
+                    raise ServerError(Code.UNSUPPORTED, TRACE_MODE_REFUSED)
                 continue
             if name not in TRACE_DEFAULTS or name == "trace_mode":
                 raise invalid_arg(f"unknown trace setting '{name}'")

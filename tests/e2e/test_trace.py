@@ -8,9 +8,15 @@ null), and the trace file holds Triton's JSON for exactly the sampled requests
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,9 +25,17 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer, serve_refused
+from conftest import SHIPPED_REPOSITORY, DespinaServer, free_port
 
-ORDER = ["REQUEST_START", "QUEUE_START", "REQUEST_END"]
+ORDER = [
+    "REQUEST_START",
+    "QUEUE_START",
+    "COMPUTE_START",
+    "COMPUTE_INPUT_END",
+    "COMPUTE_OUTPUT_START",
+    "COMPUTE_END",
+    "REQUEST_END",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +79,7 @@ def _traces(trace_file, model: str, count: int) -> list[dict]:
     found: list[dict] = []
     while time.monotonic() < deadline:
         if trace_file.exists():
-            found = [t for t in json.loads(trace_file.read_text()) if t["model_name"] == model]
+            found = [t for t in json.loads(trace_file.read_text()) if t.get("model_name") == model]
             if len(found) >= count:
                 break
         time.sleep(0.05)
@@ -183,8 +197,263 @@ def test_grpc_sync_and_aio(server, trace_file):
     assert back["log_frequency"] == {"value": ["0"]}
 
 
-def test_opentelemetry_mode_refuses_to_start(tmp_path):
-    (tmp_path / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
-    done, _ = serve_refused(tmp_path, "--trace-config=mode=opentelemetry")
+def _infer_grpc(server: DespinaServer, n: int, tag: str) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = [grpcclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(a)
+    for i in range(n):
+        result = client.infer("simple", inputs, request_id=f"{tag}-{i}")
+        assert result.as_numpy("OUTPUT0").tolist() == (a * 2).tolist()
+
+
+def _check_timestamps(trace: dict, before: int, after: int) -> None:
+    """Every timestamp, frontend, queue, backend host and reply, once, in order, and
+    within the client's call."""
+    names = [s["name"] for s in trace["timestamps"]]
+    assert names == ORDER
+    stamps = [s["ns"] for s in trace["timestamps"]]
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after
+
+
+def test_grpc_requests_are_traced_on_the_direct_route(server, trace_file):
+    client = httpclient.InferenceServerClient(server.url)
+    client.update_trace_settings("simple", {"trace_rate": "1", "trace_level": ["TIMESTAMPS"]})
+    try:
+        had = len(_traces(trace_file, "simple", 0))
+        before = time.time_ns()
+        _infer_grpc(server, 3, "grpc-direct")
+        after = time.time_ns()
+        traces = _traces(trace_file, "simple", had + 3)[had:]
+    finally:
+        client.update_trace_settings("simple", {"trace_rate": None, "trace_level": None})
+    assert [t["request_id"] for t in traces] == ["grpc-direct-0", "grpc-direct-1", "grpc-direct-2"]
+    for trace in traces:
+        _check_timestamps(trace, before, after)
+
+
+def test_tensors_level_writes_inputs_and_outputs(server, trace_file):
+    client = httpclient.InferenceServerClient(server.url)
+    client.update_trace_settings(
+        "simple", {"trace_rate": "1", "trace_level": ["TIMESTAMPS", "TENSORS"]}
+    )
+    try:
+        had = len(_traces(trace_file, "simple", 0))
+        _infer_simple(server, 1, "tensors")
+        trace = _traces(trace_file, "simple", had + 1)[had]
+    finally:
+        client.update_trace_settings("simple", {"trace_rate": None, "trace_level": None})
+    assert trace["request_id"] == "tensors-0"
+    assert [s["name"] for s in trace["timestamps"]] == ORDER
+    records = json.loads(trace_file.read_text())
+    tensors = {
+        (r["activity"], r["tensor"]["name"]): r["tensor"]
+        for r in records
+        if r.get("id") == trace["id"] and "activity" in r
+    }
+    values = ",".join(str(v) for v in range(16))
+    assert tensors == {
+        ("TENSOR_QUEUE_INPUT", "INPUT0"): {
+            "name": "INPUT0",
+            "data": values,
+            "shape": "1,16",
+            "dtype": "INT32",
+        },
+        ("TENSOR_QUEUE_INPUT", "INPUT1"): {
+            "name": "INPUT1",
+            "data": values,
+            "shape": "1,16",
+            "dtype": "INT32",
+        },
+        ("TENSOR_BACKEND_OUTPUT", "OUTPUT0"): {
+            "name": "OUTPUT0",
+            "data": ",".join(str(2 * v) for v in range(16)),
+            "shape": "1,16",
+            "dtype": "INT32",
+        },
+        ("TENSOR_BACKEND_OUTPUT", "OUTPUT1"): {
+            "name": "OUTPUT1",
+            "data": ",".join("0" for _ in range(16)),
+            "shape": "1,16",
+            "dtype": "INT32",
+        },
+    }
+
+
+def test_trace_mode_is_not_changed_over_the_network(server):
+    client = httpclient.InferenceServerClient(server.url)
+    with pytest.raises(InferenceServerException) as err:
+        client.update_trace_settings(settings={"trace_mode": "opentelemetry"})
+    assert "trace mode can not be updated through network protocol" in str(err.value)
+    assert client.get_trace_settings()["trace_mode"] == "triton"
+
+
+def test_scheduled_route_http_and_grpc(tmp_path):
+    """Every request through the scheduler (--direct-routes=false): its QUEUE_START is
+    the scheduler's, its COMPUTE_* the backend host's, over HTTP and gRPC."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
+    trace_file = tmp_path / "scheduled.json"
+    srv = DespinaServer(
+        tmp_path / "repo",
+        tmp_path / "serve.log",
+        [
+            "--direct-routes=false",
+            f"--trace-config=triton,file={trace_file}",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
+        ],
+    ).start()
+    try:
+        before = time.time_ns()
+        _infer_simple(srv, 2, "http-scheduled")
+        _infer_grpc(srv, 2, "grpc-scheduled")
+        traces = _traces(trace_file, "simple", 4)
+        after = time.time_ns()
+    finally:
+        srv.stop()
+    assert [t["request_id"] for t in traces] == [
+        "http-scheduled-0",
+        "http-scheduled-1",
+        "grpc-scheduled-0",
+        "grpc-scheduled-1",
+    ]
+    for trace in traces:
+        assert trace["model_version"] == 1
+        _check_timestamps(trace, before, after)
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps each POST /v1/traces body, answers 200."""
+
+    bodies: list[bytes]
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        if self.path == "/v1/traces":
+            self.server.bodies.append(body)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def otlp_receiver():
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+    httpd.bodies = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _spans(receiver, count: int) -> list:
+    """The spans received, once there are ``count`` (or what came by the deadline)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    deadline = time.monotonic() + 15
+    spans: list = []
+    while time.monotonic() < deadline:
+        spans = []
+        for body in list(receiver.bodies):
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    spans.extend(scope_spans.spans)
+        if len(spans) >= count:
+            break
+        time.sleep(0.05)
+    return spans
+
+
+def test_opentelemetry_export(tmp_path, otlp_receiver):
+    pytest.importorskip("opentelemetry.sdk")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
+    port = otlp_receiver.server_address[1]
+    srv = DespinaServer(
+        tmp_path / "repo",
+        tmp_path / "serve.log",
+        [
+            "--trace-config=mode=opentelemetry",
+            f"--trace-config=opentelemetry,url=http://127.0.0.1:{port}/v1/traces",
+            "--trace-config=opentelemetry,bsp_schedule_delay=50",
+            "--trace-config=opentelemetry,resource=service.name=despina-test",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
+        ],
+    ).start()
+    try:
+        assert httpclient.InferenceServerClient(srv.url).get_trace_settings()["trace_mode"] == (
+            "opentelemetry"
+        )
+        before = time.time_ns()
+        _infer_simple(srv, 1, "otel")
+        after = time.time_ns()
+        spans = _spans(otlp_receiver, 3)
+    finally:
+        srv.stop()
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == ["InferRequest", "compute", "simple"]
+    root, model, compute = by_name["InferRequest"], by_name["simple"], by_name["compute"]
+    assert len({s.trace_id for s in spans}) == 1
+    assert model.parent_span_id == root.span_id and compute.parent_span_id == model.span_id
+    attributes = {a.key: a.value for a in model.attributes}
+    assert attributes["triton.model_name"].string_value == "simple"
+    assert attributes["triton.model_version"].int_value == 1
+    assert attributes["triton.request_id"].string_value == "otel-0"
+    assert attributes["triton.trace_id"].int_value >= 1
+    assert [e.name for e in model.events] == ["REQUEST_START", "QUEUE_START", "REQUEST_END"]
+    assert [e.name for e in compute.events] == [
+        "COMPUTE_START",
+        "COMPUTE_INPUT_END",
+        "COMPUTE_OUTPUT_START",
+        "COMPUTE_END",
+    ]
+    stamps = [e.time_unix_nano for e in model.events]
+    inner = [e.time_unix_nano for e in compute.events]
+    assert stamps == sorted(stamps) and inner == sorted(inner)
+    assert before <= root.start_time_unix_nano <= stamps[0]
+    assert stamps[1] <= inner[0] and inner[-1] <= stamps[2] <= root.end_time_unix_nano <= after
+    assert compute.start_time_unix_nano == inner[0] and compute.end_time_unix_nano == inner[-1]
+
+
+def test_opentelemetry_mode_refused_without_its_packages(tmp_path):
+    """Without opentelemetry-sdk (a package shadowing it that fails to import), the
+    mode refuses to start, naming what to install."""
+    shadow = tmp_path / "shadow" / "opentelemetry"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "despina.services.cli",
+            "serve",
+            f"--model-repository={tmp_path / 'repo'}",
+            f"--http-port={free_port()}",
+            f"--grpc-port={free_port()}",
+            "--trace-config=mode=opentelemetry",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")},
+    )
     assert done.returncode != 0
-    assert "OpenTelemetry trace export is not supported" in done.stderr + done.stdout
+    out = done.stderr + done.stdout
+    assert "OpenTelemetry trace export needs the Python package(s) opentelemetry-sdk" in out
+    assert "despina[otel]" in out

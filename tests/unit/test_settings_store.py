@@ -15,6 +15,7 @@ from despina.common import messages as m
 from despina.services.observability_flags import (
     add_log_trace_flags,
     log_trace_argv,
+    otel_settings_of,
     refuse,
     trace_settings_of,
 )
@@ -48,6 +49,7 @@ def parse(*argv: str) -> argparse.Namespace:
                 "trace_level": ["TIMESTAMPS", "TENSORS"],
                 "trace_count": ["5"],
                 "log_frequency": ["50"],
+                "trace_mode": ["triton"],
             },
         ),
         (
@@ -70,8 +72,8 @@ def test_trace_flags(argv, expected):
 @pytest.mark.parametrize(
     "flag",
     [
-        "--trace-config=mode=opentelemetry",
-        "--trace-config=opentelemetry,url=localhost:4318/v1/traces",
+        "--trace-config=mode=zipkin",
+        "--trace-config=opentelemetry,colour=blue",
         "--trace-config=rate",
         "--trace-config=colour=blue",
     ],
@@ -79,6 +81,27 @@ def test_trace_flags(argv, expected):
 def test_trace_flags_refused(flag):
     problems = refuse(parse(flag))
     assert len(problems) == 1 and flag.partition("=")[2] in problems[0]
+
+
+def test_opentelemetry_flags():
+    """mode=opentelemetry (its packages are installed here) and its own settings, which
+    the frontend reads (otel_settings_of), forwarded by serve unchanged."""
+    args = parse(
+        "--trace-config=mode=opentelemetry",
+        "--trace-config=opentelemetry,url=http://127.0.0.1:4318/v1/traces",
+        "--trace-config=opentelemetry,resource=service.name=a",
+        "--trace-config=opentelemetry,resource=service.version=2",
+        "--trace-config=opentelemetry,bsp_schedule_delay=100",
+    )
+    assert refuse(args) == []
+    assert trace_settings_of(args) == {"trace_mode": ["opentelemetry"]}
+    expected = {
+        "url": ["http://127.0.0.1:4318/v1/traces"],
+        "resource": ["service.name=a", "service.version=2"],
+        "bsp_schedule_delay": ["100"],
+    }
+    assert otel_settings_of(args) == expected
+    assert otel_settings_of(parse(*log_trace_argv(args))) == expected
 
 
 def test_log_flags_forwarded():
