@@ -210,6 +210,7 @@ DOCKER_BUILDKIT=0 docker build -q --label despina.compose-test=1 -t "$IMAGE" \
 
 # --- compose up and the checks ----------------------------------------------------------------
 export DESPINA_IMAGE=$IMAGE
+export DESPINA_FRONTENDS=2  # frontend processes in the frontend container, sharing its ports
 COMPOSE=("${COMPOSE_CMD[@]}" -p "$PROJECT" -f compose.yaml -f deploy/compose/host-shm.yaml)
 step "compose up"
 "${COMPOSE[@]}" up -d --no-build >"$STATE/up.log" 2>&1 || { cat "$STATE/up.log"; exit 1; }
@@ -219,14 +220,25 @@ exited=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" --fi
 step "checking over HTTP and gRPC (ready, ONNX, Python, 256 KiB via /dev/shm)"
 "$PY" deploy/compose_check.py serve --timeout 120 || { "${COMPOSE[@]}" logs --tail 30; exit 1; }
 
+step "checking that both frontend processes serve (shared ports 8000/8001)"
+scheduler=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=scheduler")
+frontend=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=frontend")
+mapfile -t replies < <(docker logs "$scheduler" 2>&1 \
+    | grep -o 'frontend joined; replies go to [^ ]*' | awk '{ print $NF }' | sort -u)
+echo "[compose-test] frontends joined the scheduler, replies to: ${replies[*]}"
+[ "${#replies[@]}" = "$DESPINA_FRONTENDS" ] \
+    || { docker logs --tail 20 "$frontend"; echo "expected $DESPINA_FRONTENDS frontends"; exit 1; }
+"$PY" deploy/compose_check.py frontends --container "$frontend" --expect "$DESPINA_FRONTENDS" \
+    --docker "$DOCKER_BIN" --timeout 60 || { docker logs --tail 20 "$frontend"; exit 1; }
+
 step "scaling backend-onnxruntime to 2"
 "${COMPOSE[@]}" up -d --no-build --no-recreate --scale backend-onnxruntime=2 >"$STATE/up.log" 2>&1 \
     || { cat "$STATE/up.log"; exit 1; }
 mapfile -t onnx < <(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
     --filter "label=com.docker.compose.service=backend-onnxruntime")
 [ "${#onnx[@]}" = 2 ] || { echo "expected 2 backend-onnxruntime containers, got ${#onnx[@]}"; exit 1; }
-scheduler=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
-    --filter "label=com.docker.compose.service=scheduler")
 joined=0
 for _ in $(seq 120); do
     joined=$(docker logs "$scheduler" 2>&1 | grep -c '(onnxruntime, pid [0-9]*) joined' || true)
@@ -248,8 +260,7 @@ for _ in $(seq 60); do
     done
     [ "${#serving[@]}" -ge 1 ] && break; sleep 0.5
 done
-echo "[compose-test] onnxruntime hosts: ${#serving[@]} serving simple, ${#standby[@]} standby" \
-    "(a model has one instance: placement puts it on one host, the other waits)"
+echo "[compose-test] onnxruntime hosts: ${#serving[@]} loaded simple, ${#standby[@]} did not"
 if [ "${#serving[@]}" -lt 1 ]; then
     echo "no onnxruntime host loaded simple; their logs and the scheduler's:"
     for c in "${onnx[@]}"; do docker logs --tail 15 "$c" 2>&1 | sed "s/^/[${c:0:12}] /"; done

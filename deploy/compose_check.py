@@ -1,6 +1,6 @@
 """The compose test's client: checks a running Despina from the host with tritonclient.
 
-Run by deploy/compose-test.sh (``python deploy/compose_check.py serve|wait``); it owns
+Run by deploy/compose-test.sh (``python deploy/compose_check.py serve|wait|frontends``); it owns
 only its client shared-memory regions, which it unregisters and removes on every path.
 Raises SystemExit with a message on the first check that fails.
 """
@@ -8,6 +8,9 @@ Raises SystemExit with a message on the first check that fails.
 from __future__ import annotations
 
 import argparse
+import json
+import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -147,14 +150,98 @@ def wait(args: argparse.Namespace) -> None:
     print(f"simple served again over HTTP and gRPC after {time.monotonic() - start:.1f}s")
 
 
+# Run inside the frontend container: for each frontend process (the --frontends
+# siblings), how many established TCP connections on the HTTP port it holds, as JSON.
+PROBE = """
+import json, os, sys
+port = int(sys.argv[1])
+inodes = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        lines = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for line in lines:
+        f = line.split()
+        if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add("socket:[%s]" % f[9])
+held = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmd = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\\0")
+        if b"despina.services.frontend" not in cmd or b"--frontends=1" not in cmd:
+            continue
+        fds = os.listdir("/proc/%s/fd" % pid)
+        held[pid] = sum(os.readlink("/proc/%s/fd/%s" % (pid, fd)) in inodes for fd in fds)
+    except OSError:
+        continue
+print(json.dumps(held))
+"""
+
+
+def open_connections(address: str, count: int) -> list[socket.socket]:
+    """``count`` HTTP keep-alive connections, each answered 200 to a ready check (so each
+    is accepted by some frontend process); the caller closes them."""
+    host, _, port = address.rpartition(":")
+    conns = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        conns.append(sock)
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: despina\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            fail(f"a ready check on a new connection got {head[:40]!r}")
+    return conns
+
+
+def frontends(args: argparse.Namespace) -> None:
+    """Every one of the frontend container's ``--expect`` processes serves: new
+    connections to the HTTP port (spread by the kernel, SO_REUSEPORT) are answered, and
+    each process holds some of them (read from /proc inside the container)."""
+    check_ready(args)
+    conns = open_connections(args.http, args.connections)
+    try:
+        port = args.http.rpartition(":")[2]
+        out = subprocess.run(
+            [args.docker, "exec", "-i", args.container, "python3", "-", port],
+            input=PROBE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if out.returncode != 0:
+            fail(f"probing the frontend container failed: {out.stderr.strip()[-400:]}")
+        held = {int(pid): n for pid, n in json.loads(out.stdout).items()}
+    finally:
+        for sock in conns:
+            sock.close()
+    summary = ", ".join(f"pid {pid}: {n}" for pid, n in sorted(held.items()))
+    print(f"frontend processes and the {args.connections} connections each holds: {summary}")
+    if len(held) != args.expect:
+        fail(f"expected {args.expect} frontend processes in the container, found {len(held)}")
+    idle = [pid for pid, n in held.items() if n == 0]
+    if idle:
+        fail(f"frontend process(es) {idle} took none of {args.connections} new connections")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("check", choices=["serve", "wait"])
+    parser.add_argument("check", choices=["serve", "wait", "frontends"])
     parser.add_argument("--http", default="localhost:8000")
     parser.add_argument("--grpc", default="localhost:8001")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--container", help="frontends: the frontend container's id")
+    parser.add_argument("--expect", type=int, default=2, help="frontends: processes expected")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--docker", default="docker", help="frontends: the docker client")
     args = parser.parse_args(argv)
-    {"serve": serve, "wait": wait}[args.check](args)
+    {"serve": serve, "wait": wait, "frontends": frontends}[args.check](args)
 
 
 if __name__ == "__main__":

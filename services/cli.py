@@ -31,7 +31,7 @@ def serve(argv: list[str]) -> int:
         report_ignored,
     )
     from despina.services.identity import add_server_name
-    from despina.services.supervisor import Supervisor
+    from despina.services.supervisor import Supervisor, parse_backend_hosts
 
     parser = argparse.ArgumentParser(
         prog="despina serve",
@@ -45,6 +45,15 @@ def serve(argv: list[str]) -> int:
         type=int,
         default=1,
         help="number of frontend processes; each serves HTTP and gRPC, sharing the ports",
+    )
+    group.add_argument(
+        "--backend-hosts",
+        type=parse_backend_hosts,
+        action="append",
+        metavar="N|FRAMEWORK=N[,...]",
+        help="backend hosts per framework (default 1), e.g. 'onnxruntime=3' or '2' for every "
+        "framework (repeatable); each host loads every model of its framework, so extra "
+        "hosts add capacity (docs/deployment.md#several-backend-hosts-and-frontends)",
     )
     group.add_argument(
         "--scheduler-transport",

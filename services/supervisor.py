@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,7 @@ class Supervisor:
         self._folders = _folder_names(args.model_repository)
         for framework in call_forked(frameworks_needed, repositories):
             self._frameworks.add(framework)
-            self.children.append(
-                Child(f"backend-{framework}", self._backend_argv(framework), order=1)
-            )
+            self.children.extend(self._hosts_of(framework))
         if args.allow_http or args.allow_grpc:
             for i in range(args.frontends):
                 self.children.append(
@@ -224,10 +223,28 @@ class Supervisor:
             if framework in self._frameworks:
                 continue
             self._frameworks.add(framework)
-            child = Child(f"backend-{framework}", self._backend_argv(framework), order=1)
-            self.children.append(child)
-            log.info("a model of framework %s appeared: starting a backend host", framework)
-            self._spawn(child)
+            hosts = self._hosts_of(framework)
+            self.children.extend(hosts)
+            log.info(
+                "a model of framework %s appeared: starting %d backend host(s)",
+                framework,
+                len(hosts),
+            )
+            for child in hosts:
+                self._spawn(child)
+
+    def _hosts_of(self, framework: str) -> list[Child]:
+        """The backend hosts ``framework`` runs on (--backend-hosts; one by default):
+        ``backend-<framework>``, then ``backend-<framework>-1``, ..."""
+        count = hosts_for(getattr(self.args, "backend_hosts", None), framework)
+        return [
+            Child(
+                f"backend-{framework}" + (f"-{i}" if i else ""),
+                self._backend_argv(framework),
+                order=1,
+            )
+            for i in range(count)
+        ]
 
     def _request_stop(self) -> None:
         if not self.stopping:
@@ -332,6 +349,30 @@ class Supervisor:
             if child.proc is not None:
                 remove_segments_of(child.proc.pid)
         log.info("all services stopped")
+
+
+def parse_backend_hosts(text: str) -> dict[str, int]:
+    """``--backend-hosts``: ``N`` (every framework) or ``framework=N[,framework=N...]``
+    -> {framework or "": N}. Raises argparse.ArgumentTypeError (argparse reports it) for
+    a count below 1 or another form."""
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        framework, sep, count = part.strip().rpartition("=")
+        if sep and not framework:
+            raise ArgumentTypeError(f"'{part}' names no framework")
+        if not count.isdigit() or int(count) < 1:
+            raise ArgumentTypeError(f"'{part}': the count must be a whole number, 1 or more")
+        counts[framework.strip()] = int(count)
+    return counts
+
+
+def hosts_for(values: list[dict[str, int]] | None, framework: str) -> int:
+    """How many backend hosts ``framework`` gets from the ``--backend-hosts`` flags
+    (later ones win): its own count, else the count for every framework, else 1."""
+    counts: dict[str, int] = {}
+    for value in values or []:
+        counts.update(value)
+    return counts.get(framework, counts.get("", 1))
 
 
 def _folder_names(repositories: list[str]) -> set[str]:

@@ -106,6 +106,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="share the HTTP and gRPC ports with sibling frontends (SO_REUSEPORT)",
     )
+    parser.add_argument(
+        "--frontends",
+        type=_positive,
+        default=1,
+        help="run this many frontend processes sharing the HTTP, gRPC and metrics ports "
+        "(SO_REUSEPORT); the i-th (from 0) listens for replies on the reply endpoint's port "
+        "plus i (a unix path gets '-i'), and advertises the same shift; this process "
+        "only starts, restarts and stops them",
+    )
     add_inline_threshold(parser)
     add_speed_paths(parser)  # a frontend acts on memos, busy polling, burst sends, direct routes
     add_server_name(parser)
@@ -315,11 +324,108 @@ async def start_metrics(client: SchedulerClient, args: argparse.Namespace) -> Me
     return server
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def nth_endpoint(endpoint: str, index: int) -> str:
+    """The ``index``-th sibling's endpoint: ``tcp://host:port`` -> port + index,
+    ``unix:///path`` (or ``ipc://``) -> ``path-index``; index 0 is ``endpoint`` itself.
+    Raises ValueError for an endpoint of another form."""
+    if index == 0:
+        return endpoint
+    if endpoint.startswith(("unix://", "ipc://")):
+        return f"{endpoint}-{index}"
+    scheme, sep, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) + index > 65535:
+        raise ValueError(
+            f"cannot derive the reply endpoint of frontend {index} from '{endpoint}' "
+            "(expected tcp://host:port or unix:///path)"
+        )
+    return f"{scheme}://{host}:{int(port) + index}"
+
+
+def sibling_argv(argv: list[str], args: argparse.Namespace, index: int) -> list[str]:
+    """The command line of sibling ``index``: this one's, with the later flags winning
+    (argparse keeps the last value) for its reply endpoints, one process and a shared port."""
+    reply = nth_endpoint(args.reply_endpoint, index)
+    extra = [f"--reply-endpoint={reply}", "--frontends=1", "--reuse-port"]
+    if args.advertise_endpoint:
+        extra.append(f"--advertise-endpoint={nth_endpoint(args.advertise_endpoint, index)}")
+    return [*argv, *extra]
+
+
+def run_frontends(argv: list[str], args: argparse.Namespace) -> int:
+    """``--frontends N``: start N frontend processes (``sibling_argv``), restart one that
+    exits (a frontend's crash loses only its own connections), and on SIGTERM/SIGINT pass
+    the signal on and wait for all (each drains its requests). A sibling that exits with
+    EX_CONFIG (a wrong setting) stops them all with that code. Owns the children; they
+    die with this process (``die_with_parent``)."""
+    import subprocess
+
+    from despina.common.process import die_with_parent
+
+    try:
+        commands = [
+            [sys.executable, "-m", "despina.services.frontend", *sibling_argv(argv, args, i)]
+            for i in range(args.frontends)
+        ]
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    stopping = False
+    code = 0
+
+    def stop(_sig, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs = [subprocess.Popen(c, preexec_fn=die_with_parent) for c in commands]
+    log.info("started %d frontends (pids %s)", len(procs), ", ".join(str(p.pid) for p in procs))
+    exits: list[float] = []
+    while not stopping:
+        time.sleep(0.1)
+        for i, proc in enumerate(procs):
+            status = proc.poll()
+            if status is None or stopping:
+                continue
+            now = time.monotonic()
+            exits = [t for t in exits if now - t < 30] + [now]
+            if status == EXIT_CONFIG or len(exits) > 5:
+                log.error("frontend %d (pid %d) exited with %s; stopping", i, proc.pid, status)
+                code = EXIT_CONFIG if status == EXIT_CONFIG else 1
+                stopping = True
+                break
+            log.error("frontend %d (pid %d) exited with %s; restarting it", i, proc.pid, status)
+            procs[i] = subprocess.Popen(commands[i], preexec_fn=die_with_parent)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + args.exit_timeout_secs + 5
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("frontend pid %d did not stop in time; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="despina frontend", allow_abbrev=False)
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     setup_logging("frontend", args.log_verbose, log_settings_of(args))
+    if args.frontends > 1:
+        sys.exit(run_frontends(argv, args))
     try:
         settings = FrontendSettings.from_args(args)
     except ValueError as exc:

@@ -6,6 +6,7 @@ agree on endpoints; the compose test's overlay, the Dockerfile's build arguments
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ PARSERS = {
 
 
 def parse(command: list[str]) -> tuple[str, argparse.Namespace]:
-    name, *rest = command
+    # ${VAR:-default} as compose reads it with VAR unset
+    name, *rest = (re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg) for arg in command)
     parser = argparse.ArgumentParser(exit_on_error=False, allow_abbrev=False)
     PARSERS[name](parser)
     return name, parser.parse_args(rest)
