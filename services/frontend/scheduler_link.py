@@ -4,7 +4,10 @@ stream for ``unix://`` and ``tcp://`` (one thread wake-up per hop, measured ten 
 cheaper than libzmq on this kind of machine: docs/architecture.md, "The wire"), or a
 ZeroMQ DEALER socket for ``ipc://`` and ``zmq+tcp://``. Both send a list of frames and
 report bursts of received messages; a link that breaks is connected again, with the
-hello said again, and while it is down sends fail (the callers answer UNAVAILABLE).
+hello said again (``on_connected``), and while it is down sends fail: the scheduler
+client (scheduler_client.py) fails what it had sent, holds new requests a while for the
+link to come back, and registers its client shared-memory regions again on the new link.
+A ZeroMQ link reconnects inside libzmq and says nothing: no hello again, no re-registration.
 """
 
 from __future__ import annotations
@@ -62,8 +65,16 @@ async def connect_scheduler(
     return driver
 
 
+# The longest wait between two connection attempts to a lost scheduler: a restarted one
+# is found within this of listening (an attempt to a closed port costs microseconds).
+RECONNECT_MAX_S = 0.25
+
+
 class StreamToScheduler:
     """The frontend's stream to the scheduler, connected again when it breaks."""
+
+    # It comes back after a loss, hello said again: a request may wait for it.
+    reconnects = True
 
     def __init__(
         self,
@@ -103,13 +114,14 @@ class StreamToScheduler:
         self._task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        delay = 0.05
+        delay = 0.02
         while self._link is None:
             try:
                 await self._connect()
             except OSError:
                 await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+        log.info("connected to the scheduler at %s again", self.endpoint)
 
     def send(self, frames: list) -> bool:
         return self._link is not None and self._link.send(frames)

@@ -20,6 +20,11 @@ Direct requests (a frontend straight to a host) are invisible here: a load retir
 ``ROUTE_GRACE_S`` after its routes were withdrawn at the earliest, time for frontends
 to have their new routes and for what they had sent to finish.
 
+With ``--state-dir`` (explicit mode), the loaded models and their load-time overrides are
+kept in a file (model_state.py) that a scheduler started again loads instead of the
+``--load-model`` list: a restart (a crash, ``despina serve`` restarting it) serves what
+clients had loaded.
+
 Runs on the scheduler's loop; one operation per model at a time (``_lock``), at most
 ``--model-load-thread-count`` loads at once.
 """
@@ -42,6 +47,7 @@ from despina.common import messages as m
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unavailable
 from despina.services.scheduler.dispatch import DROPPED, Dispatcher, FrontendId
 from despina.services.scheduler.interface import ModelScheduler
+from despina.services.scheduler.model_state import ModelState
 from despina.services.scheduler.placement import Placement
 from despina.services.scheduler.repository import (
     Model,
@@ -89,6 +95,8 @@ class ControlSettings:
     strict_readiness: bool = True
     exit_on_error: bool = False
     load_threads: int = 4
+    # explicit: the folder of the loaded models' state file (model_state.py); '' none
+    state_dir: str = ""
 
 
 class ModelControl:
@@ -115,16 +123,25 @@ class ModelControl:
             )
         self.roots = roots
         self.settings = settings
+        self.override_root = Path(tempfile.mkdtemp(prefix="despina-overrides-"))
         self.models = models
         self.schedulers = schedulers
         self.make_scheduler = make_scheduler
-        self.override_root = Path(tempfile.mkdtemp(prefix="despina-overrides-"))
         self.exit_code = 0
         self._locks: dict[str, asyncio.Lock] = {}
         self._loads: asyncio.Semaphore | None = None
         self._generations: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
-        if settings.mode == "explicit" and "*" not in settings.load_models:
+        # explicit with --state-dir: what the last scheduler had loaded (model_state.py)
+        self.state: ModelState | None = None
+        saved = None
+        if settings.mode == "explicit" and settings.state_dir:
+            self.state = ModelState(Path(settings.state_dir))
+            saved = self.state.read()
+        if saved is not None:
+            log.info("loading the models the last scheduler had loaded: %s", sorted(saved))
+            found = self._read_saved(saved)
+        elif settings.mode == "explicit" and "*" not in settings.load_models:
             wanted = set(settings.load_models)
             found = scan(roots, wanted)
             for name in sorted(wanted - set(found)):
@@ -136,6 +153,33 @@ class ModelControl:
             found = scan(roots)
         for model in found.values():
             self._register(model)
+        if self.state is not None and saved is None:
+            self.state.models = {n: {} for n, model in found.items() if model.config is not None}
+
+    def _read_saved(self, saved: dict[str, dict]) -> dict[str, Model]:
+        """The models of a state file, read as their loads did (with their overrides); one
+        whose folder is gone or whose overrides no longer read is UNAVAILABLE, saying why."""
+        found = scan(self.roots, {n for n, args in saved.items() if not args})
+        for name, args in saved.items():
+            if name in found:
+                continue
+            try:
+                if not args:
+                    raise invalid_arg("no model folder of that name")
+                files = {k[len("file:") :]: v for k, v in args.items() if k.startswith("file:")}
+                config = args.get("config")
+                if files:
+                    path = write_override_files(name, files, self.override_root)
+                    found[name] = read_model(path, config, name)
+                    found[name].owned_dir = path.parent
+                else:
+                    found[name] = read_model(self._folder(name), config, name)
+            except ServerError as exc:
+                missing = Model(name=name, path=Path(name))
+                missing.error = f"failed to load '{name}' again: {exc.message}"
+                log.error("%s", missing.error)
+                found[name] = missing
+        return found
 
     def attach(
         self,
@@ -191,6 +235,11 @@ class ModelControl:
             args = _parameters(q.body)
             if q.kind == "repository_load":
                 await self.load(q.model, args)
+                if self.state is not None:
+                    self.state.loaded(
+                        q.model,
+                        {k: v for k, v in args.items() if k == "config" or k[:5] == "file:"},
+                    )
             else:
                 await self.unload(q.model, bool(args.get("unload_dependents", False)))
             reply = m.QueryReply(q.qid)
@@ -399,6 +448,8 @@ class ModelControl:
             self.routes.publish()
             _remove(model.owned_dir)
             model.owned_dir = None
+            if self.state is not None:
+                self.state.unloaded(name)
             log.info("successfully unloaded '%s'", name)
         if dependents and model.config is not None:
             for step in model.config.ensemble_scheduling.step:
