@@ -429,6 +429,14 @@ def add_model_control_flags(group: argparse._ActionsContainer) -> None:
         default=4,
         help="models loaded at once by load requests and polls (default %(default)s)",
     )
+    group.add_argument(
+        "--instance-placement",
+        choices=("per-host", "spread"),
+        default="per-host",
+        help="per-host: every backend host of a model's framework loads its instance_group "
+        "count (a host that joins adds capacity); spread: the count is the total, spread "
+        "over the hosts (docs/deployment.md, Placing instances)",
+    )
 
 
 def model_control_argv(args: argparse.Namespace) -> list[str]:
@@ -440,6 +448,7 @@ def model_control_argv(args: argparse.Namespace) -> list[str]:
         f"--strict-readiness={'true' if args.strict_readiness else 'false'}",
         f"--exit-on-error={'true' if args.exit_on_error else 'false'}",
         f"--model-load-thread-count={args.model_load_thread_count}",
+        f"--instance-placement={args.instance_placement}",
     ]
 
 

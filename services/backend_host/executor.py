@@ -126,7 +126,8 @@ def instance_specs(load: m.LoadModel) -> list[InstanceSpec]:
             device_id=placements[at][1] if at < len(placements) else 0,
         )
         for index in load.instances
-        for at in (index % m.INSTANCE_STRIDE,)  # a reload's indexes: the same groups
+        # A reload's indexes, another host's: the same groups (scheduler/placement.py).
+        for at in (index % m.INSTANCE_STRIDE % max(len(placements), 1),)
     ]
 
 

@@ -87,6 +87,7 @@ async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
                 args.model_load_thread_count,
             ),
             settings=SettingsStore(log_settings_of(args), trace_settings_of(args)),
+            instance_placement=args.instance_placement,
         )
     except ServerError as exc:
         log.error("%s", exc.message)

@@ -1,12 +1,28 @@
 """Backend hosts and the model instances placed on them.
 
 A host joins with ``HostHello`` on its stream; the scheduler sends it ``LoadModel`` for
-each model version of its framework that waits for instances (the least loaded host
-first), and each instance it reports becomes a ``Slot`` of that version's scheduler. A
-Python model instance runs in its own process, which joins as a host of one instance.
-A host whose stream closes is gone: its in-flight requests fail with UNAVAILABLE at
-once, its slots are dropped, and its models are placed again when a host of the same
-framework (re)joins.
+the model versions of its framework as the placement policy says, and each instance it
+reports becomes a ``Slot`` of that version's scheduler. A Python model instance runs in
+its own process, which joins as a host of one instance. A host whose stream closes is
+gone: its in-flight requests fail with UNAVAILABLE at once and its slots are dropped.
+
+The policy (``--instance-placement``, docs/deployment.md "Placing instances"):
+
+- ``per-host`` (the default): a model's ``instance_group`` count is per backend host, as
+  Triton's is per GPU. Every host of the model's framework loads ``count`` instances, so
+  a host that joins adds capacity to every model at once; a version is READY once
+  ``count`` instances serve (the first host's), and stays READY while any host holds
+  instances of it.
+- ``spread``: ``count`` is the total over the framework's hosts. Missing instances go to
+  the hosts holding fewest of the version's instances; a host that leaves has its
+  instances placed again on the others, and a host that joins takes instances of the
+  versions that have fewer than ``count`` placed.
+
+Instance indexes are unique per load across hosts: a load's indexes come in blocks of
+``count`` from ``generation * messages.INSTANCE_STRIDE``, a block per placement (per
+host in ``per-host``), never reused within the generation; ``index % count`` is the
+instance's place in its instance groups. Past ``INSTANCE_STRIDE`` indexes a load places
+no more instances (logged) until the model is loaded again.
 
 A model being loaded again while its current load serves (``staging``, filled by
 services/scheduler/model_control.py) is placed the same way: its instances carry the
@@ -33,6 +49,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("despina.scheduler")
 
+PER_HOST = "per-host"
+SPREAD = "spread"
+POLICIES = (PER_HOST, SPREAD)
+
+LoadKey: TypeAlias = tuple[str, str, int]  # (model, version, generation)
+
 
 @dataclass(eq=False)
 class Host:
@@ -41,7 +63,10 @@ class Host:
     framework: str
     pid: int
     instance_of: tuple[str, str, int] | None = None
-    loads: set[tuple[str, str, int]] = field(default_factory=set)  # (model, version, generation)
+    # The instance indexes this host was sent for each load (its LoadModel's).
+    loads: dict[LoadKey, list[int]] = field(default_factory=dict)
+    # Loads that failed on this host while others served them: not sent here again.
+    failed: set[LoadKey] = field(default_factory=set)
 
 
 Hosts: TypeAlias = dict[HostStream, Host]
@@ -58,7 +83,11 @@ class Placement:
         hosts: Hosts,
         dispatcher: Dispatcher,
         routes: RoutePublisher,
+        policy: str = PER_HOST,
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown instance placement {policy!r} (one of {POLICIES})")
+        self.policy = policy
         self.models = models
         self.schedulers = schedulers
         self.hosts = hosts
@@ -67,6 +96,8 @@ class Placement:
         self._send = dispatcher.send_host
         # Loads of models that replace a serving load once ready (model_control.py).
         self.staging: dict[str, Model] = {}
+        # Blocks of ``count`` indexes handed out per load (see the module's docstring).
+        self._blocks: dict[LoadKey, int] = {}
 
     def host_joined(self, stream: HostStream, hello: m.HostHello, touched: set) -> None:
         """A host's first message. Closes a host of another protocol version."""
@@ -95,6 +126,15 @@ class Placement:
         if found is None:
             return
         if hello.load_error:
+            if found[1].state is State.READY:  # other instances serve: this one is lost
+                log.error(
+                    "instance %d of '%s' version %s failed to load: %s",
+                    index,
+                    model_name,
+                    version,
+                    hello.load_error,
+                )
+                return
             self._load_failed(*found, hello.load_error)
             return
         self._add_slots(*found, stream, [index], touched)
@@ -112,7 +152,11 @@ class Placement:
         if found is None:
             return
         if res.error:
-            self._load_failed(*found, res.error)
+            host = self.hosts.get(stream)
+            if found[1].state is State.READY and host is not None:
+                self._failed_on(host, found[0], found[1], res.error)
+            else:
+                self._load_failed(*found, res.error)
             return
         if res.config:  # the host completed the config (services/scheduler/autocomplete.py)
             why = autocomplete.adopt(found[0], res.config)
@@ -139,6 +183,23 @@ class Placement:
         touched.add((mv.name, mv.version))
         self.routes.publish()
 
+    def _failed_on(self, host: Host, model: Model, mv: ModelVersion, error: str) -> None:
+        """``mv`` failed to load on ``host`` while other hosts serve it: it stays READY
+        there, and this host is not sent it again (until the model's next load)."""
+        key = (mv.name, mv.version, model.generation)
+        indexes = host.loads.pop(key, [])
+        host.failed.add(key)
+        log.error(
+            "'%s' version %s failed to load on backend host %s (pid %d), served by the others: %s",
+            mv.name,
+            mv.version,
+            host.host_id,
+            host.pid,
+            error,
+        )
+        self._send(host.stream, m.UnloadModel(model.name, mv.version, indexes))
+        self.place()  # spread: its instances go to another host
+
     def _load_failed(self, model: Model, mv: ModelVersion, error: str) -> None:
         mv.state, mv.reason = State.UNAVAILABLE, f"load failed: {error}"
         log.error("failed to load '%s' version %s: %s", mv.name, mv.version, error)
@@ -151,11 +212,11 @@ class Placement:
         instances leave the hosts table (their streams closing is no loss). The caller
         has withdrawn their routes and waited for their requests."""
         key = (model.name, version, model.generation)
-        base = model.generation * m.INSTANCE_STRIDE
-        indexes = list(range(base, base + instance_count(model.config) if model.config else base))
+        self._blocks.pop(key, None)
         for host in list(self.hosts.values()):
-            if key in host.loads:
-                host.loads.discard(key)
+            host.failed.discard(key)
+            indexes = host.loads.pop(key, None)
+            if indexes is not None:
                 self._send(host.stream, m.UnloadModel(model.name, version, indexes))
             of = host.instance_of
             if of is not None and of[:2] == key[:2] and of[2] // m.INSTANCE_STRIDE == key[2]:
@@ -177,8 +238,9 @@ class Placement:
         return None
 
     def place(self) -> None:
-        """Send a LoadModel for every version that has no instances and is waiting for a
-        host of its framework."""
+        """Send each host of a framework the instances the policy gives it of every
+        version that is wanted, neither unloading nor failed (see the module's
+        docstring). A version placed afresh turns LOADING; a READY one stays READY."""
         for model in [*self.models.values(), *self.staging.values()]:
             if model.config is None or not model.wanted:
                 continue
@@ -189,28 +251,79 @@ class Placement:
             ]
             if not candidates:
                 continue
-            base = model.generation * m.INSTANCE_STRIDE
+            count = instance_count(model.config)
             for mv in model.versions.values():
-                if mv.state in (State.READY, State.UNLOADING) or mv.reason.startswith(
-                    "load failed"
-                ):
+                if mv.state is State.UNLOADING or mv.reason.startswith("load failed"):
                     continue
                 key = (mv.name, mv.version, model.generation)
-                if any(key in h.loads for h in self.hosts.values()):
-                    continue
-                host = min(candidates, key=lambda h: len(h.loads))
-                host.loads.add(key)
-                mv.state = State.LOADING
-                self._send(
-                    host.stream,
-                    m.LoadModel(
-                        model.name,
-                        mv.version,
-                        str(model.path),
-                        model.config.SerializeToString(),
-                        list(range(base, base + instance_count(model.config))),
-                    ),
+                usable = [h for h in candidates if key not in h.failed]
+                plan = (
+                    self._per_host(key, count, usable)
+                    if self.policy == PER_HOST
+                    else self._spread(key, count, usable)
                 )
+                for host, positions in plan:
+                    indexes = self._indexes(key, model.generation, count, positions)
+                    if indexes is None:
+                        break
+                    host.loads.setdefault(key, []).extend(indexes)
+                    if mv.state is not State.READY:
+                        mv.state = State.LOADING
+                    self._send(
+                        host.stream,
+                        m.LoadModel(
+                            model.name,
+                            mv.version,
+                            str(model.path),
+                            model.config.SerializeToString(),
+                            indexes,
+                        ),
+                    )
+
+    @staticmethod
+    def _per_host(key: LoadKey, count: int, hosts: list[Host]) -> list[tuple[Host, list[int]]]:
+        """``per-host``: every host without the load gets all ``count`` instances."""
+        return [(h, list(range(count))) for h in hosts if key not in h.loads]
+
+    def _spread(self, key: LoadKey, count: int, hosts: list[Host]) -> list[tuple[Host, list[int]]]:
+        """``spread``: the instance positions (``index % count``) no host holds, each
+        to the host holding fewest of the load's instances (then fewest instances)."""
+        held = {
+            index % m.INSTANCE_STRIDE % count
+            for h in self.hosts.values()
+            for index in h.loads.get(key, ())
+        }
+        missing = [j for j in range(count) if j not in held]
+        if not missing or not hosts:
+            return []
+        share = {h: len(h.loads.get(key, ())) for h in hosts}
+        total = {h: sum(len(i) for i in h.loads.values()) for h in hosts}
+        given: dict[Host, list[int]] = {}
+        for j in missing:
+            host = min(hosts, key=lambda h: (share[h], total[h]))
+            share[host] += 1
+            total[host] += 1
+            given.setdefault(host, []).append(j)
+        return list(given.items())
+
+    def _indexes(
+        self, key: LoadKey, generation: int, count: int, positions: list[int]
+    ) -> list[int] | None:
+        """A fresh block's indexes at ``positions``; None past INSTANCE_STRIDE (logged)."""
+        block = self._blocks.get(key, 0)
+        if (block + 1) * count > m.INSTANCE_STRIDE:
+            log.warning(
+                "'%s' version %s: load %d has placed %d instances, its indexes are spent; "
+                "load the model again to place more",
+                key[0],
+                key[1],
+                generation,
+                block * count,
+            )
+            return None
+        self._blocks[key] = block + 1
+        base = generation * m.INSTANCE_STRIDE + block * count
+        return [base + j for j in positions]
 
     def host_lost(self, stream: HostStream) -> bool:
         """``stream`` closed; False if it was not a host's (a frontend's stream)."""

@@ -64,9 +64,11 @@ class SchedulerServer:
         speed: SpeedPaths | None = None,
         control: ControlSettings | None = None,
         settings: SettingsStore | None = None,
+        instance_placement: str = "per-host",
     ) -> None:
         """``speed``: the speed paths (direct routes, burst sends); default all on.
-        ``control``: model control (mode, models to load, polling); default mode none."""
+        ``control``: model control (mode, models to load, polling); default mode none.
+        ``instance_placement``: placement.PER_HOST or placement.SPREAD."""
         control = control or ControlSettings()
         # The logging and trace settings (settings_store.py), from the flags.
         self.settings = settings or SettingsStore()
@@ -94,7 +96,12 @@ class SchedulerServer:
         )
         self.dispatcher.frontends = self.routes.frontends
         self.placement = Placement(
-            self.models, self.schedulers, self.hosts, self.dispatcher, self.routes
+            self.models,
+            self.schedulers,
+            self.hosts,
+            self.dispatcher,
+            self.routes,
+            instance_placement,
         )
         self.model_control.attach(self.placement, self.routes, self.dispatcher, self.stop)
         self.control = ControlAnswers(

@@ -1,0 +1,294 @@
+"""Adding a backend host adds capacity (#17), over TCP only (tests/topology.py with
+``shm=False``: no shared memory between the services, every tensor rides the sockets).
+
+Placement ``per-host`` (the default): two ONNX Runtime hosts each load the model's
+instances and both execute requests, through direct routes (a client sending one
+request at a time alternates over the hosts) and through the scheduler (a model with
+priority levels); a third host joins under load, takes instances and serves while no
+request fails; a host that leaves takes its instances with it and the model stays READY
+and serving. Placement ``spread``: a count of 2 over two hosts is one instance on each,
+and a host that leaves has its instance placed again on the other.
+
+The evidence is each host's verbose log line ``execute <model>:<version> on instance N``,
+which carries the host's pid (common/logs.py's line layout).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from topology import Topology
+
+from conftest import SHIPPED_REPOSITORY
+
+DEADLINE_S = 20.0
+EXECUTE = re.compile(
+    r" (\d+) backend-onnxruntime \S+\] execute (\S+):\d+ on instance (\d+) \((\w+)\)"
+)
+
+
+def _copy_simple(root: Path, name: str, count: int, extra: str = "") -> None:
+    """The shipped ``simple`` model (INT32 add/sub) as ``name`` with ``count`` instances."""
+    shutil.copytree(SHIPPED_REPOSITORY / "simple", root / name)
+    config = (root / name / "config.pbtxt").read_text()
+    config = config.replace('name: "simple"', f'name: "{name}"').replace(
+        "count: 1", f"count: {count}"
+    )
+    (root / name / "config.pbtxt").write_text(config + extra)
+
+
+def _topology(tmp_path_factory, flags: list[str], models: dict[str, tuple[int, str]]) -> Topology:
+    root = tmp_path_factory.mktemp("scale_repo")
+    for name, (count, extra) in models.items():
+        _copy_simple(root, name, count, extra)
+    return Topology(
+        tmp_path_factory.mktemp("scale"),
+        root,
+        hosts={"onnxruntime": 2},
+        shm=False,
+        # The scheduler's log settings reach every host (the logging extension).
+        scheduler_flags=[*flags, "--log-verbose=1"],
+    )
+
+
+@pytest.fixture(scope="module")
+def per_host(tmp_path_factory):
+    """Two ONNX Runtime hosts, placement per-host: ``simple`` (direct routes) and
+    ``scheduled`` (priority levels: every request goes through the scheduler)."""
+    topo = _topology(
+        tmp_path_factory,
+        [],
+        {
+            "simple": (1, ""),
+            "scheduled": (1, "dynamic_batching { priority_levels: 2 default_priority_level: 1 }\n"),
+        },
+    )
+    try:
+        topo.wait_ready()
+        yield topo
+    finally:
+        topo.stop()
+
+
+def infer(client, module, model: str, base: int) -> None:
+    """One request; its outputs checked against the inputs (add and sub)."""
+    a = np.arange(base, base + 16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    inputs = [module.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    result = client.infer(model, inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+
+def executions(topo: Topology, model: str, since: int = 0) -> dict[int, set[int]]:
+    """pid of each host -> the instances it executed ``model`` on, in the log after
+    offset ``since``."""
+    seen: dict[int, set[int]] = defaultdict(set)
+    for pid, name, instance, _ in EXECUTE.findall(topo.log()[since:]):
+        if name == model:
+            seen[int(pid)].add(int(instance))
+    return dict(seen)
+
+
+def serve_until(topo: Topology, model: str, pids: set[int], since: int = 0) -> dict[int, set]:
+    """Requests one at a time over HTTP and gRPC until each host in ``pids`` executed
+    ``model`` (or DEADLINE_S); returns ``executions``."""
+    http = httpclient.InferenceServerClient(topo.url)
+    grpc = grpcclient.InferenceServerClient(topo.grpc_url)
+    deadline = time.monotonic() + DEADLINE_S
+    seen: dict[int, set[int]] = {}
+    n = 0
+    try:
+        while time.monotonic() < deadline:
+            for client, module in ((http, httpclient), (grpc, grpcclient)):
+                infer(client, module, model, n)
+                n += 1
+            seen = executions(topo, model, since)
+            if pids <= set(seen):
+                break
+            time.sleep(0.02)
+    finally:
+        http.close()
+        grpc.close()
+    return seen
+
+
+def host_pids(topo: Topology) -> set[int]:
+    return {s.pid for s in topo.host_services()}
+
+
+def test_two_hosts_without_shared_memory_serve_one_model(per_host):
+    """Both hosts execute requests of a one-instance model: each loaded its own instance
+    (distinct indexes), and direct routes alternate between them."""
+    pids = host_pids(per_host)
+    assert len(pids) == 2
+    seen = serve_until(per_host, "simple", pids)
+    assert set(seen) == pids, f"executions by host: {seen}\n{per_host.log()[-4000:]}"
+    first, second = (seen[p] for p in sorted(pids))
+    assert len(first) == len(second) == 1 and first != second  # one instance each
+
+
+def test_scheduled_batches_use_both_hosts(per_host):
+    """A model the scheduler schedules (priority levels) gets batches on both hosts'
+    instances under concurrent load."""
+    pids = host_pids(per_host)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        client = httpclient.InferenceServerClient(per_host.url)
+        try:
+            n = worker * 100_000
+            while not stop.is_set():
+                infer(client, httpclient, "scheduled", n)
+                n += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + DEADLINE_S
+    seen: dict[int, set[int]] = {}
+    try:
+        while time.monotonic() < deadline and not errors:
+            seen = executions(per_host, "scheduled")
+            if pids <= set(seen):
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors
+    assert set(seen) == pids, f"executions by host: {seen}"
+    lines = [x for x in EXECUTE.findall(per_host.log()) if x[1] == "scheduled"]
+    assert {kind for *_, kind in lines} == {"scheduled"}
+
+
+def test_third_host_joins_under_load_and_serves(per_host):
+    """A host added while clients send requests loads the model's instance and serves;
+    no request fails meanwhile."""
+    errors: list[BaseException] = []
+    done = [0]
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        client = httpclient.InferenceServerClient(per_host.url)
+        try:
+            n = worker * 100_000
+            while not stop.is_set():
+                infer(client, httpclient, "simple", n)
+                n += 1
+                done[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        before = done[0]
+        since = len(per_host.log())
+        third = per_host.add_host("onnxruntime")
+        deadline = time.monotonic() + DEADLINE_S
+        seen: dict[int, set[int]] = {}
+        while time.monotonic() < deadline and not errors:
+            seen = executions(per_host, "simple", since)
+            if third.pid in seen:
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert before > 0 and not errors, errors
+    assert third.pid in seen, f"executions by host: {seen}\n{per_host.log()[-4000:]}"
+    # Its instance has an index of its own: no other host's.
+    others = set().union(*(v for p, v in executions(per_host, "simple").items() if p != third.pid))
+    assert seen[third.pid].isdisjoint(others)
+    assert len(host_pids(per_host)) == 3
+
+
+def test_host_leaving_keeps_the_model_ready_and_serving(per_host):
+    """A host killed takes its instance with it; the model stays READY and the other
+    hosts serve every request."""
+    services = per_host.host_services()
+    gone = services[0]
+    per_host.kill(gone)
+    per_host.wait_log(f"pid {gone.pid}) is gone")
+    client = httpclient.InferenceServerClient(per_host.url)
+    try:
+        assert client.is_model_ready("simple")
+        assert client.is_model_ready("scheduled")
+    finally:
+        client.close()
+    since = len(per_host.log())
+    remaining = host_pids(per_host)
+    assert len(remaining) == len(services) - 1
+    seen = serve_until(per_host, "simple", remaining, since)
+    assert set(seen) == remaining, f"executions by host: {seen}"
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    """Two ONNX Runtime hosts, placement spread, ``simple`` with 2 instances in all,
+    loaded by a client once both hosts joined (spread places instances when they load:
+    instances that serve are not moved to a host that joins later)."""
+    topo = _topology(
+        tmp_path_factory,
+        ["--instance-placement=spread", "--model-control-mode=explicit"],
+        {"simple": (2, "")},
+    )
+    try:
+        topo.wait_ready()
+        topo.wait_log("(onnxruntime, pid", count=2)  # both hosts joined
+        client = httpclient.InferenceServerClient(topo.url)
+        try:
+            client.load_model("simple")
+        finally:
+            client.close()
+        yield topo
+    finally:
+        topo.stop()
+
+
+def test_spread_places_a_leaving_hosts_instances_again(spread):
+    """Two instances in all: one on each host; a host killed has its instance placed
+    again on the other, which then serves on two instances; the model stays READY."""
+    pids = host_pids(spread)
+    seen = serve_until(spread, "simple", pids)
+    assert set(seen) == pids and all(len(v) == 1 for v in seen.values()), seen
+    gone, stays = spread.host_services()
+    since = len(spread.log())
+    spread.kill(gone)
+    spread.wait_log(f"pid {gone.pid}) is gone")
+    spread.wait_log("loaded 'simple' version 1: 1 instance(s)", count=3)
+    client = httpclient.InferenceServerClient(spread.url)
+    try:
+        assert client.is_model_ready("simple")
+    finally:
+        client.close()
+    deadline = time.monotonic() + DEADLINE_S
+    after: dict[int, set[int]] = {}
+    while time.monotonic() < deadline and len(after.get(stays.pid, ())) < 2:
+        after = serve_until(spread, "simple", {stays.pid}, since)
+    assert set(after) == {stays.pid}, after
+    # Its own instance and the one placed again (a fresh index).
+    assert len(after[stays.pid]) == 2 and after[stays.pid] > seen[stays.pid], after
