@@ -246,6 +246,58 @@ def test_host_leaving_keeps_the_model_ready_and_serving(per_host):
     assert set(seen) == remaining, f"executions by host: {seen}"
 
 
+PID_MODEL = """
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        pid = np.array([os.getpid()], dtype=np.int64)
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("PID", pid)]) for _ in requests
+        ]
+"""
+
+PID_CONFIG = """
+name: "pid"
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_INT64 dims: [ 1 ] } ]
+output [ { name: "PID" data_type: TYPE_INT64 dims: [ 1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
+def test_python_hosts_each_launch_the_instances(tmp_path_factory):
+    """Per-host with Python models: each of two Python hosts launches the model's one
+    instance process, and requests reach both processes (the model answers its pid)."""
+    root = tmp_path_factory.mktemp("scale_python_repo")
+    (root / "pid" / "1").mkdir(parents=True)
+    (root / "pid" / "config.pbtxt").write_text(PID_CONFIG)
+    (root / "pid" / "1" / "model.py").write_text(PID_MODEL)
+    topo = Topology(tmp_path_factory.mktemp("scale_python"), root, hosts={"python": 2}, shm=False)
+    client = None
+    try:
+        topo.wait_ready(model="pid")
+        topo.wait_log("started instance pid_", count=2)  # one process by each launcher
+        client = httpclient.InferenceServerClient(topo.url)
+        inp = httpclient.InferInput("IN", [1], "INT64")
+        inp.set_data_from_numpy(np.zeros(1, dtype=np.int64))
+        pids: set[int] = set()
+        deadline = time.monotonic() + DEADLINE_S
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(int(client.infer("pid", [inp]).as_numpy("PID")[0]))
+        launchers = {s.pid for s in topo.host_services("python")}
+        assert len(pids) == 2 and pids.isdisjoint(launchers), (pids, launchers)
+    finally:
+        if client is not None:
+            client.close()
+        topo.stop()
+
+
 @pytest.fixture(scope="module")
 def spread(tmp_path_factory):
     """Two ONNX Runtime hosts, placement spread, ``simple`` with 2 instances in all,
