@@ -294,6 +294,7 @@ async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
         await http_server.stop(0.5)
     if metrics_server is not None:
         metrics_server.close()
+    plane.tracer.close()  # traces not yet written, spans not yet sent
     client.close()
     return 0
 

@@ -116,5 +116,6 @@ class OtelExport:
         root.end(end_time=last)
 
     def close(self) -> None:
-        """Send what is batched and stop the exporter's thread."""
-        self._provider.shutdown()
+        """Send what is batched, waiting a second at most (a collector that does not
+        answer must not hold the frontend's exit)."""
+        self._provider.force_flush(timeout_millis=1000)

@@ -388,7 +388,9 @@ def test_opentelemetry_export(tmp_path, otlp_receiver):
         [
             "--trace-config=mode=opentelemetry",
             f"--trace-config=opentelemetry,url=http://127.0.0.1:{port}/v1/traces",
-            "--trace-config=opentelemetry,bsp_schedule_delay=50",
+            # No export before exit: the spans arrive because the frontend flushes them
+            # as it stops.
+            "--trace-config=opentelemetry,bsp_schedule_delay=600000",
             "--trace-config=opentelemetry,resource=service.name=despina-test",
             "--trace-config=rate=1",
             "--trace-config=level=TIMESTAMPS",
@@ -401,9 +403,11 @@ def test_opentelemetry_export(tmp_path, otlp_receiver):
         before = time.time_ns()
         _infer_simple(srv, 1, "otel")
         after = time.time_ns()
-        spans = _spans(otlp_receiver, 3)
+        time.sleep(0.3)
+        assert otlp_receiver.bodies == []
     finally:
         srv.stop()
+    spans = _spans(otlp_receiver, 3)
     by_name = {s.name: s for s in spans}
     assert sorted(by_name) == ["InferRequest", "compute", "simple"]
     root, model, compute = by_name["InferRequest"], by_name["simple"], by_name["compute"]
