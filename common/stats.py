@@ -21,6 +21,8 @@ import asyncio
 from bisect import bisect_left
 from collections.abc import Callable
 
+import numpy as np
+
 from despina.common.control import ModelStatistics
 
 FLUSH_S = 0.1  # the longest a count waits before it is sent
@@ -80,6 +82,39 @@ def observe(stats: ModelStatistics, stage: str, ns: int, count: int = 1) -> None
         buckets = stats.stages[stage] = [0] * _SLOTS
     buckets[bisect_left(BOUNDS_NS, ns)] += count
     buckets[-1] += ns * count
+
+
+_BOUNDS_A = np.array(BOUNDS_NS, dtype=np.int64)
+
+
+def _observe_array(
+    stats: ModelStatistics, stage: str, values: np.ndarray, weights: np.ndarray | None = None
+) -> None:
+    """``observe`` of every value in ``values`` (int64 ns), each ``weights`` times (the
+    same length; None: once)."""
+    counts = np.bincount(
+        np.searchsorted(_BOUNDS_A, values), weights=weights, minlength=_SLOTS - 1
+    ).tolist()
+    buckets = stats.stages.get(stage)
+    if buckets is None:
+        buckets = stats.stages[stage] = [0] * _SLOTS
+    for i, count in enumerate(counts):
+        if count:
+            buckets[i] += int(count)
+    buckets[-1] += int(values.sum() if weights is None else (values * weights).sum())
+
+
+def _groups(*columns: list) -> list[tuple[tuple, np.ndarray | None]]:
+    """Each distinct key (a value of every column at the same index) with the indexes
+    where it is (None: everywhere, the usual case, checked in C)."""
+    if all(column.count(column[0]) == len(column) for column in columns):
+        return [(tuple(column[0] for column in columns), None)]
+    keys = list(zip(*columns))
+    index = dict.fromkeys(keys)
+    for i, key in enumerate(index):
+        index[key] = i
+    codes = np.fromiter(map(index.__getitem__, keys), dtype=np.intp, count=len(keys))
+    return [(key, np.flatnonzero(codes == i)) for key, i in index.items()]
 
 
 def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
@@ -179,9 +214,8 @@ class Recorder:
         if self.collect is not None:
             self.collect()
         requests, self._requests = self._requests, []
-        count = self._count_request
-        for request in requests:
-            count(*request)
+        if requests:
+            self._count_requests(requests)
         if self._timer is not None:  # the one that fired, or one armed meanwhile
             self._timer.cancel()
             self._timer = None
@@ -203,45 +237,112 @@ class Recorder:
         """One request answered: ``reason`` None for a success, else Triton's reason;
         a success's decode and encode times, where known (-1: not). Counted at the
         next flush."""
-        self._requests.append((model, version, ns, reason, decode_ns, encode_ns))
+        self._requests += (model, version, reason, ns, decode_ns, encode_ns)
         if self._timer is None:
             self.arm()
 
-    def _count_request(
-        self,
-        model: str,
-        version: str,
-        ns: int,
-        reason: str | None,
-        decode_ns: int,
-        encode_ns: int,
-    ) -> None:
-        stats = self.get(model, version)
-        if reason is None:
-            stats.success_count += 1
-            stats.success_ns += ns
-            stages = stats.stages  # observe(), inlined: this runs once per request
-            buckets = stages.get("request") or stages.setdefault("request", [0] * _SLOTS)
-            buckets[bisect_left(BOUNDS_NS, ns)] += 1
-            buckets[-1] += ns
-            if decode_ns >= 0:
-                buckets = stages.get("frontend_decode") or stages.setdefault(
-                    "frontend_decode", [0] * _SLOTS
+    def _count_requests(self, requests: list) -> None:
+        """Add up a flush's requests, six values each in one flat list, by columns (a
+        slice each): per (model, version, reason), a few numpy calls, whatever the
+        number of requests."""
+        models, versions, reasons = requests[0::6], requests[1::6], requests[2::6]
+        ns_a = np.array(requests[3::6], dtype=np.int64)
+        decode_a = encode_a = None
+        for (model, version, reason), idx in _groups(models, versions, reasons):
+            stats = self.get(model, version)
+            values = ns_a if idx is None else ns_a[idx]
+            count, total = len(values), int(values.sum())
+            if reason is not None:
+                entry = stats.fail.get(reason)
+                if entry is None:
+                    entry = stats.fail[reason] = [0, 0]
+                entry[0] += count
+                entry[1] += total
+                continue
+            stats.success_count += count
+            stats.success_ns += total
+            _observe_array(stats, "request", values)
+            if decode_a is None:
+                decode_a = np.array(requests[4::6], dtype=np.int64)
+                encode_a = np.array(requests[5::6], dtype=np.int64)
+            for stage, column in (("frontend_decode", decode_a), ("frontend_encode", encode_a)):
+                values = column if idx is None else column[idx]
+                values = values[values >= 0]
+                if len(values):
+                    _observe_array(stats, stage, values)
+
+    def executions(self, rows: list, wall_ms: float, now: float) -> None:
+        """Count a flush's executions, by columns (a few numpy calls per model version
+        and batch size, whatever the number of executions). ``rows``: ten values per
+        execution in one flat list, as the host's executor queues them: ``(model, version, requests, inferences, queue_s, input_s, infer_s,
+        output_s, end, batched_s)``, seconds on ``time.monotonic`` (``queue_s`` one
+        request's, ``batched_s`` all its requests' seconds in the host's batcher, -1.0:
+        not batched there); ``wall_ms`` and ``now`` one reading of the wall clock (ms)
+        and of ``time.monotonic`` for the last inference's time. The same counts as
+        ``execution`` on each row."""
+        if not rows:
+            return
+        models, versions = rows[0::10], rows[1::10]
+        n, inferences, queue_s, input_s, infer_s = (rows[i::10] for i in range(2, 7))
+        output_s, end, batched_s = rows[7::10], rows[8::10], rows[9::10]
+        n_a = np.array(n, dtype=np.int64)
+        inf_a = np.array(inferences, dtype=np.int64)
+        queue_a = (n_a * np.maximum(np.array(queue_s), 0.0) * 1e9).astype(np.int64)
+        input_a = (np.array(input_s) * 1e9).astype(np.int64)
+        infer_a = (np.array(infer_s) * 1e9).astype(np.int64)
+        output_a = (np.array(output_s) * 1e9).astype(np.int64)
+        end_a = np.array(end)
+        batched_a = np.array(batched_s)
+        wait_a = np.where(batched_a >= 0, (batched_a * 1e9).astype(np.int64), -1)
+        for (model, version), idx in _groups(models, versions):
+            if idx is None:
+                gn, ginf, gq, gi, gc, go, gw = (
+                    n_a,
+                    inf_a,
+                    queue_a,
+                    input_a,
+                    infer_a,
+                    output_a,
+                    wait_a,
                 )
-                buckets[bisect_left(BOUNDS_NS, decode_ns)] += 1
-                buckets[-1] += decode_ns
-            if encode_ns >= 0:
-                buckets = stages.get("frontend_encode") or stages.setdefault(
-                    "frontend_encode", [0] * _SLOTS
+                gend = end_a
+            else:
+                gn, ginf, gq, gi, gc, go, gw = (
+                    a[idx] for a in (n_a, inf_a, queue_a, input_a, infer_a, output_a, wait_a)
                 )
-                buckets[bisect_left(BOUNDS_NS, encode_ns)] += 1
-                buckets[-1] += encode_ns
-        else:
-            entry = stats.fail.get(reason)
-            if entry is None:
-                entry = stats.fail[reason] = [0, 0]
-            entry[0] += 1
-            entry[1] += ns
+                gend = end_a[idx]
+            stats = self.get(model, version)
+            requests = int(gn.sum())
+            waited = gw >= 0
+            stats.queue_count += requests
+            stats.queue_ns += int(gq.sum()) + int(gw[waited].sum())
+            stats.input_count += requests
+            stats.input_ns += int((gi * gn).sum())
+            stats.infer_count += requests
+            stats.infer_ns += int((gc * gn).sum())
+            stats.output_count += requests
+            stats.output_ns += int((go * gn).sum())
+            stats.inference_count += int(ginf.sum())
+            stats.execution_count += len(gn)
+            end_ms = int(wall_ms - (now - float(gend.max())) * 1000)
+            if end_ms > stats.last_inference:
+                stats.last_inference = end_ms
+            for size in np.unique(ginf).tolist():
+                same = ginf == size
+                entry = stats.batch.get(size)
+                if entry is None:
+                    entry = stats.batch[size] = [0, 0, 0, 0]
+                entry[0] += int(same.sum())
+                entry[1] += int(gi[same].sum())
+                entry[2] += int(gc[same].sum())
+                entry[3] += int(go[same].sum())
+            _observe_array(stats, "queue", gq // gn, gn)
+            _observe_array(stats, "compute_input", gi, gn)
+            _observe_array(stats, "compute", gc, gn)
+            _observe_array(stats, "output", go, gn)
+            if waited.any():
+                wn = gn[waited]
+                _observe_array(stats, "batch_wait", gw[waited] // wn, wn)
 
     # --- what a backend host counts -----------------------------------------------------
 
