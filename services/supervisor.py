@@ -121,6 +121,7 @@ class Supervisor:
                     "--host-endpoint",
                     hosts,
                     f"--allow-client-shm={'true' if args.allow_client_shm else 'false'}",
+                    f"--state-dir={self.runtime_dir}",  # a restarted scheduler's models
                     *speed,
                     *repos,
                     *model_control_argv(args),

@@ -41,6 +41,9 @@ from despina.services.backend_host.executor import Executor, instance_specs
 from despina.services.backend_host.replies import Replies
 
 log = logging.getLogger("despina.backend_host")
+# After losing the scheduler: how long the executions in progress may take to finish
+# before the instances are dropped and the host joins again.
+REJOIN_DRAIN_S = 2.0
 
 
 class BackendHost:
@@ -128,7 +131,7 @@ class BackendHost:
             self.speed.busy_poll_s, lambda: not executor.inflight, burst=self.speed.burst
         )
         self._load_error = load_error
-        backoff = 0.05
+        backoff = 0.02
         while not self._stopping.is_set():
             lost = asyncio.get_running_loop().create_future()
             try:
@@ -140,9 +143,9 @@ class BackendHost:
             except OSError as exc:
                 log.debug("scheduler not reachable at %s yet: %s", self.scheduler_endpoint, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+                backoff = min(0.25, backoff * 2)  # small: a restarted scheduler is found soon
                 continue
-            backoff = 0.05
+            backoff = 0.02
             self._hello()
             if self._load_error:
                 break  # the hello told the scheduler why this instance cannot serve
@@ -160,6 +163,9 @@ class BackendHost:
             log.warning("lost the scheduler at %s", self.scheduler_endpoint)
             if self.instance_of is not None:
                 break
+            # What runs and waits finishes first (its replies go straight to the
+            # frontends, which stop sending here as they lose the scheduler too).
+            await self._drain(REJOIN_DRAIN_S)
             executor.unload_all()
             if self.on_rejoin is not None:
                 self.on_rejoin()

@@ -9,6 +9,12 @@ keyed by a frontend-local id. Its inputs are placed by ``placement.place_inputs`
 arena blocks they fill are freed when the call's reply (or error) arrives, which is after
 the backend host is done reading them.
 
+A scheduler restart: the link connects again (scheduler_link.py). What this frontend had
+sent the scheduler fails at the loss with UNAVAILABLE; requests arriving while the link is
+down wait for it (``LINK_WAIT_S`` at most) and go once it is back, after the hello and
+after the client shared-memory registrations forwarded through this frontend, said again
+(the registry lives in the scheduler: a new one starts empty).
+
 Direct routes (``routes.DirectRoutes``): for the model versions the scheduler lists, this
 client checks the request against the model's signature itself and sends it straight to
 the least busy instance's backend host, over the link that host opened to the reply
@@ -20,6 +26,7 @@ shared-memory regions still pass the scheduler, which owns the region registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -47,6 +54,8 @@ from despina.services.frontend.scheduler_link import SchedulerLink, connect_sche
 log = logging.getLogger("despina.frontend")
 
 QUERY_TIMEOUT_S = 10.0
+# How long a request or query waits for a lost link to the scheduler to come back.
+LINK_WAIT_S = 5.0
 
 
 class _Direct:
@@ -109,6 +118,17 @@ class SchedulerClient:
         self.settings_listeners: list[Callable[[m.Settings], None]] = []
         self.settings: m.Settings | None = None  # the last received
         self._to_scheduler: SchedulerLink | None = None
+        # Set while the link to the scheduler is up. While it is down (the scheduler
+        # restarts): the requests waiting for it (wire, buffers, deadline), sent by
+        # ``_hello``; the registrations forwarded through this frontend, (kind, name) ->
+        # body, registered again by ``_hello``; the qids of those re-registrations.
+        self._linked = asyncio.Event()
+        self._holding = False  # the same, for the flush: requests wait (``_park``)
+        self._losses = 0  # how many times the link was lost (0: never yet)
+        self._parked: list[tuple[m.Infer, list, float]] = []
+        self._park_timer: asyncio.TimerHandle | None = None
+        self._regions: dict[tuple[str, str], bytes] = {}
+        self._reregistering: dict[int, tuple[str, str]] = {}
         self._replies: asyncio.AbstractServer | None = None
         self._outbox: outbox.Outbox | None = None
         self._busy_poll_s = speed.busy_poll_s
@@ -134,11 +154,131 @@ class SchedulerClient:
         # Poll while a few requests are out: their replies come within the budget.
         self._poll = busypoll.BusyPoll(self._busy_poll_s, self._lightly_loaded)
         self._to_scheduler = await connect_scheduler(
-            self.scheduler_endpoint, self._on_burst, self._hello, self.routes.forget
+            self.scheduler_endpoint, self._on_burst, self._hello, self._scheduler_lost
         )
 
     def _hello(self, link: SchedulerLink) -> None:
+        """The link is (again) up: say hello, register again the client shared-memory
+        regions registered through this frontend, then, after a loss, let the requests that
+        wait go once it is ready (``_until_ready``). In that order on the one stream: the
+        scheduler knows the regions before any request names them."""
         link.send([self._encode(m.FrontendHello(m.PROTOCOL_VERSION, self.reply_endpoint))])
+        for (kind, name), body in list(self._regions.items()):
+            qid = self._next_id
+            self._next_id += 1
+            fut = asyncio.get_running_loop().create_future()
+            self._queries[qid] = fut
+            self._reregistering[qid] = (kind, name)
+            fut.add_done_callback(functools.partial(self._reregistered, qid))
+            link.send([self._encode(m.Query(qid, kind, name, "", body))])
+        if self._regions:
+            log.info("registering %d shared memory region(s) again", len(self._regions))
+        if self._losses:  # a new scheduler: requests go once its models are ready
+            asyncio.get_running_loop().create_task(self._until_ready(link, self._losses))
+        else:
+            self._linked.set()
+
+    async def _until_ready(self, link: SchedulerLink, losses: int) -> None:
+        """Ask the scheduler, connected again, whether it is ready (its models loaded
+        again) until it is or ``LINK_WAIT_S`` passed, then let the requests go."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINK_WAIT_S
+        while loop.time() < deadline and losses == self._losses:
+            qid = self._next_id
+            self._next_id += 1
+            fut = loop.create_future()
+            self._queries[qid] = fut
+            link.send([self._encode(m.Query(qid, "server_ready"))])
+            try:
+                await asyncio.wait_for(fut, 1.0)
+                break
+            except (ServerError, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+            finally:
+                self._queries.pop(qid, None)
+        if losses == self._losses:
+            log.info("the scheduler is back: sending %d waiting request(s)", len(self._parked))
+            self._link_up()
+
+    def _link_up(self) -> None:
+        """Requests go to the scheduler again, the waiting ones first."""
+        self._linked.set()
+        self._holding = False
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        parked, self._parked = self._parked, []
+        items = []
+        for wire, buffers, _ in parked:
+            call = self._pending.get(wire.rid)
+            if call is None:
+                continue
+            if call.done():  # the client went away while it waited
+                self._resolve_error(wire.rid, unavailable("cancelled"))
+            else:
+                items.append((wire, buffers))
+        if items:
+            self._flush_requests(items)
+
+    def _reregistered(self, qid: int, fut: asyncio.Future) -> None:
+        """A re-registration's answer: a refusal (the client removed the object, the new
+        scheduler refuses client shared memory) is logged and the region forgotten."""
+        self._queries.pop(qid, None)
+        kind, name = self._reregistering.pop(qid)
+        if fut.cancelled():  # the link went again: the next hello says it again
+            return
+        exc = fut.exception()
+        if exc is None:
+            log.info("shared memory region '%s' registered again", name)
+        elif not (isinstance(exc, ServerError) and exc.code is Code.ALREADY_EXISTS):
+            log.error("shared memory region '%s' could not be registered again: %s", name, exc)
+            self._regions.pop((kind, name), None)
+
+    def _scheduler_lost(self) -> None:
+        """The link to the scheduler broke: its direct routes go (the new scheduler sends
+        its own); what was sent to it (requests, queries) fails now with UNAVAILABLE, since
+        its answer will not come; requests from now on wait for the link (``_park``)."""
+        self._linked.clear()
+        self._holding = True
+        self._losses += 1
+        self.routes.forget()
+        waiting = {wire.rid for wire, _, _ in self._parked}
+        lost = unavailable(
+            "the scheduler was lost while the request was in flight (it is restarting: retry)"
+        )
+        for rid, call in list(self._pending.items()):
+            if call.target is None and rid not in waiting:
+                self._resolve_error(rid, lost)
+        for qid, fut in list(self._queries.items()):
+            if fut.done():
+                continue
+            if qid in self._reregistering:
+                fut.cancel()
+            else:
+                fut.set_exception(unavailable("the scheduler was lost before it answered"))
+
+    def _park(self, items: list) -> None:
+        """Requests the link could not take: they wait ``LINK_WAIT_S`` for it to come
+        back (``_hello`` sends them), then fail with UNAVAILABLE."""
+        assert self.loop is not None
+        deadline = self.loop.time() + LINK_WAIT_S
+        self._parked += [(wire, buffers, deadline) for wire, buffers in items]
+        if self._park_timer is None:
+            self._park_timer = self.loop.call_later(LINK_WAIT_S, self._expire_parked)
+
+    def _expire_parked(self) -> None:
+        assert self.loop is not None
+        self._park_timer = None
+        now = self.loop.time()
+        expired = [p for p in self._parked if p[2] <= now]
+        self._parked = [p for p in self._parked if p[2] > now]
+        for wire, _, _ in expired:
+            self._resolve_error(
+                wire.rid,
+                unavailable(f"the scheduler did not come back within {LINK_WAIT_S:g} s"),
+            )
+        if self._parked:
+            self._park_timer = self.loop.call_later(self._parked[0][2] - now, self._expire_parked)
 
     def close(self) -> None:
         for call in self._pending.values():
@@ -273,6 +413,16 @@ class SchedulerClient:
         the kinds that return nothing. Raises its ServerError, or UNAVAILABLE when it
         does not answer within ``timeout`` seconds."""
         log.debug("query %s '%s' version '%s'", kind, model, version)
+        if kind.endswith("shm_unregister"):  # forgotten whatever the answer
+            registered = kind.replace("unregister", "register")
+            for key in [k for k in self._regions if k[0] == registered]:
+                if not model or key[1] == model:
+                    del self._regions[key]
+        if not self._linked.is_set():  # the scheduler restarts: wait for it, a while
+            try:
+                await asyncio.wait_for(self._linked.wait(), min(timeout, LINK_WAIT_S))
+            except asyncio.TimeoutError:
+                raise unavailable("the scheduler is not reachable") from None
         qid = self._next_id
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
@@ -280,11 +430,14 @@ class SchedulerClient:
         assert self._to_scheduler is not None
         self._to_scheduler.send([self._encode(m.Query(qid, kind, model, version, body))])
         try:
-            return await asyncio.wait_for(fut, timeout)
+            record = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise unavailable("the scheduler did not answer in time") from None
         finally:
             self._queries.pop(qid, None)
+        if kind.endswith("shm_register"):  # said again to a scheduler started again
+            self._regions[(kind, model)] = body
+        return record
 
     # --- wire -----------------------------------------------------------------------------
 
@@ -353,8 +506,14 @@ class SchedulerClient:
             frames.inline(wire.inputs, buffers)
             requests.append(wire)
         assert self._to_scheduler is not None
+        if self._holding:  # the scheduler restarts: wait for it
+            self._park(items)
+            return
         header = self._encode(m.InferBatch(self.reply_endpoint, requests))
         if not self._to_scheduler.send(frames.finish(header)):
+            if getattr(self._to_scheduler, "reconnects", False):
+                self._park(items)  # it comes back: wait for it
+                return
             for wire in requests:
                 self._resolve_error(wire.rid, unavailable("the scheduler is not reachable"))
 

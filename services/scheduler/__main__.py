@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="let clients register system shared-memory regions",
     )
+    parser.add_argument(
+        "--state-dir",
+        default="",
+        help="explicit model control: a folder where the scheduler keeps the models clients "
+        "loaded (with their overrides), loaded again when it restarts (despina serve passes "
+        "its runtime folder; compose: a volume); empty: none",
+    )
     add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
     add_model_control_flags(parser)
     parser.add_argument(
@@ -85,6 +92,7 @@ async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
                 args.strict_readiness,
                 args.exit_on_error,
                 args.model_load_thread_count,
+                args.state_dir,
             ),
             settings=SettingsStore(log_settings_of(args), trace_settings_of(args)),
             instance_placement=args.instance_placement,
