@@ -334,10 +334,28 @@ class StatsReport(msgspec.Struct, tag="stats", array_like=True):
     models: list[control.ModelStatistics]
 
 
+class Heartbeat(msgspec.Struct, tag="beat", array_like=True):
+    """Backend host -> scheduler, every ``--host-heartbeat-interval-ms``, from a thread
+    of the host's own on a stream of its own (services/backend_host/heartbeat.py): the
+    process still runs. A host that sent one and then goes silent for
+    ``--host-heartbeat-timeout-ms`` is gone (services/scheduler/liveness.py)."""
+
+    host_id: str
+
+
+class HostGone(msgspec.Struct, tag="host_gone", array_like=True):
+    """Scheduler -> every frontend: this backend host is gone (its stream closed, or it
+    stopped answering); the requests a frontend sent it directly fail now, and nothing
+    more goes to it until it joins again."""
+
+    host_id: str
+    why: str  # "exited", "stopped answering (no heartbeat for 2.1 s)"
+
+
 # What each socket may receive: one decoder per socket.
 SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel | StatsReport
-SchedulerFromHost = HostHello | LoadResult | Completion | StatsReport
-FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink | Settings
+SchedulerFromHost = HostHello | LoadResult | Completion | StatsReport | Heartbeat
+FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink | Settings | HostGone
 HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel | Settings
 HostFromFrontend = Release | ExecuteBatch | Cancel
 

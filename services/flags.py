@@ -517,6 +517,32 @@ def add_inline_threshold(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_heartbeat_flags(
+    group: argparse._ActionsContainer, *, interval: bool = True, timeout: bool = True
+) -> None:
+    """Failure detection (docs/deployment.md, "Failures"): backend hosts beat, the
+    scheduler declares a host that falls silent gone."""
+    if interval:
+        group.add_argument(
+            "--host-heartbeat-interval-ms",
+            type=int,
+            default=500,
+            metavar="MS",
+            help="backend hosts tell the scheduler they run this often, from a thread of "
+            "their own (0: never; default %(default)s)",
+        )
+    if timeout:
+        group.add_argument(
+            "--host-heartbeat-timeout-ms",
+            type=int,
+            default=3000,
+            metavar="MS",
+            help="the scheduler declares a backend host gone after this long without its "
+            "heartbeat: its requests fail or run again elsewhere (0: only when its "
+            "connection closes; default %(default)s)",
+        )
+
+
 def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tritonserver flags that act")
     g.add_argument(
@@ -561,6 +587,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
         help="let clients register system shared-memory regions (refused with a clear error otherwise)",
     )
     add_inline_threshold(parser.add_argument_group("Despina's tensor transport"))
+    add_heartbeat_flags(parser.add_argument_group("Despina's failure detection"))
     later = parser.add_argument_group("tritonserver flags accepted, not acted on yet")
     for flag in NOT_YET:
         dest = "ignored_" + flag[2:].replace("-", "_")

@@ -126,6 +126,7 @@ class Supervisor:
                     *repos,
                     *model_control_argv(args),
                     *([] if auto_complete(args) else ["--disable-auto-complete-config"]),
+                    f"--host-heartbeat-timeout-ms={args.host_heartbeat_timeout_ms}",
                     *verbose,
                 ],
                 order=2,
@@ -143,6 +144,7 @@ class Supervisor:
                 hosts,
                 inline,
                 *speed,
+                f"--host-heartbeat-interval-ms={args.host_heartbeat_interval_ms}",
                 *verbose,
             ]
         )

@@ -20,7 +20,7 @@ from despina.common.logs import setup_logging
 from despina.common.settings import HostSettings
 from despina.services.backend_host.backend import Backend, InstanceSpec
 from despina.services.backend_host.host import BackendHost
-from despina.services.flags import add_inline_threshold, add_speed_paths
+from despina.services.flags import add_heartbeat_flags, add_inline_threshold, add_speed_paths
 from despina.services.observability_flags import add_log_trace_flags, log_settings_of
 
 log = logging.getLogger("despina.backend_host")
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-id", default=None)
     add_inline_threshold(parser)  # outputs this large come back through this host's arena
     add_speed_paths(parser)  # a host acts on busy polling, burst sends and loop execution
+    add_heartbeat_flags(parser, timeout=False)
 
 
 def make_backend(framework: str) -> Backend:
@@ -70,6 +71,7 @@ async def run_instance(spec: InstanceSpec, args: argparse.Namespace, settings: H
         arena_threshold=args.inline_threshold,
         speed=settings.speed,
         statistics=settings.process.statistics,
+        heartbeat_interval_s=args.host_heartbeat_interval_ms / 1000,
     )
     _install_signals(host)
     try:
@@ -111,6 +113,7 @@ async def run_host(args: argparse.Namespace, settings: HostSettings) -> int:
         arena_threshold=args.inline_threshold,
         speed=settings.speed,
         statistics=settings.process.statistics,
+        heartbeat_interval_s=args.host_heartbeat_interval_ms / 1000,
     )
     _install_signals(host)
     await host.run()

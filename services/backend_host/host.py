@@ -38,6 +38,7 @@ from despina.common.stats import Recorder
 from despina.services.backend_host import warmup
 from despina.services.backend_host.backend import Backend, InstanceSpec, ModelInstance
 from despina.services.backend_host.executor import Executor, instance_specs
+from despina.services.backend_host.heartbeat import Heartbeat
 from despina.services.backend_host.replies import Replies
 
 log = logging.getLogger("despina.backend_host")
@@ -62,10 +63,13 @@ class BackendHost:
         arena_threshold: int,
         speed: SpeedPaths | None = None,
         statistics: bool = True,
+        heartbeat_interval_s: float = 0.0,
     ) -> None:
         """``arena_threshold``: outputs of at least this many bytes go back through this
         host's arena when the frontend shares /dev/shm (--inline-threshold). ``speed``:
-        the speed paths (busy polling, burst sends, loop execution); default all on."""
+        the speed paths (busy polling, burst sends, loop execution); default all on.
+        ``heartbeat_interval_s``: how often a thread of its own tells the scheduler this
+        process runs (heartbeat.py); 0: never."""
         self.speed = speed = speed or SpeedPaths()
         self.scheduler_endpoint = scheduler_endpoint
         self.framework = framework
@@ -109,6 +113,7 @@ class BackendHost:
         self.on_load: Callable[[m.LoadModel], None] | None = None
         self.on_unload: Callable[[m.UnloadModel], None] | None = None
         self.on_rejoin: Callable[[], None] | None = None
+        self.heartbeat = Heartbeat(scheduler_endpoint, self.host_id, heartbeat_interval_s)
 
     def _idle(self) -> bool:
         """Nothing executing and nothing waiting in a batcher."""
@@ -147,6 +152,7 @@ class BackendHost:
                 continue
             backoff = 0.02
             self._hello()
+            self.heartbeat.start()  # once: it reconnects by itself
             if self._load_error:
                 break  # the hello told the scheduler why this instance cannot serve
             log.info(
@@ -169,6 +175,7 @@ class BackendHost:
             executor.unload_all()
             if self.on_rejoin is not None:
                 self.on_rejoin()
+        self.heartbeat.stop()
         await self._drain()
         executor.unload_all()
         self.replies.close()

@@ -13,7 +13,12 @@ from despina.common import streams
 from despina.common.errors import ServerError
 from despina.common.logs import setup_logging
 from despina.common.settings import SchedulerSettings
-from despina.services.flags import add_model_control_flags, add_speed_paths, parse_bool
+from despina.services.flags import (
+    add_heartbeat_flags,
+    add_model_control_flags,
+    add_speed_paths,
+    parse_bool,
+)
 from despina.services.observability_flags import (
     add_log_trace_flags,
     log_settings_of,
@@ -63,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
     add_model_control_flags(parser)
+    add_heartbeat_flags(parser, interval=False)
     parser.add_argument(
         "--disable-auto-complete-config",
         action="store_true",
@@ -96,6 +102,7 @@ async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
             ),
             settings=SettingsStore(log_settings_of(args), trace_settings_of(args)),
             instance_placement=args.instance_placement,
+            heartbeat_timeout_s=args.host_heartbeat_timeout_ms / 1000,
         )
     except ServerError as exc:
         log.error("%s", exc.message)

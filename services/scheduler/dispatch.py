@@ -48,6 +48,11 @@ class InFlight:
     reply_to: str
     rid: int
     slot: Slot
+    # The request as it was queued, kept until its host reports it done: a host that is
+    # lost has it sent again once elsewhere (``fail_host``). Its inline bytes are frames
+    # of the frontend's message, kept alive by it; its shared-memory inputs stay the
+    # frontend's until the frontend has the request's reply, which it has not yet.
+    pending: Pending
 
 
 class Dispatcher:
@@ -106,7 +111,7 @@ class Dispatcher:
                     frames.inline(req.inputs, p.buffers)
                     req.sid = sid = self._next_sid
                     self._next_sid += 1
-                    inflight[sid] = InFlight(p.frontend, req.reply_to, req.rid, slot)
+                    inflight[sid] = InFlight(p.frontend, req.reply_to, req.rid, slot, p)
                     requests.append(req)
                 if not requests:  # all cancelled: the instance is free again
                     self._release_slot(slot)
@@ -187,12 +192,54 @@ class Dispatcher:
         for host, cancelled in sent.items():
             self.send_host(host, m.Cancel(reply_to, cancelled))
 
-    def fail_host(self, host: HostStream, exc: ServerError) -> None:
-        """The host is gone: answer every request in flight on it with ``exc``."""
+    def fail_host(
+        self,
+        host: HostStream,
+        exc: ServerError,
+        *,
+        lost: str = "",
+        sequences: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
+        """The host is gone (its slots already removed from the schedulers). Each request
+        in flight on it is, when stateless and not sent again before, queued again on
+        its model version, once, when another instance of it is left; a request of a
+        sequence (a ``sequence_id``, or a model in ``sequences``) gets the lost-sequence
+        error, never a retry (its state died with the host); any other gets ``exc``.
+        ``lost``: what happened to the host, for the lost-sequence error ("exited").
+        Runs on the loop's thread; sends the retries in this wake."""
+        again: set[tuple[str, str]] = set()
         for sid, entry in list(self.inflight.items()):
-            if entry.slot.host is host:
-                del self.inflight[sid]
+            if entry.slot.host is not host:
+                continue
+            del self.inflight[sid]
+            p = entry.pending
+            req = p.request
+            key = (entry.slot.model, entry.slot.version)
+            sequence_id = req.parameters.get("sequence_id")
+            if sequence_id or key[0] in sequences:
+                self.fail(entry, lost_sequence(req, sequence_id, lost or "exited"))
+                continue
+            sched = self.schedulers.get(key)
+            if p.retried or sched is None or sched.slot_count == 0:
                 self.fail(entry, exc)
+                continue
+            sched.enqueue(Pending(p.frontend, req, p.buffers, retried=True))
+            again.add(key)
+        if again:
+            log.warning(
+                "sending the requests that were in flight on a lost backend host to other "
+                "instances of %s",
+                ", ".join(f"'{name}' version {version}" for name, version in sorted(again)),
+            )
+        for key in again:
+            self.dispatch(key)
+
+    def announce_gone(self, host_id: str, why: str) -> None:
+        """Tell every frontend that ``host_id`` is gone (``messages.HostGone``): each
+        fails what it sent the host directly, and sends it nothing more."""
+        notice = m.HostGone(host_id, why)
+        for frontend in list(self.frontends.values()):
+            self.send_frontend(frontend, notice)
 
     # --- to frontends -----------------------------------------------------------------
 
@@ -216,6 +263,17 @@ class Dispatcher:
             self.driver.send([identity, self._encode(msg)])
         else:
             identity.send([self._encode(msg)])
+
+
+def lost_sequence(req: m.Infer, sequence_id: object, lost: str) -> ServerError:
+    """The error of a request whose sequence lived on a host that was lost: the
+    sequence's state is gone, and only a new sequence (START) can go on."""
+    which = f"sequence {sequence_id} " if sequence_id else "a sequence "
+    return unavailable(
+        f"inference request for {which}to model '{req.model}' failed: the backend host "
+        f"holding the sequence {lost}, and the sequence's state is lost; start the "
+        "sequence again with the START flag"
+    )
 
 
 def _queued(sched: ModelScheduler) -> list[Pending]:

@@ -28,6 +28,7 @@ class Pending:
     frontend: Any  # the frontend: ZeroMQ identity (bytes) or its stream
     request: m.Infer
     buffers: list = field(default_factory=list)
+    retried: bool = False  # sent again after its host was lost (dispatch.fail_host)
 
 
 class ModelScheduler(Protocol):

@@ -333,23 +333,48 @@ class Placement:
         self._host_gone(host, "its connection closed")
         return True
 
-    def _host_gone(self, host: Host, why: str) -> None:
-        """Fail what the host was running, drop its instances, and re-place its models."""
+    def host_silent(self, host: Host, silent_s: float) -> None:
+        """``host`` beat, then said nothing for ``silent_s`` seconds (liveness.py): it is
+        gone as if it had exited, and its stream is cut (a frozen host that comes back
+        finds it closed and joins again as a new host)."""
+        if self.hosts.get(host.stream) is not host:
+            return
+        cause = f"stopped answering (no heartbeat for {silent_s:.1f} s)"
+        self._host_gone(host, f"it {cause}", cause)
+        transport = host.stream.transport
+        if transport is not None:
+            transport.abort()  # not close(): that would wait to flush to a frozen peer
+
+    def _host_gone(self, host: Host, why: str, cause: str = "exited") -> None:
+        """Drop the host's instances, send what it was running to another instance of
+        the same version once or fail it (dispatch.Dispatcher.fail_host), tell the
+        frontends, and re-place its models. ``cause``: what the host did, as requests
+        and frontends are told ("exited", "stopped answering (...)")."""
         self.hosts.pop(host.stream, None)
         log.error(
             "backend host %s (%s, pid %d) is gone: %s", host.host_id, host.framework, host.pid, why
-        )
-        self.dispatcher.fail_host(
-            host.stream,
-            unavailable(
-                f"the backend host running the model ({host.framework}, pid {host.pid}) "
-                "exited while the request was in flight"
-            ),
         )
         for model in [*self.models.values(), *self.staging.values()]:
             for version, sched in model.schedulers.items():
                 if sched.remove_slots(host.stream):
                     self._lost_instances(model, version, sched, host)
+        named = f"{host.framework}, pid {host.pid}"
+        if cause != "exited":
+            named = f"{host.host_id}, {named}"
+        self.dispatcher.fail_host(
+            host.stream,
+            unavailable(
+                f"the backend host running the model ({named}) {cause} while the request "
+                "was in flight"
+            ),
+            lost=f"({named}) {cause}",
+            sequences={
+                name
+                for name, model in self.models.items()
+                if model.config is not None and model.config.HasField("sequence_batching")
+            },
+        )
+        self.dispatcher.announce_gone(host.host_id, cause)
         self.routes.publish()
         self.place()
 

@@ -13,8 +13,10 @@ This module wires the parts and routes what comes in to them:
   routes.RoutePublisher   the frontends, and the direct routes they are told
 
 Failure handling: a request that cannot run gets an error reply to its frontend; a
-backend host whose stream closes has its in-flight requests failed with UNAVAILABLE at
-once, and its models placed again when a host of the same framework (re)joins.
+backend host whose stream closes, or that stops sending heartbeats (liveness.Liveness),
+is gone: its in-flight requests are sent once more to another instance or fail with
+UNAVAILABLE at once, the frontends are told, and its models are placed again when a
+host of the same framework (re)joins.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from despina.services.scheduler.default import DefaultScheduler
 from despina.services.scheduler.dispatch import Dispatcher, FrontendId, HostStream
 from despina.services.scheduler.dynamic_batcher import DynamicBatcher
 from despina.services.scheduler.interface import ModelScheduler, Pending
+from despina.services.scheduler.liveness import Liveness
 from despina.services.scheduler.model_control import ControlSettings, ModelControl
 from despina.services.scheduler.placement import Hosts, Placement
 from despina.services.scheduler.repository import Model
@@ -65,10 +68,13 @@ class SchedulerServer:
         control: ControlSettings | None = None,
         settings: SettingsStore | None = None,
         instance_placement: str = "per-host",
+        heartbeat_timeout_s: float = 0.0,
     ) -> None:
         """``speed``: the speed paths (direct routes, burst sends); default all on.
         ``control``: model control (mode, models to load, polling); default mode none.
-        ``instance_placement``: placement.PER_HOST or placement.SPREAD."""
+        ``instance_placement``: placement.PER_HOST or placement.SPREAD.
+        ``heartbeat_timeout_s``: a host silent this long is gone (liveness.py); 0: only
+        a host whose stream closes."""
         control = control or ControlSettings()
         # The logging and trace settings (settings_store.py), from the flags.
         self.settings = settings or SettingsStore()
@@ -104,6 +110,7 @@ class SchedulerServer:
             instance_placement,
         )
         self.model_control.attach(self.placement, self.routes, self.dispatcher, self.stop)
+        self.liveness = Liveness(self.hosts, self.placement.host_silent, heartbeat_timeout_s)
         self.control = ControlAnswers(
             self.models,
             self.regions,
@@ -147,6 +154,7 @@ class SchedulerServer:
             driver = transport.SocketDriver(sock, self._on_frontend_burst)
         self.dispatcher.start(driver)
         self.model_control.start()
+        self.liveness.start()
         host_server = await streams.serve(
             self.host_endpoint, self._on_stream_burst, self._on_stream_lost
         )
@@ -162,6 +170,7 @@ class SchedulerServer:
             await self._stopping.wait()
         finally:
             host_server.close()
+            self.liveness.close()
             self.model_control.close()
             self.placement.close()
             self.dispatcher.close()
@@ -231,6 +240,8 @@ class SchedulerServer:
                     self.dispatcher.send_host(stream, self.settings.message())
             elif isinstance(msg, m.LoadResult):
                 self.placement.load_result(stream, msg, touched)
+            elif isinstance(msg, m.Heartbeat):
+                self.liveness.beat(msg.host_id)
         for key in touched:
             self._dispatch(key)
 
