@@ -187,6 +187,10 @@ def restarted(tmp_path_factory):
             wait_for(lambda: len(load.outcomes) > 20 or 1 / 0, 20, "load running", topo.log)
             killed_at = time.monotonic()
             topo.restart_scheduler()
+            probes = []  # readiness probes meanwhile: (answer, seconds)
+            while len(probes) < 10:
+                t0 = time.monotonic()
+                probes.append((client.is_server_ready(), time.monotonic() - t0))
             # through the new scheduler: the region registered again, the model placed again
             recovery = wait_for(
                 lambda: infer_from_region(client, kept), RECOVERY_S, "a request", topo.log
@@ -201,6 +205,7 @@ def restarted(tmp_path_factory):
             "outcomes": load.outcomes,
             "killed_at": killed_at,
             "recovery": recovery,
+            "probes": probes,
         }
     finally:
         client.close()
@@ -232,6 +237,14 @@ def test_requests_under_load_succeed_or_fail_unavailable(restarted):
         # in flight at the kill: sent to the scheduler, or straight to a host that had
         # just dropped its instances (it lost the scheduler first)
         assert "scheduler" in message or "not loaded on this host" in message, message
+
+
+def test_readiness_answers_at_once_during_restart(restarted):
+    """A readiness probe while the scheduler is away or not ready yet answers (not ready,
+    or ready once it is) at once instead of waiting for it."""
+    probes = restarted["probes"]
+    assert max(took for _, took in probes) < 1.0, probes
+    assert not probes[0][0], probes  # just killed: not ready
 
 
 def test_registered_region_works_after_restart(restarted):
