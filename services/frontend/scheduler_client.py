@@ -532,6 +532,8 @@ class SchedulerClient:
             elif isinstance(msg, m.HostLink) and link is not None:
                 link.peer = msg.host_id
                 self._host_links[msg.host_id] = link
+            elif isinstance(msg, m.HostGone):
+                self._host_gone(msg)
             elif isinstance(msg, m.Routes):
                 self.routes.update(msg)
             elif isinstance(msg, m.Settings):
@@ -553,8 +555,19 @@ class SchedulerClient:
         if not isinstance(host_id, str) or self._host_links.get(host_id) is not link:
             return
         del self._host_links[host_id]
+        self._fail_direct(host_id, "exited")
+
+    def _host_gone(self, msg: m.HostGone) -> None:
+        """The scheduler declared a backend host gone (its stream closed, or it stopped
+        answering while its link here may stay open, frozen): send it nothing more until
+        it introduces itself again (``m.HostLink``), and fail what was sent it directly."""
+        self._host_links.pop(msg.host_id, None)
+        self._fail_direct(msg.host_id, msg.why)
+
+    def _fail_direct(self, host_id: str, why: str) -> None:
+        """Fail with UNAVAILABLE every call this frontend sent ``host_id`` directly."""
         died = unavailable(
-            f"the backend host running the model ({host_id}) exited while the request was in flight"
+            f"the backend host running the model ({host_id}) {why} while the request was in flight"
         )
         for rid, call in list(self._pending.items()):
             if call.target is not None and call.target.host_id == host_id:
