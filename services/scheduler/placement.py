@@ -15,8 +15,10 @@ The policy (``--instance-placement``, docs/deployment.md "Placing instances"):
   instances of it.
 - ``spread``: ``count`` is the total over the framework's hosts. Missing instances go to
   the hosts holding fewest of the version's instances; a host that leaves has its
-  instances placed again on the others, and a host that joins takes instances of the
-  versions that have fewer than ``count`` placed.
+  instances placed again on the others. When a version's hosts differ by two instances
+  or more (a host joined), instances move: the new one loads on the host with fewest,
+  and once it serves the old one leaves the routes and the scheduler's slots, and
+  unloads MOVE_GRACE_S later (as a reload's old instances do).
 
 Instance indexes are unique per load across hosts: a load's indexes come in blocks of
 ``count`` from ``generation * messages.INSTANCE_STRIDE``, a block per placement (per
@@ -32,6 +34,7 @@ Python instance process each say which load they belong to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
@@ -54,6 +57,9 @@ SPREAD = "spread"
 POLICIES = (PER_HOST, SPREAD)
 
 LoadKey: TypeAlias = tuple[str, str, int]  # (model, version, generation)
+# A moved instance leaves the routes, then unloads this much later: frontends have the
+# routes without it and the direct requests sent before them have finished.
+MOVE_GRACE_S = 1.0
 
 
 @dataclass(eq=False)
@@ -70,6 +76,10 @@ class Host:
 
 
 Hosts: TypeAlias = dict[HostStream, Host]
+# A placement: a host, the instance positions it loads, and for each the (host, index)
+# it replaces (a move) or None.
+Plan: TypeAlias = tuple[Host, list[int], list[tuple[Host, int] | None]]
+Move: TypeAlias = tuple[Host, Host, int]  # to this host, from this host's index
 
 
 class Placement:
@@ -98,6 +108,9 @@ class Placement:
         self.staging: dict[str, Model] = {}
         # Blocks of ``count`` indexes handed out per load (see the module's docstring).
         self._blocks: dict[LoadKey, int] = {}
+        # Spread's moves under way: (load, new index) -> (the host loading it, the host
+        # and index it replaces).
+        self._moves: dict[tuple[LoadKey, int], Move] = {}
 
     def host_joined(self, stream: HostStream, hello: m.HostHello, touched: set) -> None:
         """A host's first message. Closes a host of another protocol version."""
@@ -163,6 +176,10 @@ class Placement:
             if why:
                 self._load_failed(*found, why)
                 return
+        host = self.hosts.get(stream)
+        if host is not None:  # not those unloaded meanwhile (moved, failed here)
+            held = host.loads.get((res.model, res.version, found[0].generation), ())
+            res.instances = [i for i in res.instances if i in held]
         if res.instances:
             self._add_slots(*found, stream, res.instances, touched)
 
@@ -182,6 +199,63 @@ class Placement:
             log.info("successfully loaded '%s' version %s", mv.name, mv.version)
         touched.add((mv.name, mv.version))
         self.routes.publish()
+        if self._moves:
+            key = (mv.name, mv.version, model.generation)
+            for index in indexes:
+                move = self._moves.pop((key, index), None)
+                if move is not None:
+                    self._retire_moved(model, mv.version, key, move[1], move[2])
+
+    def _retire_moved(
+        self, model: Model, version: str, key: LoadKey, host: Host, index: int
+    ) -> None:
+        """The instance that replaces ``host``'s ``index`` serves: take ``index`` off the
+        scheduler's slots and the routes now, unload it MOVE_GRACE_S later."""
+        if self.hosts.get(host.stream) is not host or index not in host.loads.get(key, ()):
+            return  # gone meanwhile
+        sched = model.schedulers.get(version)
+        slots = getattr(sched, "slots", None)
+        slot = next((s for s in slots or () if s.index == index), None)
+        if slots is not None and slot is not None:
+            slots.remove(slot)
+            self.routes.publish()
+        log.info(
+            "'%s' version %s: instance %d moves off backend host %s",
+            key[0],
+            key[1],
+            index,
+            host.host_id,
+        )
+        asyncio.get_running_loop().call_later(
+            MOVE_GRACE_S, self._unload_moved, model.name, version, key, host, index, slot, 50
+        )
+
+    def _unload_moved(
+        self,
+        name: str,
+        version: str,
+        key: LoadKey,
+        host: Host,
+        index: int,
+        slot: Slot | None,
+        tries: int,
+    ) -> None:
+        """Unload a moved instance once the scheduler has no batch on it (checked every
+        0.1 s, ``tries`` more times at most)."""
+        if slot is not None and slot.busy > 0 and tries > 0:
+            asyncio.get_running_loop().call_later(
+                0.1, self._unload_moved, name, version, key, host, index, slot, tries - 1
+            )
+            return
+        indexes = host.loads.get(key)
+        if self.hosts.get(host.stream) is not host or indexes is None or index not in indexes:
+            return  # gone, or the load stopped meanwhile
+        indexes.remove(index)
+        for other in list(self.hosts.values()):  # a Python instance's process: no loss
+            if other.instance_of == (name, version, index):
+                del self.hosts[other.stream]
+        self._send(host.stream, m.UnloadModel(name, version, [index]))
+        self.place()  # more to move, maybe
 
     def _failed_on(self, host: Host, model: Model, mv: ModelVersion, error: str) -> None:
         """``mv`` failed to load on ``host`` while other hosts serve it: it stays READY
@@ -198,7 +272,13 @@ class Placement:
             error,
         )
         self._send(host.stream, m.UnloadModel(model.name, mv.version, indexes))
+        self._cancel_moves(host)
         self.place()  # spread: its instances go to another host
+
+    def _cancel_moves(self, host: Host) -> None:
+        """``host`` will not load the instances moving to it: those stay where they are."""
+        for move_key in [k for k, move in self._moves.items() if move[0] is host]:
+            del self._moves[move_key]
 
     def _load_failed(self, model: Model, mv: ModelVersion, error: str) -> None:
         mv.state, mv.reason = State.UNAVAILABLE, f"load failed: {error}"
@@ -213,6 +293,8 @@ class Placement:
         has withdrawn their routes and waited for their requests."""
         key = (model.name, version, model.generation)
         self._blocks.pop(key, None)
+        for move_key in [k for k in self._moves if k[0] == key]:
+            del self._moves[move_key]
         for host in list(self.hosts.values()):
             host.failed.discard(key)
             indexes = host.loads.pop(key, None)
@@ -260,12 +342,15 @@ class Placement:
                 plan = (
                     self._per_host(key, count, usable)
                     if self.policy == PER_HOST
-                    else self._spread(key, count, usable)
+                    else self._spread(key, count, usable, mv.state is State.READY)
                 )
-                for host, positions in plan:
+                for host, positions, replaces in plan:
                     indexes = self._indexes(key, model.generation, count, positions)
                     if indexes is None:
                         break
+                    for new, old in zip(indexes, replaces):
+                        if old is not None:  # spread: it moves here
+                            self._moves[(key, new)] = (host, *old)
                     host.loads.setdefault(key, []).extend(indexes)
                     if mv.state is not State.READY:
                         mv.state = State.LOADING
@@ -281,30 +366,50 @@ class Placement:
                     )
 
     @staticmethod
-    def _per_host(key: LoadKey, count: int, hosts: list[Host]) -> list[tuple[Host, list[int]]]:
+    def _per_host(key: LoadKey, count: int, hosts: list[Host]) -> list[Plan]:
         """``per-host``: every host without the load gets all ``count`` instances."""
-        return [(h, list(range(count))) for h in hosts if key not in h.loads]
+        return [(h, list(range(count)), [None] * count) for h in hosts if key not in h.loads]
 
-    def _spread(self, key: LoadKey, count: int, hosts: list[Host]) -> list[tuple[Host, list[int]]]:
-        """``spread``: the instance positions (``index % count``) no host holds, each
-        to the host holding fewest of the load's instances (then fewest instances)."""
+    def _spread(self, key: LoadKey, count: int, hosts: list[Host], ready: bool) -> list[Plan]:
+        """``spread``: the instance positions (``index % count``) no host holds, each to
+        the host holding fewest of the load's instances (then fewest instances). With
+        none missing and no move under way, instances move from the hosts holding most
+        to those holding fewest until they differ by one at most (``ready``: the version
+        serves, so every instance placed is loaded)."""
         held = {
             index % m.INSTANCE_STRIDE % count
             for h in self.hosts.values()
             for index in h.loads.get(key, ())
         }
         missing = [j for j in range(count) if j not in held]
-        if not missing or not hosts:
+        if not hosts:
             return []
-        share = {h: len(h.loads.get(key, ())) for h in hosts}
+        moving = [move for k, move in self._moves.items() if k[0] == key]
+        leaving = {(id(h), i) for _, h, i in moving}
+        share = {h: sum((id(h), i) not in leaving for i in h.loads.get(key, ())) for h in hosts}
         total = {h: sum(len(i) for i in h.loads.values()) for h in hosts}
-        given: dict[Host, list[int]] = {}
-        for j in missing:
+        given: dict[Host, tuple[list[int], list[tuple[Host, int] | None]]] = {}
+
+        def give(j: int, replaces: tuple[Host, int] | None) -> Host:
             host = min(hosts, key=lambda h: (share[h], total[h]))
             share[host] += 1
             total[host] += 1
-            given.setdefault(host, []).append(j)
-        return list(given.items())
+            positions, replaced = given.setdefault(host, ([], []))
+            positions.append(j)
+            replaced.append(replaces)
+            return host
+
+        for j in missing:
+            give(j, None)
+        while ready and not missing and not moving:
+            most = max(hosts, key=lambda h: share[h])
+            if share[most] - min(share.values()) < 2:
+                break
+            index = next(i for i in reversed(most.loads[key]) if (id(most), i) not in leaving)
+            leaving.add((id(most), index))
+            share[most] -= 1
+            give(index % m.INSTANCE_STRIDE % count, (most, index))
+        return [(h, positions, replaced) for h, (positions, replaced) in given.items()]
 
     def _indexes(
         self, key: LoadKey, generation: int, count: int, positions: list[int]
@@ -354,6 +459,7 @@ class Placement:
         log.error(
             "backend host %s (%s, pid %d) is gone: %s", host.host_id, host.framework, host.pid, why
         )
+        self._cancel_moves(host)  # what was moving to it stays where it was
         for model in [*self.models.values(), *self.staging.values()]:
             for version, sched in model.schedulers.items():
                 if sched.remove_slots(host.stream):
