@@ -66,7 +66,7 @@ def per_host(tmp_path_factory):
     ``scheduled`` (priority levels: every request goes through the scheduler)."""
     topo = _topology(
         tmp_path_factory,
-        [],
+        ["--model-control-mode=explicit", "--load-model=*"],
         {
             "simple": (1, ""),
             "scheduled": (1, "dynamic_batching { priority_levels: 2 default_priority_level: 1 }\n"),
@@ -244,6 +244,39 @@ def test_host_leaving_keeps_the_model_ready_and_serving(per_host):
     assert len(remaining) == len(services) - 1
     seen = serve_until(per_host, "simple", remaining, since)
     assert set(seen) == remaining, f"executions by host: {seen}"
+
+
+def test_reload_replaces_the_instances_on_every_host(per_host):
+    """A load with a config override starts the next generation on every host (its
+    own indexes) and retires the old one's everywhere: afterwards every host executes on
+    new indexes only; an unload leaves the model not ready, a load brings it back."""
+    pids = host_pids(per_host)
+    old = set().union(*executions(per_host, "simple").values())
+    client = httpclient.InferenceServerClient(per_host.url)
+    try:
+        config = (per_host.repository / "simple" / "config.pbtxt").read_text()
+        client.load_model("simple", config=_json_config(config))
+        per_host.wait_log("load 0 retired")
+        since = len(per_host.log())
+        seen = serve_until(per_host, "simple", pids, since)
+        assert set(seen) == pids, seen
+        new = set().union(*seen.values())
+        assert len(new) == 2 and new.isdisjoint(old) and min(new) >= 1000, (old, new)
+        client.unload_model("scheduled")
+        assert not client.is_model_ready("scheduled")
+        client.load_model("scheduled")
+        assert client.is_model_ready("scheduled")
+    finally:
+        client.close()
+
+
+def _json_config(pbtxt: str) -> str:
+    """A config.pbtxt as the JSON a load request's ``config`` carries."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(pbtxt, model_config_pb2.ModelConfig())
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
 PID_MODEL = """
