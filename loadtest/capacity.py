@@ -10,7 +10,9 @@ turn (interleaved rounds, so a slow minute of the machine hits each arm alike) b
 ``despina perf`` at a concurrency that keeps every instance busy; the table gives the
 median over the rounds of infer/s, p50, and the server's CPU (every process of the arm)
 per inference, infer/s against one host, the best round, and the CPU the machine spent
-on other people's work meanwhile (a shared machine: rounds it disturbed show there).
+on other people's work meanwhile (a shared machine: rounds it disturbed show there); each
+round also prints how the backend hosts' CPU split between them (the load is spread when
+each has its share, whatever the machine's noise).
 
     .venv/bin/python loadtest/capacity.py                     # 1, 2, 3 hosts; 3 rounds
     .venv/bin/python loadtest/capacity.py --hosts 1,2,4 --rounds 5 --out results/raw/x.txt
@@ -131,6 +133,26 @@ def serve(repository: Path, hosts: int, log_dir: Path, timeout: float = 90.0) ->
         log.close()
 
 
+def host_cpu_s(pgid: int) -> dict[int, float]:
+    """CPU seconds of each backend host process of the server in process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"despina.services.backend_host" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
 def group_cpu_s(pgids: set[int]) -> float:
     """CPU seconds (user + system) of the live processes in the process groups ``pgids``
     (each ``serve`` runs in its own session, its children with it)."""
@@ -212,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         pgids = {srv["pid"] for srv in served.values()}
         for rnd in range(1, args.rounds + 1):
             for n, srv in served.items():
+                hosts0 = host_cpu_s(srv["pid"])
                 try:
                     with steal_meter() as meter, others_meter(pgids) as others:
                         rec = perf_run(
@@ -228,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"despina perf failed ({n} hosts):\n{exc.stderr}") from None
                 rec.update(meter)
                 rec.update(others)
+                hosts1 = host_cpu_s(srv["pid"])
+                used = sorted((hosts1[p] - hosts0.get(p, 0.0) for p in hosts1), reverse=True)
+                rec["host_split"] = "/".join(f"{100 * u / (sum(used) or 1):.0f}" for u in used)
                 requests = rec["requests"]
                 rec["server_us"] = rec["server_cpu_s"] / requests * 1e6 if requests else 0.0
                 runs[n].append(rec)
@@ -235,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"round={rnd} hosts={n} infer/s={rec['infer_per_s']:.0f} "
                     f"p50={rec['p50_ms']:.2f} ms errors={rec['errors']} "
                     f"server_cpu={rec['server_us']:.0f}us/infer steal={rec['steal_cores']:.2f} "
-                    f"others={rec['others_cores']:.2f} cores"
+                    f"others={rec['others_cores']:.2f} cores hosts' CPU %={rec['host_split']}"
                 )
     base = statistics.median(r["infer_per_s"] for r in runs[counts[0]])
     say(
