@@ -230,7 +230,7 @@ def test_frontend_processes_option(two):
     # Both processes stop with their parent.
     two.kill(added.service)
     deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
 
