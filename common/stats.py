@@ -178,7 +178,7 @@ class Recorder:
     Measured: counting each request as it ended cost a backend host ~40 µs of CPU per
     request at concurrency 1 (cold code between two sleeps), the append costs ~1 µs."""
 
-    __slots__ = ("_send", "_period_s", "_models", "_timer", "_requests", "collect")
+    __slots__ = ("_send", "_period_s", "_models", "_timer", "_requests", "_successes", "collect")
 
     def __init__(
         self,
@@ -192,7 +192,8 @@ class Recorder:
         self._period_s = period_s
         self._models: dict[tuple[str, str], ModelStatistics] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._requests: list[tuple] = []
+        self._requests: list = []  # request(): six values each
+        self._successes: list = []  # success(): six values each
         self.collect = collect
 
     def arm(self) -> None:
@@ -215,7 +216,29 @@ class Recorder:
             self.collect()
         requests, self._requests = self._requests, []
         if requests:
-            self._count_requests(requests)
+            self._count_requests(
+                requests[0::6],
+                requests[1::6],
+                requests[2::6],
+                np.array(requests[3::6], dtype=np.int64),
+                requests[4::6],
+                requests[5::6],
+            )
+        successes, self._successes = self._successes, []
+        if successes:
+            t0 = np.array(successes[2::6])
+            sent = np.array(successes[3::6])
+            reply = np.array(successes[4::6])
+            now = np.array(successes[5::6])
+            # As int((b - a) * 1e9) on each, in the same float operations.
+            self._count_requests(
+                successes[0::6],
+                successes[1::6],
+                [None] * (len(successes) // 6),
+                ((now - t0) * 1e9).astype(np.int64),
+                np.where(sent != 0.0, ((sent - t0) * 1e9).astype(np.int64), -1),
+                np.where(reply != 0.0, ((now - reply) * 1e9).astype(np.int64), -1),
+            )
         if self._timer is not None:  # the one that fired, or one armed meanwhile
             self._timer.cancel()
             self._timer = None
@@ -241,12 +264,28 @@ class Recorder:
         if self._timer is None:
             self.arm()
 
-    def _count_requests(self, requests: list) -> None:
-        """Add up a flush's requests, six values each in one flat list, by columns (a
-        slice each): per (model, version, reason), a few numpy calls, whatever the
-        number of requests."""
-        models, versions, reasons = requests[0::6], requests[1::6], requests[2::6]
-        ns_a = np.array(requests[3::6], dtype=np.int64)
+    def success(
+        self, model: str, version: str, t0: float, sent: float, reply: float, now: float
+    ) -> None:
+        """One request answered without error, from its times on ``time.monotonic`` as
+        the frontend took them: began ``t0``, request sent ``sent`` and reply read
+        ``reply`` (0.0: not known), closed ``now``; the durations are worked out at the
+        flush (``request`` with the same numbers counts the same)."""
+        self._successes += (model, version, t0, sent, reply, now)
+        if self._timer is None:
+            self.arm()
+
+    def _count_requests(
+        self,
+        models: list,
+        versions: list,
+        reasons: list,
+        ns_a: np.ndarray,
+        decode: list | np.ndarray,
+        encode: list | np.ndarray,
+    ) -> None:
+        """Add up a flush's requests, given by columns: per (model, version, reason), a
+        few numpy calls, whatever the number of requests."""
         decode_a = encode_a = None
         for (model, version, reason), idx in _groups(models, versions, reasons):
             stats = self.get(model, version)
@@ -263,13 +302,15 @@ class Recorder:
             stats.success_ns += total
             _observe_array(stats, "request", values)
             if decode_a is None:
-                decode_a = np.array(requests[4::6], dtype=np.int64)
-                encode_a = np.array(requests[5::6], dtype=np.int64)
+                decode_a = np.asarray(decode, dtype=np.int64)
+                encode_a = np.asarray(encode, dtype=np.int64)
             for stage, column in (("frontend_decode", decode_a), ("frontend_encode", encode_a)):
                 values = column if idx is None else column[idx]
                 values = values[values >= 0]
                 if len(values):
                     _observe_array(stats, stage, values)
+
+    # --- what a backend host counts -----------------------------------------------------
 
     def executions(self, rows: list, wall_ms: float, now: float) -> None:
         """Count a flush's executions, by columns (a few numpy calls per model version
@@ -343,8 +384,6 @@ class Recorder:
             if waited.any():
                 wn = gn[waited]
                 _observe_array(stats, "batch_wait", gw[waited] // wn, wn)
-
-    # --- what a backend host counts -----------------------------------------------------
 
     def execution(
         self,

@@ -107,24 +107,21 @@ class InferCall(asyncio.Future):
         with Triton's reason (CANCELED, BACKEND: a host's reply; REJECTED: refused before
         any host, or OTHER). A call never sent (its request did not decode) is not."""
         now, t0 = time.monotonic(), self.t0
-        ns = int((now - t0) * 1e9)
         self.t0 = 0.0
         request = self.request
         stats = client.stats
         if request is None or stats is None:
             return
+        if self.done() and not self.cancelled() and self.exception() is None:
+            result = self.result()  # a success: its durations are worked out at the flush
+            stats.success(result.model, result.version, t0, self.t_sent, self.t_reply, now)
+            return
+        ns = int((now - t0) * 1e9)
         if self.cancelled():
             stats.request(request.model, request.version, ns, CANCELED)
-        elif self.done():
-            exc = self.exception()
-            if exc is None:
-                result = self.result()
-                decode = int((self.t_sent - t0) * 1e9) if self.t_sent else -1
-                encode = int((now - self.t_reply) * 1e9) if self.t_reply else -1
-                stats.request(result.model, result.version, ns, None, decode, encode)
-            else:
-                code = getattr(exc, "code", None)
-                reason = CANCELED if code is Code.CANCELLED else (self.reason or OTHER)
-                stats.request(request.model, request.version, ns, reason)
+        elif self.done():  # failed
+            code = getattr(self.exception(), "code", None)
+            reason = CANCELED if code is Code.CANCELLED else (self.reason or OTHER)
+            stats.request(request.model, request.version, ns, reason)
         elif self.reason:
             stats.request(request.model, request.version, ns, self.reason)
