@@ -35,6 +35,7 @@ EXTENSIONS = [
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
+    "statistics",
     "trace",
     "logging",
 ]
