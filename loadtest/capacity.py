@@ -17,8 +17,10 @@ each has its share, whatever the machine's noise).
     .venv/bin/python loadtest/capacity.py                     # 1, 2, 3 hosts; 3 rounds
     .venv/bin/python loadtest/capacity.py --hosts 1,2,4 --rounds 5 --out results/raw/x.txt
 
-Expect the gain to stop at the machine's free cores: on 2 vCPUs, 2 hosts about double one,
-and a third host only shares the same two cores (the client and the frontend need some).
+Expect the gain to stop at the machine's free cores: on 2 vCPUs one host keeps one core
+busy, two use what the load generator, the frontend and the scheduler leave of the second
+(about 1.6x), and a third only shares the same cores (loadtest/README.md#capacity-backend-
+hosts-that-add-throughput).
 """
 
 from __future__ import annotations
@@ -206,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-d", "--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--out", help="also write every line to this file")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.1,
+        help="a round is undisturbed when others' load stays under this many cores",
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.hosts.split(",")]
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
@@ -282,6 +290,24 @@ def main(argv: list[str] | None = None) -> None:
             f"{max(r['infer_per_s'] for r in recs):,.0f} | "
             f"{statistics.median(r['others_cores'] for r in recs):.2f} |"
         )
+    quiet = {n: [r for r in runs[n] if r["others_cores"] < args.quiet] for n in counts}
+    if all(quiet.values()):
+        base = statistics.median(r["infer_per_s"] for r in quiet[counts[0]])
+        say(
+            f"\n## medians of the rounds others' load stayed under {args.quiet} cores (undisturbed)"
+        )
+        say("| backend hosts | rounds | infer/s | p50 ms | server CPU µs/infer | ratio |")
+        say("| --- | --- | --- | --- | --- | --- |")
+        for n in counts:
+            recs = quiet[n]
+            ips = statistics.median(r["infer_per_s"] for r in recs)
+            say(
+                f"| {n} | {len(recs)} | {ips:,.0f} | "
+                f"{statistics.median(r['p50_ms'] for r in recs):.2f} | "
+                f"{statistics.median(r['server_us'] for r in recs):,.0f} | {ips / base:.2f} |"
+            )
+    else:
+        say(f"\n(no undisturbed table: some arm had no round with others under {args.quiet} cores)")
     if out is not None:
         out.close()
 
