@@ -21,24 +21,37 @@ class DefaultScheduler:
         self.queue: deque[Pending] = deque()
         self.slots: list[Slot] = []
         self.depth = depth
+        self._start = 0  # where the next search for a free instance begins
 
     def enqueue(self, pending: Pending) -> None:
         self.queue.append(pending)
 
     def next_batches(self) -> list[tuple[Slot, list[Pending]]]:
         out: list[tuple[Slot, list[Pending]]] = []
-        if not self.queue:
+        queue = self.queue
+        if not queue:
             return out
         # Fill the least busy instance first, one request at a time, so work spreads
         # evenly before any instance gets a second request.
+        start, order = self.turns()
         for level in range(self.depth):
-            for slot in self.slots:
-                if not self.queue:
+            for k, slot in enumerate(order):
+                if not queue:
                     return out
                 if slot.busy == level:
                     slot.busy += 1
-                    out.append((slot, [self.queue.popleft()]))
+                    out.append((slot, [queue.popleft()]))
+                    self._start = start + k + 1
         return out
+
+    def turns(self) -> tuple[int, list[Slot]]:
+        """The instances in the order to look for a free one: starting after the one
+        served last, so that among equally busy instances even one request at a time
+        takes turns over them (and over the hosts that hold them). A caller that serves
+        ``order[k]`` sets ``self._start = start + k + 1``."""
+        slots = self.slots
+        start = self._start % len(slots) if slots else 0
+        return start, (slots[start:] + slots[:start] if start else slots)
 
     def completed(self, slot: Slot, count: int) -> None:
         slot.busy = max(0, slot.busy - count)

@@ -38,8 +38,9 @@ class DynamicBatcher(DefaultScheduler):
     def next_batches(self) -> list[tuple[Slot, list[Pending]]]:
         out: list[tuple[Slot, list[Pending]]] = []
         batcher = self.batcher
+        start, order = self.turns()
         for depth in (0, 1):
-            for slot in self.slots:
+            for k, slot in enumerate(order):
                 if not batcher.items or slot.busy != depth:
                     continue
                 count = batcher.due(may_wait_out=depth == 0)
@@ -47,6 +48,7 @@ class DynamicBatcher(DefaultScheduler):
                     continue
                 slot.busy += 1
                 out.append((slot, batcher.take(count)))
+                self._start = start + k + 1
         if batcher.items and any(s.busy == 0 for s in self.slots):
             batcher.arm()
         else:
