@@ -454,9 +454,9 @@ def model_control_argv(args: argparse.Namespace) -> list[str]:
 
 def add_metrics_flags(group: argparse._ActionsContainer, allow_metrics: bool = False) -> None:
     """tritonserver's metrics flags (services/frontend/metrics.py), declared by both
-    ``despina serve`` (``allow_metrics`` True: on by default, as Triton) and ``despina
-    frontend`` (off unless told: ``serve`` always tells it); ``metrics_flag_argv``
-    forwards them."""
+    ``despina serve`` and ``despina frontend``; ``metrics_flag_argv`` forwards them.
+    ``allow_metrics``: --allow-metrics' default (False until counting costs under 3 %
+    of throughput: docs/observability.md)."""
     group.add_argument(
         "--allow-metrics",
         type=parse_bool,
@@ -464,8 +464,8 @@ def add_metrics_flags(group: argparse._ActionsContainer, allow_metrics: bool = F
         const=True,
         default=allow_metrics,
         help="count statistics in every process, serve the statistics extension and "
-        "Prometheus metrics on --metrics-port (default %(default)s; counting costs under "
-        "3%% of throughput, docs/observability.md)",
+        "Prometheus metrics on --metrics-port (default %(default)s: Triton's is true; in "
+        "Despina counting still costs ~5-10%% of throughput, docs/observability.md)",
     )
     for flag, what in (("--allow-cpu-metrics", "CPU"), ("--allow-gpu-metrics", "GPU")):
         group.add_argument(
@@ -557,7 +557,7 @@ def add_triton_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--http-address", default="0.0.0.0")
     g.add_argument("--http-port", type=int, default=8000)
-    add_metrics_flags(g, allow_metrics=True)
+    add_metrics_flags(g)
     g.add_argument("--allow-http", type=parse_bool, nargs="?", const=True, default=True)
     add_http_flags(g)
     add_grpc_flags(g)

@@ -35,7 +35,6 @@ EXTENSIONS = [
     "system_shared_memory",
     "binary_tensor_data",
     "parameters",
-    "statistics",
     "trace",
     "logging",
 ]

@@ -990,9 +990,12 @@ def test_tls(tmp_path, repository, mutual):
             client.get_model_metadata("no_such_model")
         assert info.value.status() == NOT_FOUND
         assert "no_such_model" in info.value.message()
-        # The statistics extension through grpc.aio's servicer too (on by default).
-        stats = client.get_inference_statistics("simple")
-        assert [(s.name, s.version) for s in stats.model_stats] == [("simple", "1")]
+        # The statistics extension through grpc.aio's servicer too: off by default
+        # (--allow-metrics=false), refused with the flag named, not answered with zeros.
+        with pytest.raises(InferenceServerException) as info:
+            client.get_inference_statistics("simple")
+        assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "--allow-metrics=true" in info.value.message()
         results: queue.Queue = queue.Queue()
         client.start_stream(lambda result, error: results.put((result, error)))
         a = np.full((1, 16), 3, np.int32)

@@ -2,8 +2,7 @@
 frontends and two backend hosts (ONNX Runtime and Python), on direct routes and through
 the scheduler: the counts match the requests sent exactly (polled with a deadline: each
 process reports within 100 ms), failures are counted with their reason, a dynamically
-batched model's batch sizes add up, and an unknown model gets an error. Counting is on
-without --allow-metrics (Triton's default)."""
+batched model's batch sizes add up, and an unknown model gets an error."""
 
 from __future__ import annotations
 
@@ -66,13 +65,12 @@ def stats_repository(root: Path, generator) -> Path:
 )
 def stats_server(request, tmp_path_factory, generator):
     """Two frontends, an ONNX Runtime host and the Python models' processes; the metrics
-    port free. No --allow-metrics: counting is on by default, as in Triton. Shared by
-    test_metrics.py."""
+    port free. Shared by test_metrics.py."""
     root = stats_repository(tmp_path_factory.mktemp("stats_repo"), generator)
     srv = DespinaServer(
         root,
         tmp_path_factory.mktemp("logs") / "serve.log",
-        ["--frontends", "2", *request.param],
+        ["--frontends", "2", "--allow-metrics=true", *request.param],
     ).start()
     yield srv
     srv.stop()
