@@ -286,7 +286,8 @@ class Recorder:
     ) -> None:
         """Add up a flush's requests, given by columns: per (model, version, reason), a
         few numpy calls, whatever the number of requests."""
-        decode_a = encode_a = None
+        decode_a = np.asarray(decode, dtype=np.int64)
+        encode_a = np.asarray(encode, dtype=np.int64)
         for (model, version, reason), idx in _groups(models, versions, reasons):
             stats = self.get(model, version)
             values = ns_a if idx is None else ns_a[idx]
@@ -301,9 +302,6 @@ class Recorder:
             stats.success_count += count
             stats.success_ns += total
             _observe_array(stats, "request", values)
-            if decode_a is None:
-                decode_a = np.asarray(decode, dtype=np.int64)
-                encode_a = np.asarray(encode, dtype=np.int64)
             for stage, column in (("frontend_decode", decode_a), ("frontend_encode", encode_a)):
                 values = column if idx is None else column[idx]
                 values = values[values >= 0]
