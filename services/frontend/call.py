@@ -51,6 +51,7 @@ class InferCall(asyncio.Future):
         "blocks",
         "targets",
         "target",
+        "sent",
         "leases",
         "t0",
         "t_sent",
@@ -68,6 +69,9 @@ class InferCall(asyncio.Future):
         self.blocks: list[tuple[str, int]] = []
         self.targets: frozenset[str] | set[str] = frozenset()  # outputs to client regions
         self.target: Target | None = None  # the instance, when sent there directly
+        # A direct request as sent (scheduler_client._Direct), kept to send it once more
+        # to another host should its host be lost; None once sent again.
+        self.sent: object | None = None
         self.leases: list[tuple[object, str, int]] = []  # (host link, key, offset)
         # Statistics (common/stats.py): when the call began (0.0: not counted), and why
         # it failed where the error alone does not say (Triton's reasons).

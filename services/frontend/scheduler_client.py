@@ -370,7 +370,8 @@ class SchedulerClient:
         else:
             call.target = target
             target.outstanding += 1
-            self._outbox.put(self._host_links[target.host_id], _Direct(target, wire, buffers), now)
+            call.sent = entry = _Direct(target, wire, buffers)
+            self._outbox.put(self._host_links[target.host_id], entry, now)
         return call
 
     def cancelled(self, call: InferCall) -> None:
@@ -565,19 +566,61 @@ class SchedulerClient:
         self._fail_direct(msg.host_id, msg.why)
 
     def _fail_direct(self, host_id: str, why: str) -> None:
-        """Fail with UNAVAILABLE every call this frontend sent ``host_id`` directly."""
+        """Every call this frontend sent ``host_id`` directly is sent once more to
+        another host's instance of its model version (``_retry_direct``), or fails with
+        UNAVAILABLE."""
         died = unavailable(
             f"the backend host running the model ({host_id}) {why} while the request was in flight"
         )
         for rid, call in list(self._pending.items()):
             if call.target is not None and call.target.host_id == host_id:
-                self._resolve_error(rid, died)
+                if not self._retry_direct(call, host_id):
+                    self._resolve_error(rid, died)
+
+    def _retry_direct(self, call: InferCall, host_id: str) -> bool:
+        """Send ``call``, whose host was lost, to the least busy instance of its model
+        version on another host linked here, as the scheduler does with what it had
+        sent a lost host (dispatch.Dispatcher.fail_host): once, and not a request of a
+        sequence (its state was on the lost instance). Its inputs are still where they
+        were (its input blocks are freed only by its reply or error). False: nothing
+        to retry on; the caller fails it."""
+        sent = call.sent
+        call.sent = None
+        if type(sent) is not _Direct or call.done():
+            return False
+        wire = sent.wire
+        if wire.parameters.get("sequence_id"):
+            return False
+        picked = self.routes.pick(wire.model, wire.version, self._host_links)
+        if picked is None or picked[1].host_id == host_id:
+            return False
+        target = picked[1]
+        sent.target.outstanding -= 1
+        call.target = target
+        target.outstanding += 1
+        assert self._outbox is not None
+        self._outbox.put(
+            self._host_links[target.host_id], _Direct(target, wire, sent.buffers), True
+        )
+        log.warning(
+            "request %r for '%s' version %s: its backend host %s was lost; sent again to %s",
+            wire.request_id or wire.rid,
+            wire.model,
+            wire.version,
+            host_id,
+            target.host_id,
+        )
+        return True
 
     def _on_reply(
         self, reply: m.InferReply, frames: list, link: streams.FramedProtocol | None
     ) -> None:
         call = self._pending.pop(reply.rid, None)
         if call is None:
+            if link is not None:  # answered already (a lost host's late reply, or a retry's)
+                for t in reply.outputs:
+                    if isinstance(t.ref, m.Shm):
+                        self._outbox.put(link, (t.ref.key, t.ref.offset))  # type: ignore[union-attr]
             return
         if call.target is not None:
             call.target.outstanding -= 1

@@ -15,8 +15,12 @@ which carries the host's pid (common/logs.py's line layout).
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import re
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -411,3 +415,51 @@ def test_spread_places_a_leaving_hosts_instances_again(spread):
     assert set(after) == {stays.pid}, after
     # Its own instance and the one placed again (a fresh index).
     assert len(after[stays.pid]) == 2 and not after[stays.pid] <= before, (before, after)
+
+
+def _instance_pids(topo: Topology) -> set[int]:
+    """The Python instance processes the Python hosts launched."""
+    pids: set[int] = set()
+    for launcher in topo.host_services("python"):
+        children = subprocess.run(
+            ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+        )
+        pids |= {int(p) for p in children.stdout.split()}
+    return pids
+
+
+def test_direct_request_of_a_lost_host_runs_again_on_another(tmp_path_factory, generator):
+    """A stateless request in flight on a direct route whose host dies is sent once more,
+    by its frontend, to the model's instance on another host: the client gets the
+    answer, not an error."""
+    root = tmp_path_factory.mktemp("retry_repo")
+    generator.python_slow(root)
+    topo = Topology(tmp_path_factory.mktemp("retry"), root, hosts={"python": 2}, shm=False)
+
+    def slow(ms: int):
+        client = httpclient.InferenceServerClient(topo.url, network_timeout=30)
+        inp = httpclient.InferInput("SLEEP_MS", [1], "INT32")
+        inp.set_data_from_numpy(np.array([ms], np.int32))
+        try:
+            return client.infer("slow", [inp])
+        finally:
+            client.close()
+
+    try:
+        topo.wait_ready(model="slow")
+        topo.wait_log("started instance slow_", count=2)
+        instances = _instance_pids(topo)
+        assert len(instances) == 2, instances
+        survivor = int(slow(0).as_numpy("PID")[0])
+        (doomed,) = instances - {survivor}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # One request at a time takes turns: this one runs on the other instance.
+            future = pool.submit(slow, 1500)
+            time.sleep(0.5)
+            os.kill(doomed, signal.SIGKILL)
+            result = future.result(timeout=15)
+        assert int(result.as_numpy("PID")[0]) == survivor
+        assert int(result.as_numpy("SLEPT_MS")[0]) == 1500
+        assert "was lost; sent again to" in topo.log()
+    finally:
+        topo.stop()

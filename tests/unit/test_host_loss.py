@@ -90,7 +90,7 @@ def test_silent_host_is_gone_and_its_request_runs_once_elsewhere(tmp_path: Path)
             name, again = await executed_on(hosts)
             took = time.monotonic() - since
             assert name == other and [r.rid for e in again.executions for r in e.requests] == [21]
-            assert TIMEOUT_S <= took < TIMEOUT_S + 1.0, took
+            assert TIMEOUT_S <= took < TIMEOUT_S + 2.5, took  # a loaded 2-core CI box
             gone, _ = await frontend.next(m.HostGone)
             assert gone.host_id == silent and gone.why.startswith(
                 "stopped answering (no heartbeat for "
