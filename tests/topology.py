@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,3 +209,84 @@ class Topology:
                 service.proc.kill()
                 service.proc.wait(5)
         self._log.close()
+
+
+# --- load ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One request a ``Load`` sent: when, and its error (None: it succeeded)."""
+
+    label: str
+    start: float
+    end: float
+    error: BaseException | None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+# A worker: its label, and what opens its client: ``send(n)`` sends request number n
+# (raising on failure, checking the answer's values), ``close()`` ends the client.
+Worker = tuple[str, Callable[[], tuple[Callable[[int], object], Callable[[], None]]]]
+
+
+class Load:
+    """Threads that send requests back to back until stopped (``with Load(...)``), each
+    outcome kept: what the scale-out, heartbeat and restart tests hold the server to
+    while they add, freeze, kill or restart its services. A request that fails is kept
+    with its error and the thread goes on after ``pause_s``; leaving the ``with`` stops
+    the threads and fails if one is stuck in a request."""
+
+    def __init__(self, workers: list[Worker], pause_s: float = 0.0, join_s: float = 60.0):
+        self.outcomes: list[Outcome] = []
+        self._pause_s = pause_s
+        self._join_s = join_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, label, opener), daemon=True)
+            for i, (label, opener) in enumerate(workers)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self._join_s)
+        assert not any(t.is_alive() for t in self._threads), "a request never ended"
+
+    def _run(self, worker: int, label: str, opener) -> None:
+        send, close = opener()
+        n = worker * 100_000
+        try:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                error: BaseException | None = None
+                try:
+                    send(n)
+                except Exception as exc:  # noqa: BLE001 - kept, judged by the test
+                    error = exc
+                with self._lock:
+                    self.outcomes.append(Outcome(label, start, time.monotonic(), error))
+                n += 1
+                if error is not None and self._pause_s:
+                    time.sleep(self._pause_s)
+        finally:
+            close()
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+    def errors(self) -> list[BaseException]:
+        return [o.error for o in self.snapshot() if o.error is not None]
+
+    def successes(self, since: float = 0.0) -> int:
+        return sum(o.error is None and o.start > since for o in self.snapshot())

@@ -18,20 +18,20 @@ frozen instance process is; thawed, it leaves, and its launcher starts it again.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from topology import Topology
+from topology import Load, Topology
 from tritonclient.utils import InferenceServerException
 
 from conftest import SHIPPED_REPOSITORY
@@ -62,89 +62,58 @@ def host_ids(topo: Topology, framework: str) -> dict[int, str]:
     return {int(pid): host_id for host_id, fw, pid in JOINED.findall(topo.log()) if fw == framework}
 
 
-@dataclass
-class Outcome:
-    model: str
-    start: float
-    end: float
-    error: InferenceServerException | None
+def workers(topo: Topology, models: list[tuple[str, str]]) -> list:
+    """A client per (model, "http" or "grpc") for a ``Load`` (tests/topology.py): each
+    request's outputs checked, a short pause between requests."""
 
-
-class Load:
-    """Threads that send requests back to back until stopped, each outcome kept."""
-
-    def __init__(self, topo: Topology, models: list[tuple[str, str]]) -> None:
-        self.topo = topo
-        self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._run, args=(model, proto), daemon=True)
-            for model, proto in models
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(BOUND_S + 30)
-        assert not any(t.is_alive() for t in self._threads), "a request never ended"
-
-    def _run(self, model: str, proto: str) -> None:
-        module = httpclient if proto == "http" else grpcclient
+    def opener(model: str, proto: str):
         if proto == "http":
-            client = httpclient.InferenceServerClient(self.topo.url, network_timeout=120)
+            module, client = (
+                httpclient,
+                httpclient.InferenceServerClient(topo.url, network_timeout=120),
+            )
         else:
-            client = grpcclient.InferenceServerClient(self.topo.grpc_url)
-        n = 0
-        try:
-            while not self._stop.is_set():
-                a = np.arange(n, n + 16, dtype=np.int32).reshape(1, 16)
-                b = np.full((1, 16), 3, dtype=np.int32)
-                inputs = [module.InferInput(x, [1, 16], "INT32") for x in ("INPUT0", "INPUT1")]
-                inputs[0].set_data_from_numpy(a)
-                inputs[1].set_data_from_numpy(b)
-                start = time.monotonic()
-                error = None
-                try:
-                    result = client.infer(model, inputs)
-                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
-                    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
-                except InferenceServerException as exc:
-                    error = exc
-                with self._lock:
-                    self.outcomes.append(Outcome(model, start, time.monotonic(), error))
-                n += 1
+            module, client = grpcclient, grpcclient.InferenceServerClient(topo.grpc_url)
+
+        def send(n: int) -> None:
+            a = np.arange(n, n + 16, dtype=np.int32).reshape(1, 16)
+            b = np.full((1, 16), 3, dtype=np.int32)
+            inputs = [module.InferInput(x, [1, 16], "INT32") for x in ("INPUT0", "INPUT1")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            try:
+                result = client.infer(model, inputs)
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+            finally:
                 time.sleep(0.005)
-        finally:
-            client.close()
 
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
+        return send, client.close
 
-    def wait_successes(self, models: set[str], since: float, timeout: float) -> None:
-        """Each of ``models`` answered a request sent after ``since``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ok = {o.model for o in self.snapshot() if o.error is None and o.start > since}
-            if models <= ok:
-                return
-            time.sleep(0.05)
-        pytest.fail(
-            f"no success since the freeze for {models - ok}:\n"
-            + "\n".join(f"{o.model} {o.error}" for o in self.snapshot()[-20:])
-            + "\n"
-            + self.topo.log()[-6000:]
-        )
+    return [(model, functools.partial(opener, model, proto)) for model, proto in models]
 
 
-def unavailable(error: InferenceServerException) -> bool:
-    return error.status() in ("503", "StatusCode.UNAVAILABLE")
+def wait_successes(load: Load, topo: Topology, models: set[str], since: float) -> None:
+    """Each of ``models`` answered a request sent after ``since``, within 20 s."""
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        ok = {o.label for o in load.snapshot() if o.error is None and o.start > since}
+        if models <= ok:
+            return
+        time.sleep(0.05)
+    pytest.fail(
+        f"no success since {since} for {models - ok}:\n"
+        + "\n".join(f"{o.label} {o.error}" for o in load.snapshot()[-20:])
+        + "\n"
+        + topo.log()[-6000:]
+    )
+
+
+def unavailable(error: BaseException) -> bool:
+    return isinstance(error, InferenceServerException) and error.status() in (
+        "503",
+        "StatusCode.UNAVAILABLE",
+    )
 
 
 # --- ONNX Runtime: two hosts, one frozen under load ---------------------------------------
@@ -183,24 +152,27 @@ def test_frozen_host_under_load_no_request_hangs(onnx):
     other = next(s for s in topo.host_services() if s is not frozen)
     frozen_id = ids[frozen.pid]
     load = Load(
-        topo,
-        [
-            ("simple", "http"),
-            ("simple", "grpc"),
-            ("batched", "http"),
-            ("scheduled", "http"),
-            ("scheduled", "grpc"),
-        ],
+        workers(
+            topo,
+            [
+                ("simple", "http"),
+                ("simple", "grpc"),
+                ("batched", "http"),
+                ("scheduled", "http"),
+                ("scheduled", "grpc"),
+            ],
+        ),
+        join_s=BOUND_S + 30,
     )
     with load:
-        load.wait_successes(models, 0.0, 20.0)
+        wait_successes(load, topo, models, 0.0)
         topo.freeze(frozen)
         frozen_at = time.monotonic()
         try:
             topo.wait_log(f"backend host {frozen_id} (onnxruntime, pid {frozen.pid}) is gone")
             # The other host serves every model, requests sent after the host was found
             # silent included.
-            load.wait_successes(models, time.monotonic(), 20.0)
+            wait_successes(load, topo, models, time.monotonic())
         finally:
             topo.thaw(frozen)
         thawed_at = time.monotonic()
@@ -227,8 +199,9 @@ def test_frozen_host_under_load_no_request_hangs(onnx):
     # keeps serving.
     topo.wait_log(f"backend host {frozen_id} (onnxruntime, pid {frozen.pid}) joined", count=2)
     assert frozen.alive() and other.alive()
-    with Load(topo, [("simple", "http"), ("scheduled", "grpc")]) as again:
-        again.wait_successes({"simple", "scheduled"}, thawed_at, 20.0)
+    again = Load(workers(topo, [("simple", "http"), ("scheduled", "grpc")]), join_s=BOUND_S + 30)
+    with again:
+        wait_successes(again, topo, {"simple", "scheduled"}, thawed_at)
     assert all(o.error is None for o in again.snapshot())
 
 

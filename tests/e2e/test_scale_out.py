@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from topology import Topology
+from topology import Load, Topology
 
 from conftest import SHIPPED_REPOSITORY
 
@@ -81,6 +80,16 @@ def per_host(tmp_path_factory):
         yield topo
     finally:
         topo.stop()
+
+
+def workers(topo: Topology, model: str, count: int) -> list:
+    """``count`` HTTP clients for a ``Load`` (tests/topology.py) of ``model``."""
+
+    def opener():
+        client = httpclient.InferenceServerClient(topo.url)
+        return (lambda n: infer(client, httpclient, model, n)), client.close
+
+    return [(model, opener)] * count
 
 
 def infer(client, module, model: str, base: int) -> None:
@@ -147,37 +156,15 @@ def test_scheduled_batches_use_both_hosts(per_host):
     """A model the scheduler schedules (priority levels) gets batches on both hosts'
     instances under concurrent load."""
     pids = host_pids(per_host)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def load(worker: int) -> None:
-        client = httpclient.InferenceServerClient(per_host.url)
-        try:
-            n = worker * 100_000
-            while not stop.is_set():
-                infer(client, httpclient, "scheduled", n)
-                n += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + DEADLINE_S
     seen: dict[int, set[int]] = {}
-    try:
-        while time.monotonic() < deadline and not errors:
+    with Load(workers(per_host, "scheduled", 4)) as load:
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline and not load.errors():
             seen = executions(per_host, "scheduled")
             if pids <= set(seen):
                 break
             time.sleep(0.1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-    assert not errors, errors
+    assert not load.errors(), load.errors()
     assert set(seen) == pids, f"executions by host: {seen}"
     lines = [x for x in EXECUTE.findall(per_host.log()) if x[1] == "scheduled"]
     assert {kind for *_, kind in lines} == {"scheduled"}
@@ -186,43 +173,19 @@ def test_scheduled_batches_use_both_hosts(per_host):
 def test_third_host_joins_under_load_and_serves(per_host):
     """A host added while clients send requests loads the model's instance and serves;
     no request fails meanwhile."""
-    errors: list[BaseException] = []
-    done = [0]
-    stop = threading.Event()
-
-    def load(worker: int) -> None:
-        client = httpclient.InferenceServerClient(per_host.url)
-        try:
-            n = worker * 100_000
-            while not stop.is_set():
-                infer(client, httpclient, "simple", n)
-                n += 1
-                done[0] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    seen: dict[int, set[int]] = {}
+    with Load(workers(per_host, "simple", 2)) as load:
         time.sleep(0.3)
-        before = done[0]
+        before = load.successes()
         since = len(per_host.log())
         third = per_host.add_host("onnxruntime")
         deadline = time.monotonic() + DEADLINE_S
-        seen: dict[int, set[int]] = {}
-        while time.monotonic() < deadline and not errors:
+        while time.monotonic() < deadline and not load.errors():
             seen = executions(per_host, "simple", since)
             if third.pid in seen:
                 break
             time.sleep(0.1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-    assert before > 0 and not errors, errors
+    assert before > 0 and not load.errors(), load.errors()
     assert third.pid in seen, f"executions by host: {seen}\n{per_host.log()[-4000:]}"
     # Its instance has an index of its own: no other host's.
     others = set().union(*(v for p, v in executions(per_host, "simple").items() if p != third.pid))
@@ -361,33 +324,11 @@ def test_spread_moves_an_instance_to_a_host_that_joins(spread):
     then each host serves on one instance."""
     (first,) = spread.host_services()
     assert len(serve_until(spread, "simple", {first.pid})[first.pid]) == 2
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def load(worker: int) -> None:
-        client = httpclient.InferenceServerClient(spread.url)
-        try:
-            n = worker * 100_000
-            while not stop.is_set():
-                infer(client, httpclient, "simple", n)
-                n += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with Load(workers(spread, "simple", 2)) as load:
         second = spread.add_host("onnxruntime")
         spread.wait_log("moves off backend host")
         time.sleep(1.5)  # past the move's grace: the instance unloads under load
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-    assert not errors, errors
+    assert not load.errors(), load.errors()
     since = len(spread.log())
     seen = serve_until(spread, "simple", {first.pid, second.pid}, since)
     assert set(seen) == {first.pid, second.pid}, seen

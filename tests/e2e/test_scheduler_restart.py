@@ -10,10 +10,10 @@ config override, is READY again (the scheduler's ``--state-dir`` state file).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
-import threading
 import time
 import uuid
 
@@ -23,7 +23,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from topology import Topology
+from topology import Load, Topology
 from tritonclient.utils import InferenceServerException
 
 from conftest import SHIPPED_REPOSITORY, DespinaServer
@@ -97,62 +97,39 @@ def wait_for(check, timeout: float, what: str, log) -> float:
     pytest.fail(f"{what} not within {timeout} s (last: {last}):\n{log()[-6000:]}")
 
 
-class Load:
-    """Clients sending requests one after another on threads, each outcome recorded with
-    its duration: (start, seconds, None or the error's status, its message). Two over
-    HTTP, one over gRPC (direct routes: straight to the host), one naming ``region``
-    (through the scheduler, which resolves regions)."""
+def workers(url: str, grpc_url: str, region: str) -> list:
+    """Clients for a ``Load`` (tests/topology.py): two over HTTP, one over gRPC (direct
+    routes: straight to the host), one naming ``region`` (through the scheduler, which
+    resolves regions); a failed request waits 20 ms before the next."""
 
-    def __init__(self, url: str, grpc_url: str, region: str) -> None:
-        self.outcomes: list[tuple[float, float, str | None, str]] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(url, grpc_url, kind, region), daemon=True)
-            for kind in ("http", "http", "grpc", "region")
-        ]
+    def opener(kind: str):
+        if kind == "grpc":
+            client = grpcclient.InferenceServerClient(grpc_url)
 
-    def _run(self, url: str, grpc_url: str, kind: str, region: str) -> None:
-        grpc = kind == "grpc"
-        if grpc:
-            client, module = grpcclient.InferenceServerClient(grpc_url), grpcclient
-        else:
-            client, module = httpclient.InferenceServerClient(url, network_timeout=60), httpclient
-        try:
-            while not self._stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    if grpc:
-                        inputs = [
-                            module.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")
-                        ]
-                        inputs[0].set_data_from_numpy(A)
-                        inputs[1].set_data_from_numpy(B)
-                        result = client.infer("simple", inputs, client_timeout=60)
-                        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), A + B)
-                    elif kind == "region":
-                        infer_from_region(client, region)
-                    else:
-                        infer(client, module)
-                    status, message = None, ""
-                except InferenceServerException as exc:
-                    status, message = str(exc.status()), str(exc.message())
-                except Exception as exc:  # noqa: BLE001 - a timeout or a broken reply
-                    status, message = type(exc).__name__, str(exc)
-                self.outcomes.append((t0, time.monotonic() - t0, status, message))
-                if status is not None:
-                    time.sleep(0.02)
-        finally:
-            client.close()
+            def send(_n: int) -> None:
+                inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+                inputs[0].set_data_from_numpy(A)
+                inputs[1].set_data_from_numpy(B)
+                result = client.infer("simple", inputs, client_timeout=60)
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), A + B)
 
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
+            return send, client.close
+        http = httpclient.InferenceServerClient(url, network_timeout=60)
+        if kind == "region":
+            return (lambda _n: infer_from_region(http, region)), http.close
+        return (lambda _n: infer(http, httpclient)), http.close
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(REQUEST_BOUND_S * 6)
+    return [(kind, functools.partial(opener, kind)) for kind in ("http", "http", "grpc", "region")]
+
+
+def status_of(error: BaseException | None) -> str | None:
+    """An outcome's status: None (a success), the server's, or the exception's type (a
+    timeout or a broken reply)."""
+    if error is None:
+        return None
+    if isinstance(error, InferenceServerException):
+        return str(error.status())
+    return type(error).__name__
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +160,10 @@ def restarted(tmp_path_factory):
         client.unregister_system_shared_memory(dropped)
         shm.destroy_shared_memory_region(made.pop())  # gone before the restart
         infer_from_region(client, kept)
-        with Load(topo.url, topo.grpc_url, kept) as load:
+        load = Load(
+            workers(topo.url, topo.grpc_url, kept), pause_s=0.02, join_s=6 * REQUEST_BOUND_S
+        )
+        with load:
             wait_for(lambda: len(load.outcomes) > 20 or 1 / 0, 20, "load running", topo.log)
             killed_at = time.monotonic()
             topo.restart_scheduler()
@@ -202,7 +182,7 @@ def restarted(tmp_path_factory):
             "kept": kept,
             "dropped": dropped,
             "destroyed": destroyed,
-            "outcomes": load.outcomes,
+            "outcomes": load.snapshot(),
             "killed_at": killed_at,
             "recovery": recovery,
             "probes": probes,
@@ -220,20 +200,21 @@ def test_requests_under_load_succeed_or_fail_unavailable(restarted):
     outcomes = restarted["outcomes"]
     killed_at = restarted["killed_at"]
     assert outcomes, "the load sent nothing"
-    other = [o for o in outcomes if o[2] is not None and o[2] not in UNAVAILABLE]
+    other = [o for o in outcomes if status_of(o.error) not in (None, *UNAVAILABLE)]
     assert not other, f"errors other than UNAVAILABLE: {other[:5]}"
-    slow = [o for o in outcomes if o[1] > REQUEST_BOUND_S]
+    slow = [o for o in outcomes if o.seconds > REQUEST_BOUND_S]
     assert not slow, f"requests that took longer than {REQUEST_BOUND_S} s: {slow[:5]}"
-    after = [o for o in outcomes if o[0] > killed_at + restarted["recovery"] and o[2] is None]
+    after = [o for o in outcomes if o.start > killed_at + restarted["recovery"] and not o.error]
     assert after, "no request of the load succeeded after the recovery"
-    before = [o for o in outcomes if o[0] < killed_at and o[2] is None]
+    before = [o for o in outcomes if o.start < killed_at and o.error is None]
     assert len(before) > 20
     assert restarted["recovery"] < RECOVERY_S
-    failed = [o for o in outcomes if o[2] is not None]
+    failed = [o for o in outcomes if o.error is not None]
     print(f"{len(outcomes)} requests, {len(failed)} failed, recovery {restarted['recovery']:.2f} s")
-    for t0, took, _, message in failed:
-        print(f"  at {t0 - killed_at:+.2f} s took {took:.2f} s: {message}")
-    for _, _, _, message in failed:
+    for o in failed:
+        print(f"  at {o.start - killed_at:+.2f} s took {o.seconds:.2f} s: {o.error}")
+    for o in failed:
+        message = o.error.message() if isinstance(o.error, InferenceServerException) else ""
         # in flight at the kill: sent to the scheduler, or straight to a host that had
         # just dropped its instances (it lost the scheduler first)
         assert "scheduler" in message or "not loaded on this host" in message, message
