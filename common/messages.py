@@ -102,6 +102,17 @@ class Infer(msgspec.Struct, array_like=True):
     # the way, (name, wall-clock ns) in order; the scheduler adds QUEUE_START, the backend
     # host its QUEUE_START (direct routes) and COMPUTE_*, and the reply brings them back.
     trace: list[tuple[str, int]] | None = None
+    # The call takes several responses (a gRPC stream): a decoupled model answers it
+    # through its response sender; a decoupled model refuses a request without it.
+    stream: bool = False
+
+
+# ``InferReply.part``: the request's only or last response (every non-decoupled reply);
+# one response of several, more follow; the end of a decoupled request's responses, no
+# response in it (a FINAL flag sent without one).
+PART_LAST = 0
+PART_MORE = 1
+PART_EMPTY_FINAL = 2
 
 
 class InferReply(msgspec.Struct, array_like=True):
@@ -111,6 +122,7 @@ class InferReply(msgspec.Struct, array_like=True):
     outputs: list[Tensor] = []
     error: Error | None = None
     trace: list[tuple[str, int]] | None = None  # the request's ``Infer.trace``, stamped
+    part: int = PART_LAST  # PART_*: a decoupled model's responses
 
 
 # --- frontend <-> scheduler -------------------------------------------------------------

@@ -33,6 +33,11 @@ class ExecResponse:
     error: ServerError | None = None
 
 
+# What a decoupled instance returns for a request it answers through its response
+# sender (``Replies.send_part``), not with this execution's reply.
+DEFERRED = ExecResponse()
+
+
 @dataclass(slots=True)
 class InstanceSpec:
     """Everything a backend needs to create one model instance."""

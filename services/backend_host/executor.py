@@ -76,6 +76,9 @@ class LoadedInstance:
     # Statistics: seconds spent reading the inputs of the direct requests now waiting in
     # the batcher (the next batch it forms is counted them).
     input_s: float = 0.0
+    # A decoupled model (a Python model's response senders): its requests are answered by
+    # ``Replies.send_part``, each one's records handed to the instance (``accept``).
+    decoupled: bool = False
 
     def labels(self, output: str) -> list[str]:
         """The classification labels of ``output`` (its ``label_filename``), read once."""
@@ -178,6 +181,10 @@ class Executor:
 
     def add(self, spec: InstanceSpec, instance: ModelInstance) -> None:
         li = LoadedInstance(instance, spec)
+        if getattr(instance, "decoupled", False):
+            li.decoupled = True
+            instance.bind(self.replies)  # type: ignore[attr-defined]
+            self._answer = self.replies.answer_decoupled
         rules = batch_rules(config_dict(spec.config))
         if rules is not None:
             li.batcher = Batcher(rules, functools.partial(self.pump, li))
@@ -271,6 +278,8 @@ class Executor:
             # answered with its error, the others run (no try per request on the way).
             requests = [self._exec_request_or_error(req, frames) for req in execution.requests]
             mixed = True
+        if li.decoupled:
+            li.instance.accept(execution.requests, requests)  # type: ignore[attr-defined]
         batcher = li.batcher
         if batcher is not None and execution.direct:
             # Direct requests of a batched model: into the queue; the burst's handler
@@ -498,6 +507,12 @@ class Executor:
                 key = (req.reply_to, req.rid)
                 if key in keys:
                     self._cancelled.add(key)
+        streaming = self.replies.streaming  # decoupled requests still sending
+        if streaming:
+            for key in keys:
+                sender = streaming.get(key)
+                if sender is not None:
+                    sender.cancelled = True
 
     def pump(self, li: LoadedInstance) -> None:
         """Run the instance's next batches of direct requests while it is free and one

@@ -22,7 +22,7 @@ from despina.common import messages as m
 from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, invalid_arg
 from despina.common.shm.arena import ShmArena, ShmMapper
-from despina.services.backend_host.backend import ExecResponse
+from despina.services.backend_host.backend import DEFERRED, ExecResponse
 
 log = logging.getLogger("despina.backend_host")
 
@@ -65,6 +65,9 @@ class Replies:
         self._lent: dict[str, set[tuple[str, int]]] = {}
         self._undelivered: list[tuple[str, int, str, str]] = []
         self.poll: busypoll.BusyPoll | None = None
+        # A decoupled instance's requests that have not sent their final response yet:
+        # (reply_to, rid) -> its response sender (whose ``cancelled`` a Cancel sets).
+        self.streaming: dict[tuple[str, int], object] = {}
 
     def start(self, busy_poll_s: float, waiting: Callable[[], bool], burst: bool = True) -> None:
         """On the loop, before the first reply: the outbox (``burst`` False: each reply
@@ -112,6 +115,50 @@ class Replies:
             sids = [r.sid for r in execution.requests]
             if sids:
                 put(None, (execution.model, execution.version, execution.instance, sids))
+
+    def answer_decoupled(
+        self,
+        execution: m.Execution,
+        responses: list[ExecResponse] | None,
+        batch_error: ServerError | None,
+    ) -> None:
+        """``answer`` for a decoupled instance: a request answered through its response
+        sender (``DEFERRED``) gets no reply here, the others (refused, failed) theirs; a
+        failed execution ends every request's stream with its error. Raises nothing."""
+        if responses is None:
+            for req in execution.requests:
+                self.streaming.pop((req.reply_to, req.rid), None)
+            return self.answer(execution, None, batch_error)
+        for req, response in zip(execution.requests, responses):
+            if response is not DEFERRED:
+                self.answer(
+                    m.Execution(
+                        execution.model, execution.version, execution.instance, [req], True
+                    ),
+                    [response],
+                    None,
+                )
+        if not execution.direct:
+            sids = [r.sid for r in execution.requests]
+            if sids:
+                self.put(None, (execution.model, execution.version, execution.instance, sids))
+
+    def send_part(self, req: m.Infer, response: ExecResponse | None, final: bool) -> None:
+        """Queue one response of a decoupled request (its response sender's ``send``,
+        on the loop, in the order sent): ``response`` None is an empty final. A stream's
+        outputs travel inline (no arena block lent per response). Raises nothing."""
+        if response is None:
+            reply: m.InferReply = m.InferReply(
+                req.rid, req.model, req.version, [], None, req.trace, m.PART_EMPTY_FINAL
+            )
+            buffers: list = []
+        else:
+            reply, buffers = encode_response(req, response, self.mapper, self.cuda)
+            if not final:
+                reply.part = m.PART_MORE
+        if final:
+            self.streaming.pop((req.reply_to, req.rid), None)
+        self.put(req.reply_to, (reply, buffers))
 
     def _flush(self, pending: dict) -> None:
         done = pending.pop(None, None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from despina.common.errors import Code
@@ -59,6 +60,9 @@ class InferCall(asyncio.Future):
         "reason",
         "trace",
     )
+
+    # A call on a stream takes several responses (``StreamCall``); this one, one.
+    stream = False
 
     def __init__(self, client: SchedulerClient, body: BodyBlock | None = None) -> None:
         super().__init__(loop=client.loop)
@@ -129,3 +133,33 @@ class InferCall(asyncio.Future):
             stats.request(request.model, request.version, ns, reason)
         elif self.reason:
             stats.request(request.model, request.version, ns, self.reason)
+
+
+class StreamCall(InferCall):
+    """A call on a stream (gRPC ``ModelStreamInfer``), which a decoupled model may answer
+    with several responses: each one that is not the last is handed to
+    ``on_response(call, response)`` (an ``InferenceResult``, or the ``ServerError`` of an
+    error response) on the loop,
+    in the order sent, as it arrives; the last one resolves the call as any call's
+    reply does. A model that ends with the FINAL flag alone (no response) resolves it
+    to an ``InferenceResult`` without outputs and ``empty_final`` set. ``responses``
+    counts the responses delivered (statistics' ``response_stats``)."""
+
+    __slots__ = ("on_response", "empty_final", "responses", "t_part", "host")
+
+    stream = True
+
+    def __init__(
+        self,
+        client: SchedulerClient,
+        on_response: Callable[[StreamCall, object], None],
+        body: BodyBlock | None = None,
+    ) -> None:
+        super().__init__(client, body)
+        self.on_response = on_response
+        self.empty_final = False
+        self.responses = 0
+        self.t_part = 0.0  # when the previous response arrived (statistics)
+        # The link of the backend host its responses come from (a scheduled request's
+        # Cancel goes there once its execution has ended).
+        self.host: object | None = None

@@ -357,6 +357,8 @@ class SchedulerClient:
         rid = self._next_id
         self._next_id += 1
         wire.rid = call.rid = rid
+        if call.stream:
+            wire.stream = True
         if call.t0:
             call.t_sent = time.monotonic()
         if targets:
@@ -382,7 +384,13 @@ class SchedulerClient:
             return
         target = call.target
         if target is None:
-            self._outbox.put(_TO_SCHEDULER_CANCELS, call.rid)
+            # A decoupled request sends on after its execution ended, which the scheduler
+            # forgets: its host (that a response came from) is told.
+            host = call.host if call.stream else None  # type: ignore[attr-defined]
+            if host is not None:
+                self._outbox.put(host, _Cancel(call.rid))
+            else:
+                self._outbox.put(_TO_SCHEDULER_CANCELS, call.rid)
             return
         link = self._host_links.get(target.host_id)
         if link is not None:
@@ -615,6 +623,9 @@ class SchedulerClient:
     def _on_reply(
         self, reply: m.InferReply, frames: list, link: streams.FramedProtocol | None
     ) -> None:
+        if reply.part:  # one response of a decoupled model's several, or its empty end
+            self._on_part(reply, frames, link)
+            return
         call = self._pending.pop(reply.rid, None)
         if call is None:
             if link is not None:  # answered already (a lost host's late reply, or a retry's)
@@ -660,6 +671,45 @@ class SchedulerClient:
         if call.t0:
             call.t_reply = time.monotonic()
         call.set_result(result)
+
+    def _on_part(
+        self, reply: m.InferReply, frames: list, link: streams.FramedProtocol | None
+    ) -> None:
+        """A decoupled model's reply that does not carry the last response: one response
+        of several (``m.PART_MORE``), handed to its ``StreamCall.on_response`` while the
+        call stays pending; or the empty final (``m.PART_EMPTY_FINAL``), which resolves
+        the call to a result without outputs. Its outputs came inline (or into the
+        client's regions): no lease."""
+        if reply.part == m.PART_EMPTY_FINAL:
+            call = self._pending.pop(reply.rid, None)
+            if call is None:
+                return
+            if call.target is not None:
+                call.target.outstanding -= 1
+            if call.blocks:
+                self._release_blocks(call)
+            if not call.done():
+                call.empty_final = True  # type: ignore[attr-defined]
+                if call.t0:
+                    call.t_reply = time.monotonic()
+                call.set_result(InferenceResult(reply.model, reply.version, call.request.id, []))  # type: ignore[union-attr]
+            return
+        call = self._pending.get(reply.rid)
+        if call is None or call.done() or not call.stream:
+            return
+        call.host = link  # type: ignore[attr-defined]
+        response: object
+        if reply.error is not None:
+            response = ServerError(Code(reply.error.code), reply.error.message)
+        else:
+            response = InferenceResult(reply.model, reply.version, call.request.id, [])  # type: ignore[union-attr]
+            targets = call.targets
+            for t in reply.outputs:
+                data = frames[t.ref.frame] if isinstance(t.ref, m.Inline) else None
+                if data is None and t.name not in targets:
+                    continue
+                response.outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))  # type: ignore[attr-defined]
+        call.on_response(call, response)  # type: ignore[attr-defined]
 
     def _resolve_error(self, rid: int, exc: ServerError) -> None:
         call = self._pending.pop(rid, None)

@@ -539,16 +539,23 @@ def test_missing_model_file(tmp_path):
     assert f"Python model file not found in '{spec.version_dir / 'model.py'}'" in info.value.message
 
 
-def test_decoupled_models_are_refused_clearly(tmp_path):
+def test_decoupled_models_load_and_refuse_requests_outside_a_stream(tmp_path):
+    # Streams themselves: tests/e2e/test_decoupled.py (a request the executor did not
+    # hand over as a stream's is refused as Triton refuses ModelInfer).
     config = SIMPLE_CONFIG + "model_transaction_policy {{ decoupled: true }}\n"
-    spec = write_model(tmp_path, "decoupled", ADD_SUB_MODEL, config)
+    model = "class TritonPythonModel:\n    def execute(self, requests):\n        return None\n"
+    spec = write_model(tmp_path, "decoupled", model, config)
 
-    with pytest.raises(ServerError) as info:
-        PythonBackend().load(spec)
-
-    assert info.value.code is Code.UNSUPPORTED
-    assert "decoupled" in info.value.message
-    assert "not supported by Despina yet" in info.value.message
+    instance = PythonBackend().load(spec)
+    try:
+        assert instance.decoupled is True
+        (response,) = instance.execute([ExecRequest("r", {"IN": fp32(1)}, [])])
+        assert response.error is not None and response.error.code is Code.UNSUPPORTED
+        assert response.error.message == (
+            "ModelInfer RPC doesn't support models with decoupled transaction policy"
+        )
+    finally:
+        instance.unload()
 
 
 # -- loading features ----------------------------------------------------------------
@@ -892,12 +899,14 @@ def test_later_features_say_they_are_not_supported_yet():
     for call in (
         req.exec,
         req.async_exec,
-        req.get_response_sender,
         lambda: pb_utils.MetricFamily("m", "d", pb_utils.MetricFamily.COUNTER),
         lambda: pb_utils.load_model("other"),
     ):
         with pytest.raises(pb_utils.TritonModelException, match="not supported by Despina yet"):
             call()
+    with pytest.raises(pb_utils.TritonModelException, match="decoupled transaction policy"):
+        req.get_response_sender()  # a request of a model that is not decoupled
+    assert req.is_cancelled() is False
     assert pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL == 1
     assert pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END == 2
     assert pb_utils.using_decoupled_model_transaction_policy({}) is False

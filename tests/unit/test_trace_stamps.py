@@ -56,8 +56,8 @@ def test_the_wire_carries_the_stamps_and_untraced_requests_stay_small():
     traced = encode(m.InferBatch("ipc://x", [_infer(1, [("REQUEST_START", 5)])]))
     assert decode(traced).requests[0].trace == [("REQUEST_START", 5)]
     assert decode(plain).requests[0].trace is None
-    # the absent list is one msgpack nil, the last byte of an untraced request
-    assert encode(_infer(1, None)).endswith(b"\xc0")
+    # the absent list is one msgpack nil, before the request's last field (stream: false)
+    assert encode(_infer(1, None)).endswith(b"\xc0\xc2")
     reply = m.InferReply(1, "simple", "1", [], None, [("QUEUE_START", 7)])
     assert m.decoder(m.ReplyBatch).decode(encode(m.ReplyBatch([reply]))).replies[0].trace == [
         ("QUEUE_START", 7)

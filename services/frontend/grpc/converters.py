@@ -546,28 +546,29 @@ def serialize_infer_response(
 
 
 def stream_response(
-    result: InferenceResult, request: InferenceRequest, final_flag: bool
+    result: InferenceResult, request: InferenceRequest, final_flag: bool, last: bool = True
 ) -> pb.ModelStreamInferResponse:
-    """A stream response; ``final_flag`` marks it ``triton_final_response`` (a request
-    that set ``triton_enable_empty_final_response``: a non-decoupled model's only
-    response is also its final one)."""
+    """A stream response; ``final_flag`` (a request that set
+    ``triton_enable_empty_final_response``) adds ``triton_final_response``: ``last``,
+    true for a non-decoupled model's only response, false for a decoupled model's
+    responses before its last."""
     response = pb.ModelStreamInferResponse()
     infer = encode_infer_response(result, request, response.infer_response)
     if final_flag:
-        infer.parameters[FINAL_RESPONSE].bool_param = True
+        infer.parameters[FINAL_RESPONSE].bool_param = last
     return response
 
 
 def serialize_stream_response(
-    result: InferenceResult, request: InferenceRequest, final_flag: bool
+    result: InferenceResult, request: InferenceRequest, final_flag: bool, last: bool = True
 ) -> bytes:
     """``stream_response``, serialized; large outputs as in ``serialize_infer_response``."""
     if _output_bytes(result) < LARGE_MESSAGE:
-        return stream_response(result, request, final_flag).SerializeToString()
+        return stream_response(result, request, final_flag, last).SerializeToString()
     raw: list = []
     infer = encode_infer_response(result, request, None, raw)
     if final_flag:
-        infer.parameters[FINAL_RESPONSE].bool_param = True
+        infer.parameters[FINAL_RESPONSE].bool_param = last
     head = infer.SerializeToString()
     parts: list = [_STREAM_INFER_KEY, b"", head]
     size = len(head) + _raw_entries(parts, raw)

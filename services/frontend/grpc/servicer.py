@@ -24,12 +24,12 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend import control
-from despina.services.frontend.call import InferCall
+from despina.services.frontend.call import InferCall, StreamCall
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import Status, status_of
@@ -194,11 +194,17 @@ class InferenceServicer:
         it and every response is written. At most STREAM_MAX_INFLIGHT requests are in flight or
         unsent. However the stream ends (a client that resets it or goes away, a
         deadline), closing this generator cancels every request in flight, which cancels
-        it downstream."""
+        it downstream.
+
+        A decoupled model's request gets each of its responses written as it arrives
+        (``StreamCall.on_response``), in the order the model sent them; with
+        ``triton_enable_empty_final_response`` each carries ``triton_final_response``
+        (false until the last), and a FINAL flag sent alone is written as a response
+        without outputs; without it, nothing is written for that flag."""
         plane = self.plane
         loop = asyncio.get_running_loop()
         # A ServerError in the queue ends the stream with its status (triton_grpc_error).
-        out: asyncio.Queue[bytes | ServerError | None] = asyncio.Queue()
+        out: asyncio.Queue[bytes | tuple[bytes] | ServerError | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         inflight: set[InferCall] = set()
         reading = True
@@ -210,14 +216,39 @@ class InferenceServicer:
             else:
                 out.put_nowait(converters.stream_error(message, request).SerializeToString())
 
+        def part(request: pb.ModelInferRequest, final_flag: bool, call: StreamCall, response):
+            """A decoupled model's response before its last (its request's slot stays
+            held): written, or its error (which ends the stream in triton_grpc_error mode)."""
+            try:
+                if type(response) is ServerError:
+                    raise response
+                out.put_nowait(
+                    (
+                        converters.serialize_stream_response(
+                            response, call.request, final_flag, False
+                        ),
+                    )
+                )
+            except ServerError as err:
+                if grpc_error:
+                    out.put_nowait(err)
+                else:
+                    error = converters.stream_error(err.message, request)
+                    out.put_nowait((error.SerializeToString(),))
+
         def finish(request: pb.ModelInferRequest, final_flag: bool, call: InferCall) -> None:
             inflight.discard(call)
             try:
                 if call.cancelled():
                     return
-                out.put_nowait(
-                    converters.serialize_stream_response(call.result(), call.request, final_flag)
-                )
+                if call.empty_final and not final_flag:  # type: ignore[attr-defined]
+                    slots.release()  # nothing to write for it
+                else:
+                    out.put_nowait(
+                        converters.serialize_stream_response(
+                            call.result(), call.request, final_flag
+                        )
+                    )
             except ServerError as err:
                 failed(err.message, request, err.code)
             except Exception as err:
@@ -235,7 +266,8 @@ class InferenceServicer:
                     await slots.acquire()
                     # Bytes that are no ModelInferRequest end the stream (INVALID_ARGUMENT).
                     request, raw = converters.parse_infer_request(message)
-                    call = plane.call()
+                    final_flag = converters.wants_final_flag(request)
+                    call = StreamCall(plane.client, partial(part, request, final_flag))
                     try:
                         inference = converters.decode_infer_request(request, raw)
                         if self.forward is not None:
@@ -246,7 +278,6 @@ class InferenceServicer:
                         failed(exc.message, request, exc.code)
                         continue
                     inflight.add(call)
-                    final_flag = converters.wants_final_flag(request)
                     call.add_done_callback(partial(finish, request, final_flag))
             finally:
                 reading = False
@@ -259,9 +290,15 @@ class InferenceServicer:
                 response = await out.get()
                 if response is None:
                     break
-                if type(response) is ServerError:
-                    await _fail(context, response)
-                yield response
+                kind = type(response)
+                if kind is not bytes:
+                    if kind is ServerError:
+                        await _fail(context, response)  # type: ignore[arg-type]
+                    # A decoupled model's response before its last, a 1-tuple: the
+                    # request's slot stays held until its last.
+                    yield cast(tuple, response)[0]
+                    continue
+                yield cast(bytes, response)
                 slots.release()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()

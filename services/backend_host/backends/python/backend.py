@@ -38,6 +38,7 @@ import orjson
 
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unsupported
 from despina.services.backend_host.backend import (
+    DEFERRED,
     ExecRequest,
     ExecResponse,
     InstanceSpec,
@@ -71,6 +72,10 @@ _RESERVED_PARAMETERS = frozenset(
 
 _module_ids = itertools.count()
 
+# Triton's refusal of a decoupled model's request outside a stream (gRPC's wording; the
+# HTTP frontend says "HTTP end point" instead: services/frontend/http).
+DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+
 
 class PythonBackend:
     """The ``python`` backend. Stateless: every ``load`` makes an independent instance."""
@@ -81,8 +86,7 @@ class PythonBackend:
         """Import the model, run ``initialize`` and return a working instance.
 
         Raises ServerError: INVALID_ARG when the model file or class is missing or
-        malformed, UNSUPPORTED for features not served yet (decoupled mode), INTERNAL
-        when importing or initializing the model raised; the message carries the
+        malformed, INTERNAL when importing or initializing the model raised; the message carries the
         model's exception and traceback so the repository index can show it.
         """
         from despina.services.backend_host import warmup
@@ -178,12 +182,12 @@ class PythonModelInstance:
         self._loop_thread: threading.Thread | None = None
         self._module_names: list[str] = []
 
-        # A message field is in the JSON only when it is set (HasField).
-        if (config.get("model_transaction_policy") or {}).get("decoupled"):
-            raise unsupported(
-                f"model '{spec.model_name}' uses the decoupled transaction policy, which "
-                "is not supported by Despina yet"
-            )
+        # A message field is in the JSON only when it is set (HasField). Decoupled: the
+        # model answers through response senders (``_execute_decoupled``).
+        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
+        self._infers: dict[int, Any] = {}  # id(ExecRequest) -> its m.Infer (``accept``)
+        self._post: Any = None  # (m.Infer, ExecResponse | None, final) -> the loop (``bind``)
+        self._streaming: dict = {}
 
         filename = config.get("default_model_filename") or "model.py"
         path = spec.version_dir / filename
@@ -295,6 +299,8 @@ class PythonModelInstance:
         InferenceResponse per request: every request of the batch fails, the instance
         stays usable.
         """
+        if self.decoupled:
+            return self._execute_decoupled(requests)
         if self._reshape_in:
             requests = [
                 ExecRequest(
@@ -340,6 +346,77 @@ class PythonModelInstance:
                 if response.error is None:
                     response.outputs = self._reshape(response.outputs, self._reshape_out)
         return responses
+
+    # -- decoupled mode ----------------------------------------------------------------
+
+    def bind(self, replies: Any) -> None:
+        """Where response senders send (the host's ``Replies``, on the loop this is called
+        on): each ``send`` is handed to the loop, in order, from any thread."""
+        loop = asyncio.get_running_loop()
+        self._streaming = replies.streaming
+        send_part = replies.send_part
+        self._post = lambda infer, response, final: loop.call_soon_threadsafe(
+            send_part, infer, response, final
+        )
+
+    def accept(self, infers: list, requests: list) -> None:
+        """The executor's wire records of an execution's requests, before it runs (a
+        sender needs its request's rid, reply address and outputs)."""
+        for infer, request in zip(infers, requests, strict=True):
+            if type(request) is ExecRequest:
+                self._infers[id(request)] = infer
+
+    def _execute_decoupled(self, requests: list[ExecRequest]) -> list[ExecResponse]:
+        """Run one batch of a decoupled model: each request gets a response sender and
+        is answered ``DEFERRED`` (its responses go through the sender); ``execute``
+        must return None. A request that is not on a stream is refused, as Triton
+        refuses ModelInfer and HTTP for a decoupled model. Raises ServerError(INTERNAL)
+        as ``execute``; responses sent before that stay sent."""
+        out: list[ExecResponse] = []
+        pb_requests = []
+        infers = self._infers
+        for request in requests:
+            infer = infers.pop(id(request), None)
+            if infer is None or not infer.stream:
+                out.append(ExecResponse(error=unsupported(DECOUPLED_UNARY)))
+                continue
+            if self._reshape_in:
+                request = ExecRequest(
+                    request.request_id,
+                    self._reshape(request.inputs, self._reshape_in),
+                    request.requested_outputs,
+                    request.parameters,
+                )
+            pb_request = self._wrap(request)
+            sender = pb_utils.InferenceResponseSender._for(self, request, infer)
+            pb_request._sender = sender
+            self._streaming[(infer.reply_to, infer.rid)] = sender
+            pb_requests.append(pb_request)
+            out.append(DEFERRED)
+        if not pb_requests:
+            return out
+        try:
+            result = self._model.execute(pb_requests)
+            if inspect.isawaitable(result):
+                result = self._resolve(result)
+        except (Exception, SystemExit) as exc:
+            raise self._batch_error(requests, describe_exception(exc)) from exc
+        if result is not None:
+            raise self._batch_error(
+                requests,
+                f"Python model '{self._name}' is using the decoupled mode and the execute "
+                "function must return None.",
+            )
+        return out
+
+    def _send(self, request: ExecRequest, infer: Any, response: Any, final: bool) -> None:
+        """A sender's ``send``: convert (on the sender's thread) and hand to the loop."""
+        converted = None
+        if response is not None:
+            converted = self._convert(request, response)
+            if self._reshape_out and converted.error is None:
+                converted.outputs = self._reshape(converted.outputs, self._reshape_out)
+        self._post(infer, converted, final)
 
     def _reshape(self, arrays: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict:
         out = dict(arrays)

@@ -10,7 +10,9 @@ Tensors here are plain numpy arrays held by reference: an input ``Tensor`` wraps
 array the backend host mapped (often a read-only view onto shared memory), and an output
 ``Tensor`` keeps the model's array, so nothing is copied on the way in or out.
 
-Features of later work (decoupled response senders, BLS ``exec``, custom metrics,
+Decoupled mode: ``request.get_response_sender()`` gives an ``InferenceResponseSender``
+(the backend makes one per request of a decoupled model). Features of later work (BLS
+``exec``, custom metrics,
 model loading API) exist as names so a model
 imports cleanly, and raise ``TritonModelException("... is not supported by Despina
 yet")`` when used. Nothing in this module is shared across threads by the backend; an
@@ -23,6 +25,7 @@ import enum
 import json
 import logging
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -404,6 +407,7 @@ class InferenceRequest:
         "_timeout",
         "_parameters",
         "_parameters_json",
+        "_sender",  # a decoupled model's request only
     )
 
     def __init__(
@@ -495,10 +499,18 @@ class InferenceRequest:
         return InferenceTrace()
 
     def is_cancelled(self) -> bool:
-        return False
+        sender = getattr(self, "_sender", None)
+        return sender is not None and sender.cancelled
 
-    def get_response_sender(self) -> Any:
-        raise _not_supported("InferenceRequest.get_response_sender (decoupled mode)")
+    def get_response_sender(self) -> InferenceResponseSender:
+        """The request's response sender (a decoupled model's requests only)."""
+        sender = getattr(self, "_sender", None)
+        if sender is None:
+            raise TritonModelException(
+                "Unable to get the response sender: the model does not use the decoupled "
+                "transaction policy"
+            )
+        return sender
 
     def set_release_flags(self, flags: int) -> None:
         raise _not_supported("InferenceRequest.set_release_flags (request rescheduling)")
@@ -547,10 +559,64 @@ class InferenceResponse:
 
 
 class InferenceResponseSender:
-    """Decoupled-mode response sender; not supported yet."""
+    """A decoupled model's way to answer one request: zero or more responses, then the
+    ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` flag (with a last response or alone), from
+    ``execute`` or from any thread after it returned. Got from
+    ``request.get_response_sender()``; the backend makes them."""
+
+    __slots__ = ("_instance", "_request", "_infer", "_closed", "_lock", "cancelled")
+    _instance: Any  # the PythonModelInstance (backend.py) that sends
+    _request: Any
+    _infer: Any
+    _closed: bool
+    _lock: threading.Lock
+    cancelled: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise _not_supported("InferenceResponseSender (decoupled mode)")
+        raise TritonModelException(
+            "InferenceResponseSender is made by the backend: use request.get_response_sender()"
+        )
+
+    @classmethod
+    def _for(cls, instance: Any, request: Any, infer: Any) -> InferenceResponseSender:
+        sender = cls.__new__(cls)
+        sender._instance = instance
+        sender._request = request
+        sender._infer = infer
+        sender._closed = False
+        sender._lock = threading.Lock()
+        sender.cancelled = False  # the client went away (set on the host's loop)
+        return sender
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        """Send ``response`` (None only with the FINAL flag: the end, no response).
+        Raises TritonModelException after the FINAL flag was sent, for another flag, or
+        for something that is no InferenceResponse."""
+        if flags not in (0, TRITONSERVER_RESPONSE_COMPLETE_FINAL):
+            raise TritonModelException(f"Unsupported response flags: {flags}")
+        final = flags == TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if response is None:
+            if not final:
+                raise TritonModelException(
+                    "Inference Response object is needed when the flag is not "
+                    "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
+                )
+        elif not isinstance(response, InferenceResponse):
+            raise TritonModelException(
+                f"Expected an 'InferenceResponse' object to send, found type '{type(response)}'"
+            )
+        with self._lock:  # senders on several threads: one order, one final
+            if self._closed:
+                raise TritonModelException(
+                    "Unable to send response. Response sender has been closed."
+                )
+            self._closed = final
+            self._instance._send(self._request, self._infer, response, final)
+
+    def is_cancelled(self) -> bool:
+        """Whether the client went away (its stream closed): further responses are
+        dropped; the model may stop early, and still sends its FINAL flag."""
+        return self.cancelled
 
 
 # ---------------------------------------------------------------------------------------
