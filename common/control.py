@@ -126,6 +126,9 @@ class ModelStatistics(msgspec.Struct, array_like=True):
     # then the sum of the observations in ns.
     stages: dict[str, list[int]] = {}
     pending: int = 0  # a gauge, set by the scheduler in its totals: requests it queues
+    # Decoupled models' responses by index ("0", "1", ...; frontends): [success count,
+    # ns, fail count, ns, empty_response count, ns, cancel count, ns] (common/stats.py).
+    responses: dict[str, list[int]] = {}
 
 
 class Statistics(msgspec.Struct, tag="statistics", array_like=True):

@@ -109,10 +109,11 @@ class Infer(msgspec.Struct, array_like=True):
 
 # ``InferReply.part``: the request's only or last response (every non-decoupled reply);
 # one response of several, more follow; the end of a decoupled request's responses, no
-# response in it (a FINAL flag sent without one).
+# response in it (a FINAL flag sent without one); a decoupled request's last response.
 PART_LAST = 0
 PART_MORE = 1
 PART_EMPTY_FINAL = 2
+PART_FINAL = 3  # a decoupled request's last response, sent with the FINAL flag
 
 
 class InferReply(msgspec.Struct, array_like=True):

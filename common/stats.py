@@ -74,6 +74,9 @@ _HOST_STAGES = ("queue", "compute_input", "compute", "output")  # every executio
 REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
 REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
 
+# A decoupled model's response, by kind (``Recorder.response``; Triton's response_stats).
+RESPONSE_SUCCESS, RESPONSE_FAIL, RESPONSE_EMPTY, RESPONSE_CANCEL = 0, 1, 2, 3
+
 
 def observe(stats: ModelStatistics, stage: str, ns: int, count: int = 1) -> None:
     """``count`` observations of ``ns`` each into ``stage``'s histogram."""
@@ -139,6 +142,10 @@ def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
     for size, values in delta.batch.items():
         entry = into.batch.setdefault(size, [0, 0, 0, 0])
         for i, value in enumerate(values[:4]):
+            entry[i] += value
+    for index, values in delta.responses.items():
+        entry = into.responses.setdefault(index, [0] * 8)
+        for i, value in enumerate(values[:8]):
             entry[i] += value
     for stage, buckets in delta.stages.items():
         if len(buckets) != _SLOTS:
@@ -274,6 +281,17 @@ class Recorder:
         self._successes += (model, version, t0, sent, reply, now)
         if self._timer is None:
             self.arm()
+
+    def response(self, model: str, version: str, index: int, kind: int, ns: int) -> None:
+        """One response of a decoupled model's request (a frontend; its ``index``-th, 0
+        first), of ``kind`` (RESPONSE_*), ``ns`` after the one before it (or the request's
+        start). Added at once: only decoupled calls pay it."""
+        responses = self.get(model, version).responses
+        entry = responses.get(str(index))
+        if entry is None:
+            entry = responses[str(index)] = [0] * 8
+        entry[2 * kind] += 1
+        entry[2 * kind + 1] += ns
 
     def _count_requests(
         self,

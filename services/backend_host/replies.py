@@ -154,8 +154,7 @@ class Replies:
             buffers: list = []
         else:
             reply, buffers = encode_response(req, response, self.mapper, self.cuda)
-            if not final:
-                reply.part = m.PART_MORE
+            reply.part = m.PART_FINAL if final else m.PART_MORE
         if final:
             self.streaming.pop((req.reply_to, req.rid), None)
         self.put(req.reply_to, (reply, buffers))

@@ -159,7 +159,7 @@ class StreamCall(InferCall):
         self.on_response = on_response
         self.empty_final = False
         self.responses = 0
-        self.t_part = 0.0  # when the previous response arrived (statistics)
+        self.t_part = self.t0  # when the previous response arrived (statistics)
         # The link of the backend host its responses come from (a scheduled request's
         # Cancel goes there once its execution has ended).
         self.host: object | None = None

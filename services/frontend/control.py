@@ -244,9 +244,29 @@ def _batch_stats(s: c.ModelStatistics) -> list[dict]:
     ]
 
 
+def _response_stats(s: c.ModelStatistics) -> dict[str, dict]:
+    """Triton's ``response_stats`` of a decoupled model: per response index, its
+    success / fail / empty_response / cancel counts and durations (each response's time
+    since the one before it, as its frontend saw them); compute_infer is that of every
+    response that carried outputs or an error, compute_output is not measured apart (0 ns)."""
+    out = {}
+    for index, (ok, ok_ns, fail, fail_ns, empty, empty_ns, cancel, cancel_ns) in sorted(
+        s.responses.items(), key=lambda item: int(item[0])
+    ):
+        out[index] = {
+            "compute_infer": _duration(ok + fail, ok_ns + fail_ns),
+            "compute_output": _duration(ok + fail, 0),
+            "success": _duration(ok, ok_ns),
+            "fail": _duration(fail, fail_ns),
+            "empty_response": _duration(empty, empty_ns),
+            "cancel": _duration(cancel, cancel_ns),
+        }
+    return out
+
+
 def statistics_json(record: c.Statistics) -> bytes:
     """Triton's statistics extension JSON: ``model_stats``, one entry per model version
-    (``response_stats`` empty: no decoupled models yet)."""
+    (``response_stats``: decoupled models' only, empty for the others)."""
     return orjson.dumps(
         {
             "model_stats": [
@@ -257,7 +277,7 @@ def statistics_json(record: c.Statistics) -> bytes:
                     "inference_count": s.inference_count,
                     "execution_count": s.execution_count,
                     "inference_stats": _inference_stats(s),
-                    "response_stats": {},
+                    "response_stats": _response_stats(s) if s.responses else {},
                     "batch_stats": _batch_stats(s),
                     "memory_usage": [],
                 }
@@ -280,6 +300,12 @@ def statistics_pb(record: c.Statistics) -> pb.ModelStatisticsResponse:
         for key, value in _inference_stats(s).items():
             duration = getattr(entry.inference_stats, key)
             duration.count, duration.ns = value["count"], value["ns"]
+        if s.responses:
+            for index, kinds in _response_stats(s).items():
+                response_stats = entry.response_stats[index]
+                for key, value in kinds.items():
+                    duration = getattr(response_stats, key)
+                    duration.count, duration.ns = value["count"], value["ns"]
         for batch in _batch_stats(s):
             stats = entry.batch_stats.add(batch_size=batch["batch_size"])
             for key in ("compute_input", "compute_infer", "compute_output"):

@@ -38,7 +38,15 @@ from despina.common import messages as m
 from despina.common.errors import Code, ServerError, unavailable
 from despina.common.settings import SpeedPaths
 from despina.common.shm.arena import ShmArena, ShmMapper, arena_prefix
-from despina.common.stats import BACKEND, REJECTED, Recorder
+from despina.common.stats import (
+    BACKEND,
+    REJECTED,
+    RESPONSE_CANCEL,
+    RESPONSE_EMPTY,
+    RESPONSE_FAIL,
+    RESPONSE_SUCCESS,
+    Recorder,
+)
 from despina.common.validate import check_request
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, OutputTensor
@@ -675,41 +683,61 @@ class SchedulerClient:
     def _on_part(
         self, reply: m.InferReply, frames: list, link: streams.FramedProtocol | None
     ) -> None:
-        """A decoupled model's reply that does not carry the last response: one response
-        of several (``m.PART_MORE``), handed to its ``StreamCall.on_response`` while the
-        call stays pending; or the empty final (``m.PART_EMPTY_FINAL``), which resolves
-        the call to a result without outputs. Its outputs came inline (or into the
-        client's regions): no lease."""
-        if reply.part == m.PART_EMPTY_FINAL:
+        """A decoupled model's reply (``InferReply.part``): one response of several
+        (``m.PART_MORE``), handed to its ``StreamCall.on_response`` while the call stays
+        pending; its last response (``m.PART_FINAL``), or the end without one
+        (``m.PART_EMPTY_FINAL``: a result without outputs, ``empty_final`` set), which
+        resolves the call. Counted by index in the statistics (``response_stats``) when
+        they are on; the end of a cancelled call as its cancel. Its outputs came inline
+        (or into the client's regions): no lease."""
+        part = reply.part
+        if part == m.PART_MORE:
+            call = self._pending.get(reply.rid)
+        else:
             call = self._pending.pop(reply.rid, None)
-            if call is None:
-                return
-            if call.target is not None:
-                call.target.outstanding -= 1
-            if call.blocks:
-                self._release_blocks(call)
-            if not call.done():
-                call.empty_final = True  # type: ignore[attr-defined]
-                if call.t0:
-                    call.t_reply = time.monotonic()
-                call.set_result(InferenceResult(reply.model, reply.version, call.request.id, []))  # type: ignore[union-attr]
-            return
-        call = self._pending.get(reply.rid)
-        if call is None or call.done() or not call.stream:
+            if call is not None:
+                if call.target is not None:
+                    call.target.outstanding -= 1
+                if call.blocks:
+                    self._release_blocks(call)
+        if call is None or not call.stream:
             return
         call.host = link  # type: ignore[attr-defined]
-        response: object
+        stats = self.stats
+        now = time.monotonic()
+        ns = int((now - call.t_part) * 1e9)  # type: ignore[attr-defined]
+        if call.done():  # the client went away
+            if stats is not None and part != m.PART_MORE:
+                stats.response(reply.model, reply.version, call.responses, RESPONSE_CANCEL, ns)  # type: ignore[attr-defined]
+            return
+        response: ServerError | InferenceResult
         if reply.error is not None:
             response = ServerError(Code(reply.error.code), reply.error.message)
+            kind = RESPONSE_FAIL
         else:
             response = InferenceResult(reply.model, reply.version, call.request.id, [])  # type: ignore[union-attr]
+            kind = RESPONSE_EMPTY if part == m.PART_EMPTY_FINAL else RESPONSE_SUCCESS
             targets = call.targets
             for t in reply.outputs:
                 data = frames[t.ref.frame] if isinstance(t.ref, m.Inline) else None
                 if data is None and t.name not in targets:
                     continue
-                response.outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))  # type: ignore[attr-defined]
-        call.on_response(call, response)  # type: ignore[attr-defined]
+                response.outputs.append(OutputTensor(t.name, t.datatype, t.shape, data))
+        if stats is not None:
+            stats.response(reply.model, reply.version, call.responses, kind, ns)  # type: ignore[attr-defined]
+        call.t_part = now  # type: ignore[attr-defined]
+        call.responses += 1  # type: ignore[attr-defined]
+        if part == m.PART_MORE:
+            call.on_response(call, response)  # type: ignore[attr-defined]
+            return
+        if call.t0:
+            call.t_reply = now
+        if type(response) is ServerError:
+            call.reason = BACKEND
+            call.set_exception(response)
+            return
+        call.empty_final = part == m.PART_EMPTY_FINAL  # type: ignore[attr-defined]
+        call.set_result(response)
 
     def _resolve_error(self, rid: int, exc: ServerError) -> None:
         call = self._pending.pop(rid, None)

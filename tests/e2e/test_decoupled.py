@@ -145,7 +145,12 @@ class TritonPythonModel:
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 """
 
-MODELS = {"repeat": REPEAT_PY, "repeat_last": REPEAT_LAST_PY, "endless": ENDLESS_PY}
+MODELS = {
+    "repeat": REPEAT_PY,
+    "counted": REPEAT_PY,
+    "repeat_last": REPEAT_LAST_PY,
+    "endless": ENDLESS_PY,
+}
 
 
 # Both gRPC transports serve ModelStreamInfer with the same servicer: the lean HTTP/2
@@ -320,3 +325,66 @@ def test_a_closed_stream_cancels_the_sender(server: DespinaServer) -> None:
     while not mark.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert mark.read_text().split()[0] == "True"
+    # Each cancelled request's end is counted as a cancel (response_stats), once.
+    with httpclient.InferenceServerClient(server.url) as client:
+        deadline = time.monotonic() + 5
+        while True:
+            stats = _response_stats(client.get_inference_statistics("endless"), "endless")
+            cancels = sum(entry["cancel"]["count"] for entry in stats.values())
+            if cancels >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert cancels == 2
+    assert stats["0"]["success"]["count"] == 2  # both streams read their first response
+
+
+def _response_stats(stats: dict, model: str) -> dict:
+    (entry,) = [s for s in stats["model_stats"] if s["name"] == model]
+    return entry["response_stats"]
+
+
+def test_response_stats_count_every_response_by_index(server: DespinaServer) -> None:
+    # A model of its own, so the counts are this test's: four requests of 3, 1, 0 and 2
+    # responses, each then its empty final (at the index after its last response).
+    stream = _Stream(server)
+    try:
+        for values in ([1, 2, 3], [4], [], [5, 6]):
+            stream.client.async_stream_infer("counted", _inputs(values))
+        got = stream.take(6)
+        assert [e for _, e in got] == [None] * 6
+        assert stream.quiet()
+    finally:
+        stream.close()
+    expected = {
+        "0": (3, 1),  # success count, empty_response count
+        "1": (2, 1),
+        "2": (1, 1),
+        "3": (0, 1),
+    }
+    with httpclient.InferenceServerClient(server.url) as client:
+        deadline = time.monotonic() + 5
+        while True:  # the frontend's counts reach the scheduler within 0.1 s
+            http_stats = _response_stats(client.get_inference_statistics("counted"), "counted")
+            seen = {
+                k: (v["success"]["count"], v["empty_response"]["count"])
+                for k, v in http_stats.items()
+            }
+            if seen == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert seen == expected
+    for index, entry in http_stats.items():
+        assert entry["fail"] == {"count": 0, "ns": 0}
+        assert entry["cancel"] == {"count": 0, "ns": 0}
+        assert entry["compute_infer"]["count"] == entry["success"]["count"]
+        assert (entry["success"]["ns"] > 0) == (entry["success"]["count"] > 0), index
+        assert (entry["empty_response"]["ns"] > 0) == (entry["empty_response"]["count"] > 0)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        grpc_stats = client.get_inference_statistics("counted", as_json=True)
+    assert {
+        k: (int(v["success"].get("count", 0)), int(v["empty_response"].get("count", 0)))
+        for k, v in _response_stats(grpc_stats, "counted").items()
+    } == expected
+    with httpclient.InferenceServerClient(server.url) as client:
+        (entry,) = client.get_inference_statistics("counted")["model_stats"]
+    assert entry["inference_stats"]["success"]["count"] == 4  # requests, as ever
