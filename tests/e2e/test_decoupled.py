@@ -145,11 +145,41 @@ class TritonPythonModel:
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 """
 
+# An error response (flags 0: the stream of responses goes on), a response, the FINAL
+# flag alone; or, for IN [1], execute returns a list, which a decoupled model may not.
+ERRORS_PY = """\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        returned = None
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+            if list(values) == [1]:
+                returned = []
+                continue
+            sender = request.get_response_sender()
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("first one failed")))
+            sender.send(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("OUT", np.array([9], dtype=np.int32)),
+                        pb_utils.Tensor("IDX", np.array([1], dtype=np.int32)),
+                    ]
+                )
+            )
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return returned
+"""
+
 MODELS = {
     "repeat": REPEAT_PY,
     "counted": REPEAT_PY,
     "repeat_last": REPEAT_LAST_PY,
     "endless": ENDLESS_PY,
+    "errors": ERRORS_PY,
 }
 
 
@@ -388,3 +418,26 @@ def test_response_stats_count_every_response_by_index(server: DespinaServer) -> 
     with httpclient.InferenceServerClient(server.url) as client:
         (entry,) = client.get_inference_statistics("counted")["model_stats"]
     assert entry["inference_stats"]["success"]["count"] == 4  # requests, as ever
+
+
+def test_error_responses_and_a_wrong_return(server: DespinaServer) -> None:
+    stream = _Stream(server)
+    try:
+        stream.client.async_stream_infer("errors", _inputs([0]), request_id="x")
+        (first, second) = stream.take(2)
+        assert first[0] is None and first[1].message() == "first one failed"
+        assert second[1] is None and _values(second[0]) == (9, 1)
+        assert stream.quiet()
+        stream.client.async_stream_infer("errors", _inputs([1]), request_id="y")
+        ((result, error),) = stream.take(1)
+        assert result is None
+        assert error.message() == (
+            "Failed to process the request(s) for model instance 'errors_0_0', message: "
+            "Python model 'errors_0_0' is using the decoupled mode and the execute function "
+            "must return None."
+        )
+        # The stream stays usable.
+        stream.client.async_stream_infer("errors", _inputs([0]), request_id="z")
+        assert [e is None for _, e in stream.take(2)] == [False, True]
+    finally:
+        stream.close()
