@@ -81,6 +81,7 @@ FROM_HOST = [
             )
         ]
     ),
+    m.Heartbeat(host_id="onnxruntime-12-ab"),
 ]
 
 # The logging and trace settings every frontend and host is sent (settings_store.py).
@@ -115,6 +116,7 @@ FRONTEND_INBOUND = [
     ),
     m.Routes(routes=[]),
     m.HostLink(host_id="python-add_sub-1-0-77"),
+    m.HostGone(host_id="onnxruntime-12-ab", why="stopped answering (no heartbeat for 3.1 s)"),
     SETTINGS,
 ]
 
