@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A/B of Despina's own settings: one ``despina serve`` per arm (its extra flags), all up
-at once, driven in turn by `despina perf`, round after round, so every arm sees the same
+at once, driven in turn by `despina perf`, round after round (each round starting at the
+next arm, so no arm is always first), so every arm sees the same
 machine; medians per load and arm, and the ratio of each arm to the first.
 
     python loadtest/ab.py --arm off=--busy-poll-us=0 --arm on= \\
@@ -83,8 +84,14 @@ def main(argv: list[str] | None = None) -> None:
                 env = {**os.environ, "PYTHONPATH": despina_overlay(ref, tmp / name)}
             served[name] = stack.enter_context(despina(flags, name, env=env))
         for rnd in range(1, args.rounds + 1):
+            # Each round starts at the next arm: an arm's place in the round (first after
+            # the last load's end, or after another server's run) never favours it.
+            names = list(served)
+            shift = (rnd - 1) % len(names)
+            order = names[shift:] + names[:shift]
             for model, protocol, concurrency, perf_flags in args.load:
-                for name, srv in served.items():
+                for name in order:
+                    srv = served[name]
                     url = srv.url_for(protocol)
                     try:
                         with steal_meter() as meter:
