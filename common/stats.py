@@ -20,8 +20,23 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+
+    class _Numpy:
+        """numpy, imported at first use: frontends and hosts add up with it, the
+        scheduler (which only merges) never loads it (tests/e2e/test_footprint.py)."""
+
+        def __getattr__(self, name: str):
+            import numpy
+
+            globals()["np"] = numpy
+            return getattr(numpy, name)
+
+    np = _Numpy()
 
 from despina.common.control import ModelStatistics
 
@@ -87,7 +102,7 @@ def observe(stats: ModelStatistics, stage: str, ns: int, count: int = 1) -> None
     buckets[-1] += ns * count
 
 
-_BOUNDS_A = np.array(BOUNDS_NS, dtype=np.int64)
+_BOUNDS_A: list = []  # BOUNDS_NS as an int64 array, made at first use (numpy)
 
 
 def _observe_array(
@@ -95,8 +110,10 @@ def _observe_array(
 ) -> None:
     """``observe`` of every value in ``values`` (int64 ns), each ``weights`` times (the
     same length; None: once)."""
+    if not _BOUNDS_A:
+        _BOUNDS_A.append(np.array(BOUNDS_NS, dtype=np.int64))
     counts = np.bincount(
-        np.searchsorted(_BOUNDS_A, values), weights=weights, minlength=_SLOTS - 1
+        np.searchsorted(_BOUNDS_A[0], values), weights=weights, minlength=_SLOTS - 1
     ).tolist()
     buckets = stats.stages.get(stage)
     if buckets is None:

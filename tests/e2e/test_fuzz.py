@@ -159,14 +159,14 @@ def _clean(status: int) -> bool:
 
 
 def _bad_dim(body: object) -> bool:
-    """Whether an input's JSON shape holds a dimension that is not an unsigned integer:
+    """Whether an input's JSON shape holds a dimension that is not an unsigned 64-bit integer:
     Triton answers that 500 ("Unable to parse 'shape' ..."), its qa tests check it, and
     Despina answers as Triton (docs/compatibility.md)."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     return isinstance(inputs, list) and any(
         isinstance(t, dict)
         and isinstance(t.get("shape"), list)
-        and any(type(d) is not int or d < 0 for d in t["shape"])
+        and any(type(d) is not int or not 0 <= d < 1 << 64 for d in t["shape"])
         for t in inputs
     )
 

@@ -35,7 +35,7 @@ def test_the_base_install_runs_onnx_and_python_models_only():
     assert extras["gpu"] == {"onnxruntime-gpu", "cupy-cuda12x"}
     assert extras["tensorrt"] == {"tensorrt"}
     # the suite builds TorchScript models: the test extra pulls the pytorch one
-    assert "despina[pytorch,loadtest]" in project["optional-dependencies"]["test"]
+    assert "despina[pytorch,loadtest,otel]" in project["optional-dependencies"]["test"]
 
 
 def test_every_extra_a_message_names_exists():
