@@ -11,8 +11,7 @@ import asyncio
 import time
 from pathlib import Path
 
-import uvloop
-from test_scheduler import REPLY_TO, Peer, infer, join, make_repository
+from test_scheduler import REPLY_TO, Peer, infer, join, run_scheduler
 
 from despina.common import messages as m
 from despina.services.scheduler.server import SchedulerServer
@@ -21,23 +20,7 @@ TIMEOUT_S = 0.5
 
 
 def run(tmp_path: Path, scenario) -> None:
-    endpoint = f"unix://{tmp_path}/scheduler.sock"
-    repo = make_repository(tmp_path)
-
-    async def main() -> None:
-        server = SchedulerServer("", endpoint, [repo], heartbeat_timeout_s=TIMEOUT_S)
-        task = asyncio.create_task(server.run())
-        for _ in range(200):
-            if (tmp_path / "scheduler.sock").exists():
-                break
-            await asyncio.sleep(0.01)
-        try:
-            await scenario(server, endpoint)
-        finally:
-            server.stop()
-            await asyncio.wait_for(task, 5)
-
-    uvloop.run(main())
+    run_scheduler(tmp_path, scenario, heartbeat_timeout_s=TIMEOUT_S)
 
 
 async def two_hosts(endpoint: str) -> tuple[dict[str, Peer], Peer]:

@@ -91,14 +91,14 @@ def infer(rid: int) -> m.InferBatch:
     return m.InferBatch(REPLY_TO, [m.Infer(rid, "add", "", [tensor], [], {})])
 
 
-def run_scheduler(tmp_path: Path, scenario: Callable) -> None:
-    """Start a SchedulerServer on a unix socket under ``tmp_path``, run
-    ``scenario(server, endpoint)`` against it, stop it."""
+def run_scheduler(tmp_path: Path, scenario: Callable, **server_args) -> None:
+    """Start a SchedulerServer (with ``server_args``) on a unix socket under
+    ``tmp_path``, run ``scenario(server, endpoint)`` against it, stop it."""
     endpoint = f"unix://{tmp_path}/scheduler.sock"
     repo = make_repository(tmp_path)
 
     async def main() -> None:
-        server = SchedulerServer("", endpoint, [repo])
+        server = SchedulerServer("", endpoint, [repo], **server_args)
         task = asyncio.create_task(server.run())
         for _ in range(200):
             if (tmp_path / "scheduler.sock").exists():
