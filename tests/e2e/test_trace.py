@@ -61,10 +61,13 @@ def server(tmp_path_factory, trace_file):
     srv.stop()
 
 
-def _infer_simple(server: DespinaServer, n: int, tag: str) -> None:
-    client = httpclient.InferenceServerClient(server.url)
+def _infer_simple(server: DespinaServer, n: int, tag: str, module=httpclient) -> None:
+    """``n`` requests to ``simple`` over ``module``'s protocol (tritonclient http or
+    grpc), with request ids ``tag-i``, each answer checked."""
+    url = server.url if module is httpclient else server.grpc_url
+    client = module.InferenceServerClient(url)
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [httpclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+    inputs = [module.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(a)
     for i in range(n):
@@ -198,14 +201,7 @@ def test_grpc_sync_and_aio(server, trace_file):
 
 
 def _infer_grpc(server: DespinaServer, n: int, tag: str) -> None:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [grpcclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(a)
-    for i in range(n):
-        result = client.infer("simple", inputs, request_id=f"{tag}-{i}")
-        assert result.as_numpy("OUTPUT0").tolist() == (a * 2).tolist()
+    _infer_simple(server, n, tag, grpcclient)
 
 
 def _check_timestamps(trace: dict, before: int, after: int) -> None:
