@@ -41,6 +41,11 @@ else:
 from despina.common.control import ModelStatistics
 
 FLUSH_S = 0.1  # the longest a count waits before it is sent
+# Rows (requests or executions) counted as soon as this many wait, without sending: how
+# long one count holds up the loop stays bounded (~0.1 ms) at any rate, where counting a
+# whole period's rows at once at ~20k requests/s added ~0.4 ms to the p99 latency of the
+# requests it held up (docs/observability.md, "What counting costs").
+COUNT_AT = 512
 
 # Upper bounds (le) of the per-stage histograms' buckets, in µs, then +Inf: fixed, so
 # the buckets of every process add up.
@@ -238,6 +243,17 @@ class Recorder:
         """Count what is queued and send every delta now (nothing when there is none)."""
         if self.collect is not None:
             self.collect()
+        self._count_queued()
+        if self._timer is not None:  # the one that fired, or one armed meanwhile
+            self._timer.cancel()
+            self._timer = None
+        if self._models:
+            models, self._models = list(self._models.values()), {}
+            self._send(models)
+
+    def _count_queued(self) -> None:
+        """Add up the requests queued since the last count (into the deltas ``flush``
+        sends)."""
         requests, self._requests = self._requests, []
         if requests:
             self._count_requests(
@@ -263,12 +279,6 @@ class Recorder:
                 np.where(sent != 0.0, ((sent - t0) * 1e9).astype(np.int64), -1),
                 np.where(reply != 0.0, ((now - reply) * 1e9).astype(np.int64), -1),
             )
-        if self._timer is not None:  # the one that fired, or one armed meanwhile
-            self._timer.cancel()
-            self._timer = None
-        if self._models:
-            models, self._models = list(self._models.values()), {}
-            self._send(models)
 
     # --- what a frontend counts ---------------------------------------------------------
 
@@ -287,6 +297,8 @@ class Recorder:
         self._requests += (model, version, reason, ns, decode_ns, encode_ns)
         if self._timer is None:
             self.arm()
+        elif len(self._requests) >= COUNT_AT * 6:
+            self._count_queued()
 
     def success(
         self, model: str, version: str, t0: float, sent: float, reply: float, now: float
@@ -298,6 +310,8 @@ class Recorder:
         self._successes += (model, version, t0, sent, reply, now)
         if self._timer is None:
             self.arm()
+        elif len(self._successes) >= COUNT_AT * 6:
+            self._count_queued()
 
     def response(self, model: str, version: str, index: int, kind: int, ns: int) -> None:
         """One response of a decoupled model's request (a frontend; its ``index``-th, 0
@@ -345,78 +359,57 @@ class Recorder:
 
     # --- what a backend host counts -----------------------------------------------------
 
-    def executions(self, rows: list, wall_ms: float, now: float) -> None:
-        """Count a flush's executions, by columns (a few numpy calls per model version
-        and batch size, whatever the number of executions). ``rows``: ten values per
-        execution in one flat list, as the host's executor queues them: ``(model, version, requests, inferences, queue_s, input_s, infer_s,
-        output_s, end, batched_s)``, seconds on ``time.monotonic`` (``queue_s`` one
-        request's, ``batched_s`` all its requests' seconds in the host's batcher, -1.0:
-        not batched there); ``wall_ms`` and ``now`` one reading of the wall clock (ms)
-        and of ``time.monotonic`` for the last inference's time. The same counts as
+    def executions(self, model: str, version: str, rows: list, wall_ms: float, now: float) -> None:
+        """Count a flush's executions of ``model`` ``version`` by columns (a few numpy
+        calls per batch size, whatever the number of executions). ``rows``: eight numbers
+        per execution in one flat list, as the host's executor queues them per instance:
+        ``(requests, inferences, queue_s, input_s, infer_s, output_s, end, batched_s)``,
+        seconds on ``time.monotonic`` (``queue_s`` one request's, ``batched_s`` all its
+        requests' seconds in the host's batcher, -1.0: not batched there), read in one
+        conversion; ``wall_ms`` and ``now`` one reading of the wall clock (ms) and of
+        ``time.monotonic`` for the last inference's time. The same counts as
         ``execution`` on each row."""
         if not rows:
             return
-        models, versions = rows[0::10], rows[1::10]
-        n, inferences, queue_s, input_s, infer_s = (rows[i::10] for i in range(2, 7))
-        output_s, end, batched_s = rows[7::10], rows[8::10], rows[9::10]
-        n_a = np.array(n, dtype=np.int64)
-        inf_a = np.array(inferences, dtype=np.int64)
-        queue_a = (n_a * np.maximum(np.array(queue_s), 0.0) * 1e9).astype(np.int64)
-        input_a = (np.array(input_s) * 1e9).astype(np.int64)
-        infer_a = (np.array(infer_s) * 1e9).astype(np.int64)
-        output_a = (np.array(output_s) * 1e9).astype(np.int64)
-        end_a = np.array(end)
-        batched_a = np.array(batched_s)
-        wait_a = np.where(batched_a >= 0, (batched_a * 1e9).astype(np.int64), -1)
-        for (model, version), idx in _groups(models, versions):
-            if idx is None:
-                gn, ginf, gq, gi, gc, go, gw = (
-                    n_a,
-                    inf_a,
-                    queue_a,
-                    input_a,
-                    infer_a,
-                    output_a,
-                    wait_a,
-                )
-                gend = end_a
-            else:
-                gn, ginf, gq, gi, gc, go, gw = (
-                    a[idx] for a in (n_a, inf_a, queue_a, input_a, infer_a, output_a, wait_a)
-                )
-                gend = end_a[idx]
-            stats = self.get(model, version)
-            requests = int(gn.sum())
-            waited = gw >= 0
-            stats.queue_count += requests
-            stats.queue_ns += int(gq.sum()) + int(gw[waited].sum())
-            stats.input_count += requests
-            stats.input_ns += int((gi * gn).sum())
-            stats.infer_count += requests
-            stats.infer_ns += int((gc * gn).sum())
-            stats.output_count += requests
-            stats.output_ns += int((go * gn).sum())
-            stats.inference_count += int(ginf.sum())
-            stats.execution_count += len(gn)
-            end_ms = int(wall_ms - (now - float(gend.max())) * 1000)
-            if end_ms > stats.last_inference:
-                stats.last_inference = end_ms
-            for size in np.unique(ginf).tolist():
-                same = ginf == size
-                entry = stats.batch.get(size)
-                if entry is None:
-                    entry = stats.batch[size] = [0, 0, 0, 0]
-                entry[0] += int(same.sum())
-                entry[1] += int(gi[same].sum())
-                entry[2] += int(gc[same].sum())
-                entry[3] += int(go[same].sum())
-            _observe_array(stats, "queue", gq // gn, gn)
-            _observe_array(stats, "compute_input", gi, gn)
-            _observe_array(stats, "compute", gc, gn)
-            _observe_array(stats, "output", go, gn)
-            if waited.any():
-                wn = gn[waited]
-                _observe_array(stats, "batch_wait", gw[waited] // wn, wn)
+        table = np.array(rows, dtype=np.float64).reshape(-1, 8)
+        gn = table[:, 0].astype(np.int64)
+        ginf = table[:, 1].astype(np.int64)
+        gq = (gn * np.maximum(table[:, 2], 0.0) * 1e9).astype(np.int64)
+        gi, gc, go = ((table[:, col] * 1e9).astype(np.int64) for col in (3, 4, 5))
+        batched_a = table[:, 7]
+        gw = np.where(batched_a >= 0, (batched_a * 1e9).astype(np.int64), -1)
+        stats = self.get(model, version)
+        requests = int(gn.sum())
+        waited = gw >= 0
+        stats.queue_count += requests
+        stats.queue_ns += int(gq.sum()) + int(gw[waited].sum())
+        stats.input_count += requests
+        stats.input_ns += int((gi * gn).sum())
+        stats.infer_count += requests
+        stats.infer_ns += int((gc * gn).sum())
+        stats.output_count += requests
+        stats.output_ns += int((go * gn).sum())
+        stats.inference_count += int(ginf.sum())
+        stats.execution_count += len(gn)
+        end_ms = int(wall_ms - (now - float(table[:, 6].max())) * 1000)
+        if end_ms > stats.last_inference:
+            stats.last_inference = end_ms
+        for size in np.unique(ginf).tolist():
+            same = ginf == size
+            entry = stats.batch.get(size)
+            if entry is None:
+                entry = stats.batch[size] = [0, 0, 0, 0]
+            entry[0] += int(same.sum())
+            entry[1] += int(gi[same].sum())
+            entry[2] += int(gc[same].sum())
+            entry[3] += int(go[same].sum())
+        _observe_array(stats, "queue", gq // gn, gn)
+        _observe_array(stats, "compute_input", gi, gn)
+        _observe_array(stats, "compute", gc, gn)
+        _observe_array(stats, "output", go, gn)
+        if waited.any():
+            wn = gn[waited]
+            _observe_array(stats, "batch_wait", gw[waited] // wn, wn)
 
     def execution(
         self,

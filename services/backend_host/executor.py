@@ -22,7 +22,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from despina.common.batching import Batcher, batch_rules, batch_size
 from despina.common.cuda import CudaMapper
 from despina.common.errors import Code, ServerError, internal, invalid_arg, unavailable
 from despina.common.shm.arena import ShmMapper
-from despina.common.stats import Recorder
+from despina.common.stats import COUNT_AT, Recorder
 from despina.services.backend_host.backend import (
     ExecRequest,
     ExecResponse,
@@ -66,7 +66,8 @@ class LoadedInstance:
     # first run on its thread and proves itself quick there.
     cost_s: float = 1.0
     _labels: dict[str, list[str]] | None = None
-    _batched: bool | None = None
+    # max_batch_size > 0: a request's first dimension is its batch size.
+    batched: bool = field(init=False)
     # Direct requests waiting for a batch (a dynamically batched model), each with its
     # arrays; ``running``: a batch of them is executing (one at a time); ``pumping``:
     # ``Executor.pump`` is forming batches for this instance now.
@@ -79,6 +80,12 @@ class LoadedInstance:
     # A decoupled model (a Python model's response senders): its requests are answered by
     # ``Replies.send_part``, each one's records handed to the instance (``accept``).
     decoupled: bool = False
+    # Statistics: this instance's executions answered since the last flush, eight
+    # numbers each in one flat list (``Executor._count``, common/stats.Recorder.executions).
+    uncounted: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.batched = config_dict(self.spec.config).get("max_batch_size", 0) > 0
 
     def labels(self, output: str) -> list[str]:
         """The classification labels of ``output`` (its ``label_filename``), read once."""
@@ -93,9 +100,7 @@ class LoadedInstance:
         """Replace the outputs the request asked classes of by their top-k classes."""
         if response.error is not None:
             return
-        if self._batched is None:
-            self._batched = config_dict(self.spec.config).get("max_batch_size", 0) > 0
-        batched = self._batched
+        batched = self.batched
         try:
             for name, k in req.classification.items():
                 if name in response.outputs:
@@ -159,20 +164,18 @@ class Executor:
         # they finish: where a Cancel looks for requests that may not have started yet.
         self._backlog: dict[int, m.Execution] = {}
         # Executions on the loop waiting for their turn (YIELD_ABOVE_S), in order.
-        self._deferred: deque[tuple[LoadedInstance, m.Execution, list, LoadedInstance | None, bool]]
+        self._deferred: deque[
+            tuple[LoadedInstance, m.Execution, list, LoadedInstance | None, bool, tuple | None]
+        ]
         self._deferred = deque()
         self._deferred_armed = False
         # (reply_to, rid) of backlog requests whose clients went away: dropped when their
         # execution starts, forgotten when it finishes. Read by instance threads.
         self._cancelled: set[tuple[str, int]] = set()
-        # Statistics (common/stats.py), None when not counting: each launched execution's
-        # (launch time, its requests' seconds in the batcher (-1.0: not batched here),
-        # input seconds) by id, until it finishes.
+        # Statistics (common/stats.py), None when not counting.
         self.stats: Recorder | None = None
-        self._launched: dict[int, tuple[float, float, float]] = {}
-        # Executions answered since the statistics' last flush, with their times: ten
-        # values each, one flat list (common/stats.Recorder.executions).
-        self._uncounted: list = []
+        # The instances with executions to count at the next flush (``uncounted``).
+        self._counting: list[LoadedInstance] = []
         # Some trace level is on (the scheduler's Settings): traced requests get their
         # QUEUE_START (direct routes) and COMPUTE_* stamps (common/trace_stamps.py).
         self.tracing = False
@@ -301,8 +304,9 @@ class Executor:
             return
         if t0:
             t1 = time.monotonic()
-            self._launched[id(execution)] = (t1, -1.0, t1 - t0)
-        self._launch(li, execution, requests, mixed=mixed)
+            self._launch(li, execution, requests, mixed=mixed, launched=(t1, -1.0, t1 - t0))
+        else:
+            self._launch(li, execution, requests, mixed=mixed)
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
         inputs = {}
@@ -338,11 +342,14 @@ class Executor:
         requests: list,
         batched: LoadedInstance | None = None,
         mixed: bool = False,
+        launched: tuple[float, float, float] | None = None,
     ) -> None:
         """Run one execution: on the loop when that is cheaper, else on the instance's
         thread; a slow one on the loop waits for the next loop iteration (YIELD_ABOVE_S).
         ``batched``: the instance whose batcher formed it (pumped after). ``mixed``:
-        some of ``requests`` are already answered (an ``ExecResponse``, not run)."""
+        some of ``requests`` are already answered (an ``ExecResponse``, not run).
+        ``launched``, when counting: its launch time, its requests' seconds in the
+        host's batcher (-1.0: not batched here) and its input seconds."""
         if self.tracing:
             trace_stamps.stamp(execution.requests, "COMPUTE_START")
         inline = li.executor is None or (not self.inflight and li.cost_s < self._inline_below)
@@ -352,11 +359,11 @@ class Executor:
                 result = _run_execution(li, execution, requests, None, True)
             else:
                 result = _timed_run(li, requests)
-            self._finish(execution, *result, started=True, batched=batched)
+            self._finish(execution, *result, True, batched, li, launched)
             return
         self._backlog[id(execution)] = execution
         if inline:
-            self._deferred.append((li, execution, requests, batched, mixed))
+            self._deferred.append((li, execution, requests, batched, mixed, launched))
             if not self._deferred_armed:
                 self._deferred_armed = True
                 asyncio.get_running_loop().call_soon(self._run_deferred)
@@ -369,19 +376,19 @@ class Executor:
             self._finish(execution, None, unavailable(str(exc)), started=True, batched=batched)
             return
         future.add_done_callback(
-            lambda f: self._finish(execution, *f.result(), started=True, batched=batched)
+            lambda f: self._finish(execution, *f.result(), True, batched, li, launched)
         )
 
     def _run_deferred(self) -> None:
         """Run the oldest deferred execution; the next waits for another loop iteration."""
         self._deferred_armed = False
-        li, execution, requests, batched, mixed = self._deferred.popleft()
+        li, execution, requests, batched, mixed, launched = self._deferred.popleft()
         outbox = self.replies.outbox
         assert outbox is not None
         try:
             with outbox.gathering:  # its replies leave as soon as it is done
                 result = _run_execution(li, execution, requests, self._cancelled, mixed)
-                self._finish(execution, *result, started=True, batched=batched)
+                self._finish(execution, *result, True, batched, li, launched)
         finally:
             if self._deferred and not self._deferred_armed:
                 self._deferred_armed = True
@@ -395,59 +402,58 @@ class Executor:
         ran: tuple[float, float] | None = None,
         started: bool = False,
         batched: LoadedInstance | None = None,
+        li: LoadedInstance | None = None,
+        launched: tuple[float, float, float] | None = None,
     ) -> None:
         """The execution is over: its results go to ``replies``, and the batcher that
         formed it (``batched``) may run its next batch. ``ran``: when the model's
-        execute began and ended (time.monotonic), if it ran."""
+        execute began and ended (time.monotonic), if it ran, on instance ``li``
+        (``launched``: as ``_launch`` was given it)."""
         if started:
             self.inflight -= 1
             if self._backlog:
                 self._backlog.pop(id(execution), None)
             if self.tracing:
                 trace_stamps.computed(execution.requests, ran)
-        if self.stats is not None and ran is not None:
-            self._count(execution, responses, ran)
-            return self._after_answer(execution, batched)
-        launched = self._launched
-        if launched:
-            launched.pop(id(execution), None)
-        self._answer(execution, responses, batch_error)
+        if ran is not None and li is not None and self.stats is not None:
+            self._count(li, execution, responses, ran, launched)
+        else:
+            self._answer(execution, responses, batch_error)
         self._after_answer(execution, batched)
 
     def _count(
         self,
+        li: LoadedInstance,
         execution: m.Execution,
         responses: list[ExecResponse] | None,
         ran: tuple[float, float],
+        launched: tuple[float, float, float] | None,
     ) -> None:
-        """Answer ``execution`` (it ran) and queue its numbers, ten values added to one
-        flat list (holding the execution itself would keep its requests alive, work for
-        the garbage collector): ``count_queued`` counts them at the statistics' next
-        flush, by columns, off the request's path (common/stats.Recorder.executions).
-        The output time runs from the execute's end (one clock read fewer)."""
-        launched = self._launched.pop(id(execution), None)
+        """Answer ``execution`` (it ran on ``li``) and queue its numbers: eight added to
+        the instance's flat list (holding the execution itself would keep its requests
+        alive, work for the garbage collector), counted at the statistics' next flush
+        by columns, off the request's path (``count_queued``). The output time runs
+        from the execute's end (one clock read fewer)."""
         self._answer(execution, responses, None)
         answered = time.monotonic()
         requests = execution.requests
         n = len(requests)
         inferences = n
-        li = self.instances.get((execution.model, execution.version, execution.instance))
-        if li is not None:
-            batched = li._batched
-            if batched is None:
-                batched = li._batched = config_dict(li.spec.config).get("max_batch_size", 0) > 0
-            if batched:
-                inferences = batch_size(requests[0]) if n == 1 else sum(map(batch_size, requests))
+        if li.batched:
+            inferences = batch_size(requests[0]) if n == 1 else sum(map(batch_size, requests))
         start, end = ran
         t_launch, batched_s, input_s = launched or (start, -1.0, 0.0)
-        uncounted = self._uncounted
-        if not uncounted:
-            stats = self.stats
-            assert stats is not None
-            stats.arm()
-        uncounted += (
-            execution.model,
-            execution.version,
+        rows = li.uncounted
+        if not rows:
+            if not self._counting:
+                stats = self.stats
+                assert stats is not None
+                stats.arm()
+            self._counting.append(li)
+        elif len(rows) >= COUNT_AT * 8:  # counted now, sent at the flush (COUNT_AT)
+            self._count_instance(li)
+            rows = li.uncounted
+        rows += (
             n,
             inferences,
             start - t_launch,
@@ -459,14 +465,19 @@ class Executor:
         )
 
     def count_queued(self) -> None:
-        """Count the executions ``_count`` queued, once per batch, by columns (the
+        """Count the executions ``_count`` queued, per instance, by columns (the
         statistics' ``collect``, called at each flush)."""
-        uncounted, self._uncounted = self._uncounted, []
+        counting, self._counting = self._counting, []
+        for li in counting:
+            self._count_instance(li)
+
+    def _count_instance(self, li: LoadedInstance) -> None:
+        """Count the executions ``li`` queued (into the deltas the next flush sends)."""
+        rows, li.uncounted = li.uncounted, []
         stats = self.stats
-        if stats is None:
-            return
-        wall_ms, now = time.time() * 1000, time.monotonic()  # end_ms: the wall clock's
-        stats.executions(uncounted, wall_ms, now)
+        if stats is not None and rows:
+            wall_ms, now = time.time() * 1000, time.monotonic()  # end_ms: the wall clock's
+            stats.executions(li.spec.model_name, li.spec.version, rows, wall_ms, now)
 
     def _after_answer(self, execution: m.Execution, batched: LoadedInstance | None) -> None:
         cancelled = self._cancelled
@@ -543,15 +554,16 @@ class Executor:
                     True,
                 )
                 li.running = True
+                launched = None
                 if self.stats is not None:
                     now = time.monotonic()
-                    self._launched[id(execution)] = (
+                    launched = (
                         now,
                         sum(now - t for t in arrivals),
                         li.input_s * len(batch) / (len(batch) + len(batcher)),
                     )
                     li.input_s *= len(batcher) / (len(batch) + len(batcher))
-                self._launch(li, execution, [e for _, e in batch], batched=li)
+                self._launch(li, execution, [e for _, e in batch], li, launched=launched)
         finally:
             li.pumping = False
 

@@ -80,7 +80,8 @@ class InferCall(asyncio.Future):
         # Statistics (common/stats.py): when the call began (0.0: not counted), and why
         # it failed where the error alone does not say (Triton's reasons).
         self.t0 = time.monotonic() if client.stats is not None else 0.0
-        self.t_sent = self.t_reply = 0.0  # its request sent, its reply read (when counted)
+        # Its request sent, its result read (when counted; t_reply set only with a result).
+        self.t_sent = self.t_reply = 0.0
         self.reason = ""
         # A traced request's wire stamps (services/frontend/trace.py): the list it is sent
         # with (``Infer.trace``), then the reply's. None: not traced.
@@ -98,8 +99,16 @@ class InferCall(asyncio.Future):
         the wire never took it. Idempotent; the input blocks the wire holds are freed
         when the reply comes, not here."""
         client = self._client
-        if self.t0:
-            self._count(client)
+        t0 = self.t0
+        if t0:
+            self.t0 = 0.0
+            if self.t_reply:  # resolved with a result: a success, counted on its own times
+                result = self.result()
+                client.stats.success(  # type: ignore[union-attr]
+                    result.model, result.version, t0, self.t_sent, self.t_reply, time.monotonic()
+                )
+            else:
+                self._count_failure(client, t0)
         if self.leases:
             client.release_leases(self.leases)
             self.leases = []
@@ -110,21 +119,16 @@ class InferCall(asyncio.Future):
                 body.taken = True
                 client.arena.release(body.key, body.offset)
 
-    def _count(self, client: SchedulerClient) -> None:
-        """Count the call once in its frontend's statistics: a success, or a failure
-        with Triton's reason (CANCELED, BACKEND: a host's reply; REJECTED: refused before
-        any host, or OTHER). A call never sent (its request did not decode) is not."""
-        now, t0 = time.monotonic(), self.t0
-        self.t0 = 0.0
+    def _count_failure(self, client: SchedulerClient, t0: float) -> None:
+        """Count the call, which did not end with a result, once in its frontend's
+        statistics: a failure with Triton's reason (CANCELED, BACKEND: a host's reply;
+        REJECTED: refused before any host, or OTHER). A call never sent (its request did
+        not decode) is not counted; nor is one still pending without a reason."""
         request = self.request
         stats = client.stats
         if request is None or stats is None:
             return
-        if self.done() and not self.cancelled() and self.exception() is None:
-            result = self.result()  # a success: its durations are worked out at the flush
-            stats.success(result.model, result.version, t0, self.t_sent, self.t_reply, now)
-            return
-        ns = int((now - t0) * 1e9)
+        ns = int((time.monotonic() - t0) * 1e9)
         if self.cancelled():
             stats.request(request.model, request.version, ns, CANCELED)
         elif self.done():  # failed

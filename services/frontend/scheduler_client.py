@@ -677,7 +677,7 @@ class SchedulerClient:
             call.close()
             return
         if call.t0:
-            call.t_reply = time.monotonic()
+            call.t_reply = time.monotonic()  # set only with a result (InferCall.close)
         call.set_result(result)
 
     def _on_part(
@@ -730,12 +730,12 @@ class SchedulerClient:
         if part == m.PART_MORE:
             call.on_response(call, response)  # type: ignore[attr-defined]
             return
-        if call.t0:
-            call.t_reply = now
         if type(response) is ServerError:
             call.reason = BACKEND
             call.set_exception(response)
             return
+        if call.t0:
+            call.t_reply = now  # set only with a result: what InferCall.close counts a success
         call.empty_final = part == m.PART_EMPTY_FINAL  # type: ignore[attr-defined]
         call.set_result(response)
 

@@ -155,6 +155,19 @@ def infer(rid: int, model: str, inputs: dict[str, tuple[str, np.ndarray]], frame
     return m.Infer(rid, model, "1", tensors, [], {}, **kw), frames
 
 
+async def onnx_host_with_add(peers: FakePeers, model_dir: Path) -> tuple:
+    """An ONNX Runtime host joined to ``peers`` with the add model loaded: the host, its
+    run task, the scheduler's link to it, its HostHello and the LoadResult."""
+    host = BackendHost(peers.sched_ep, "onnxruntime", OnnxRuntimeBackend(), arena_threshold=1 << 20)
+    running = asyncio.ensure_future(host.run())
+    link, hello = await peers.next_from_host(m.HostHello)
+    config = model_config.load(model_dir)
+    load = m.LoadModel("add", "1", str(model_dir), config.SerializeToString(), [0])
+    link.send([peers.encode(load)])
+    _, loaded = await peers.next_from_host(m.LoadResult)
+    return host, running, link, hello, loaded
+
+
 def output(reply: tuple[m.InferReply, list], name: str, dtype) -> np.ndarray:
     record, frames = reply
     assert record.error is None, record.error
@@ -165,23 +178,14 @@ def output(reply: tuple[m.InferReply, list], name: str, dtype) -> np.ndarray:
 
 def test_onnx_host_runs_scheduled_and_direct_requests_and_reports_only_scheduled(tmp_path):
     model_dir = write_add_model(tmp_path)
-    config = model_config.load(model_dir)
     a = np.arange(8, dtype=np.int32).reshape(2, 4)
     b = np.full((2, 4), 10, np.int32)
 
     async def scenario():
         peers = FakePeers(tmp_path)
         await peers.listen()
-        host = BackendHost(
-            peers.sched_ep, "onnxruntime", OnnxRuntimeBackend(), arena_threshold=1 << 20
-        )
-        running = asyncio.ensure_future(host.run())
+        host, running, link, hello, loaded = await onnx_host_with_add(peers, model_dir)
         try:
-            link, hello = await peers.next_from_host(m.HostHello)
-            load = m.LoadModel("add", "1", str(model_dir), config.SerializeToString(), [0])
-            link.send([peers.encode(load)])
-            _, loaded = await peers.next_from_host(m.LoadResult)
-
             # Scheduled: sid 7, through the scheduler's link.
             req, frames = infer(
                 1, "add", {"A": ("INT32", a), "B": ("INT32", b)}, 1, sid=7, reply_to=peers.reply_ep
@@ -301,3 +305,52 @@ def test_python_instance_batches_direct_requests_and_answers_a_cancelled_one(tmp
         assert output(replies[rid], "N", np.int32).tolist() == [[3]]  # ran as one batch of 3
     assert replies[4][0].error is not None and replies[4][0].error.code == "CANCELLED"
     assert queued == 0
+
+
+def test_host_counts_every_execution_of_a_burst_exactly_across_its_reports(tmp_path):
+    """A burst of more direct executions than one count takes (common/stats.COUNT_AT)
+    is counted exactly: the reports the host sends add up to every execution, each of
+    its requests and inferences once, and every execution in batch size 2's entry."""
+    model_dir = write_add_model(tmp_path)
+    a = np.arange(8, dtype=np.int32).reshape(2, 4)
+    executions = 1500
+
+    async def scenario():
+        peers = FakePeers(tmp_path)
+        await peers.listen()
+        host, running, link, _, _ = await onnx_host_with_add(peers, model_dir)
+        try:
+            link.send([peers.encode(m.Introduce([peers.reply_ep]))])
+            fe_link, _ = await asyncio.wait_for(peers.host_links.get(), 30)
+            batch, frames = [], []
+            for rid in range(1, executions + 1):
+                req, f = infer(rid, "add", {"A": ("INT32", a), "B": ("INT32", a)}, len(frames) + 1)
+                req.reply_to = peers.reply_ep
+                batch.append(m.Execution("add", "1", 0, [req], True))
+                frames += f
+            fe_link.send([peers.encode(m.ExecuteBatch(batch)), *frames])
+            await peers.wait_replies(set(range(1, executions + 1)))
+            totals = {"execution_count": 0, "inference_count": 0, "infer_count": 0, "size2": 0}
+            while totals["execution_count"] < executions:
+                _, report = await peers.next_from_host(m.StatsReport)
+                for s in report.models:
+                    assert (s.name, s.version) == ("add", "1")
+                    totals["execution_count"] += s.execution_count
+                    totals["inference_count"] += s.inference_count
+                    totals["infer_count"] += s.infer_count
+                    totals["size2"] += s.batch.get(2, [0])[0]
+            return totals, dict(peers.replies)
+        finally:
+            host.stop()
+            await asyncio.wait_for(running, 30)
+            peers.close()
+
+    totals, replies = asyncio.run(scenario())
+    assert all(r[0].error is None for r in replies.values())
+    np.testing.assert_array_equal(output(replies[executions], "SUM", np.int32), a + a)
+    assert totals == {
+        "execution_count": executions,
+        "inference_count": 2 * executions,  # max_batch_size > 0: the first dimension
+        "infer_count": executions,
+        "size2": executions,
+    }

@@ -86,7 +86,7 @@ def test_executions_by_columns_count_as_one_at_a_time():
     rng = random.Random(11)
     sent: list = []
     wall_ms, now = 1.7e12, 5000.0
-    rows: list = []
+    rows: dict[tuple[str, str], list] = {}  # per model version, as each instance queues them
     reference = stats.Recorder(lambda models: None, period_s=60)
 
     async def run() -> dict:
@@ -99,8 +99,8 @@ def test_executions_by_columns_count_as_one_at_a_time():
             input_s, infer_s, output_s = (rng.uniform(0, 0.01) for _ in range(3))
             end = rng.uniform(4000.0, 5000.0)
             batched_s = rng.choice([-1.0, rng.uniform(0, 0.1)])
-            row = (model, version, n, inferences, queue_s, input_s, infer_s, output_s)
-            rows.extend((*row, end, batched_s))
+            row = (n, inferences, queue_s, input_s, infer_s, output_s, end, batched_s)
+            rows.setdefault((model, version), []).extend(row)
             reference.execution(
                 model,
                 version,
@@ -113,7 +113,8 @@ def test_executions_by_columns_count_as_one_at_a_time():
                 int(wall_ms - (now - end) * 1000),
                 int(batched_s * 1e9) if batched_s >= 0 else -1,
             )
-        recorder.executions(rows, wall_ms, now)
+        for (model, version), queued in rows.items():
+            recorder.executions(model, version, queued, wall_ms, now)
         return flushed(recorder, sent)
 
     got = asyncio.run(run())
@@ -121,3 +122,24 @@ def test_executions_by_columns_count_as_one_at_a_time():
     assert_same(got, want)
     assert sum(s.execution_count for s in got.values()) == 2000
     assert all(len(s.batch) > 1 and "batch_wait" in s.stages for s in got.values())
+
+
+def test_a_busy_period_is_counted_in_bounded_steps_and_sent_once():
+    """At any rate, at most ``COUNT_AT`` rows wait to be counted (one count's hold on the
+    loop stays short); what was counted early is sent with the rest, at the flush."""
+    sent: list = []
+    total = stats.COUNT_AT * 3 + 5
+
+    async def run() -> dict:
+        recorder = stats.Recorder(sent.append, period_s=60)
+        longest = 0
+        for i in range(total):
+            recorder.success("a", "1", 10.0 + i, 10.0 + i + 1e-4, 10.0 + i + 5e-4, 10.0 + i + 1e-3)
+            longest = max(longest, len(recorder._successes) // 6)
+        assert longest <= stats.COUNT_AT
+        assert not sent  # counted, not sent: one report per period
+        return flushed(recorder, sent)
+
+    got = asyncio.run(run())
+    assert got[("a", "1")].success_count == total
+    assert len(sent) == 0  # flushed() took the one report
