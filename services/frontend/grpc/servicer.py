@@ -157,11 +157,13 @@ class InferenceServicer:
             try:
                 response = converters.serialize_infer_response(call.result(), call.request, memo)
             except ServerError as exc:
+                call.close()
                 answer(None, *status_of(exc))
                 return
+            try:  # the response leaves first: closing (counting it) is off its path
+                answer(response, Status.OK, "")
             finally:
                 call.close()
-            answer(response, Status.OK, "")
 
         call.add_done_callback(done)
         return call
