@@ -31,7 +31,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from topology import Load, Topology
 
-from conftest import SHIPPED_REPOSITORY
+from conftest import SHIPPED_REPOSITORY, needs_speed_path
 
 DEADLINE_S = 20.0
 EXECUTE = re.compile(
@@ -369,6 +369,7 @@ def _instance_pids(topo: Topology) -> set[int]:
     return pids
 
 
+@needs_speed_path("direct routes (scheduled requests of a lost host: test_host_loss)")
 def test_direct_request_of_a_lost_host_runs_again_on_another(tmp_path_factory, generator):
     """A stateless request in flight on a direct route whose host dies is sent once more,
     by its frontend, to the model's instance on another host: the client gets the
