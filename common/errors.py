@@ -51,6 +51,11 @@ def unavailable(message: str) -> ServerError:
     return ServerError(Code.UNAVAILABLE, message)
 
 
+# Triton's refusal of a decoupled model's request outside a gRPC stream, in ModelInfer's
+# words (the Python backend answers it; the HTTP frontend says "HTTP end point" instead).
+DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+
+
 def unsupported(message: str) -> ServerError:
     return ServerError(Code.UNSUPPORTED, message)
 

@@ -302,11 +302,11 @@ class Executor:
                 li.input_s += time.monotonic() - t0
             self._to_pump.add(li)
             return
+        launched = None
         if t0:
             t1 = time.monotonic()
-            self._launch(li, execution, requests, mixed=mixed, launched=(t1, -1.0, t1 - t0))
-        else:
-            self._launch(li, execution, requests, mixed=mixed)
+            launched = (t1, -1.0, t1 - t0)
+        self._launch(li, execution, requests, mixed=mixed, launched=launched)
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
         inputs = {}

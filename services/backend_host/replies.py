@@ -112,9 +112,13 @@ class Replies:
                 reply = error_reply(req, Code.INTERNAL.value, f"{type(exc).__name__}: {exc}")
             put(req.reply_to, reply)
         if not execution.direct:
-            sids = [r.sid for r in execution.requests]
-            if sids:
-                put(None, (execution.model, execution.version, execution.instance, sids))
+            self._complete(execution)
+
+    def _complete(self, execution: m.Execution) -> None:
+        """Queue the completion of a scheduled execution's requests for the scheduler."""
+        sids = [r.sid for r in execution.requests]
+        if sids:
+            self.put(None, (execution.model, execution.version, execution.instance, sids))
 
     def answer_decoupled(
         self,
@@ -139,9 +143,7 @@ class Replies:
                     None,
                 )
         if not execution.direct:
-            sids = [r.sid for r in execution.requests]
-            if sids:
-                self.put(None, (execution.model, execution.version, execution.instance, sids))
+            self._complete(execution)
 
     def send_part(self, req: m.Infer, response: ExecResponse | None, final: bool) -> None:
         """Queue one response of a decoupled request (its response sender's ``send``,

@@ -641,6 +641,7 @@ class SchedulerClient:
                     if isinstance(t.ref, m.Shm):
                         self._outbox.put(link, (t.ref.key, t.ref.offset))  # type: ignore[union-attr]
             return
+        # ``_settle``, inline: one call fewer on every reply.
         if call.target is not None:
             call.target.outstanding -= 1
         if call.blocks:
@@ -694,12 +695,7 @@ class SchedulerClient:
         if part == m.PART_MORE:
             call = self._pending.get(reply.rid)
         else:
-            call = self._pending.pop(reply.rid, None)
-            if call is not None:
-                if call.target is not None:
-                    call.target.outstanding -= 1
-                if call.blocks:
-                    self._release_blocks(call)
+            call = self._settle(reply.rid)
         if call is None or not call.stream:
             return
         call.host = link  # type: ignore[attr-defined]
@@ -739,13 +735,20 @@ class SchedulerClient:
         call.empty_final = part == m.PART_EMPTY_FINAL  # type: ignore[attr-defined]
         call.set_result(response)
 
-    def _resolve_error(self, rid: int, exc: ServerError) -> None:
+    def _settle(self, rid: int) -> InferCall | None:
+        """The pending call ``rid``, no longer pending: its instance has one request less
+        outstanding and its input blocks go back (None: no such call pending)."""
         call = self._pending.pop(rid, None)
+        if call is not None:
+            if call.target is not None:
+                call.target.outstanding -= 1
+            if call.blocks:
+                self._release_blocks(call)
+        return call
+
+    def _resolve_error(self, rid: int, exc: ServerError) -> None:
+        call = self._settle(rid)
         if call is None:
             return
-        if call.target is not None:
-            call.target.outstanding -= 1
-        if call.blocks:
-            self._release_blocks(call)
         if not call.done():
             call.set_exception(exc)

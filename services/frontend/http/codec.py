@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from despina.common import dtypes
-from despina.common.errors import ServerError, internal, invalid_arg
+from despina.common.errors import DECOUPLED_UNARY, ServerError, internal, invalid_arg
 from despina.services.frontend.inference import (
     InferenceRequest,
     InferenceResult,
@@ -786,13 +786,12 @@ def _bytes_output_error(name: str, shape: list[int], count: int, size: int) -> S
 
 
 # A decoupled model refuses a request outside a gRPC stream in gRPC's words
-# (services/backend_host/backends/python/backend.py); over HTTP Triton says this.
-_DECOUPLED_GRPC = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+# (common/errors.DECOUPLED_UNARY); over HTTP Triton says this.
 _DECOUPLED_HTTP = "HTTP end point doesn't support models with decoupled transaction policy"
 
 
 def encode_error(message: str) -> bytes:
     """The HTTP error body Triton sends and tritonclient reads: ``{"error": message}``."""
-    if message == _DECOUPLED_GRPC:
+    if message == DECOUPLED_UNARY:
         message = _DECOUPLED_HTTP
     return orjson.dumps({"error": message})

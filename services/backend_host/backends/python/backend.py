@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from despina.common.errors import Code, ServerError, internal, invalid_arg, unsupported
+from despina.common.errors import (
+    DECOUPLED_UNARY,
+    Code,
+    ServerError,
+    internal,
+    invalid_arg,
+    unsupported,
+)
 from despina.services.backend_host.backend import (
     DEFERRED,
     ExecRequest,
@@ -71,10 +78,6 @@ _RESERVED_PARAMETERS = frozenset(
 )
 
 _module_ids = itertools.count()
-
-# Triton's refusal of a decoupled model's request outside a stream (gRPC's wording; the
-# HTTP frontend says "HTTP end point" instead: services/frontend/http).
-DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 
 
 class PythonBackend:
