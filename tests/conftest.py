@@ -7,6 +7,7 @@ import ast
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -107,6 +108,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now, picked below the
+    kernel's ephemeral range (32768 up on Linux) so that no outgoing connection of
+    another test takes one of them before the service under test binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32768 - count)
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports found below 32768")
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:

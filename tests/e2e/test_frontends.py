@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from topology import Topology
 
-from conftest import SHIPPED_REPOSITORY, DespinaServer, free_port
+from conftest import SHIPPED_REPOSITORY, DespinaServer, free_port, free_port_run
 
 DEADLINE_S = 10.0
 
@@ -206,7 +206,7 @@ def test_frontend_processes_option(two):
     spread by the kernel, until each process's pid shows in the scheduler's log of
     joins and every request is answered right)."""
     before = len(joined_endpoints(two.log()))
-    reply_port = free_port()
+    reply_port = free_port_run(2)
     added = two.add_frontend(f"--reply-endpoint=tcp://127.0.0.1:{reply_port}", "--frontends=2")
     two.wait_log("frontend joined", count=before + 2)
     new = joined_endpoints(two.log())[before:]
