@@ -465,7 +465,7 @@ def add_metrics_flags(group: argparse._ActionsContainer, allow_metrics: bool = F
         default=allow_metrics,
         help="count statistics in every process, serve the statistics extension and "
         "Prometheus metrics on --metrics-port (default %(default)s: Triton's is true; in "
-        "Despina counting still costs ~5-7%% of throughput, "
+        "Despina counting still costs ~4-7%% of throughput at saturating loads, "
         "docs/observability.md)",
     )
     for flag, what in (("--allow-cpu-metrics", "CPU"), ("--allow-gpu-metrics", "GPU")):

@@ -302,10 +302,9 @@ class Executor:
                 li.input_s += time.monotonic() - t0
             self._to_pump.add(li)
             return
-        launched = None
-        if t0:
-            t1 = time.monotonic()
-            launched = (t1, -1.0, t1 - t0)
+        # Counting: its inputs began at t0, it is launched as they are read (0.0: at the
+        # execute's start, unless it waits in ``_launch``), not batched here (-1.0).
+        launched = (t0, 0.0, -1.0) if t0 else None
         self._launch(li, execution, requests, mixed=mixed, launched=launched)
 
     def _exec_request(self, req: m.Infer, frames: list) -> ExecRequest:
@@ -348,8 +347,9 @@ class Executor:
         thread; a slow one on the loop waits for the next loop iteration (YIELD_ABOVE_S).
         ``batched``: the instance whose batcher formed it (pumped after). ``mixed``:
         some of ``requests`` are already answered (an ``ExecResponse``, not run).
-        ``launched``, when counting: its launch time, its requests' seconds in the
-        host's batcher (-1.0: not batched here) and its input seconds."""
+        ``launched``, when counting: when its inputs began to be read, when it was
+        launched (0.0: as they were read, so the execute's start unless it waits here)
+        and its requests' seconds in the host's batcher (-1.0: not batched here)."""
         if self.tracing:
             trace_stamps.stamp(execution.requests, "COMPUTE_START")
         inline = li.executor is None or (not self.inflight and li.cost_s < self._inline_below)
@@ -362,6 +362,8 @@ class Executor:
             self._finish(execution, *result, True, batched, li, launched)
             return
         self._backlog[id(execution)] = execution
+        if launched is not None and not launched[1]:  # it waits: launched now
+            launched = (launched[0], time.monotonic(), launched[2])
         if inline:
             self._deferred.append((li, execution, requests, batched, mixed, launched))
             if not self._deferred_armed:
@@ -432,17 +434,21 @@ class Executor:
         """Answer ``execution`` (it ran on ``li``) and queue its numbers: eight added to
         the instance's flat list (holding the execution itself would keep its requests
         alive, work for the garbage collector), counted at the statistics' next flush
-        by columns, off the request's path (``count_queued``). The output time runs
-        from the execute's end (one clock read fewer)."""
+        by columns, off the request's path (``count_queued``): its times as read, the
+        durations worked out there. The output time runs from the execute's end (one
+        clock read fewer)."""
         self._answer(execution, responses, None)
         answered = time.monotonic()
         requests = execution.requests
         n = len(requests)
         inferences = n
         if li.batched:
-            inferences = batch_size(requests[0]) if n == 1 else sum(map(batch_size, requests))
-        start, end = ran
-        t_launch, batched_s, input_s = launched or (start, -1.0, 0.0)
+            if n == 1:  # batch_size(requests[0]), inline
+                inputs = requests[0].inputs
+                inferences = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+            else:
+                inferences = sum(map(batch_size, requests))
+        input_at, launched_at, batched_s = launched or (ran[0], 0.0, -1.0)
         rows = li.uncounted
         if not rows:
             if not self._counting:
@@ -453,16 +459,7 @@ class Executor:
         elif len(rows) >= COUNT_AT * 8:  # counted now, sent at the flush (COUNT_AT)
             self._count_instance(li)
             rows = li.uncounted
-        rows += (
-            n,
-            inferences,
-            start - t_launch,
-            input_s,
-            end - start,
-            answered - end,
-            end,
-            batched_s,
-        )
+        rows += (n, inferences, input_at, launched_at, ran[0], ran[1], answered, batched_s)
 
     def count_queued(self) -> None:
         """Count the executions ``_count`` queued, per instance, by columns (the
@@ -557,10 +554,10 @@ class Executor:
                 launched = None
                 if self.stats is not None:
                     now = time.monotonic()
-                    launched = (
+                    launched = (  # its share of the input seconds spent on the queue
+                        now - li.input_s * len(batch) / (len(batch) + len(batcher)),
                         now,
                         sum(now - t for t in arrivals),
-                        li.input_s * len(batch) / (len(batch) + len(batcher)),
                     )
                     li.input_s *= len(batcher) / (len(batch) + len(batcher))
                 self._launch(li, execution, [e for _, e in batch], li, launched=launched)

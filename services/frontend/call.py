@@ -29,12 +29,12 @@ the wire carries.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from despina.common.errors import Code
-from despina.common.stats import CANCELED, OTHER
+from despina.common.stats import CANCELED, OTHER, SUCCESS_ROWS
 
 if TYPE_CHECKING:
     from despina.services.frontend.inference import InferenceRequest
@@ -79,7 +79,7 @@ class InferCall(asyncio.Future):
         self.leases: list[tuple[object, str, int]] = []  # (host link, key, offset)
         # Statistics (common/stats.py): when the call began (0.0: not counted), and why
         # it failed where the error alone does not say (Triton's reasons).
-        self.t0 = time.monotonic() if client.stats is not None else 0.0
+        self.t0 = monotonic() if client.stats is not None else 0.0
         # Its request sent, its result read (when counted; t_reply set only with a result).
         self.t_sent = self.t_reply = 0.0
         self.reason = ""
@@ -103,10 +103,15 @@ class InferCall(asyncio.Future):
         if t0:
             self.t0 = 0.0
             if self.t_reply:  # resolved with a result: a success, counted on its own times
+                # Recorder.success, inline: one call fewer on every request.
                 result = self.result()
-                client.stats.success(  # type: ignore[union-attr]
-                    result.model, result.version, t0, self.t_sent, self.t_reply, time.monotonic()
-                )
+                stats = client.stats
+                rows = stats.successes  # type: ignore[union-attr]
+                if not rows:
+                    stats.arm()  # type: ignore[union-attr]
+                rows += (result.model, result.version, t0, self.t_sent, self.t_reply, monotonic())
+                if len(rows) >= SUCCESS_ROWS:
+                    stats.count_queued()  # type: ignore[union-attr]
             else:
                 self._count_failure(client, t0)
         if self.leases:
@@ -128,7 +133,7 @@ class InferCall(asyncio.Future):
         stats = client.stats
         if request is None or stats is None:
             return
-        ns = int((time.monotonic() - t0) * 1e9)
+        ns = int((monotonic() - t0) * 1e9)
         if self.cancelled():
             stats.request(request.model, request.version, ns, CANCELED)
         elif self.done():  # failed

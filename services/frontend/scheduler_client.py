@@ -144,6 +144,7 @@ class SchedulerClient:
         # This frontend's statistics deltas (common/stats.py), None when not counting
         # (--allow-metrics=false): ``count_statistics`` turns it on before ``start``.
         self.stats: Recorder | None = None
+        self._burst_at = 0.0  # when the burst of replies being read was (when counting)
 
     def count_statistics(self) -> None:
         """Count every call's outcome and duration, reported to the scheduler."""
@@ -537,6 +538,8 @@ class SchedulerClient:
                 self._resolve_error(wire.rid, unavailable("the scheduler is not reachable"))
 
     def _on_burst(self, burst: list[list], link: streams.FramedProtocol | None = None) -> None:
+        if self.stats is not None:  # when its replies were read: one clock read a burst
+            self._burst_at = time.monotonic()
         for frames in burst:
             try:
                 msg = self._decode(frames[0])
@@ -678,7 +681,7 @@ class SchedulerClient:
             call.close()
             return
         if call.t0:
-            call.t_reply = time.monotonic()  # set only with a result (InferCall.close)
+            call.t_reply = self._burst_at  # set only with a result (InferCall.close)
         call.set_result(result)
 
     def _on_part(

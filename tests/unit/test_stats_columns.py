@@ -95,21 +95,27 @@ def test_executions_by_columns_count_as_one_at_a_time():
             model, version = rng.choice(KEYS)
             n = rng.randint(1, 8)
             inferences = n * rng.choice([1, 1, 2, 4])
-            queue_s = rng.choice([-1e-6, rng.uniform(0, 0.5)])
-            input_s, infer_s, output_s = (rng.uniform(0, 0.01) for _ in range(3))
-            end = rng.uniform(4000.0, 5000.0)
+            # The times as the executor reads them: inputs, launch (0.0: at the start,
+            # or a launch a hair after the start: no queue time), execute, answer.
+            input_at = rng.uniform(4000.0, 5000.0)
+            launched_at = input_at + rng.uniform(0, 0.01)
+            start = launched_at + rng.choice([0.0, rng.uniform(0, 0.5)])
+            launched_at = rng.choice([launched_at, 0.0, start + 1e-7])
+            end = start + rng.uniform(0, 0.01)
+            answered = end + rng.uniform(0, 0.01)
             batched_s = rng.choice([-1.0, rng.uniform(0, 0.1)])
-            row = (n, inferences, queue_s, input_s, infer_s, output_s, end, batched_s)
+            row = (n, inferences, input_at, launched_at, start, end, answered, batched_s)
             rows.setdefault((model, version), []).extend(row)
+            launch = launched_at or start
             reference.execution(
                 model,
                 version,
                 n,
                 inferences,
-                int(n * max(0.0, queue_s) * 1e9),
-                int(input_s * 1e9),
-                int(infer_s * 1e9),
-                int(output_s * 1e9),
+                int(n * max(0.0, start - launch) * 1e9),
+                int((launch - input_at) * 1e9),
+                int((end - start) * 1e9),
+                int((answered - end) * 1e9),
                 int(wall_ms - (now - end) * 1000),
                 int(batched_s * 1e9) if batched_s >= 0 else -1,
             )
@@ -135,7 +141,7 @@ def test_a_busy_period_is_counted_in_bounded_steps_and_sent_once():
         longest = 0
         for i in range(total):
             recorder.success("a", "1", 10.0 + i, 10.0 + i + 1e-4, 10.0 + i + 5e-4, 10.0 + i + 1e-3)
-            longest = max(longest, len(recorder._successes) // 6)
+            longest = max(longest, len(recorder.successes) // 6)
         assert longest <= stats.COUNT_AT
         assert not sent  # counted, not sent: one report per period
         return flushed(recorder, sent)
