@@ -63,14 +63,15 @@ def _header(count: int) -> struct.Struct:
     return struct.Struct(f"<I{count}I")
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
+def parse_endpoint(endpoint: str, any_port: bool = False) -> tuple[str, int]:
     """``unix:///path`` or ``ipc:///path`` -> (path, 0); ``tcp://host:port`` -> (host,
-    port). Raises ValueError naming the endpoint otherwise."""
+    port), port 0 (any free port) only where ``any_port`` (a listener). Raises ValueError
+    naming the endpoint otherwise."""
     if endpoint.startswith(("unix://", "ipc://")):
         return endpoint.split("://", 1)[1], 0
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[6:].rpartition(":")
-        if host and port.isdigit() and int(port) > 0:
+        if host and port.isdigit() and (int(port) > 0 or any_port):
             return host.strip("[]"), int(port)
     raise ValueError(f"endpoint '{endpoint}' is neither unix:///path nor tcp://host:port")
 
@@ -401,11 +402,13 @@ async def serve(
     """Listen on ``endpoint``; each accepted stream gets its own FramedProtocol. A TCP
     endpoint asks each peer for the cluster secret when one is set (its streams reach
     ``on_burst``/``on_made`` only once authenticated) and logs a warning when none is.
-    A unix socket is created readable and writable by this user only."""
+    A unix socket is created readable and writable by this user only; a TCP port 0 is
+    any free port (``bound_endpoint`` tells which)."""
     loop = asyncio.get_running_loop()
-    where, port = parse_endpoint(endpoint)
-    secret = cluster_secret() if port else None
-    if port and secret is None:
+    where, port = parse_endpoint(endpoint, any_port=True)
+    tcp = endpoint.startswith("tcp://")
+    secret = cluster_secret() if tcp else None
+    if tcp and secret is None:
         log.warning(
             "TCP links on %s are unauthenticated: any process that reaches this port can "
             "join as a backend host or frontend; set %s (or %s) on every service",
@@ -431,7 +434,7 @@ async def serve(
             proto.connection_made = made  # type: ignore[method-assign]
         return proto
 
-    if not port:
+    if not tcp:
         if os.path.exists(where):
             os.unlink(where)
         old = os.umask(0o077)
@@ -440,6 +443,15 @@ async def serve(
         finally:
             os.umask(old)
     return await loop.create_server(factory, where, port, reuse_address=True)
+
+
+def bound_endpoint(endpoint: str, server: asyncio.AbstractServer) -> str:
+    """``endpoint`` as ``server`` (``serve``'s) listens on it: a TCP port 0 replaced by
+    the port the kernel picked; any other endpoint as it is."""
+    if not endpoint.startswith("tcp://") or not endpoint.endswith(":0"):
+        return endpoint
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return f"{endpoint[:-2]}:{port}"
 
 
 async def connect(

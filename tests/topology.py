@@ -148,11 +148,11 @@ class Topology:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
-        """Every frontend answers ready (and ``model`` is ready on each), or fail with
-        the services' log."""
+        """Every running frontend answers ready (and ``model`` is ready on each), or fail
+        with the services' log."""
         deadline = time.monotonic() + timeout
         path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
-        pending = list(self.frontend_list)
+        pending = [f for f in self.frontend_list if f.service.alive()]  # not those killed
         while pending and time.monotonic() < deadline:
             try:
                 if http_status(f"http://{pending[0].http}{path}") == 200:

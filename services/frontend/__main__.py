@@ -77,6 +77,9 @@ def keep_large_buffers() -> None:
         pass
 
 
+DEFAULT_REPLY = "tcp://0.0.0.0:8011"  # --reply-endpoint
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scheduler",
@@ -86,8 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reply-endpoint",
-        default="tcp://0.0.0.0:8011",
-        help="ZeroMQ endpoint this frontend binds for replies from backend hosts",
+        default=None,
+        help=f"the endpoint this frontend binds for replies from backend hosts (default "
+        f"{DEFAULT_REPLY}; tcp://host:0: any free port; with --frontends N, frontend i "
+        "binds port + i, or any free port when neither this nor --advertise-endpoint is "
+        "given)",
     )
     parser.add_argument(
         "--advertise-endpoint",
@@ -201,9 +207,12 @@ class AiohttpHttp:
 
 
 async def amain(args: argparse.Namespace, settings: FrontendSettings) -> int:
+    if args.advertise_endpoint and args.advertise_endpoint.endswith(":0"):
+        log.error("--advertise-endpoint needs the port backend hosts reach, not 0")
+        return EXIT_CONFIG
     client = SchedulerClient(
         args.scheduler,
-        args.reply_endpoint,
+        args.reply_endpoint or DEFAULT_REPLY,
         inline_threshold=args.inline_threshold,
         speed=settings.speed,
     )
@@ -333,10 +342,10 @@ def _positive(text: str) -> int:
 
 
 def nth_endpoint(endpoint: str, index: int) -> str:
-    """The ``index``-th sibling's endpoint: ``tcp://host:port`` -> port + index,
-    ``unix:///path`` (or ``ipc://``) -> ``path-index``; index 0 is ``endpoint`` itself.
-    Raises ValueError for an endpoint of another form."""
-    if index == 0:
+    """The ``index``-th sibling's endpoint: ``tcp://host:port`` -> port + index (port 0,
+    any free port, stays 0), ``unix:///path`` (or ``ipc://``) -> ``path-index``; index 0
+    is ``endpoint`` itself. Raises ValueError for an endpoint of another form."""
+    if index == 0 or endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         return endpoint
     if endpoint.startswith(("unix://", "ipc://")):
         return f"{endpoint}-{index}"
@@ -352,8 +361,13 @@ def nth_endpoint(endpoint: str, index: int) -> str:
 
 def sibling_argv(argv: list[str], args: argparse.Namespace, index: int) -> list[str]:
     """The command line of sibling ``index``: this one's, with the later flags winning
-    (argparse keeps the last value) for its reply endpoints, one process and a shared port."""
-    reply = nth_endpoint(args.reply_endpoint, index)
+    (argparse keeps the last value) for its reply endpoints, one process and a shared port.
+    With neither reply flag given, siblings after the first take any free port: port + 1
+    of the default would be the scheduler's own port on the same machine."""
+    if args.reply_endpoint is None and args.advertise_endpoint is None:
+        reply = DEFAULT_REPLY if index == 0 else DEFAULT_REPLY.rpartition(":")[0] + ":0"
+    else:
+        reply = nth_endpoint(args.reply_endpoint or DEFAULT_REPLY, index)
     extra = [f"--reply-endpoint={reply}", "--frontends=1", "--reuse-port"]
     if args.advertise_endpoint:
         extra.append(f"--advertise-endpoint={nth_endpoint(args.advertise_endpoint, index)}")

@@ -159,6 +159,10 @@ class SchedulerClient:
         self._replies = await streams.serve(
             self.listen_endpoint, lambda link, burst: self._on_burst(burst, link), self._link_lost
         )
+        bound = streams.bound_endpoint(self.listen_endpoint, self._replies)
+        if self.reply_endpoint == self.listen_endpoint:  # not advertised otherwise
+            self.reply_endpoint = bound
+        self.listen_endpoint = bound
         self._outbox = outbox.Outbox(self._flush, burst=self._burst)
         # Poll while a few requests are out: their replies come within the budget.
         self._poll = busypoll.BusyPoll(self._busy_poll_s, self._lightly_loaded)

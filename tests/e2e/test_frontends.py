@@ -200,6 +200,20 @@ def joined_endpoints(log: str) -> list[str]:
     return re.findall(r"frontend joined; replies go to (\S+)", log)
 
 
+def infer_on_new_connections(make_clients, count: int = 8) -> None:
+    """``count`` inferences of ``simple`` over HTTP and gRPC, each pair on new
+    connections (``make_clients()``: an HTTP and a gRPC client): SO_REUSEPORT may send
+    each to any of the processes sharing the ports."""
+    for i in range(count):
+        http, grpc = make_clients()
+        try:
+            infer_simple(http, httpclient, base=i)
+            infer_simple(grpc, grpcclient, base=i)
+        finally:
+            http.close()
+            grpc.close()
+
+
 def test_frontend_processes_option(two):
     """``despina frontend --frontends 2`` on one HTTP/gRPC port pair: two processes join
     the scheduler, on the reply port and the next one, and both serve (new connections,
@@ -219,20 +233,28 @@ def test_frontend_processes_option(two):
     pids = {int(started.group(1)), int(started.group(2))}
     assert len(pids) == 2 and added.service.pid not in pids
     two.wait_ready(model="simple")
-    for i in range(8):  # each a new connection: SO_REUSEPORT may send it to either process
-        http, grpc = clients(added)
-        try:
-            infer_simple(http, httpclient, base=i)
-            infer_simple(grpc, grpcclient, base=i)
-        finally:
-            http.close()
-            grpc.close()
+    infer_on_new_connections(lambda: clients(added))
     # Both processes stop with their parent.
     two.kill(added.service)
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+def test_frontend_processes_on_any_free_reply_port(two):
+    """``--reply-endpoint=tcp://127.0.0.1:0`` with ``--frontends 2``: each process binds a
+    port of its own that the kernel picks, tells the scheduler that port (not 0), and
+    both serve."""
+    before = len(joined_endpoints(two.log()))
+    added = two.add_frontend("--reply-endpoint=tcp://127.0.0.1:0", "--frontends=2")
+    two.wait_log("frontend joined", count=before + 2)
+    new = joined_endpoints(two.log())[before:]
+    ports = {int(e.rpartition(":")[2]) for e in new}
+    assert len(new) == 2 and len(ports) == 2 and 0 not in ports, new
+    two.wait_ready(model="simple")
+    infer_on_new_connections(lambda: clients(added))
+    two.kill(added.service)
 
 
 def _alive(pid: int) -> bool:
@@ -267,14 +289,12 @@ def test_serve_with_two_frontends(tmp_path):
         while time.monotonic() < deadline and len(joined_endpoints(srv.log())) < 2:
             time.sleep(0.05)
         assert len(set(joined_endpoints(srv.log()))) == 2
-        for i in range(4):
-            http = httpclient.InferenceServerClient(srv.url)
-            grpc = grpcclient.InferenceServerClient(srv.grpc_url)
-            try:
-                infer_simple(http, httpclient, base=i)
-                infer_simple(grpc, grpcclient, base=i)
-            finally:
-                http.close()
-                grpc.close()
+        infer_on_new_connections(
+            lambda: (
+                httpclient.InferenceServerClient(srv.url),
+                grpcclient.InferenceServerClient(srv.grpc_url),
+            ),
+            4,
+        )
     finally:
         assert srv.stop() == 0

@@ -49,6 +49,7 @@ def test_hosts_for_a_framework():
         ("tcp://[::1]:9000", 1, "tcp://[::1]:9001"),
         ("unix:///run/despina/frontend", 1, "unix:///run/despina/frontend-1"),
         ("ipc:///tmp/f", 3, "ipc:///tmp/f-3"),
+        ("tcp://127.0.0.1:0", 2, "tcp://127.0.0.1:0"),  # any free port, each its own
     ],
 )
 def test_nth_endpoint(endpoint, index, expected):
@@ -83,4 +84,25 @@ def test_sibling_argv_overrides_the_parents_flags():
     assert (first.reply_endpoint, first.advertise_endpoint) == (
         "tcp://0.0.0.0:8011",
         "tcp://frontend:8011",
+    )
+
+
+def test_sibling_argv_default_reply_ports_take_any_free_port():
+    """With neither reply flag, the first frontend binds the default port and the others
+    any free port: port + 1 of the default is the scheduler's own port (8012) on the same
+    machine, where ``despina frontend --frontends 2`` used to stop with 'address already
+    in use'."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--frontends=3"]
+    parent = parser.parse_args(argv)
+    endpoints = [parser.parse_args(sibling_argv(argv, parent, i)).reply_endpoint for i in range(3)]
+    assert endpoints == ["tcp://0.0.0.0:8011", "tcp://0.0.0.0:0", "tcp://0.0.0.0:0"]
+    # An advertised endpoint alone keeps port + i on both (the operator maps the ports).
+    argv = ["--frontends=2", "--advertise-endpoint=tcp://frontend:8011"]
+    parent = parser.parse_args(argv)
+    child = parser.parse_args(sibling_argv(argv, parent, 1))
+    assert (child.reply_endpoint, child.advertise_endpoint) == (
+        "tcp://0.0.0.0:8012",
+        "tcp://frontend:8012",
     )
