@@ -443,11 +443,7 @@ class Executor:
         n = len(requests)
         inferences = n
         if li.batched:
-            if n == 1:  # batch_size(requests[0]), inline
-                inputs = requests[0].inputs
-                inferences = inputs[0].shape[0] if inputs and inputs[0].shape else 1
-            else:
-                inferences = sum(map(batch_size, requests))
+            inferences = batch_size(requests[0]) if n == 1 else sum(map(batch_size, requests))
         input_at, launched_at, batched_s = launched or (ran[0], 0.0, -1.0)
         rows = li.uncounted
         if not rows:
