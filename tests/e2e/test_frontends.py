@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,6 +257,29 @@ def test_frontend_processes_on_any_free_reply_port(two):
     two.wait_ready(model="simple")
     infer_on_new_connections(lambda: clients(added))
     two.kill(added.service)
+
+
+def test_advertised_reply_port_zero_is_refused():
+    """``--advertise-endpoint`` names the port backend hosts reach: 0 there cannot be
+    reached, so the frontend stops at once with EX_CONFIG (78) and says why, before it
+    binds or connects anything."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "despina.services.frontend",
+            f"--scheduler=tcp://127.0.0.1:{free_port()}",
+            "--reply-endpoint=tcp://127.0.0.1:0",
+            "--advertise-endpoint=tcp://frontend:0",
+            f"--http-port={free_port()}",
+            f"--grpc-port={free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "--advertise-endpoint needs the port backend hosts reach, not 0" in proc.stderr
 
 
 def _alive(pid: int) -> bool:
