@@ -62,9 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         default="",
-        help="explicit model control: a folder where the scheduler keeps the models clients "
-        "loaded (with their overrides), loaded again when it restarts (despina serve passes "
-        "its runtime folder; compose: a volume); empty: none",
+        help="a folder where the scheduler keeps what clients changed, taken up again when "
+        "it restarts: the models loaded in explicit model control (with their overrides), "
+        "and the logging and trace settings (despina serve passes its runtime folder; "
+        "compose: a volume); empty: none",
     )
     add_speed_paths(parser)  # the scheduler acts on burst sends and direct routes
     add_model_control_flags(parser)
@@ -100,7 +101,7 @@ async def amain(args: argparse.Namespace, settings: SchedulerSettings) -> int:
                 args.model_load_thread_count,
                 args.state_dir,
             ),
-            settings=SettingsStore(log_settings_of(args), trace_settings_of(args)),
+            settings=SettingsStore(log_settings_of(args), trace_settings_of(args), args.state_dir),
             instance_placement=args.instance_placement,
             heartbeat_timeout_s=args.host_heartbeat_timeout_ms / 1000,
         )

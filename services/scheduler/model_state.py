@@ -59,18 +59,24 @@ class ModelState:
         self._write()
 
     def _write(self) -> None:
-        """The whole file, atomically; a failure is logged (serving goes on)."""
+        write_state(self.path, {"models": self.models}, "model-control state")
+
+
+def write_state(path: Path, data: dict, what: str) -> None:
+    """``data`` as the whole JSON file ``path``, atomically (a temporary file beside it,
+    fsync, rename: a crash leaves the old file or the new one); a failure is logged
+    naming ``what`` (serving goes on)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".model-control-", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(orjson.dumps({"models": self.models}))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            log.error("cannot write the model-control state %s: %s", self.path, exc)
+            with os.fdopen(fd, "wb") as f:
+                f.write(orjson.dumps(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.error("cannot write the %s %s: %s", what, path, exc)

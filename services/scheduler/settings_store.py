@@ -10,11 +10,20 @@ update with a field ``null`` clears it (a model's falls back again; a global one
 to its value at start). Both files are set at start only (``--log-file``,
 ``--trace-config triton,file=``): Triton refuses to move them over the network, and so
 does Despina. Off the request path; the loop's thread only.
+
+With a state folder (``--state-dir``; ``despina serve`` passes its runtime folder), what
+clients changed is kept in ``<state-dir>/settings.json`` (``{"log": {...}, "trace":
+{model: {...}}}``, "" the global trace settings; the files and the mode, fixed at start,
+are not kept), written whole after every change and read at start, so a scheduler
+started again after a crash tells every process the settings they had, not the flags'.
+A file that cannot be read, or holds a setting the rules refuse, is logged and the
+flags' settings stand.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import orjson
 
@@ -22,6 +31,7 @@ from despina.common import control as c
 from despina.common import logs
 from despina.common import messages as m
 from despina.common.errors import Code, ServerError, invalid_arg
+from despina.services.scheduler.model_state import write_state
 
 log = logging.getLogger("despina.scheduler")
 
@@ -39,6 +49,8 @@ TRACE_FILE_REFUSED = "trace file location can not be updated through network pro
 # The mode is set at start (--trace-config mode=): its exporter is set up then.
 TRACE_MODE_REFUSED = "trace mode can not be updated through network protocol"
 _LOG_BOOLS = ("log_info", "log_warning", "log_error")
+FILE_NAME = "settings.json"
+_START_ONLY = ("log_file", "trace_file", "trace_mode")  # not changed at run time: not kept
 
 
 def check_trace_field(name: str, value: list[str]) -> list[str]:
@@ -96,15 +108,56 @@ class SettingsStore:
         self,
         log_settings: dict[str, bool | int | str] | None = None,
         trace_settings: dict[str, list[str]] | None = None,
+        state_dir: str = "",
     ) -> None:
-        """``log_settings`` / ``trace_settings``: what the flags set (the rest defaults).
-        Raises ServerError for a trace setting the flags got wrong."""
+        """``log_settings`` / ``trace_settings``: what the flags set (the rest defaults);
+        ``state_dir``: where changes are kept (""; none), read here first. Raises
+        ServerError for a trace setting the flags got wrong."""
         self.log: dict[str, bool | int | str] = dict(logs.DEFAULTS)
         self.log.update(log_settings or {})
         self.trace_start = {k: list(v) for k, v in TRACE_DEFAULTS.items()}
         for name, value in (trace_settings or {}).items():
             self.trace_start[name] = check_trace_field(name, value)
         self.trace: dict[str, dict[str, list[str]]] = {"": dict(self.trace_start)}
+        self.path = Path(state_dir) / FILE_NAME if state_dir else None
+        if self.path is not None:
+            self._restore(self.path)
+
+    def _restore(self, path: Path) -> None:
+        """The settings kept in ``path`` (none yet: nothing), through the same checks as
+        a client's update; all of them or, refused or unreadable, none (logged)."""
+        try:
+            kept = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.error("cannot read the kept settings %s (the flags' stand): %s", path, exc)
+            return
+        before = (dict(self.log), {k: dict(v) for k, v in self.trace.items()})
+        try:
+            if not isinstance(kept, dict):
+                raise invalid_arg("not a JSON object")
+            log_kept, trace_kept = kept.get("log", {}), kept.get("trace", {})
+            if not isinstance(trace_kept, dict):
+                raise invalid_arg("'trace' is not a JSON object")
+            self._update_log(orjson.dumps(log_kept))
+            for model, fields in sorted(trace_kept.items()):  # "" (global) first
+                self._update_trace(model, orjson.dumps(fields))
+        except ServerError as exc:
+            self.log, self.trace = before
+            logs.apply(self.log)
+            log.error("the kept settings %s are refused (the flags' stand): %s", path, exc.message)
+
+    def _keep(self) -> None:
+        """Write what clients may change to the state folder's file, if there is one."""
+        if self.path is None:
+            return
+        trace = {
+            model: {k: v for k, v in fields.items() if k not in _START_ONLY}
+            for model, fields in self.trace.items()
+        }
+        log_kept = {k: v for k, v in self.log.items() if k not in _START_ONLY}
+        write_state(self.path, {"log": log_kept, "trace": trace}, "kept settings")
 
     def message(self) -> m.Settings:
         """What a frontend or backend host is told: every setting now."""
@@ -122,6 +175,8 @@ class SettingsStore:
                 record = c.TraceSettings(self.effective(q.model))
         except ServerError as exc:
             return m.QueryReply(q.qid, b"", m.Error(exc.code.value, exc.message)), False
+        if changed:
+            self._keep()
         return m.QueryReply(q.qid, record=record), changed
 
     def effective(self, model: str) -> dict[str, list[str]]:

@@ -277,8 +277,8 @@ def test_model_unloaded_by_api_stays_unloaded(restarted):
 
 def test_despina_serve_restarts_its_scheduler(tmp_path_factory):
     """``despina serve``: the scheduler child SIGKILLed is restarted by the supervisor;
-    the model loaded by the API and the region registered are back without the client
-    doing anything."""
+    the model loaded by the API, the region registered and the logging and trace
+    settings changed are back without the client doing anything."""
     repo = _repository(tmp_path_factory.mktemp("serve_restart_repo"))
     server = DespinaServer(
         repo,
@@ -291,6 +291,8 @@ def test_despina_serve_restarts_its_scheduler(tmp_path_factory):
         client.load_model("late")
         region = make_region(made)
         client.register_system_shared_memory(region, "/" + region, 128)
+        client.update_log_settings({"log_verbose_level": 1, "log_format": "ISO8601"})
+        client.update_trace_settings("simple", {"trace_rate": "7"})
         (pid,) = server.child_pids("despina.services.scheduler")
         os.kill(pid, signal.SIGKILL)
         wait_for(
@@ -304,6 +306,10 @@ def test_despina_serve_restarts_its_scheduler(tmp_path_factory):
         infer(client, httpclient, "late")
         infer_from_region(client, region)
         assert "scheduler (pid" in server.log() and "restarting it" in server.log()
+        settings = client.get_log_settings()
+        assert settings["log_verbose_level"] == 1 and settings["log_format"] == "ISO8601"
+        assert client.get_trace_settings("simple")["trace_rate"] == "7"
+        assert client.get_trace_settings()["trace_rate"] == "1000"  # the global: Triton's
     finally:
         client.close()
         server.stop()

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from despina.common import control as c
+from despina.common import logs
 from despina.common import messages as m
 from despina.services.observability_flags import (
     add_log_trace_flags,
@@ -173,3 +174,53 @@ def test_a_refused_update_changes_nothing_of_it():
     store = SettingsStore()
     ask(store, "log_settings", "", {"log_info": False, "log_format": "json"})
     assert store.log["log_info"] is True
+
+
+def test_changes_are_kept_in_the_state_folder_and_taken_up_again(tmp_path):
+    """A scheduler started again with the same flags and state folder has the settings
+    clients changed, not the flags' (what it tells every process); the files and the
+    mode, fixed at start, are not kept."""
+    flags = {"trace_file": ["/tmp/t.json"], "trace_rate": ["10"]}
+    store = SettingsStore({"log_verbose_level": 0}, flags, str(tmp_path))
+    ask(store, "log_settings", "", {"log_info": True})  # a read-alike: nothing changed
+    assert not (tmp_path / "settings.json").exists()
+    try:
+        ask(store, "log_settings", "", {"log_verbose_level": 2, "log_warning": False})
+        ask(store, "trace_setting", "m", {"trace_rate": "3", "trace_level": ["TIMESTAMPS"]})
+        ask(store, "trace_setting", "", {"trace_count": "7"})
+        kept = orjson.loads((tmp_path / "settings.json").read_bytes())
+        assert "log_file" not in kept["log"]
+        assert "trace_file" not in kept["trace"][""] and "trace_mode" not in kept["trace"][""]
+        again = SettingsStore({"log_verbose_level": 0}, flags, str(tmp_path))
+        assert again.message() == store.message()
+        assert again.log["log_verbose_level"] == 2 and again.log["log_warning"] is False
+        assert again.effective("m")["trace_rate"] == ["3"]
+        assert again.effective("other")["trace_count"] == ["7"]
+        assert again.effective("other")["trace_file"] == ["/tmp/t.json"]  # the flag's
+        # A clear is kept as well: the model follows the global settings again.
+        ask(again, "trace_setting", "m", {"trace_rate": None, "trace_level": None})
+        third = SettingsStore({"log_verbose_level": 0}, flags, str(tmp_path))
+        assert "m" not in third.trace and third.effective("m")["trace_rate"] == ["10"]
+    finally:
+        logs.apply({"log_verbose_level": 0, "log_warning": True})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[]",
+        orjson.dumps({"log": {"log_verbose_level": -1}}),
+        orjson.dumps({"log": {"log_file": "/tmp/elsewhere.log"}}),
+        orjson.dumps({"trace": {"m": {"trace_file": "/tmp/x.json"}}}),
+        # One good change and one refused: none of them is taken.
+        orjson.dumps({"log": {"log_verbose_level": 1}, "trace": {"": {"trace_rate": "0"}}}),
+    ],
+    ids=["not-json", "not-an-object", "bad-level", "log-file", "trace-file", "half-good"],
+)
+def test_kept_settings_that_are_refused_leave_the_flags(tmp_path, content):
+    (tmp_path / "settings.json").write_bytes(content)
+    store = SettingsStore({"log_verbose_level": 0}, {"trace_rate": ["10"]}, str(tmp_path))
+    assert (
+        store.message() == SettingsStore({"log_verbose_level": 0}, {"trace_rate": ["10"]}).message()
+    )
