@@ -129,6 +129,10 @@ class ModelStatistics(msgspec.Struct, array_like=True):
     # Decoupled models' responses by index ("0", "1", ...; frontends): [success count,
     # ns, fail count, ns, empty_response count, ns, cancel count, ns] (common/stats.py).
     responses: dict[str, list[int]] = {}
+    # A decoupled model's requests by the time to their first response (frontends):
+    # bucket counts (common/stats.FIRST_RESPONSE_BOUNDS_MS, then +Inf), then the sum in
+    # ns; empty until one is counted.
+    first_response: list[int] = []
 
 
 class Statistics(msgspec.Struct, tag="statistics", array_like=True):

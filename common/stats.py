@@ -92,6 +92,11 @@ STAGES = (
 
 _HOST_STAGES = ("queue", "compute_input", "compute", "output")  # every execution has them
 
+# Triton's default buckets (le, in ms) of nv_inference_first_response_histogram_ms, a
+# decoupled model's time from the request to its first response.
+FIRST_RESPONSE_BOUNDS_MS = (100, 500, 2000, 5000)
+_FIRST_RESPONSE_BOUNDS_NS = tuple(b * 1_000_000 for b in FIRST_RESPONSE_BOUNDS_MS)
+
 # Triton's failure reasons (nv_inference_request_failure's ``reason``).
 REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
 REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
@@ -184,6 +189,12 @@ def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
         entry = into.stages.setdefault(stage, [0] * _SLOTS)
         for i, value in enumerate(buckets):
             entry[i] += value
+    first = delta.first_response
+    if len(first) == len(FIRST_RESPONSE_BOUNDS_MS) + 2:
+        if not into.first_response:
+            into.first_response = [0] * len(first)
+        for i, value in enumerate(first):
+            into.first_response[i] += value
 
 
 def quantile(buckets: list[int], q: float) -> float:
@@ -324,13 +335,20 @@ class Recorder:
     def response(self, model: str, version: str, index: int, kind: int, ns: int) -> None:
         """One response of a decoupled model's request (a frontend; its ``index``-th, 0
         first), of ``kind`` (RESPONSE_*), ``ns`` after the one before it (or the request's
-        start). Added at once: only decoupled calls pay it."""
-        responses = self.get(model, version).responses
-        entry = responses.get(str(index))
+        start). Added at once: only decoupled calls pay it. The first one the client
+        got (index 0, not a cancel) is also the request's time to first response."""
+        stats = self.get(model, version)
+        entry = stats.responses.get(str(index))
         if entry is None:
-            entry = responses[str(index)] = [0] * 8
+            entry = stats.responses[str(index)] = [0] * 8
         entry[2 * kind] += 1
         entry[2 * kind + 1] += ns
+        if index == 0 and kind != RESPONSE_CANCEL:
+            first = stats.first_response
+            if not first:
+                first = stats.first_response = [0] * (len(FIRST_RESPONSE_BOUNDS_MS) + 2)
+            first[bisect_left(_FIRST_RESPONSE_BOUNDS_NS, ns)] += 1
+            first[-1] += ns
 
     def _count_requests(
         self,

@@ -39,8 +39,9 @@ class MetricsConfig:
     """--metrics-config, Triton's keys: ``summary_latencies`` (the *_summary_us
     summaries), ``summary_quantiles`` ("0.5:0.05,0.9:0.01": quantile:error pairs; the
     error is accepted and unused, quantiles are estimated from the stage histograms),
-    ``histogram_latencies`` (accepted: Triton's only histogram, time to first response,
-    is for decoupled models, which Despina does not serve yet)."""
+    ``histogram_latencies`` (Triton's histogram of a decoupled model's time to first
+    response, ``nv_inference_first_response_histogram_ms``, on Triton's default
+    buckets)."""
 
     summary_latencies: bool = False
     histogram_latencies: bool = False
@@ -114,6 +115,9 @@ _SUMMARIES = (
     ("nv_inference_compute_output_summary_us", "Summary of inference compute output duration in microseconds (does not include cached requests)", "output"),
 )  # fmt: skip
 STAGE_HISTOGRAM = "despina_stage_duration_us"
+FIRST_RESPONSE_HISTOGRAM = (
+    "nv_inference_first_response_histogram_ms"  # Triton's (histogram_latencies)
+)
 COUNTER_NAMES = (
     "nv_inference_request_failure",
     *(name for name, *_ in _COUNTERS),
@@ -250,6 +254,8 @@ class StatsCollector:
             yield metric
         if self.config.summary_latencies:
             yield from self._summaries(models, labels)
+        if self.config.histogram_latencies:
+            yield self._first_response(models, labels)
         yield self._stages(models, labels)
         yield from self._machine()
 
@@ -267,6 +273,29 @@ class StatsCollector:
                 metric.add_sample(name + "_count", lab, sum(buckets[:-1]))
                 metric.add_sample(name + "_sum", lab, buckets[-1] / 1000)
             yield metric
+
+    @staticmethod
+    def _first_response(models: list[c.ModelStatistics], labels: list[dict]) -> Metric:
+        """Triton's: per decoupled model version (one with a first response counted),
+        requests by the time to their first response, in ms."""
+        metric = Metric(
+            FIRST_RESPONSE_HISTOGRAM,
+            "Duration from request to first response in milliseconds",
+            "histogram",
+        )
+        for s, lab in zip(models, labels):
+            if not s.first_response:
+                continue
+            cumulative = 0
+            for bound, count in zip((*stats.FIRST_RESPONSE_BOUNDS_MS, None), s.first_response[:-1]):
+                cumulative += count
+                le = "+Inf" if bound is None else f"{bound:g}"
+                metric.add_sample(
+                    FIRST_RESPONSE_HISTOGRAM + "_bucket", {**lab, "le": le}, cumulative
+                )
+            metric.add_sample(FIRST_RESPONSE_HISTOGRAM + "_count", lab, cumulative)
+            metric.add_sample(FIRST_RESPONSE_HISTOGRAM + "_sum", lab, s.first_response[-1] / 1e6)
+        return metric
 
     def _stages(self, models: list[c.ModelStatistics], labels: list[dict]) -> Metric:
         """Despina's own: each stage's histogram; its buckets add up across processes."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import queue
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from conftest import DespinaServer
@@ -196,7 +198,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     srv = DespinaServer(
         repo,
         root / "server.log",
-        ["--allow-metrics=true"],
+        ["--allow-metrics=true", "--metrics-config=histogram_latencies=true"],
         env={"DESPINA_GRPC_TRANSPORT": request.param},
     ).start()
     yield srv
@@ -418,6 +420,30 @@ def test_response_stats_count_every_response_by_index(server: DespinaServer) -> 
     with httpclient.InferenceServerClient(server.url) as client:
         (entry,) = client.get_inference_statistics("counted")["model_stats"]
     assert entry["inference_stats"]["success"]["count"] == 4  # requests, as ever
+    # Triton's time-to-first-response histogram (--metrics-config histogram_latencies):
+    # one observation per request, its first response or its empty final, in ms.
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "nv_inference_first_response_histogram_ms"
+    ]
+    first = {
+        (s.name.rsplit("_", 1)[-1], s.labels.get("le")): s.value
+        for s in family.samples
+        if s.labels["model"] == "counted"
+    }
+    assert first[("count", None)] == 4 and first[("bucket", "+Inf")] == 4
+    assert set(le for kind, le in first if kind == "bucket") == {
+        "100",
+        "500",
+        "2000",
+        "5000",
+        "+Inf",
+    }
+    assert 0 < first[("sum", None)] < 4 * 10_000  # ms: each well under 10 s
 
 
 def test_error_responses_and_a_wrong_return(server: DespinaServer) -> None:

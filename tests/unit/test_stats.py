@@ -147,3 +147,53 @@ def test_statistics_encoders_match_tritons_shapes():
     (pb_entry,) = proto.model_stats
     assert pb_entry.inference_stats.success.count == 3
     assert pb_entry.batch_stats[0].compute_output.ns == 7
+
+
+def test_first_response_histogram_counts_each_requests_first_response():
+    """A decoupled request's first response (index 0: a response, an error or the empty
+    final, not a cancel) lands in Triton's buckets; later ones do not; deltas add up;
+    the exposition (histogram_latencies) is Triton's histogram in ms, only for the
+    model versions that have one."""
+    sent: list = []
+
+    async def run() -> None:
+        recorder = stats.Recorder(sent.append, period_s=60)
+        recorder.response("d", "1", 0, stats.RESPONSE_SUCCESS, 50_000_000)  # 50 ms: le 100
+        recorder.response("d", "1", 1, stats.RESPONSE_SUCCESS, 900_000_000)  # not a first
+        recorder.response("d", "1", 0, stats.RESPONSE_EMPTY, 600_000_000)  # le 2000
+        recorder.response("d", "1", 0, stats.RESPONSE_FAIL, 9_000_000_000)  # +Inf
+        recorder.response("d", "1", 0, stats.RESPONSE_CANCEL, 1_000_000)  # never answered
+        recorder.flush()
+
+    asyncio.run(run())
+    (delta,) = sent[0]
+    assert delta.first_response == [1, 0, 1, 0, 1, 9_650_000_000]
+    total = c.ModelStatistics("d", "1")
+    stats.merge(total, delta)
+    stats.merge(total, delta)
+    assert total.first_response == [2, 0, 2, 0, 2, 19_300_000_000]
+
+    collector = StatsCollector(
+        MetricsConfig(histogram_latencies=True), MachineGauges(60.0, cpu=False, gpu=False)
+    )
+    plain = c.ModelStatistics("simple", "1", success_count=1)
+    collector.snapshot = c.Statistics([total, plain])
+    text = exposition(collector).decode()
+    assert "# TYPE nv_inference_first_response_histogram_ms histogram\n" in text
+    assert (
+        'nv_inference_first_response_histogram_ms_bucket{le="100",model="d",version="1"} 2.0'
+        in text
+    )
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "nv_inference_first_response_histogram_ms"
+    ]
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert {s.labels["model"] for s in family.samples} == {"d"}  # not the plain model
+    assert [samples[("nv_inference_first_response_histogram_ms_bucket", le)] for le in
+            ("100", "500", "2000", "5000", "+Inf")] == [2, 2, 4, 4, 6]  # fmt: skip
+    assert samples[("nv_inference_first_response_histogram_ms_count", None)] == 6
+    assert samples[("nv_inference_first_response_histogram_ms_sum", None)] == 19_300.0
+    collector.config = MetricsConfig()  # off by default, as in Triton
+    assert b"first_response" not in exposition(collector)
