@@ -342,9 +342,20 @@ class Settings(msgspec.Struct, tag="settings", array_like=True):
 class StatsReport(msgspec.Struct, tag="stats", array_like=True):
     """Frontend or backend host -> scheduler, at most every common/stats.FLUSH_S while
     there is something new: the counts it added since its last report, per model
-    version (common/stats.py says who counts what); the scheduler adds them up."""
+    version (common/stats.py says who counts what); the scheduler adds them up. Also
+    the answer to a ``StatsFlush``, sent at once and even when empty: ``flushed`` its
+    token (0: a report of the reporter's own timing)."""
 
     models: list[control.ModelStatistics]
+    flushed: int = 0
+
+
+class StatsFlush(msgspec.Struct, tag="stats_flush", array_like=True):
+    """Scheduler -> every frontend and backend host, when a statistics query arrives:
+    send what you counted now (a ``StatsReport`` with ``flushed`` = ``token``), so the
+    answer counts every request answered before the query."""
+
+    token: int
 
 
 class Heartbeat(msgspec.Struct, tag="beat", array_like=True):
@@ -368,8 +379,8 @@ class HostGone(msgspec.Struct, tag="host_gone", array_like=True):
 # What each socket may receive: one decoder per socket.
 SchedulerFromFrontend = FrontendHello | InferBatch | Query | Cancel | StatsReport
 SchedulerFromHost = HostHello | LoadResult | Completion | StatsReport | Heartbeat
-FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink | Settings | HostGone
-HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel | Settings
+FrontendInbound = ReplyBatch | QueryReply | Routes | HostLink | Settings | HostGone | StatsFlush
+HostInbound = LoadModel | UnloadModel | ExecuteBatch | Introduce | Cancel | Settings | StatsFlush
 HostFromFrontend = Release | ExecuteBatch | Cancel
 
 

@@ -39,6 +39,7 @@ else:
 
     np = _Numpy()
 
+from despina.common import messages as m
 from despina.common.control import ModelStatistics
 
 FLUSH_S = 0.1  # the longest a count waits before it is sent
@@ -231,7 +232,7 @@ class Recorder:
 
     def __init__(
         self,
-        send: Callable[[list[ModelStatistics]], None],
+        send: Callable[[m.StatsReport], None],
         period_s: float = FLUSH_S,
         collect: Callable[[], None] | None = None,
     ) -> None:
@@ -259,17 +260,19 @@ class Recorder:
                 self.arm()
         return stats
 
-    def flush(self) -> None:
-        """Count what is queued and send every delta now (nothing when there is none)."""
+    def flush(self, token: int = 0) -> None:
+        """Count what is queued and send every delta now: nothing when there is none,
+        unless this answers the scheduler's ``StatsFlush`` ``token`` (then a report,
+        empty or not, carrying it)."""
         if self.collect is not None:
             self.collect()
         self.count_queued()
         if self._timer is not None:  # the one that fired, or one armed meanwhile
             self._timer.cancel()
             self._timer = None
-        if self._models:
+        if self._models or token:
             models, self._models = list(self._models.values()), {}
-            self._send(models)
+            self._send(m.StatsReport(models, token))
 
     def count_queued(self) -> None:
         """Add up the requests queued since the last count (into the deltas ``flush``

@@ -98,10 +98,7 @@ class BackendHost:
         self.executor = Executor(self.mapper, self.cuda, self.replies, speed.loop_execution)
         self.executor.instances = instances
         if statistics:  # what this host executes, counted (common/stats.py)
-            self.executor.stats = Recorder(
-                lambda models: self._send(m.StatsReport(models)),
-                collect=self.executor.count_queued,
-            )
+            self.executor.stats = Recorder(self._send, collect=self.executor.count_queued)
         self._start = self.executor.start
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode
@@ -252,6 +249,11 @@ class BackendHost:
                 self.executor.tracing = trace_stamps.tracing(msg.trace)
                 # Verbose: every execution logged; otherwise no cost on the path.
                 self._start = self._start_logged if logs.verbose() else self.executor.start
+            elif isinstance(msg, m.StatsFlush):  # a statistics query: what is counted, now
+                if self.executor.stats is not None:
+                    self.executor.stats.flush(msg.token)
+                else:
+                    self._send(m.StatsReport([], msg.token))
             elif isinstance(msg, m.Introduce):
                 hello = self._encode(m.HostLink(self.host_id))
                 for endpoint in msg.endpoints:

@@ -150,9 +150,9 @@ class SchedulerClient:
         """Count every call's outcome and duration, reported to the scheduler."""
         self.stats = Recorder(self._report_stats)
 
-    def _report_stats(self, models: list) -> None:
+    def _report_stats(self, report: m.StatsReport) -> None:
         if self._to_scheduler is not None:
-            self._to_scheduler.send([self._encode(m.StatsReport(models))])
+            self._to_scheduler.send([self._encode(report)])
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -564,6 +564,11 @@ class SchedulerClient:
                 self.settings = msg
                 for listener in self.settings_listeners:
                     listener(msg)
+            elif isinstance(msg, m.StatsFlush):  # a statistics query: what is counted, now
+                if self.stats is not None:
+                    self.stats.flush(msg.token)
+                else:
+                    self._report_stats(m.StatsReport([], msg.token))
             elif isinstance(msg, m.QueryReply):
                 fut = self._queries.get(msg.qid)
                 if fut is not None and not fut.done():

@@ -120,7 +120,11 @@ class SchedulerServer:
         )
         # Every frontend's and host's StatsReport added up (the statistics extension, /metrics).
         self.stats = StatsTotals(
-            lambda: self.models, self.schedulers, ProcessSettings.from_environ().statistics
+            lambda: self.models,
+            self.schedulers,
+            ProcessSettings.from_environ().statistics,
+            reply=self.dispatcher.send_frontend,
+            flush=self._flush_stats,
         )
         # Bound once: called per request or per burst.
         self._dispatch = self.dispatcher.dispatch
@@ -203,8 +207,8 @@ class SchedulerServer:
             log.debug("query %s '%s' version '%s'", msg.kind, msg.model, msg.version)
             if msg.kind in ("log_settings", "trace_setting"):
                 self._on_settings_query(identity, msg)
-            elif msg.kind == "statistics":
-                self.dispatcher.send_frontend(identity, self.stats.answer(msg))
+            elif msg.kind == "statistics":  # answered once every reporter flushed
+                self.stats.ask(identity, msg)
             elif msg.kind in ("repository_load", "repository_unload"):  # answered once done
                 self.model_control.request(self.dispatcher.send_frontend, identity, msg)
             else:
@@ -212,7 +216,7 @@ class SchedulerServer:
         elif isinstance(msg, m.Cancel):
             self.dispatcher.cancel(msg)
         elif isinstance(msg, m.StatsReport):
-            self.stats.report(msg)
+            self.stats.report(msg, identity)
         elif isinstance(msg, m.FrontendHello):
             log.info("frontend joined; replies go to %s", msg.reply_endpoint)
             self.routes.frontend_joined(identity, msg.reply_endpoint)
@@ -231,7 +235,7 @@ class SchedulerServer:
             if isinstance(msg, (m.InferBatch, m.Query, m.FrontendHello, m.Cancel)):
                 self._on_frontend_message(stream, msg, [None, *frames], touched)
             elif isinstance(msg, m.StatsReport):
-                self.stats.report(msg)
+                self.stats.report(msg, stream)
             elif isinstance(msg, m.Completion):
                 self.dispatcher.completed(msg, touched)
             elif isinstance(msg, m.HostHello):
@@ -244,6 +248,18 @@ class SchedulerServer:
                 self.liveness.beat(msg.host_id)
         for key in touched:
             self._dispatch(key)
+
+    def _flush_stats(self, msg: m.StatsFlush) -> set:
+        """``msg`` to every frontend and backend host (Python instance processes and
+        launchers included); their keys, as their ``StatsReport``s arrive with."""
+        peers: set = set()
+        for frontend in list(self.routes.frontends.values()):
+            self.dispatcher.send_frontend(frontend, msg)
+            peers.add(frontend)
+        for stream in list(self.hosts):
+            self.dispatcher.send_host(stream, msg)
+            peers.add(stream)
+        return peers
 
     def _on_settings_query(self, identity: FrontendId, q: m.Query) -> None:
         """Answer a logging / trace settings query; a change is applied here and sent to

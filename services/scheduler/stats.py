@@ -12,6 +12,9 @@ common/stats.FLUSH_S. Loop's thread only.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 from collections.abc import Callable
 
 from despina.common import control as c
@@ -22,26 +25,99 @@ from despina.services.scheduler import validate
 from despina.services.scheduler.interface import ModelScheduler
 from despina.services.scheduler.repository import Model, State
 
+log = logging.getLogger("despina.scheduler")
+
+
+# How long a statistics query waits for the reporters' answers to its StatsFlush: one
+# that is busy (an execute holding its loop) or gone is not waited for longer, and the
+# query is answered with what arrived (its counts then at most common/stats.FLUSH_S old).
+FLUSH_WAIT_S = 0.25
+
+
+class _Round:
+    """A statistics query waiting for the reporters' answers to its ``StatsFlush``."""
+
+    __slots__ = ("asker", "query", "waiting", "timer")
+
+    def __init__(self, asker: object, query: m.Query, waiting: set) -> None:
+        self.asker = asker
+        self.query = query
+        self.waiting = waiting
+        self.timer: asyncio.TimerHandle | None = None
+
 
 class StatsTotals:
-    """Owns the totals. ``models`` and ``schedulers`` are read (the repository, and the
-    per-version schedulers whose queues make the pending gauge)."""
+    """Owns the totals, and the statistics queries waiting for fresh counts. ``models``
+    and ``schedulers`` are read (the repository, and the per-version schedulers whose
+    queues make the pending gauge).
+
+    A statistics query is answered once every frontend and backend host has sent what it
+    counted (``StatsFlush``, answered by a ``StatsReport`` with its token, after every row
+    the reporter took before it), or after ``FLUSH_WAIT_S``: so a query counts every
+    request answered before it was sent, as Triton's do, not only those reported by the
+    reporters' own timers."""
 
     def __init__(
         self,
         models: Callable[[], dict[str, Model]],
         schedulers: dict[tuple[str, str], ModelScheduler],
         counting: bool = True,
+        reply: Callable[[object, m.QueryReply], None] | None = None,
+        flush: Callable[[m.StatsFlush], set] | None = None,
     ) -> None:
         """``counting``: whether the processes count (--allow-metrics); when they do not,
-        a statistics query is refused rather than answered with zeros."""
+        a statistics query is refused rather than answered with zeros. ``reply(asker,
+        reply)`` answers a query; ``flush(msg)`` sends ``msg`` to every reporter and
+        returns their keys (what ``report`` is given as ``peer``); None: answer at once."""
         self._models = models
         self._schedulers = schedulers
         self.counting = counting
         self.totals: dict[tuple[str, str], c.ModelStatistics] = {}
+        self._reply = reply
+        self._flush = flush
+        self._rounds: dict[int, _Round] = {}
+        self._tokens = itertools.count(1)
 
-    def report(self, msg: m.StatsReport) -> None:
-        """Add one reporter's deltas in."""
+    def ask(self, asker: object, q: m.Query) -> None:
+        """A statistics query from ``asker``: every reporter flushes, then it is answered
+        (``reply``), or at once when nothing counts or no reporter is there."""
+        peers = set()
+        token = 0
+        if self.counting and self._flush is not None:
+            token = next(self._tokens)
+            peers = self._flush(m.StatsFlush(token))
+        if not peers:
+            self._answer(asker, q)
+            return
+        entry = self._rounds[token] = _Round(asker, q, peers)
+        entry.timer = asyncio.get_running_loop().call_later(FLUSH_WAIT_S, self._done, token)
+
+    def _done(self, token: int) -> None:
+        entry = self._rounds.pop(token, None)
+        if entry is None:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
+        if entry.waiting:
+            log.debug("statistics answered without %d reporter(s)", len(entry.waiting))
+        self._answer(entry.asker, entry.query)
+
+    def _answer(self, asker: object, q: m.Query) -> None:
+        assert self._reply is not None
+        self._reply(asker, self.answer(q))
+
+    def report(self, msg: m.StatsReport, peer: object = None) -> None:
+        """Add one reporter's deltas in (``peer``: the reporter, whose ``flushed`` answer
+        a waiting query may be waiting for)."""
+        self._merge(msg)
+        if msg.flushed:
+            entry = self._rounds.get(msg.flushed)
+            if entry is not None:
+                entry.waiting.discard(peer)
+                if not entry.waiting:
+                    self._done(msg.flushed)
+
+    def _merge(self, msg: m.StatsReport) -> None:
         models = self._models()
         totals = self.totals
         for delta in msg.models:

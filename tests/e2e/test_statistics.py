@@ -1,14 +1,17 @@
 """The statistics extension (HTTP and gRPC, sync and aio tritonclient), counted across two
 frontends and two backend hosts (ONNX Runtime and Python), on direct routes and through
-the scheduler: the counts match the requests sent exactly (polled with a deadline: each
-process reports within 100 ms), failures are counted with their reason, a dynamically
-batched model's batch sizes add up, and an unknown model gets an error."""
+the scheduler: the counts match the requests sent exactly (a query counts every request
+answered before it; polled with a deadline where a test does not check that), failures
+are counted with their reason, a dynamically batched model's batch sizes add up, and an
+unknown model gets an error."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import shutil
+import signal
 import textwrap
 import time
 from pathlib import Path
@@ -165,6 +168,49 @@ def test_counts_match_requests_across_protocols(stats_server):
     assert sum(size * n for size, n in batches.items()) == success
     assert sum(batches.values()) == executions
     assert int(entry["last_inference"]) > (time.time() - 60) * 1000
+
+
+def test_a_query_right_after_a_request_counts_it(stats_server):
+    """As in Triton, a statistics query counts every request answered before it was
+    sent, without waiting for the processes' own reports: the scheduler has every
+    frontend and backend host flush first (StatsFlush). Requests over gRPC, queries over
+    HTTP, new connections each time (so both frontends answer and ask)."""
+    for _ in range(6):
+        http = httpclient.InferenceServerClient(stats_server.url)
+        grpc = grpcclient.InferenceServerClient(stats_server.grpc_url)
+        try:
+            (before,) = http.get_inference_statistics("simple")["model_stats"]
+            grpc.infer("simple", simple_inputs(grpcclient))
+            (after,) = http.get_inference_statistics("simple")["model_stats"]
+        finally:
+            http.close()
+            grpc.close()
+        assert counts(after)[0] == counts(before)[0] + 1
+        for stage in ("queue", "compute_infer", "compute_output"):
+            assert int(after["inference_stats"][stage]["count"]) == (
+                int(before["inference_stats"][stage]["count"]) + 1
+            ), stage
+        assert int(after["inference_count"]) == int(before["inference_count"]) + 1
+
+
+def test_a_reporter_that_cannot_answer_does_not_hold_a_query(stats_server):
+    """A backend host stopped (SIGSTOP: alive, its stream open, answering nothing) while
+    a statistics query waits for its flush: the query is answered after the scheduler's
+    short wait (services/scheduler/stats.FLUSH_WAIT_S) with what the others sent."""
+    (onnx,) = stats_server.child_pids("--framework onnxruntime")
+    http = httpclient.InferenceServerClient(stats_server.url)
+    os.kill(onnx, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        (entry,) = http.get_inference_statistics("simple")["model_stats"]
+        waited = time.monotonic() - t0
+    finally:
+        os.kill(onnx, signal.SIGCONT)
+    try:
+        assert entry["name"] == "simple" and waited < 2.0, waited
+        http.infer("simple", simple_inputs(httpclient))  # the host serves on
+    finally:
+        http.close()
 
 
 def test_failures_counted_with_their_model(stats_server):

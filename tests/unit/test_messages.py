@@ -52,6 +52,7 @@ FROM_FRONTEND = [
             )
         ]
     ),
+    m.StatsReport(models=[], flushed=12),  # the answer to a StatsFlush, empty
 ]
 
 FROM_HOST = [
@@ -118,6 +119,7 @@ FRONTEND_INBOUND = [
     m.HostLink(host_id="python-add_sub-1-0-77"),
     m.HostGone(host_id="onnxruntime-12-ab", why="stopped answering (no heartbeat for 3.1 s)"),
     SETTINGS,
+    m.StatsFlush(token=1),
 ]
 
 HOST_INBOUND = [
@@ -144,6 +146,7 @@ HOST_INBOUND = [
     m.Introduce(endpoints=["unix:///tmp/despina-x/frontend-0", "tcp://fe:8020"]),
     m.Cancel(reply_to="unix:///tmp/despina-x/frontend-0", rids=[]),
     SETTINGS,
+    m.StatsFlush(token=3),
     m.Settings(log={"log_verbose_level": 0}),
 ]
 

@@ -34,7 +34,7 @@ def test_observe_puts_each_duration_in_its_bucket():
 
 
 def test_recorder_sends_one_report_per_period_then_nothing():
-    sent: list[list[c.ModelStatistics]] = []
+    sent: list[m.StatsReport] = []
 
     async def run() -> None:
         recorder = stats.Recorder(sent.append, period_s=0.02)
@@ -48,7 +48,8 @@ def test_recorder_sends_one_report_per_period_then_nothing():
         assert len(sent) == 1  # idle: nothing more
 
     asyncio.run(run())
-    (delta,) = sent[0]
+    (delta,) = sent[0].models
+    assert sent[0].flushed == 0  # its own timing, not an answer to a flush
     assert (delta.success_count, delta.success_ns) == (2, 4000)
     assert delta.fail == {stats.BACKEND: [1, 500]}
     # Triton's queue time is both waits: the host's queue and its batcher's.
@@ -166,7 +167,7 @@ def test_first_response_histogram_counts_each_requests_first_response():
         recorder.flush()
 
     asyncio.run(run())
-    (delta,) = sent[0]
+    (delta,) = sent[0].models
     assert delta.first_response == [1, 0, 1, 0, 1, 9_650_000_000]
     total = c.ModelStatistics("d", "1")
     stats.merge(total, delta)
@@ -197,3 +198,60 @@ def test_first_response_histogram_counts_each_requests_first_response():
     assert samples[("nv_inference_first_response_histogram_ms_sum", None)] == 19_300.0
     collector.config = MetricsConfig()  # off by default, as in Triton
     assert b"first_response" not in exposition(collector)
+
+
+def test_a_statistics_query_waits_for_every_reporters_flush(monkeypatch):
+    """The scheduler answers a statistics query once every reporter answered its
+    StatsFlush (their counts merged first), or after FLUSH_WAIT_S without the silent
+    ones; with nothing counted it answers at once."""
+    from despina.services.scheduler import stats as totals
+
+    monkeypatch.setattr(totals, "FLUSH_WAIT_S", 0.05)
+    replies: list = []
+    flushes: list = []
+
+    def flush(msg: m.StatsFlush) -> set:
+        flushes.append(msg.token)
+        return {"frontend", "host"}
+
+    async def run() -> None:
+        store = totals.StatsTotals(
+            dict, {}, reply=lambda asker, r: replies.append((asker, r)), flush=flush
+        )
+        q = m.Query(7, "statistics")
+        store.ask("asker", q)
+        (token,) = flushes
+        store.report(m.StatsReport([], token), "frontend")
+        assert replies == []  # the host has not answered yet
+        store.report(m.StatsReport([], 0), "host")  # its own timing: not the answer
+        assert replies == []
+        store.report(m.StatsReport([], token), "host")
+        assert [(a, r.qid) for a, r in replies] == [("asker", 7)]
+        store.report(m.StatsReport([], token), "host")  # late, twice: nothing more
+        assert len(replies) == 1
+        store.ask("asker", m.Query(8, "statistics"))  # a reporter stays silent
+        store.report(m.StatsReport([], flushes[-1]), "frontend")
+        await asyncio.sleep(0.1)
+        assert [r.qid for _, r in replies] == [7, 8]
+        off = totals.StatsTotals(
+            dict, {}, counting=False, reply=lambda a, r: replies.append((a, r)), flush=flush
+        )
+        off.ask("asker", m.Query(9, "statistics"))
+        assert replies[-1][1].error is not None and len(flushes) == 2  # refused, no flush
+
+    asyncio.run(run())
+
+
+def test_a_recorder_answers_a_flush_even_with_nothing_counted():
+    sent: list = []
+
+    async def run() -> None:
+        recorder = stats.Recorder(sent.append, period_s=60)
+        recorder.flush()
+        assert sent == []  # its own flush with nothing: nothing sent
+        recorder.flush(5)
+        recorder.request("m", "1", 10, None)
+        recorder.flush(6)
+
+    asyncio.run(run())
+    assert [(r.flushed, len(r.models)) for r in sent] == [(5, 0), (6, 1)]

@@ -34,7 +34,7 @@ def by_row_request(into: dict, model, version, ns, reason, decode=-1, encode=-1)
 
 def flushed(recorder: stats.Recorder, sent: list) -> dict:
     recorder.flush()
-    return {(s.name, s.version): s for s in sent.pop()}
+    return {(s.name, s.version): s for s in sent.pop().models}
 
 
 def assert_same(got: dict, want: dict) -> None:

@@ -372,6 +372,8 @@ class PythonLauncher:
                 self.unload(msg)
             elif isinstance(msg, m.Settings):  # the logging extension's, from the scheduler
                 logs.apply(msg.log)
+            elif isinstance(msg, m.StatsFlush):  # nothing is counted here: say so at once
+                self._send(m.StatsReport([], msg.token))
 
     # --- instances ---------------------------------------------------------------------
 
