@@ -284,17 +284,8 @@ class StatsCollector:
             "histogram",
         )
         for s, lab in zip(models, labels):
-            if not s.first_response:
-                continue
-            cumulative = 0
-            for bound, count in zip((*stats.FIRST_RESPONSE_BOUNDS_MS, None), s.first_response[:-1]):
-                cumulative += count
-                le = "+Inf" if bound is None else f"{bound:g}"
-                metric.add_sample(
-                    FIRST_RESPONSE_HISTOGRAM + "_bucket", {**lab, "le": le}, cumulative
-                )
-            metric.add_sample(FIRST_RESPONSE_HISTOGRAM + "_count", lab, cumulative)
-            metric.add_sample(FIRST_RESPONSE_HISTOGRAM + "_sum", lab, s.first_response[-1] / 1e6)
+            if s.first_response:
+                _add_histogram(metric, lab, _FIRST_RESPONSE_LE, s.first_response, 1e6)
         return metric
 
     def _stages(self, models: list[c.ModelStatistics], labels: list[dict]) -> Metric:
@@ -311,16 +302,7 @@ class StatsCollector:
                 buckets = s.stages.get(stage)
                 if buckets is None:
                     continue
-                stage_labels = {"stage": stage, **lab}
-                cumulative = 0
-                for bound, count in zip((*stats.BOUNDS_US, None), buckets[:-1]):
-                    cumulative += count
-                    le = "+Inf" if bound is None else f"{float(bound)}"
-                    metric.add_sample(
-                        STAGE_HISTOGRAM + "_bucket", {**stage_labels, "le": le}, cumulative
-                    )
-                metric.add_sample(STAGE_HISTOGRAM + "_count", stage_labels, cumulative)
-                metric.add_sample(STAGE_HISTOGRAM + "_sum", stage_labels, buckets[-1] / 1000)
+                _add_histogram(metric, {"stage": stage, **lab}, _STAGE_LE, buckets, 1000)
         return metric
 
     def _machine(self):  # type: ignore[no-untyped-def]
@@ -348,6 +330,27 @@ class StatsCollector:
                 for gpu in machine.gpus:
                     metric.add_sample(name, {"gpu_uuid": gpu["uuid"]}, gpu[key])
                 yield metric
+
+
+# The ``le`` labels of each histogram's buckets, then +Inf: the stages' as
+# prometheus_client writes floats, Triton's first-response ones as Triton writes them.
+_STAGE_LE = (*(f"{float(b)}" for b in stats.BOUNDS_US), "+Inf")
+_FIRST_RESPONSE_LE = (*(f"{b:g}" for b in stats.FIRST_RESPONSE_BOUNDS_MS), "+Inf")
+
+
+def _add_histogram(
+    metric: Metric, labels: dict, les: tuple[str, ...], buckets: list[int], unit_ns: float
+) -> None:
+    """One histogram series of ``metric``: ``buckets`` (counts per bound, +Inf, then the
+    sum in ns, as common/stats.py keeps them) as cumulative ``_bucket`` samples, then
+    ``_count`` and ``_sum`` (in units of ``unit_ns`` ns)."""
+    name = metric.name
+    cumulative = 0
+    for le, count in zip(les, buckets[:-1]):
+        cumulative += count
+        metric.add_sample(name + "_bucket", {**labels, "le": le}, cumulative)
+    metric.add_sample(name + "_count", labels, cumulative)
+    metric.add_sample(name + "_sum", labels, buckets[-1] / unit_ns)
 
 
 def exposition(collector: StatsCollector) -> bytes:

@@ -124,7 +124,7 @@ class SchedulerServer:
             self.schedulers,
             ProcessSettings.from_environ().statistics,
             reply=self.dispatcher.send_frontend,
-            flush=self._flush_stats,
+            flush=self._to_every_process,
         )
         # Bound once: called per request or per burst.
         self._dispatch = self.dispatcher.dispatch
@@ -249,9 +249,10 @@ class SchedulerServer:
         for key in touched:
             self._dispatch(key)
 
-    def _flush_stats(self, msg: m.StatsFlush) -> set:
+    def _to_every_process(self, msg: msgspec.Struct) -> set:
         """``msg`` to every frontend and backend host (Python instance processes and
-        launchers included); their keys, as their ``StatsReport``s arrive with."""
+        launchers included); their keys (the identity or stream their messages arrive
+        with)."""
         peers: set = set()
         for frontend in list(self.routes.frontends.values()):
             self.dispatcher.send_frontend(frontend, msg)
@@ -267,11 +268,7 @@ class SchedulerServer:
         reply, changed = self.settings.answer(q)
         if changed:  # the store applied a logging change to this process already
             self.tracing = trace_stamps.tracing(self.settings.trace)
-            news = self.settings.message()
-            for frontend in list(self.routes.frontends.values()):
-                self.dispatcher.send_frontend(frontend, news)
-            for stream in list(self.hosts):
-                self.dispatcher.send_host(stream, news)
+            self._to_every_process(self.settings.message())
         self.dispatcher.send_frontend(identity, reply)
 
     def _on_stream_lost(self, stream: HostStream) -> None:
