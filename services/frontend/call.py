@@ -59,6 +59,8 @@ class InferCall(asyncio.Future):
         "t_reply",
         "reason",
         "trace",
+        "proto",
+        "traced",
     )
 
     # A call on a stream takes several responses (``StreamCall``); this one, one.
@@ -86,6 +88,12 @@ class InferCall(asyncio.Future):
         # A traced request's wire stamps (services/frontend/trace.py): the list it is sent
         # with (``Infer.trace``), then the reply's. None: not traced.
         self.trace: list | None = None
+        # Set by a protocol only while tracing is on, for a protocol that reports its
+        # answer's send (``DataPlane.trace_sent``): its receive stamps, as (Triton activity,
+        # wall-clock ns); None once the call is not traced. ``traced``: the finished trace
+        # record waiting for that report.
+        self.proto: list | None = None
+        self.traced: tuple | None = None
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):

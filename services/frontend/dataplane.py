@@ -8,6 +8,7 @@ the protocol edge.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 import orjson
@@ -99,6 +100,11 @@ class DataPlane:
         self.metadata = control.ServerMetadata(server_name, SERVER_VERSION, extensions)
         # The trace extension (trace.py); the scheduler's settings arrive in _on_settings.
         self.tracer = Tracer()
+        # Whether some trace level is on: the protocols then stamp each request's receipt
+        # (``InferCall.proto``) for the sampled ones; ``on_tracing`` listeners are told
+        # each change (the gRPC transport's own flag).
+        self.tracing = False
+        self.on_tracing: list[Callable[[bool], None]] = []
         client.settings_listeners.append(self._on_settings)
         if client.settings is not None:
             self._on_settings(client.settings)
@@ -200,6 +206,9 @@ class DataPlane:
         is the plain one unless tracing or verbose logging is on (no cost otherwise)."""
         logs.apply(msg.log)
         self.tracer.update(msg.trace)
+        self.tracing = self.tracer.active
+        for listener in self.on_tracing:
+            listener(self.tracing)
         if self.tracer.active:
             self.start = self._start_traced  # type: ignore[method-assign]
         elif logs.verbose():
@@ -217,22 +226,38 @@ class DataPlane:
             log.debug("infer %s:%s id '%s'", request.model, request.version, request.id)
         record = self.tracer.sample(request.model, request.id)
         if record is None:
+            call.proto = None  # not traced: its protocol has nothing to report
             return self.client.send(call, request)
-        call.trace = self.tracer.start(record, request)  # the wire carries it: Infer.trace
+        # the wire carries it: Infer.trace
+        call.trace = self.tracer.start(record, request, call.proto)
         self.client.send(call, request)
         call.add_done_callback(partial(self._traced, request, record))
         return call
 
     def _traced(self, request: InferenceRequest, record: dict, call: InferCall) -> None:
         """The traced call is answered (before its handler closes it: the outputs are
-        still readable)."""
+        still readable). Filed now, or once its protocol sent the answer (``trace_sent``)
+        when that protocol stamped its receipt (``call.proto``)."""
         if call.cancelled():
             return
         version, result = request.version, None
         if call.exception() is None:
             result = call.result()
             version = result.version or version
-        self.tracer.finish(request.model, record, version, call.trace, result)
+        later = call.proto is not None
+        self.tracer.finish(request.model, record, version, call.trace, result, file=not later)
+        if later:
+            call.traced = (request.model, record)
+
+    def trace_sent(self, call: InferCall, protocol: str, start_ns: int) -> None:
+        """A protocol that stamped a traced call's receipt (``call.proto``) sent its
+        answer, from ``start_ns`` (before encoding it) to now: the trace gets
+        ``protocol``'s SEND_START and SEND_END and is filed. A protocol calls this for
+        every call it set ``proto`` on, whatever the answer (nothing when not traced)."""
+        traced = call.traced
+        if traced is not None:
+            call.traced = None
+            self.tracer.sent(traced[0], traced[1], protocol, start_ns)
 
     def body_block(self, size: int) -> BodyBlock | None:
         """Shared memory to read a large request body into, or None: the transport owns

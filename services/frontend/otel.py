@@ -1,10 +1,12 @@
 """OpenTelemetry export of traces (``--trace-config mode=opentelemetry``), as Triton
-shapes it: per traced request a top-level span ``InferRequest``, under it a span named
-after the model (attributes ``triton.model_name``, ``triton.model_version``,
-``triton.trace_id``, ``triton.trace_parent_id``, ``triton.request_id``; events
-REQUEST_START, QUEUE_START, REQUEST_END), and under that a span ``compute`` (events
-COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END). Timestamps are the
-trace's own (wall-clock ns, as OpenTelemetry wants them).
+shapes it: per traced request a top-level span ``InferRequest`` (events: the
+protocol's HTTP_RECV_* / HTTP_SEND_* or GRPC_WAITREAD_* / GRPC_SEND_*, where stamped),
+under it a span named after the model (attributes ``triton.model_name``,
+``triton.model_version``, ``triton.trace_id``, ``triton.trace_parent_id``,
+``triton.request_id``; events REQUEST_START, QUEUE_START, REQUEST_END), and under that a
+span ``compute`` (events COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START,
+COMPUTE_END). Timestamps are the trace's own (wall-clock ns, as OpenTelemetry wants
+them).
 
 Spans leave through the SDK's batch span processor and the OTLP/HTTP exporter (a thread
 of the SDK's, off the loop) to ``url`` (default ``http://localhost:4318/v1/traces``).
@@ -34,6 +36,7 @@ _PACKAGES = {
     "opentelemetry.exporter.otlp.proto.http.trace_exporter": "opentelemetry-exporter-otlp-proto-http",
 }
 _MODEL_EVENTS = ("REQUEST_START", "QUEUE_START", "REQUEST_END")
+_PROTOCOL_EVENTS = ("HTTP_", "GRPC_")  # the receipt and the send: on the InferRequest span
 
 
 def missing() -> list[str]:
@@ -95,16 +98,19 @@ class OtelExport:
         }
         if record.get("request_id"):
             attributes["triton.request_id"] = record["request_id"]
+        spans = [ns for name, ns in stamps if name in _MODEL_EVENTS] or [first, last]
         model = tracer.start_span(
             record["model_name"],
             context=self._in_context(root),
             attributes=attributes,
-            start_time=first,
+            start_time=spans[0],
         )
         compute = [(name, ns) for name, ns in stamps if name.startswith("COMPUTE_")]
         for name, ns in stamps:
             if name in _MODEL_EVENTS:
                 model.add_event(name, timestamp=ns)
+            elif name.startswith(_PROTOCOL_EVENTS):
+                root.add_event(name, timestamp=ns)
         if compute:
             span = tracer.start_span(
                 "compute", context=self._in_context(model), start_time=compute[0][1]
@@ -112,7 +118,7 @@ class OtelExport:
             for name, ns in compute:
                 span.add_event(name, timestamp=ns)
             span.end(end_time=compute[-1][1])
-        model.end(end_time=last)
+        model.end(end_time=spans[-1])
         root.end(end_time=last)
 
     def close(self) -> None:

@@ -15,6 +15,10 @@ scheduler and the backend host stamp (common/trace_stamps.py) and its reply brin
 back; untraced requests carry None. Its timestamps, all ``time.time_ns()`` (one clock
 for the processes of a machine), in order:
 
+  HTTP_RECV_START        the request's first byte came (GRPC_WAITREAD_START: its
+                         headers), stamped by the lean HTTP and h2 gRPC transports
+                         for every request while tracing is on (``InferCall.proto``)
+  HTTP_RECV_END          the request was read whole (GRPC_WAITREAD_END)
   REQUEST_START          this frontend starts the call (the request is decoded)
   QUEUE_START            the scheduler took it (scheduled routes), or the backend host
                          did (direct routes: the host's batcher is the queue)
@@ -23,6 +27,9 @@ for the processes of a machine), in order:
   COMPUTE_OUTPUT_START   the model's execute returned
   COMPUTE_END            the host is about to encode the replies
   REQUEST_END            its reply reached this frontend
+  HTTP_SEND_START        its answer begins to be encoded (GRPC_SEND_START); the record
+                         waits for the transport's ``DataPlane.trace_sent``
+  HTTP_SEND_END          its answer was written (GRPC_SEND_END)
 
 ``trace_level`` TENSORS adds the request's input tensors (activity TENSOR_QUEUE_INPUT,
 as the frontend sent them) and output tensors (TENSOR_BACKEND_OUTPUT, as the reply
@@ -153,10 +160,14 @@ class Tracer:
             record["request_id"] = request_id
         return record
 
-    def start(self, record: dict, request: InferenceRequest) -> list:
-        """The sampled request starts: REQUEST_START, its input tensors (TENSORS), and
+    def start(self, record: dict, request: InferenceRequest, received: list | None = None) -> list:
+        """The sampled request starts: its protocol's ``received`` stamps (HTTP_RECV_* or
+        GRPC_WAITREAD_*, as (name, ns)), REQUEST_START, its input tensors (TENSORS), and
         the list the wire carries for the other processes' stamps."""
-        record["timestamps"].append({"name": "REQUEST_START", "ns": time.time_ns()})
+        timestamps = record["timestamps"]
+        if received:
+            timestamps.extend({"name": name, "ns": ns} for name, ns in received)
+        timestamps.append({"name": "REQUEST_START", "ns": time.time_ns()})
         if self._model(request.model).tensors:
             record["tensors"] = [
                 _tensor(record["id"], "TENSOR_QUEUE_INPUT", t.name, t.datatype, t.shape, t.data)
@@ -171,10 +182,12 @@ class Tracer:
         version: str,
         stamps: list | None = None,
         result: InferenceResult | None = None,
+        file: bool = True,
     ) -> None:
         """The traced request is answered: add the other processes' ``stamps`` (from
         the reply) and REQUEST_END, its output tensors (TENSORS, from ``result``; read
-        before the call closes), and file or export the record."""
+        before the call closes), and file or export the record (unless not ``file``:
+        then ``sent`` does, once the protocol sent the answer)."""
         record["model_version"] = int(version) if version.isdigit() else -1
         timestamps = record["timestamps"]
         if stamps:
@@ -186,6 +199,20 @@ class Tracer:
                 _tensor(record["id"], "TENSOR_BACKEND_OUTPUT", t.name, t.datatype, t.shape, t.data)
                 for t in result.outputs
             )
+        if file:
+            self._file(state, record)
+
+    def sent(self, model: str, record: dict, protocol: str, start_ns: int) -> None:
+        """A finished record's answer was sent: ``protocol``'s SEND_START at ``start_ns``
+        (before its encoding) and SEND_END now, then the record is filed."""
+        timestamps = record["timestamps"]
+        timestamps.append({"name": f"{protocol}_SEND_START", "ns": start_ns})
+        timestamps.append({"name": f"{protocol}_SEND_END", "ns": max(start_ns, time.time_ns())})
+        state = self._model(model)
+        if state.otel or state.file:  # (settings changed meanwhile to none: dropped)
+            self._file(state, record)
+
+    def _file(self, state: _ModelTrace, record: dict) -> None:
         if state.otel:
             self._export(record)
             return

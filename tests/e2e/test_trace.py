@@ -36,6 +36,16 @@ ORDER = [
     "COMPUTE_END",
     "REQUEST_END",
 ]
+# As they come in a trace of a request over each protocol: its receipt, then the rest,
+# then the send of its answer (stamped by the lean HTTP and h2 gRPC transports).
+HTTP_ORDER = ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, "HTTP_SEND_START", "HTTP_SEND_END"]
+GRPC_ORDER = [
+    "GRPC_WAITREAD_START",
+    "GRPC_WAITREAD_END",
+    *ORDER,
+    "GRPC_SEND_START",
+    "GRPC_SEND_END",
+]
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +130,7 @@ def test_sampled_requests_are_written_with_timestamps_in_order(server, trace_fil
     assert len({t["id"] for t in traces}) == 5
     for trace in traces:
         assert trace["model_version"] == 1
-        names = [s["name"] for s in trace["timestamps"]]
-        assert names == ORDER
-        stamps = [s["ns"] for s in trace["timestamps"]]
-        assert stamps == sorted(stamps)
-        assert before <= stamps[0] and stamps[-1] <= after
+        _check_timestamps(trace, before, after, HTTP_ORDER)
 
 
 def test_model_setting_overrides_and_falls_back(server, trace_file):
@@ -204,11 +210,11 @@ def _infer_grpc(server: DespinaServer, n: int, tag: str) -> None:
     _infer_simple(server, n, tag, grpcclient)
 
 
-def _check_timestamps(trace: dict, before: int, after: int) -> None:
-    """Every timestamp, frontend, queue, backend host and reply, once, in order, and
-    within the client's call."""
+def _check_timestamps(trace: dict, before: int, after: int, order: list[str]) -> None:
+    """Every timestamp, the protocol's receipt, frontend, queue, backend host, reply and
+    the protocol's send, once, in ``order``, and within the client's call."""
     names = [s["name"] for s in trace["timestamps"]]
-    assert names == ORDER
+    assert names == order
     stamps = [s["ns"] for s in trace["timestamps"]]
     assert stamps == sorted(stamps)
     assert before <= stamps[0] and stamps[-1] <= after
@@ -227,7 +233,30 @@ def test_grpc_requests_are_traced_on_the_direct_route(server, trace_file):
         client.update_trace_settings("simple", {"trace_rate": None, "trace_level": None})
     assert [t["request_id"] for t in traces] == ["grpc-direct-0", "grpc-direct-1", "grpc-direct-2"]
     for trace in traces:
-        _check_timestamps(trace, before, after)
+        _check_timestamps(trace, before, after, GRPC_ORDER)
+
+
+def test_a_large_answer_is_traced_to_the_end_of_its_send(server, trace_file):
+    """A 4 MiB answer leaves from shared memory in a task (not joined): its
+    HTTP_SEND_END comes once the last part was written."""
+    client = httpclient.InferenceServerClient(server.url)
+    client.update_trace_settings(
+        "identity_fp32", {"trace_rate": "1", "trace_level": ["TIMESTAMPS"]}
+    )
+    data = np.arange(1 << 20, dtype=np.float32).reshape(1, -1)
+    try:
+        tensor = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        before = time.time_ns()
+        wanted = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)]
+        result = client.infer("identity_fp32", [tensor], outputs=wanted, request_id="large")
+        after = time.time_ns()
+        traces = _traces(trace_file, "identity_fp32", 1)
+    finally:
+        client.update_trace_settings("identity_fp32", {"trace_rate": None, "trace_level": None})
+    assert np.array_equal(result.as_numpy("OUTPUT0"), data)
+    assert [t["request_id"] for t in traces] == ["large"]
+    _check_timestamps(traces[0], before, after, HTTP_ORDER)
 
 
 def test_tensors_level_writes_inputs_and_outputs(server, trace_file):
@@ -242,7 +271,7 @@ def test_tensors_level_writes_inputs_and_outputs(server, trace_file):
     finally:
         client.update_trace_settings("simple", {"trace_rate": None, "trace_level": None})
     assert trace["request_id"] == "tensors-0"
-    assert [s["name"] for s in trace["timestamps"]] == ORDER
+    assert [s["name"] for s in trace["timestamps"]] == HTTP_ORDER
     records = json.loads(trace_file.read_text())
     tensors = {
         (r["activity"], r["tensor"]["name"]): r["tensor"]
@@ -286,39 +315,60 @@ def test_trace_mode_is_not_changed_over_the_network(server):
     assert client.get_trace_settings()["trace_mode"] == "triton"
 
 
-def test_scheduled_route_http_and_grpc(tmp_path):
-    """Every request through the scheduler (--direct-routes=false): its QUEUE_START is
-    the scheduler's, its COMPUTE_* the backend host's, over HTTP and gRPC."""
+def _traced_server_run(
+    tmp_path, tags: tuple[str, str], flags: list[str], env: dict[str, str] | None = None
+) -> tuple[list[dict], int, int]:
+    """A server with every request traced (``flags`` and ``env`` added), two requests
+    over HTTP and two over gRPC (request ids ``tags[0]-i``, ``tags[1]-i``): their traces
+    in order, and the wall clock before and after."""
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
-    trace_file = tmp_path / "scheduled.json"
+    trace_file = tmp_path / "trace.json"
     srv = DespinaServer(
         tmp_path / "repo",
         tmp_path / "serve.log",
         [
-            "--direct-routes=false",
+            *flags,
             f"--trace-config=triton,file={trace_file}",
             "--trace-config=rate=1",
             "--trace-config=level=TIMESTAMPS",
         ],
+        env=env,
     ).start()
     try:
         before = time.time_ns()
-        _infer_simple(srv, 2, "http-scheduled")
-        _infer_grpc(srv, 2, "grpc-scheduled")
+        _infer_simple(srv, 2, tags[0])
+        _infer_grpc(srv, 2, tags[1])
         traces = _traces(trace_file, "simple", 4)
         after = time.time_ns()
     finally:
         srv.stop()
-    assert [t["request_id"] for t in traces] == [
-        "http-scheduled-0",
-        "http-scheduled-1",
-        "grpc-scheduled-0",
-        "grpc-scheduled-1",
-    ]
-    for trace in traces:
+    assert [t["request_id"] for t in traces] == [f"{tag}-{i}" for tag in tags for i in (0, 1)]
+    return traces, before, after
+
+
+def test_scheduled_route_http_and_grpc(tmp_path):
+    """Every request through the scheduler (--direct-routes=false): its QUEUE_START is
+    the scheduler's, its COMPUTE_* the backend host's, over HTTP and gRPC."""
+    traces, before, after = _traced_server_run(
+        tmp_path, ("http-scheduled", "grpc-scheduled"), ["--direct-routes=false"]
+    )
+    for trace, order in zip(traces, [HTTP_ORDER, HTTP_ORDER, GRPC_ORDER, GRPC_ORDER]):
         assert trace["model_version"] == 1
-        _check_timestamps(trace, before, after)
+        _check_timestamps(trace, before, after, order)
+
+
+def test_fallback_transports_trace_without_protocol_stamps(tmp_path):
+    """aiohttp (HTTP) and grpcio (gRPC) do not stamp a request's receipt and send: their
+    traces have every other timestamp, in order, and are written all the same."""
+    traces, before, after = _traced_server_run(
+        tmp_path,
+        ("aiohttp", "grpcio"),
+        [],
+        {"DESPINA_HTTP_TRANSPORT": "aiohttp", "DESPINA_GRPC_TRANSPORT": "grpcio"},
+    )
+    for trace in traces:
+        _check_timestamps(trace, before, after, ORDER)
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -421,11 +471,20 @@ def test_opentelemetry_export(tmp_path, otlp_receiver):
         "COMPUTE_OUTPUT_START",
         "COMPUTE_END",
     ]
+    assert [e.name for e in root.events] == [
+        "HTTP_RECV_START",
+        "HTTP_RECV_END",
+        "HTTP_SEND_START",
+        "HTTP_SEND_END",
+    ]
+    outer = [e.time_unix_nano for e in root.events]
     stamps = [e.time_unix_nano for e in model.events]
     inner = [e.time_unix_nano for e in compute.events]
-    assert stamps == sorted(stamps) and inner == sorted(inner)
-    assert before <= root.start_time_unix_nano <= stamps[0]
-    assert stamps[1] <= inner[0] and inner[-1] <= stamps[2] <= root.end_time_unix_nano <= after
+    assert outer == sorted(outer) and stamps == sorted(stamps) and inner == sorted(inner)
+    assert before <= root.start_time_unix_nano == outer[0] and outer[1] <= stamps[0]
+    assert model.start_time_unix_nano == stamps[0] and model.end_time_unix_nano == stamps[2]
+    assert stamps[1] <= inner[0] and inner[-1] <= stamps[2] <= outer[2]
+    assert outer[3] == root.end_time_unix_nano <= after
     assert compute.start_time_unix_nano == inner[0] and compute.end_time_unix_nano == inner[-1]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -343,6 +344,8 @@ async def start_server(plane: DataPlane, settings: GrpcSettings) -> GrpcServer:
             forward,
             connection_state=servicer.new_memo,  # a request memo per connection
         )
+        lean.stamping = plane.tracing
+        plane.on_tracing.append(partial(setattr, lean, "stamping"))
         try:
             await lean.listen(settings.address, settings.port, settings.reuse_port)
         except OSError as exc:

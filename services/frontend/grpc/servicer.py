@@ -22,6 +22,7 @@ import asyncio
 import base64
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NoReturn, cast
@@ -135,14 +136,18 @@ class InferenceServicer:
         request: bytes,
         answer: Callable[[bytes | None, int, str], None],
         memo: RequestMemo | None = None,
+        received: list | None = None,
     ) -> asyncio.Future | None:
         """``ModelInfer`` without a coroutine, for a transport that answers from a
         callback (``h2server``): decode and start now, encode in the call's done callback.
         Returns the call (cancel it to abandon it), or None when it has answered already.
         ``answer(response, Status.OK, "")`` or ``answer(None, status, message)``.
-        ``memo``: the connection's (``new_memo``), or None to decode every request."""
+        ``memo``: the connection's (``new_memo``), or None to decode every request.
+        ``received``: the trace stamps of its receipt (GRPC_WAITREAD_*), given while
+        tracing; the call's trace then waits for its answer's send (GRPC_SEND_*)."""
         plane = self.plane
         call = plane.call()
+        call.proto = received
         try:
             plane.start(call, converters.decode_message(request, memo))
         except ServerError as exc:
@@ -154,15 +159,21 @@ class InferenceServicer:
             if call.cancelled():  # the call ended (deadline, reset)
                 call.close()
                 return
+            # A traced call's GRPC_SEND_START (its record waits: DataPlane.trace_sent)
+            sending = time.time_ns() if call.traced is not None else 0
             try:
                 response = converters.serialize_infer_response(call.result(), call.request, memo)
             except ServerError as exc:
                 call.close()
                 answer(None, *status_of(exc))
+                if sending:
+                    plane.trace_sent(call, "GRPC", sending)
                 return
             try:  # the response leaves first: closing (counting it) is off its path
                 answer(response, Status.OK, "")
             finally:
+                if sending:
+                    plane.trace_sent(call, "GRPC", sending)
                 call.close()
 
         call.add_done_callback(done)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -126,8 +127,11 @@ class _Request:
         "raw",
         "reserved",
         "forwarded",  # set only with a header forward pattern (read via conn.forward)
+        "received",  # set only while tracing (DataPlane.tracing)
     )
     forwarded: dict[str, str]  # header name in lower case -> value
+    # HTTP_RECV_START, then HTTP_RECV_END: the trace stamps of its receipt (InferCall.proto)
+    received: list[tuple[str, int]]
 
     def __init__(self) -> None:
         self.url = b""
@@ -564,6 +568,8 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = _Request()
         self.requests += 1
+        if self.plane.tracing:  # its first byte is here: for a trace, should it be sampled
+            self.current.received = [("HTTP_RECV_START", time.time_ns())]
         if self.wanted is not None:
             self.seen = {}
             if self.forward is not None:
@@ -692,6 +698,10 @@ class _Connection(asyncio.Protocol):
             self.server.pending_body_bytes -= req.reserved
             req.reserved = 0
         req.keep_alive = req.keep_alive and self.parser.should_keep_alive()
+        if self.plane.tracing:
+            received = getattr(req, "received", None)
+            if received is not None:
+                received.append(("HTTP_RECV_END", time.time_ns()))
         if req.error is not None:
             req.parts = []
         elif req.block is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +140,8 @@ def infer(conn: _Connection, req: _Request, model: str, version: str) -> None:
     plane = conn.plane
     call = plane.call(req.block)
     req.block = None
+    if plane.tracing:  # its receipt's stamps, for a trace: _infer_done reports the send
+        call.proto = getattr(req, "received", None)
     try:
         header_length = codec.parse_header_length(req.header_length)
         body = call.body.view if call.body is not None else req.body
@@ -185,21 +188,26 @@ def _infer_done(conn: _Connection, req: _Request, call: InferCall, pending: asyn
         return
     conn.task = None
     streamed = False
+    # A traced call's HTTP_SEND_START (its record waits for the send: DataPlane.trace_sent)
+    sending = time.time_ns() if call.traced is not None else 0
     try:
-        streamed = _answer_infer(conn, req, call, pending.result())
+        streamed = _answer_infer(conn, req, call, pending.result(), sending)
     except Exception as exc:
         conn._answer_error(req, exc)
     finally:
         if not streamed:
+            if sending:
+                conn.plane.trace_sent(call, "HTTP", sending)
             call.close()
     if conn.task is None:
         conn._next()
 
 
 def _answer_infer(
-    conn: _Connection, req: _Request, call: InferCall, result: InferenceResult
+    conn: _Connection, req: _Request, call: InferCall, result: InferenceResult, sending: int = 0
 ) -> bool:
-    """Write the response; True when a task streams it (and closes the call after)."""
+    """Write the response; True when a task streams it (and closes the call after, and
+    reports a traced call's send begun at ``sending``, when not 0)."""
     inference = call.request
     parts, json_length = codec.encode_infer_response_parts(result, inference, conn.memo)
     if json_length is None:
@@ -216,7 +224,7 @@ def _answer_infer(
         return False
     # Large outputs go out from where they are (shared memory), not joined.
     conn.task = conn.loop.create_task(
-        conn._run(req, _stream_result(conn, req, call, parts, size, content_type, headers))
+        conn._run(req, _stream_result(conn, req, call, parts, size, content_type, headers, sending))
     )
     return True
 
@@ -229,10 +237,13 @@ async def _stream_result(
     size: int,
     content_type: bytes,
     headers: bytes,
+    sending: int,
 ) -> None:
     try:
         await conn._send_parts(req, parts, size, content_type, headers)
     finally:
+        if sending:
+            conn.plane.trace_sent(call, "HTTP", sending)
         call.close()
 
 

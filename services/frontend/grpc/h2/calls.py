@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -86,7 +87,8 @@ class MethodHandler(NamedTuple):
     None once it has answered; it answers with ``answer(response, OK, "")`` or
     ``answer(None, status, message)``. ``state``: the connection's own object, made by
     ``H2Server``'s ``connection_state`` when the connection opened (a request memo), or
-    None.
+    None. While ``H2Server.stamping``, a fourth argument: the trace stamps of the
+    request's receipt, ``[("GRPC_WAITREAD_START", ns), ("GRPC_WAITREAD_END", ns)]``.
 
     ``required`` (optional): (header name in lower case, value, status, message): a call
     without that header field of exactly that value (its first, if repeated) ends with
@@ -182,8 +184,10 @@ class Stream:
         "withheld",
         "fields",  # set only with a header forward pattern (H2Server.forward)
         "inflating",
+        "opened",  # set only while H2Server.stamping
     )
     fields: dict[bytes, bytes] | None
+    opened: int  # its request headers came (time.time_ns): GRPC_WAITREAD_START
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
@@ -277,6 +281,8 @@ class Calls:
             if fields is None or fields.get(required[0]) != required[1]:
                 self.status(stream, required[2], required[3])
                 return
+        if server.stamping:
+            stream.opened = time.time_ns()
         stream.encoding = head.encoding
         stream.deadline = head.timeout
         stream.method = method
@@ -427,9 +433,15 @@ class Calls:
                 stream.task = self.loop.create_task(self.run(stream, method, fields))
                 continue
             try:
-                stream.task = method.start(
-                    stream.messages.pop(), partial(self.answer, stream), self.state
-                )
+                args = (stream.messages.pop(), partial(self.answer, stream), self.state)
+                if self.server.stamping and hasattr(stream, "opened"):
+                    received = [
+                        ("GRPC_WAITREAD_START", stream.opened),
+                        ("GRPC_WAITREAD_END", time.time_ns()),
+                    ]
+                    stream.task = method.start(*args, received)
+                else:
+                    stream.task = method.start(*args)
             except Exception as exc:
                 log.exception("gRPC call %s failed", path_of(self.server, method))
                 self.status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")

@@ -48,6 +48,9 @@ class H2Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self.active_calls = 0
+        # Whether calls started by ``MethodHandler.start`` get their receipt's trace
+        # stamps (set while some trace level is on: DataPlane.on_tracing).
+        self.stamping = False
 
     async def listen(self, host: str, port: int, reuse_port: bool) -> None:
         loop = asyncio.get_running_loop()
