@@ -35,13 +35,13 @@ FLUSH_WAIT_S = 0.25
 
 
 class _Round:
-    """A statistics query waiting for the reporters' answers to its ``StatsFlush``."""
+    """Statistics queries (``asked``: (asker, query)) waiting for the reporters' answers
+    to one ``StatsFlush``."""
 
-    __slots__ = ("asker", "query", "waiting", "timer")
+    __slots__ = ("asked", "waiting", "timer")
 
-    def __init__(self, asker: object, query: m.Query, waiting: set) -> None:
-        self.asker = asker
-        self.query = query
+    def __init__(self, asked: list[tuple[object, m.Query]], waiting: set) -> None:
+        self.asked = asked
         self.waiting = waiting
         self.timer: asyncio.TimerHandle | None = None
 
@@ -55,7 +55,12 @@ class StatsTotals:
     counted (``StatsFlush``, answered by a ``StatsReport`` with its token, after every row
     the reporter took before it), or after ``FLUSH_WAIT_S``: so a query counts every
     request answered before it was sent, as Triton's do, not only those reported by the
-    reporters' own timers."""
+    reporters' own timers.
+
+    One round at a time: the queries that come while a round is out wait for it to end
+    and then share the next one (a round that began before them would miss what was
+    answered meanwhile). However many queries or scrapes clients send, each reporter
+    gets at most one ``StatsFlush`` per round, not one per query."""
 
     def __init__(
         self,
@@ -75,47 +80,59 @@ class StatsTotals:
         self.totals: dict[tuple[str, str], c.ModelStatistics] = {}
         self._reply = reply
         self._flush = flush
-        self._rounds: dict[int, _Round] = {}
+        self._round: tuple[int, _Round] | None = None  # the round out, by its token
+        self._next: list[tuple[object, m.Query]] = []  # queries for the round after it
         self._tokens = itertools.count(1)
 
     def ask(self, asker: object, q: m.Query) -> None:
         """A statistics query from ``asker``: every reporter flushes, then it is answered
         (``reply``), or at once when nothing counts or no reporter is there."""
+        if self._round is not None:
+            self._next.append((asker, q))
+            return
+        self._start([(asker, q)])
+
+    def _start(self, asked: list[tuple[object, m.Query]]) -> None:
         peers = set()
         token = 0
         if self.counting and self._flush is not None:
             token = next(self._tokens)
             peers = self._flush(m.StatsFlush(token))
         if not peers:
-            self._answer(asker, q)
+            self._answer(asked)
             return
-        entry = self._rounds[token] = _Round(asker, q, peers)
+        entry = _Round(asked, peers)
+        self._round = (token, entry)
         entry.timer = asyncio.get_running_loop().call_later(FLUSH_WAIT_S, self._done, token)
 
     def _done(self, token: int) -> None:
-        entry = self._rounds.pop(token, None)
-        if entry is None:
+        if self._round is None or self._round[0] != token:
             return
+        entry = self._round[1]
+        self._round = None
         if entry.timer is not None:
             entry.timer.cancel()
         if entry.waiting:
             log.debug("statistics answered without %d reporter(s)", len(entry.waiting))
-        self._answer(entry.asker, entry.query)
+        self._answer(entry.asked)
+        if self._next:
+            asked, self._next = self._next, []
+            self._start(asked)
 
-    def _answer(self, asker: object, q: m.Query) -> None:
+    def _answer(self, asked: list[tuple[object, m.Query]]) -> None:
         assert self._reply is not None
-        self._reply(asker, self.answer(q))
+        for asker, q in asked:
+            self._reply(asker, self.answer(q))
 
     def report(self, msg: m.StatsReport, peer: object = None) -> None:
         """Add one reporter's deltas in (``peer``: the reporter, whose ``flushed`` answer
         a waiting query may be waiting for)."""
         self._merge(msg)
-        if msg.flushed:
-            entry = self._rounds.get(msg.flushed)
-            if entry is not None:
-                entry.waiting.discard(peer)
-                if not entry.waiting:
-                    self._done(msg.flushed)
+        out = self._round
+        if msg.flushed and out is not None and out[0] == msg.flushed:
+            out[1].waiting.discard(peer)
+            if not out[1].waiting:
+                self._done(msg.flushed)
 
     def _merge(self, msg: m.StatsReport) -> None:
         models = self._models()

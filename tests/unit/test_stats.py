@@ -242,6 +242,48 @@ def test_a_statistics_query_waits_for_every_reporters_flush(monkeypatch):
     asyncio.run(run())
 
 
+def test_queries_while_a_round_is_out_share_the_next_one(monkeypatch):
+    """A flood of statistics queries costs each reporter one StatsFlush per round, not
+    one per query: those asked while a round is out wait for it, then share the next
+    (which counts what was answered meanwhile); every query is answered, in order."""
+    from despina.services.scheduler import stats as totals
+
+    monkeypatch.setattr(totals, "FLUSH_WAIT_S", 0.05)
+    replies: list = []
+    flushes: list = []
+
+    def flush(msg: m.StatsFlush) -> set:
+        flushes.append(msg.token)
+        return {"frontend", "host"}
+
+    def answered() -> list[int]:
+        return [r.qid for _, r in replies]
+
+    async def run() -> None:
+        store = totals.StatsTotals(
+            dict, {}, reply=lambda asker, r: replies.append((asker, r)), flush=flush
+        )
+        store.ask("a", m.Query(1, "statistics"))
+        for qid in range(2, 102):  # 100 more while the first round is out
+            store.ask("b", m.Query(qid, "statistics"))
+        assert len(flushes) == 1 and answered() == []
+        first = flushes[0]
+        store.report(m.StatsReport([], first), "frontend")
+        store.report(m.StatsReport([], first), "host")
+        assert answered() == [1]  # the first round was its own
+        assert len(flushes) == 2  # one round for the 100
+        second = flushes[1]
+        store.ask("c", m.Query(200, "statistics"))  # after the second round went out
+        store.report(m.StatsReport([], first), "host")  # a late answer to the first: nothing
+        store.report(m.StatsReport([], second), "frontend")
+        store.report(m.StatsReport([], second), "host")
+        assert answered() == list(range(1, 102)) and len(flushes) == 3
+        await asyncio.sleep(0.1)  # nobody answers the third: answered at FLUSH_WAIT_S
+        assert answered() == [*range(1, 102), 200] and len(flushes) == 3
+
+    asyncio.run(run())
+
+
 def test_a_recorder_answers_a_flush_even_with_nothing_counted():
     sent: list = []
 

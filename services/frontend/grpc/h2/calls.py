@@ -433,15 +433,18 @@ class Calls:
                 stream.task = self.loop.create_task(self.run(stream, method, fields))
                 continue
             try:
-                args = (stream.messages.pop(), partial(self.answer, stream), self.state)
                 if self.server.stamping and hasattr(stream, "opened"):
                     received = [
                         ("GRPC_WAITREAD_START", stream.opened),
                         ("GRPC_WAITREAD_END", time.time_ns()),
                     ]
-                    stream.task = method.start(*args, received)
+                    stream.task = method.start(
+                        stream.messages.pop(), partial(self.answer, stream), self.state, received
+                    )
                 else:
-                    stream.task = method.start(*args)
+                    stream.task = method.start(
+                        stream.messages.pop(), partial(self.answer, stream), self.state
+                    )
             except Exception as exc:
                 log.exception("gRPC call %s failed", path_of(self.server, method))
                 self.status(stream, UNKNOWN_CODE, f"Unexpected {type(exc)}: {exc}")
