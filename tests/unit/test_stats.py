@@ -200,10 +200,9 @@ def test_first_response_histogram_counts_each_requests_first_response():
     assert b"first_response" not in exposition(collector)
 
 
-def test_a_statistics_query_waits_for_every_reporters_flush(monkeypatch):
-    """The scheduler answers a statistics query once every reporter answered its
-    StatsFlush (their counts merged first), or after FLUSH_WAIT_S without the silent
-    ones; with nothing counted it answers at once."""
+def _flushing(monkeypatch) -> tuple:
+    """The scheduler's statistics module with FLUSH_WAIT_S at 0.05 s, a ``flush`` that
+    keeps each token sent (to a frontend and a host), the replies' and tokens' lists."""
     from despina.services.scheduler import stats as totals
 
     monkeypatch.setattr(totals, "FLUSH_WAIT_S", 0.05)
@@ -213,6 +212,15 @@ def test_a_statistics_query_waits_for_every_reporters_flush(monkeypatch):
     def flush(msg: m.StatsFlush) -> set:
         flushes.append(msg.token)
         return {"frontend", "host"}
+
+    return totals, flush, replies, flushes
+
+
+def test_a_statistics_query_waits_for_every_reporters_flush(monkeypatch):
+    """The scheduler answers a statistics query once every reporter answered its
+    StatsFlush (their counts merged first), or after FLUSH_WAIT_S without the silent
+    ones; with nothing counted it answers at once."""
+    totals, flush, replies, flushes = _flushing(monkeypatch)
 
     async def run() -> None:
         store = totals.StatsTotals(
@@ -246,15 +254,7 @@ def test_queries_while_a_round_is_out_share_the_next_one(monkeypatch):
     """A flood of statistics queries costs each reporter one StatsFlush per round, not
     one per query: those asked while a round is out wait for it, then share the next
     (which counts what was answered meanwhile); every query is answered, in order."""
-    from despina.services.scheduler import stats as totals
-
-    monkeypatch.setattr(totals, "FLUSH_WAIT_S", 0.05)
-    replies: list = []
-    flushes: list = []
-
-    def flush(msg: m.StatsFlush) -> set:
-        flushes.append(msg.token)
-        return {"frontend", "host"}
+    totals, flush, replies, flushes = _flushing(monkeypatch)
 
     def answered() -> list[int]:
         return [r.qid for _, r in replies]
