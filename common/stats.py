@@ -97,7 +97,7 @@ _HOST_STAGES = ("queue", "compute_input", "compute", "output")  # every executio
 # decoupled model's time from the request to its first response.
 FIRST_RESPONSE_BOUNDS_MS = (100, 500, 2000, 5000)
 _FIRST_RESPONSE_BOUNDS_NS = tuple(b * 1_000_000 for b in FIRST_RESPONSE_BOUNDS_MS)
-_FIRST_SLOTS = len(FIRST_RESPONSE_BOUNDS_MS) + 2  # the buckets, +Inf, then the sum
+FIRST_SLOTS = len(FIRST_RESPONSE_BOUNDS_MS) + 2  # the buckets, +Inf, then the sum
 
 # Triton's failure reasons (nv_inference_request_failure's ``reason``).
 REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
@@ -192,9 +192,9 @@ def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
         for i, value in enumerate(buckets):
             entry[i] += value
     first = delta.first_response
-    if len(first) == _FIRST_SLOTS:
+    if len(first) == FIRST_SLOTS:
         if not into.first_response:
-            into.first_response = [0] * _FIRST_SLOTS
+            into.first_response = [0] * FIRST_SLOTS
         for i, value in enumerate(first):
             into.first_response[i] += value
 
@@ -350,7 +350,7 @@ class Recorder:
         if index == 0 and kind != RESPONSE_CANCEL:
             first = stats.first_response
             if not first:
-                first = stats.first_response = [0] * _FIRST_SLOTS
+                first = stats.first_response = [0] * FIRST_SLOTS
             first[bisect_left(_FIRST_RESPONSE_BOUNDS_NS, ns)] += 1
             first[-1] += ns
 

@@ -276,8 +276,8 @@ class StatsCollector:
 
     @staticmethod
     def _first_response(models: list[c.ModelStatistics], labels: list[dict]) -> Metric:
-        """Triton's: per decoupled model version (one with a first response counted),
-        requests by the time to their first response, in ms."""
+        """Triton's: per decoupled model version (from its load: the scheduler gives
+        them an empty histogram), requests by the time to their first response, in ms."""
         metric = Metric(
             FIRST_RESPONSE_HISTOGRAM,
             "Duration from request to first response in milliseconds",

@@ -189,13 +189,20 @@ class StatsTotals:
                     for v, mv in sorted(model.versions.items(), key=lambda e: _version_order(e[0]))
                     if mv.state is State.READY
                 ]
-        return c.Statistics([self._snapshot(key) for key in keys])
+        return c.Statistics([self._snapshot(key, models) for key in keys])
 
-    def _snapshot(self, key: tuple[str, str]) -> c.ModelStatistics:
+    def _snapshot(self, key: tuple[str, str], models: dict[str, Model]) -> c.ModelStatistics:
         total = self.totals.get(key)
         record = c.ModelStatistics(key[0], key[1])
         if total is not None:
             stats.merge(record, total)  # a copy: the reply is encoded after more reports
+        if not record.first_response:
+            model = models.get(key[0])
+            config = model.config if model is not None else None
+            if config is not None and config.model_transaction_policy.decoupled:
+                # A decoupled model has a time-to-first-response histogram from its
+                # load (all zeros until it answers), as in Triton's /metrics.
+                record.first_response = [0] * stats.FIRST_SLOTS
         scheduler = self._schedulers.get(key)
         if scheduler is not None:
             queue = getattr(scheduler, "queue", ())

@@ -378,6 +378,9 @@ def _response_stats(stats: dict, model: str) -> dict:
 def test_response_stats_count_every_response_by_index(server: DespinaServer) -> None:
     # A model of its own, so the counts are this test's: four requests of 3, 1, 0 and 2
     # responses, each then its empty final (at the index after its last response).
+    # Before any, its time-to-first-response histogram is there, empty (as in Triton).
+    before = _first_response_histogram(server, "counted")
+    assert before[("count", None)] == 0 and before[("bucket", "+Inf")] == 0
     stream = _Stream(server)
     try:
         for values in ([1, 2, 3], [4], [], [5, 6]):
@@ -422,19 +425,7 @@ def test_response_stats_count_every_response_by_index(server: DespinaServer) -> 
     assert entry["inference_stats"]["success"]["count"] == 4  # requests, as ever
     # Triton's time-to-first-response histogram (--metrics-config histogram_latencies):
     # one observation per request, its first response or its empty final, in ms.
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    (family,) = [
-        f
-        for f in text_string_to_metric_families(text)
-        if f.name == "nv_inference_first_response_histogram_ms"
-    ]
-    first = {
-        (s.name.rsplit("_", 1)[-1], s.labels.get("le")): s.value
-        for s in family.samples
-        if s.labels["model"] == "counted"
-    }
+    first = _first_response_histogram(server, "counted")
     assert first[("count", None)] == 4 and first[("bucket", "+Inf")] == 4
     assert set(le for kind, le in first if kind == "bucket") == {
         "100",
@@ -444,6 +435,24 @@ def test_response_stats_count_every_response_by_index(server: DespinaServer) -> 
         "+Inf",
     }
     assert 0 < first[("sum", None)] < 4 * 10_000  # ms: each well under 10 s
+
+
+def _first_response_histogram(server: DespinaServer, model: str) -> dict:
+    """``model``'s nv_inference_first_response_histogram_ms samples in /metrics, by
+    (bucket/count/sum, le)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "nv_inference_first_response_histogram_ms"
+    ]
+    return {
+        (s.name.rsplit("_", 1)[-1], s.labels.get("le")): s.value
+        for s in family.samples
+        if s.labels["model"] == model
+    }
 
 
 def test_error_responses_and_a_wrong_return(server: DespinaServer) -> None:

@@ -284,6 +284,29 @@ def test_queries_while_a_round_is_out_share_the_next_one(monkeypatch):
     asyncio.run(run())
 
 
+def test_a_decoupled_model_has_a_first_response_histogram_from_its_load():
+    """Before any request, a ready decoupled model version's statistics carry an empty
+    time-to-first-response histogram (listed in /metrics, as in Triton's); a model that
+    is not decoupled carries none."""
+    from pathlib import Path
+
+    from despina.common.protos import model_config_pb2 as mc
+    from despina.services.scheduler import stats as totals
+    from despina.services.scheduler.repository import Model, ModelVersion, State
+
+    def model(name: str, decoupled: bool) -> Model:
+        config = mc.ModelConfig(name=name, backend="python")
+        config.model_transaction_policy.decoupled = decoupled
+        return Model(name, Path(name), config, versions={"1": ModelVersion(name, "1", State.READY)})
+
+    models = {"streams": model("streams", True), "plain": model("plain", False)}
+    store = totals.StatsTotals(lambda: models, {})
+    reply = store.answer(m.Query(1, "statistics"))
+    assert reply.error is None
+    got = {s.name: s.first_response for s in c.expect(reply.record, c.Statistics).models}
+    assert got == {"plain": [], "streams": [0] * stats.FIRST_SLOTS}
+
+
 def test_a_recorder_answers_a_flush_even_with_nothing_counted():
     sent: list = []
 
