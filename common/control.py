@@ -129,10 +129,15 @@ class ModelStatistics(msgspec.Struct, array_like=True):
     # Decoupled models' responses by index ("0", "1", ...; frontends): [success count,
     # ns, fail count, ns, empty_response count, ns, cancel count, ns] (common/stats.py).
     responses: dict[str, list[int]] = {}
-    # A decoupled model's requests by the time to their first response (frontends):
-    # bucket counts (common/stats.FIRST_RESPONSE_BOUNDS_MS, then +Inf), then the sum in
-    # ns; empty until one is counted.
+    # A decoupled model's requests by the time to their first response: bucket counts
+    # (``first_response_le``, then +Inf), then the sum in ns; empty until one is counted.
+    # Kept by the scheduler, which bins the frontends' ``first_response_ns``.
     first_response: list[int] = []
+    # A frontend's delta: each first response's time (ns), as counted (binned by the
+    # scheduler, on the model's own buckets: a config's ``model_metrics`` may set them).
+    first_response_ns: list[int] = []
+    # The upper bounds (ms) of ``first_response``'s buckets (stats.first_response_bounds).
+    first_response_le: list[float] = []
 
 
 class Statistics(msgspec.Struct, tag="statistics", array_like=True):

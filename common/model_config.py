@@ -8,6 +8,8 @@ then treated as frozen.
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,9 @@ from google.protobuf import descriptor, json_format, text_format
 from despina.common import dtypes, frameworks
 from despina.common.errors import invalid_arg
 from despina.common.protos import model_config_pb2 as mc
+from despina.common.stats import FIRST_RESPONSE_BOUNDS_MS, FIRST_RESPONSE_HISTOGRAM
+
+log = logging.getLogger("despina.config")
 
 if TYPE_CHECKING:
     ModelConfig = Any  # the generated protobuf classes carry no type information
@@ -198,6 +203,44 @@ def validate(config: ModelConfig) -> None:
         if io.name in seen:
             raise invalid_arg(f"model '{config.name}': input '{io.name}' is declared twice")
         seen.add(io.name)
+    try:
+        first_response_bounds(config)
+    except ValueError as exc:
+        raise invalid_arg(f"model '{config.name}': {exc}") from None
+
+
+def warn_unused(config: ModelConfig) -> None:
+    """Log what of ``config`` Triton would use and Despina does not (the scheduler, once
+    per load)."""
+    for control in config.model_metrics.metric_control:
+        family = control.metric_identifier.family
+        if family != FIRST_RESPONSE_HISTOGRAM:
+            log.warning(
+                "model '%s': model_metrics options for metric family '%s' are not used "
+                "(only %s takes buckets)",
+                config.name,
+                family,
+                FIRST_RESPONSE_HISTOGRAM,
+            )
+
+
+def first_response_bounds(config: ModelConfig) -> list[float]:
+    """The bucket bounds (ms) of a model's first-response histogram: its config's
+    ``model_metrics`` ``histogram_options`` for Triton's family, else Triton's defaults
+    (options for other families are not read: ``warn_unused`` says so). Raises ValueError
+    for buckets a histogram cannot take (none, not increasing, not finite)."""
+    bounds: list[float] = list(FIRST_RESPONSE_BOUNDS_MS)
+    for control in config.model_metrics.metric_control:
+        if control.metric_identifier.family != FIRST_RESPONSE_HISTOGRAM:
+            continue
+        given = list(control.histogram_options.buckets)
+        if not given or any(not math.isfinite(b) for b in given) or given != sorted(set(given)):
+            raise ValueError(
+                f"model_metrics: the buckets of {FIRST_RESPONSE_HISTOGRAM} must be finite "
+                f"numbers in increasing order, got {given}"
+            )
+        bounds = given
+    return bounds
 
 
 def datatype(io: mc.ModelInput | mc.ModelOutput) -> str:

@@ -94,10 +94,12 @@ STAGES = (
 _HOST_STAGES = ("queue", "compute_input", "compute", "output")  # every execution has them
 
 # Triton's default buckets (le, in ms) of nv_inference_first_response_histogram_ms, a
-# decoupled model's time from the request to its first response.
-FIRST_RESPONSE_BOUNDS_MS = (100, 500, 2000, 5000)
-_FIRST_RESPONSE_BOUNDS_NS = tuple(b * 1_000_000 for b in FIRST_RESPONSE_BOUNDS_MS)
-FIRST_SLOTS = len(FIRST_RESPONSE_BOUNDS_MS) + 2  # the buckets, +Inf, then the sum
+# decoupled model's time from the request to its first response; a model config's
+# ``model_metrics`` may set its own (``first_response_bounds``).
+FIRST_RESPONSE_HISTOGRAM = "nv_inference_first_response_histogram_ms"
+FIRST_RESPONSE_BOUNDS_MS = (100.0, 500.0, 2000.0, 5000.0)
+# A frontend's first-response times sent at once when this many wait (bounded reports).
+FIRST_RESPONSES_AT = 4096
 
 # Triton's failure reasons (nv_inference_request_failure's ``reason``).
 REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
@@ -191,12 +193,29 @@ def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
         entry = into.stages.setdefault(stage, [0] * _SLOTS)
         for i, value in enumerate(buckets):
             entry[i] += value
+    if delta.first_response_ns:
+        into.first_response_ns.extend(delta.first_response_ns)
     first = delta.first_response
-    if len(first) == FIRST_SLOTS:
-        if not into.first_response:
-            into.first_response = [0] * FIRST_SLOTS
+    if first:
+        if into.first_response_le != delta.first_response_le or not into.first_response:
+            into.first_response_le = list(delta.first_response_le)
+            into.first_response = [0] * len(first)
         for i, value in enumerate(first):
             into.first_response[i] += value
+
+
+def bin_first_responses(into: ModelStatistics, bounds: list[float]) -> None:
+    """Move ``into``'s ``first_response_ns`` (times as the frontends counted them) into
+    its histogram on ``bounds`` (ms; a new histogram when the bounds changed)."""
+    if into.first_response_le != bounds or not into.first_response:
+        into.first_response_le = list(bounds)
+        into.first_response = [0] * (len(bounds) + 2)
+    buckets = into.first_response
+    bounds_ns = [b * 1e6 for b in bounds]
+    for ns in into.first_response_ns:
+        buckets[bisect_left(bounds_ns, ns)] += 1
+        buckets[-1] += ns
+    into.first_response_ns = []
 
 
 def quantile(buckets: list[int], q: float) -> float:
@@ -348,11 +367,10 @@ class Recorder:
         entry[2 * kind] += 1
         entry[2 * kind + 1] += ns
         if index == 0 and kind != RESPONSE_CANCEL:
-            first = stats.first_response
-            if not first:
-                first = stats.first_response = [0] * FIRST_SLOTS
-            first[bisect_left(_FIRST_RESPONSE_BOUNDS_NS, ns)] += 1
-            first[-1] += ns
+            first = stats.first_response_ns
+            first.append(ns)
+            if len(first) >= FIRST_RESPONSES_AT:
+                self.flush()
 
     def _count_requests(
         self,

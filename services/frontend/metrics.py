@@ -115,9 +115,7 @@ _SUMMARIES = (
     ("nv_inference_compute_output_summary_us", "Summary of inference compute output duration in microseconds (does not include cached requests)", "output"),
 )  # fmt: skip
 STAGE_HISTOGRAM = "despina_stage_duration_us"
-FIRST_RESPONSE_HISTOGRAM = (
-    "nv_inference_first_response_histogram_ms"  # Triton's (histogram_latencies)
-)
+FIRST_RESPONSE_HISTOGRAM = stats.FIRST_RESPONSE_HISTOGRAM  # Triton's (histogram_latencies)
 COUNTER_NAMES = (
     "nv_inference_request_failure",
     *(name for name, *_ in _COUNTERS),
@@ -284,8 +282,9 @@ class StatsCollector:
             "histogram",
         )
         for s, lab in zip(models, labels):
-            if s.first_response:
-                _add_histogram(metric, lab, _FIRST_RESPONSE_LE, s.first_response, 1e6)
+            if s.first_response and len(s.first_response) == len(s.first_response_le) + 2:
+                les = (*(f"{b:g}" for b in s.first_response_le), "+Inf")
+                _add_histogram(metric, lab, les, s.first_response, 1e6)
         return metric
 
     def _stages(self, models: list[c.ModelStatistics], labels: list[dict]) -> Metric:
@@ -332,10 +331,9 @@ class StatsCollector:
                 yield metric
 
 
-# The ``le`` labels of each histogram's buckets, then +Inf: the stages' as
-# prometheus_client writes floats, Triton's first-response ones as Triton writes them.
+# The ``le`` labels of the stage histograms' buckets, then +Inf, as prometheus_client
+# writes floats (the first-response ones are written as Triton writes them: "%g").
 _STAGE_LE = (*(f"{float(b)}" for b in stats.BOUNDS_US), "+Inf")
-_FIRST_RESPONSE_LE = (*(f"{b:g}" for b in stats.FIRST_RESPONSE_BOUNDS_MS), "+Inf")
 
 
 def _add_histogram(

@@ -175,6 +175,7 @@ def read_model(path: Path, config_json: str | None = None, name: str = "") -> Mo
         model.error = exc.message
         log.error("model '%s' is unavailable: %s", name, exc.message)
         return model
+    model_config.warn_unused(config)
     model.config = config
     model.config_record = c.ModelConfig(
         model_config.config_json(config), config.SerializeToString()

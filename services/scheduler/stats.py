@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from despina.common import control as c
 from despina.common import messages as m
-from despina.common import stats
+from despina.common import model_config, stats
 from despina.common.errors import Code, ServerError, not_found
 from despina.services.scheduler import validate
 from despina.services.scheduler.interface import ModelScheduler
@@ -151,6 +151,8 @@ class StatsTotals:
             if total is None:
                 total = totals[key] = c.ModelStatistics(delta.name, version)
             stats.merge(total, delta)
+            if total.first_response_ns:  # binned here, on the model's own buckets
+                stats.bin_first_responses(total, _first_bounds(models.get(delta.name)))
 
     def answer(self, q: m.Query) -> m.QueryReply:
         """The totals ``q`` asks for (never raises): ``q.model`` "" for every ready model
@@ -196,19 +198,29 @@ class StatsTotals:
         record = c.ModelStatistics(key[0], key[1])
         if total is not None:
             stats.merge(record, total)  # a copy: the reply is encoded after more reports
-        if not record.first_response:
-            model = models.get(key[0])
-            config = model.config if model is not None else None
-            if config is not None and config.model_transaction_policy.decoupled:
-                # A decoupled model has a time-to-first-response histogram from its
-                # load (all zeros until it answers), as in Triton's /metrics.
-                record.first_response = [0] * stats.FIRST_SLOTS
+        model = models.get(key[0])
+        config = model.config if model is not None else None
+        if config is not None and config.model_transaction_policy.decoupled:
+            # A decoupled model has a time-to-first-response histogram from its load
+            # (all zeros until it answers), as in Triton's /metrics, on its buckets.
+            stats.bin_first_responses(record, _first_bounds(model))
         scheduler = self._schedulers.get(key)
         if scheduler is not None:
             queue = getattr(scheduler, "queue", ())
             batcher = getattr(scheduler, "batcher", ())
             record.pending = len(queue) + len(batcher)
         return record
+
+
+def _first_bounds(model: Model | None) -> list[float]:
+    """The bounds (ms) of ``model``'s first-response histogram (its config checked them
+    at load: model_config.validate)."""
+    if model is not None and model.config is not None:
+        try:
+            return model_config.first_response_bounds(model.config)
+        except ValueError:
+            pass
+    return list(stats.FIRST_RESPONSE_BOUNDS_MS)
 
 
 def _version_order(version: str) -> tuple[int, str]:

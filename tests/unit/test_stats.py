@@ -167,12 +167,15 @@ def test_first_response_histogram_counts_each_requests_first_response():
         recorder.flush()
 
     asyncio.run(run())
-    (delta,) = sent[0].models
-    assert delta.first_response == [1, 0, 1, 0, 1, 9_650_000_000]
+    (delta,) = sent[0].models  # the times as counted: the scheduler bins them
+    assert delta.first_response_ns == [50_000_000, 600_000_000, 9_000_000_000]
+    assert delta.first_response == []
     total = c.ModelStatistics("d", "1")
-    stats.merge(total, delta)
-    stats.merge(total, delta)
+    for _ in range(2):
+        stats.merge(total, delta)
+        stats.bin_first_responses(total, list(stats.FIRST_RESPONSE_BOUNDS_MS))
     assert total.first_response == [2, 0, 2, 0, 2, 19_300_000_000]
+    assert total.first_response_ns == [] and total.first_response_le == [100, 500, 2000, 5000]
 
     collector = StatsCollector(
         MetricsConfig(histogram_latencies=True), MachineGauges(60.0, cpu=False, gpu=False)
@@ -304,7 +307,67 @@ def test_a_decoupled_model_has_a_first_response_histogram_from_its_load():
     reply = store.answer(m.Query(1, "statistics"))
     assert reply.error is None
     got = {s.name: s.first_response for s in c.expect(reply.record, c.Statistics).models}
-    assert got == {"plain": [], "streams": [0] * stats.FIRST_SLOTS}
+    assert got == {"plain": [], "streams": [0] * 6}  # Triton's 4 buckets, +Inf, the sum
+
+
+def test_a_models_own_first_response_buckets():
+    """A config's model_metrics sets the first-response buckets (Triton's family;
+    another's options are not used); the scheduler bins the frontends' times on them and
+    /metrics labels them; buckets no histogram can take are refused at load, saying
+    what to fix."""
+    from pathlib import Path
+
+    from despina.common import model_config
+    from despina.common.errors import ServerError
+    from despina.services.scheduler import stats as totals
+    from despina.services.scheduler.repository import Model, ModelVersion, State
+
+    base = 'name: "d" backend: "python" model_transaction_policy { decoupled: true }\n'
+
+    def config(options: str):
+        return model_config.parse_text(base + options)
+
+    own = config(
+        "model_metrics { metric_control [ { metric_identifier { family: "
+        '"nv_inference_first_response_histogram_ms" } histogram_options { buckets: [ 0.5, 20 ] } } ] }'
+    )
+    model_config.validate(own)
+    assert model_config.first_response_bounds(own) == [0.5, 20.0]
+    assert model_config.first_response_bounds(config("")) == [100, 500, 2000, 5000]
+    other = config(
+        "model_metrics { metric_control [ { metric_identifier { family: "
+        '"nv_inference_request_duration_us" } histogram_options { buckets: [ 1 ] } } ] }'
+    )
+    model_config.validate(other)  # loads, those options unused (warn_unused says so)
+    assert model_config.first_response_bounds(other) == [100, 500, 2000, 5000]
+    for options, says in (
+        ('metric_identifier { family: "nv_inference_first_response_histogram_ms" } '
+         "histogram_options { buckets: [ 5, 1 ] }", "increasing order"),
+        ('metric_identifier { family: "nv_inference_first_response_histogram_ms" }',
+         "increasing order"),
+    ):  # fmt: skip
+        with pytest.raises(ServerError) as err:
+            model_config.validate(config(f"model_metrics {{ metric_control [ {{ {options} }} ] }}"))
+        assert says in err.value.message and "model 'd'" in err.value.message
+
+    models = {"d": Model("d", Path("d"), own, versions={"1": ModelVersion("d", "1", State.READY)})}
+    store = totals.StatsTotals(lambda: models, {})
+    delta = c.ModelStatistics("d", "1", first_response_ns=[100_000, 500_000, 3_000_000, 10**9])
+    store.report(m.StatsReport([delta]))
+    store.report(m.StatsReport([c.ModelStatistics("d", "1", first_response_ns=[21_000_000])]))
+    (total,) = c.expect(store.answer(m.Query(1, "statistics")).record, c.Statistics).models
+    assert total.first_response_le == [0.5, 20.0]
+    assert total.first_response == [2, 1, 2, 100_000 + 500_000 + 3_000_000 + 10**9 + 21_000_000]
+    collector = StatsCollector(
+        MetricsConfig(histogram_latencies=True), MachineGauges(60.0, cpu=False, gpu=False)
+    )
+    collector.snapshot = c.Statistics([total])
+    text = exposition(collector).decode()
+    for le, count in (("0.5", 2), ("20", 3), ("+Inf", 5)):
+        assert (
+            f'nv_inference_first_response_histogram_ms_bucket{{le="{le}",model="d",version="1"}} '
+            f"{count}.0" in text
+        )
 
 
 def test_a_recorder_answers_a_flush_even_with_nothing_counted():
