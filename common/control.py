@@ -125,7 +125,9 @@ class ModelStatistics(msgspec.Struct, array_like=True):
     # Per-stage histograms: stage -> bucket counts (common/stats.BOUNDS_NS, then +Inf),
     # then the sum of the observations in ns.
     stages: dict[str, list[int]] = {}
-    pending: int = 0  # a gauge, set by the scheduler in its totals: requests it queues
+    # A gauge: requests waiting to run. In a backend host's answer to a StatsFlush, those
+    # waiting in it; in the scheduler's totals, those it queues plus every host's last.
+    pending: int = 0
     # Decoupled models' responses by index ("0", "1", ...; frontends): [success count,
     # ns, fail count, ns, empty_response count, ns, cancel count, ns] (common/stats.py).
     responses: dict[str, list[int]] = {}

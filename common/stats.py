@@ -248,16 +248,28 @@ class Recorder:
     Measured: counting each request as it ended cost a backend host ~40 µs of CPU per
     request at concurrency 1 (cold code between two sleeps), the append costs ~1 µs."""
 
-    __slots__ = ("_send", "_period_s", "_models", "_timer", "_requests", "successes", "collect")
+    __slots__ = (
+        "_send",
+        "_period_s",
+        "_models",
+        "_timer",
+        "_requests",
+        "successes",
+        "collect",
+        "gauges",
+    )
 
     def __init__(
         self,
         send: Callable[[m.StatsReport], None],
         period_s: float = FLUSH_S,
         collect: Callable[[], None] | None = None,
+        gauges: Callable[[], dict[tuple[str, str], int]] | None = None,
     ) -> None:
         """``collect``: called first at each flush, to count (``execution``) what its
-        owner queued since the last one."""
+        owner queued since the last one. ``gauges``: the requests waiting in its owner
+        now, per (model, version), sent in the answer to a ``StatsFlush`` (each delta's
+        ``pending``: the scheduler keeps the last of every process)."""
         self._send = send
         self._period_s = period_s
         self._models: dict[tuple[str, str], ModelStatistics] = {}
@@ -265,6 +277,7 @@ class Recorder:
         self._requests: list = []  # request(): six values each
         self.successes: list = []  # success(): six values each
         self.collect = collect
+        self.gauges = gauges
 
     def arm(self) -> None:
         """Flush within ``period_s`` (once armed, the timer stands until it fires)."""
@@ -287,6 +300,10 @@ class Recorder:
         if self.collect is not None:
             self.collect()
         self.count_queued()
+        if token and self.gauges is not None:
+            for (model, version), waiting in self.gauges().items():
+                if waiting:
+                    self.get(model, version).pending = waiting
         if self._timer is not None:  # the one that fired, or one armed meanwhile
             self._timer.cancel()
             self._timer = None

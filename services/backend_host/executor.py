@@ -211,6 +211,19 @@ class Executor:
         """Direct requests waiting in batchers."""
         return sum(len(li.batcher) for li in self.instances.values() if li.batcher)
 
+    def pending(self) -> dict[tuple[str, str], int]:
+        """Requests waiting here to run, per loaded model version (0 included): in the
+        instances' batchers (direct requests), and in executions deferred to a later
+        loop iteration. The statistics' ``gauges`` (Triton's pending request count)."""
+        waiting: dict[tuple[str, str], int] = {}
+        for li in self.instances.values():
+            key = (li.spec.model_name, li.spec.version)
+            waiting[key] = waiting.get(key, 0) + (len(li.batcher) if li.batcher else 0)
+        for li, execution, *_ in self._deferred:
+            key = (li.spec.model_name, li.spec.version)
+            waiting[key] = waiting.get(key, 0) + len(execution.requests)
+        return waiting
+
     def unload(self, key: InstanceKey) -> None:
         """Unload one instance; its waiting direct requests are answered UNAVAILABLE.
         Executions already on its thread finish there."""

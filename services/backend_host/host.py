@@ -98,7 +98,9 @@ class BackendHost:
         self.executor = Executor(self.mapper, self.cuda, self.replies, speed.loop_execution)
         self.executor.instances = instances
         if statistics:  # what this host executes, counted (common/stats.py)
-            self.executor.stats = Recorder(self._send, collect=self.executor.count_queued)
+            self.executor.stats = Recorder(
+                self._send, collect=self.executor.count_queued, gauges=self.executor.pending
+            )
         self._start = self.executor.start
         self._encode = m.encoder().encode
         self._decode = m.decoder(m.HostInbound).decode

@@ -80,6 +80,9 @@ class StatsTotals:
         self.totals: dict[tuple[str, str], c.ModelStatistics] = {}
         self._reply = reply
         self._flush = flush
+        # The requests waiting in each process as its last answer to a flush said (a
+        # backend host's batchers), by (model, version); only live processes are kept.
+        self._waiting: dict[object, dict[tuple[str, str], int]] = {}
         self._round: tuple[int, _Round] | None = None  # the round out, by its token
         self._next: list[tuple[object, m.Query]] = []  # queries for the round after it
         self._tokens = itertools.count(1)
@@ -98,6 +101,7 @@ class StatsTotals:
         if self.counting and self._flush is not None:
             token = next(self._tokens)
             peers = self._flush(m.StatsFlush(token))
+            self._waiting = {p: w for p, w in self._waiting.items() if p in peers}
         if not peers:
             self._answer(asked)
             return
@@ -128,6 +132,8 @@ class StatsTotals:
         """Add one reporter's deltas in (``peer``: the reporter, whose ``flushed`` answer
         a waiting query may be waiting for)."""
         self._merge(msg)
+        if msg.flushed:  # its answer to a flush: what waits in it now
+            self._waiting[peer] = {(d.name, d.version): d.pending for d in msg.models if d.pending}
         out = self._round
         if msg.flushed and out is not None and out[0] == msg.flushed:
             out[1].waiting.discard(peer)
@@ -209,6 +215,7 @@ class StatsTotals:
             queue = getattr(scheduler, "queue", ())
             batcher = getattr(scheduler, "batcher", ())
             record.pending = len(queue) + len(batcher)
+        record.pending += sum(waiting.get(key, 0) for waiting in self._waiting.values())
         return record
 
 

@@ -5,10 +5,13 @@ up, and no endpoint under --allow-metrics=false."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
+import threading
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import test_statistics
 import tritonclient.grpc as grpcclient
@@ -96,6 +99,36 @@ def test_names_types_and_labels_are_tritons(stats_server):
     assert 0 < value(families, "nv_cpu_memory_used_bytes") <= total
     # No response cache yet: its metrics are there, at zero.
     assert all(s.value == 0 for s in families["nv_cache_num_hits_per_model"].samples)
+
+
+def test_pending_counts_requests_waiting_for_a_batch(stats_server):
+    """Three requests to ``batched_py`` (a 500 ms queue delay, batches of up to 8) wait
+    for their batch: in a backend host's batcher on direct routes, in the scheduler's on
+    scheduled ones. Triton's pending gauge counts them while they wait, then 0."""
+    labels = {"model": "batched_py", "version": "1"}
+    clients = [httpclient.InferenceServerClient(stats_server.url) for _ in range(3)]
+    start = threading.Barrier(3)
+
+    def one(client) -> None:
+        tensor = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        start.wait()
+        client.infer("batched_py", [tensor])
+
+    seen = []
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        done = [pool.submit(one, client) for client in clients]
+        while not all(f.done() for f in done):
+            _, families = scrape(stats_server)
+            seen.append(value(families, "nv_inference_pending_request_count", **labels))
+            time.sleep(0.02)
+        for f in done:
+            f.result()
+    for client in clients:
+        client.close()
+    assert max(seen) == 3, seen
+    _, families = scrape(stats_server)
+    assert value(families, "nv_inference_pending_request_count", **labels) == 0
 
 
 def test_counts_match_requests_and_statistics(stats_server):

@@ -370,6 +370,47 @@ def test_a_models_own_first_response_buckets():
         )
 
 
+def test_pending_adds_up_what_waits_in_every_host(monkeypatch):
+    """A host's answer to a flush says what waits in it (``gauges``; a report of its own
+    timing does not); the scheduler's pending is its own queue plus each live
+    process's last answer, and a process gone from the next round is dropped."""
+    totals, _, replies, flushes = _flushing(monkeypatch)
+    peers = {"host-a", "host-b"}
+
+    def flush(msg: m.StatsFlush) -> set:
+        flushes.append(msg.token)
+        return set(peers)
+
+    waiting = {("d", "1"): 3, ("e", "1"): 0}
+    sent: list = []
+
+    async def run() -> None:
+        recorder = stats.Recorder(sent.append, period_s=60, gauges=lambda: waiting)
+        recorder.flush()  # its own timing: no gauges, nothing to send
+        recorder.flush(9)
+        assert [(d.name, d.pending) for d in sent[-1].models] == [("d", 3)]
+
+        store = totals.StatsTotals(dict, {}, reply=lambda a, r: replies.append(r), flush=flush)
+
+        def pending() -> int:
+            return store._snapshot(("d", "1"), {}).pending
+
+        store.ask("asker", m.Query(1, "statistics"))
+        token = flushes[-1]
+        store.report(m.StatsReport([c.ModelStatistics("d", "1", pending=3)], token), "host-a")
+        store.report(m.StatsReport([c.ModelStatistics("d", "1", pending=2)], token), "host-b")
+        assert pending() == 5 and len(replies) == 1
+        store.report(m.StatsReport([c.ModelStatistics("d", "1", pending=7)], 0), "host-a")
+        assert pending() == 5  # not an answer to a flush: no gauge in it
+        peers.discard("host-b")  # gone before the next round
+        store.ask("asker", m.Query(2, "statistics"))
+        token = flushes[-1]
+        store.report(m.StatsReport([], token), "host-a")  # nothing waits in it now
+        assert pending() == 0 and len(replies) == 2
+
+    asyncio.run(run())
+
+
 def test_a_recorder_answers_a_flush_even_with_nothing_counted():
     sent: list = []
 
