@@ -23,6 +23,10 @@ from despina.common.stats import FIRST_RESPONSE_BOUNDS_MS, FIRST_RESPONSE_HISTOG
 
 log = logging.getLogger("despina.config")
 
+# The most buckets a model's first-response histogram may have (model_metrics): every
+# scrape writes each of them per model version.
+MAX_HISTOGRAM_BUCKETS = 64
+
 if TYPE_CHECKING:
     ModelConfig = Any  # the generated protobuf classes carry no type information
 else:
@@ -234,6 +238,11 @@ def first_response_bounds(config: ModelConfig) -> list[float]:
         if control.metric_identifier.family != FIRST_RESPONSE_HISTOGRAM:
             continue
         given = list(control.histogram_options.buckets)
+        if len(given) > MAX_HISTOGRAM_BUCKETS:  # a config a load request may carry: bounded
+            raise ValueError(
+                f"model_metrics: {FIRST_RESPONSE_HISTOGRAM} takes at most "
+                f"{MAX_HISTOGRAM_BUCKETS} buckets, got {len(given)}"
+            )
         if not given or any(not math.isfinite(b) for b in given) or given != sorted(set(given)):
             raise ValueError(
                 f"model_metrics: the buckets of {FIRST_RESPONSE_HISTOGRAM} must be finite "

@@ -345,6 +345,8 @@ def test_a_models_own_first_response_buckets():
          "histogram_options { buckets: [ 5, 1 ] }", "increasing order"),
         ('metric_identifier { family: "nv_inference_first_response_histogram_ms" }',
          "increasing order"),
+        ('metric_identifier { family: "nv_inference_first_response_histogram_ms" } '
+         f"histogram_options {{ buckets: {list(range(1, 66))} }}", "at most 64 buckets, got 65"),
     ):  # fmt: skip
         with pytest.raises(ServerError) as err:
             model_config.validate(config(f"model_metrics {{ metric_control [ {{ {options} }} ] }}"))
