@@ -252,8 +252,9 @@ class DataPlane:
     def trace_sent(self, call: InferCall, protocol: str, start_ns: int) -> None:
         """A protocol that stamped a traced call's receipt (``call.proto``) sent its
         answer, from ``start_ns`` (before encoding it) to now: the trace gets
-        ``protocol``'s SEND_START and SEND_END and is filed. A protocol calls this for
-        every call it set ``proto`` on, whatever the answer (nothing when not traced)."""
+        ``protocol``'s SEND_START and SEND_END and is filed (``start_ns`` 0: nothing of
+        its own was written, filed without them). A protocol calls this for every call
+        it set ``proto`` on, whatever the answer (nothing when not traced)."""
         traced = call.traced
         if traced is not None:
             call.traced = None

@@ -204,10 +204,13 @@ class Tracer:
 
     def sent(self, model: str, record: dict, protocol: str, start_ns: int) -> None:
         """A finished record's answer was sent: ``protocol``'s SEND_START at ``start_ns``
-        (before its encoding) and SEND_END now, then the record is filed."""
-        timestamps = record["timestamps"]
-        timestamps.append({"name": f"{protocol}_SEND_START", "ns": start_ns})
-        timestamps.append({"name": f"{protocol}_SEND_END", "ns": max(start_ns, time.time_ns())})
+        (before its encoding) and SEND_END now, then the record is filed (``start_ns``
+        0: nothing was sent, filed as it is)."""
+        if start_ns:
+            timestamps = record["timestamps"]
+            timestamps.append({"name": f"{protocol}_SEND_START", "ns": start_ns})
+            end = max(start_ns, time.time_ns())
+            timestamps.append({"name": f"{protocol}_SEND_END", "ns": end})
         state = self._model(model)
         if state.otel or state.file:  # (settings changed meanwhile to none: dropped)
             self._file(state, record)

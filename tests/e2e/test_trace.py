@@ -259,6 +259,77 @@ def test_a_large_answer_is_traced_to_the_end_of_its_send(server, trace_file):
     _check_timestamps(traces[0], before, after, HTTP_ORDER)
 
 
+def test_stream_requests_are_traced_from_their_read_to_their_write(server, trace_file):
+    """ModelStreamInfer: each request's trace runs from the wait for its message
+    (GRPC_WAITREAD_*) to the write of its response (GRPC_SEND_*)."""
+    client = httpclient.InferenceServerClient(server.url)
+    client.update_trace_settings("simple", {"trace_rate": "1", "trace_level": ["TIMESTAMPS"]})
+    results: list = []
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = [grpcclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(a)
+    stream = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        had = len(_traces(trace_file, "simple", 0))
+        before = time.time_ns()
+        stream.start_stream(callback=lambda result, error: results.append((result, error)))
+        for i in range(2):
+            stream.async_stream_infer("simple", inputs, request_id=f"stream-{i}")
+        deadline = time.monotonic() + 10
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream.stop_stream()
+        after = time.time_ns()
+        traces = _traces(trace_file, "simple", had + 2)[had:]
+    finally:
+        stream.close()
+        client.update_trace_settings("simple", {"trace_rate": None, "trace_level": None})
+    assert [e for _, e in results] == [None, None]
+    assert sorted(t["request_id"] for t in traces) == ["stream-0", "stream-1"]
+    for trace in traces:
+        _check_timestamps(trace, before, after, GRPC_ORDER)
+
+
+def test_a_decoupled_requests_trace_ends_with_its_last_write(tmp_path):
+    """A decoupled model's request on a stream: its trace is filed once its call ends,
+    with GRPC_SEND_* when its last answer is written (the empty final, asked for with
+    triton_enable_empty_final_response), without them when nothing is written for the
+    FINAL flag alone."""
+    from test_decoupled import CONFIG, REPEAT_PY
+
+    model = tmp_path / "repo" / "repeat"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(CONFIG.format(name="repeat"))
+    (model / "1" / "model.py").write_text(REPEAT_PY)
+    srv, trace_file = _every_request_traced(tmp_path)
+    results: list = []
+    stream = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        tensor = grpcclient.InferInput("IN", [2], "INT32")
+        tensor.set_data_from_numpy(np.array([4, 5], dtype=np.int32))
+        stream.start_stream(callback=lambda result, error: results.append((result, error)))
+        stream.async_stream_infer("repeat", [tensor], request_id="quiet")
+        stream.async_stream_infer(
+            "repeat", [tensor], request_id="told", enable_empty_final_response=True
+        )
+        deadline = time.monotonic() + 10
+        while len(results) < 5 and time.monotonic() < deadline:  # 2 + 2 and told's final
+            time.sleep(0.01)
+        stream.stop_stream()
+        traces = {t["request_id"]: t for t in _traces(trace_file, "repeat", 2)}
+    finally:
+        stream.close()
+        srv.stop()
+    assert [e for _, e in results] == [None] * 5
+    for request_id, last in (("quiet", "REQUEST_END"), ("told", "GRPC_SEND_END")):
+        names = [s["name"] for s in traces[request_id]["timestamps"]]
+        stamps = [s["ns"] for s in traces[request_id]["timestamps"]]
+        assert names[:3] == ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", "REQUEST_START"]
+        assert names[-1] == last and stamps == sorted(stamps), names
+        assert ("GRPC_SEND_START" in names) == (request_id == "told")
+
+
 def test_tensors_level_writes_inputs_and_outputs(server, trace_file):
     client = httpclient.InferenceServerClient(server.url)
     client.update_trace_settings(
@@ -315,6 +386,26 @@ def test_trace_mode_is_not_changed_over_the_network(server):
     assert client.get_trace_settings()["trace_mode"] == "triton"
 
 
+def _every_request_traced(
+    tmp_path, flags: list[str] | None = None, env: dict[str, str] | None = None
+) -> tuple[DespinaServer, object]:
+    """A server on ``tmp_path/repo`` tracing every request (``flags`` and ``env`` added),
+    started, and its trace file."""
+    trace_file = tmp_path / "trace.json"
+    srv = DespinaServer(
+        tmp_path / "repo",
+        tmp_path / "serve.log",
+        [
+            *(flags or []),
+            f"--trace-config=triton,file={trace_file}",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
+        ],
+        env=env,
+    ).start()
+    return srv, trace_file
+
+
 def _traced_server_run(
     tmp_path, tags: tuple[str, str], flags: list[str], env: dict[str, str] | None = None
 ) -> tuple[list[dict], int, int]:
@@ -323,18 +414,7 @@ def _traced_server_run(
     in order, and the wall clock before and after."""
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "simple").symlink_to(SHIPPED_REPOSITORY / "simple")
-    trace_file = tmp_path / "trace.json"
-    srv = DespinaServer(
-        tmp_path / "repo",
-        tmp_path / "serve.log",
-        [
-            *flags,
-            f"--trace-config=triton,file={trace_file}",
-            "--trace-config=rate=1",
-            "--trace-config=level=TIMESTAMPS",
-        ],
-        env=env,
-    ).start()
+    srv, trace_file = _every_request_traced(tmp_path, flags, env)
     try:
         before = time.time_ns()
         _infer_simple(srv, 2, tags[0])

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import NoReturn, cast
+from typing import NamedTuple, NoReturn, cast
 
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
@@ -55,6 +55,15 @@ async def _fail(context, exc: ServerError) -> NoReturn:
 async def _unimplemented(context, message: str) -> NoReturn:
     await context.abort(Status.UNIMPLEMENTED, message)
     raise AssertionError("unreachable: abort raises")
+
+
+class _TracedSend(NamedTuple):
+    """A traced stream request's last response, queued for writing: its trace is filed
+    once it was written (``DataPlane.trace_sent``, sending: when it began to be encoded)."""
+
+    response: bytes
+    call: InferCall
+    sending: int
 
 
 class InferenceServicer:
@@ -251,11 +260,19 @@ class InferenceServicer:
 
         def finish(request: pb.ModelInferRequest, final_flag: bool, call: InferCall) -> None:
             inflight.discard(call)
+            traced = call.traced is not None  # its trace waits for the send (GRPC_SEND_*)
             try:
                 if call.cancelled():
                     return
                 if call.empty_final and not final_flag:  # type: ignore[attr-defined]
                     slots.release()  # nothing to write for it
+                elif traced:
+                    sending = time.time_ns()
+                    response = converters.serialize_stream_response(
+                        call.result(), call.request, final_flag
+                    )
+                    out.put_nowait(_TracedSend(response, call, sending))
+                    traced = False  # reported once written
                 else:
                     out.put_nowait(
                         converters.serialize_stream_response(
@@ -268,19 +285,33 @@ class InferenceServicer:
                 log.exception("stream request %r failed", request.id)
                 failed(f"internal error: {err}", request, Code.INTERNAL)
             finally:
+                if traced:  # no answer of its own written: filed without send stamps
+                    plane.trace_sent(call, "GRPC", 0)
                 call.close()
             if not reading and not inflight:
                 out.put_nowait(None)
 
         async def read() -> None:
             nonlocal reading
+            messages = aiter(request_iterator)
             try:
-                async for message in request_iterator:
+                while True:
+                    # While tracing: GRPC_WAITREAD_START, the wait for its message
+                    waiting = time.time_ns() if plane.tracing else 0
+                    try:
+                        message = await anext(messages)
+                    except StopAsyncIteration:
+                        break
                     await slots.acquire()
                     # Bytes that are no ModelInferRequest end the stream (INVALID_ARGUMENT).
                     request, raw = converters.parse_infer_request(message)
                     final_flag = converters.wants_final_flag(request)
                     call = StreamCall(plane.client, partial(part, request, final_flag))
+                    if waiting:
+                        call.proto = [
+                            ("GRPC_WAITREAD_START", waiting),
+                            ("GRPC_WAITREAD_END", time.time_ns()),
+                        ]
                     try:
                         inference = converters.decode_infer_request(request, raw)
                         if self.forward is not None:
@@ -307,6 +338,12 @@ class InferenceServicer:
                 if kind is not bytes:
                     if kind is ServerError:
                         await _fail(context, response)  # type: ignore[arg-type]
+                    if kind is _TracedSend:  # written: its trace gets GRPC_SEND_*, filed
+                        sent = cast(_TracedSend, response)
+                        yield sent.response
+                        plane.trace_sent(sent.call, "GRPC", sent.sending)
+                        slots.release()
+                        continue
                     # A decoupled model's response before its last, a 1-tuple: the
                     # request's slot stays held until its last.
                     yield cast(tuple, response)[0]
