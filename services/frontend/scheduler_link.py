@@ -7,7 +7,8 @@ report bursts of received messages; a link that breaks is connected again, with 
 hello said again (``on_connected``), and while it is down sends fail: the scheduler
 client (scheduler_client.py) fails what it had sent, holds new requests a while for the
 link to come back, and registers its client shared-memory regions again on the new link.
-A ZeroMQ link reconnects inside libzmq and says nothing: no hello again, no re-registration.
+A ZeroMQ link reconnects inside libzmq; its socket monitor says when it went and came
+back (``ZmqToScheduler``), so the same happens over it.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ async def connect_scheduler(
     on_lost: Callable[[], None],
 ) -> SchedulerLink:
     """The link to the scheduler at ``endpoint``, connected; ``on_connected(link)`` runs
-    each time it (re)connects (to say hello on it), ``on_lost`` each time a stream
-    breaks."""
+    each time it (re)connects (to say hello on it), ``on_lost`` each time it breaks."""
     zmq_endpoint = zeromq_endpoint(endpoint)
     if zmq_endpoint is None:
         link = StreamToScheduler(endpoint, on_burst, on_connected, on_lost)
@@ -59,10 +59,70 @@ async def connect_scheduler(
 
     dealer = transport.configure(transport.make_context().socket(zmq.DEALER))
     transport.secure(dealer, zmq_endpoint, server=False)
+    zlink = ZmqToScheduler(dealer, zmq_endpoint, on_burst, on_connected, on_lost)
     dealer.connect(zmq_endpoint)
-    driver = transport.SocketDriver(dealer, on_burst)
-    on_connected(driver)
-    return driver
+    on_connected(zlink)
+    return zlink
+
+
+class ZmqToScheduler:
+    """The frontend's ZeroMQ DEALER to the scheduler. libzmq connects it again by itself
+    when the scheduler goes (a restart); the socket's monitor (``EVENT_DISCONNECTED``,
+    then ``EVENT_CONNECTED``) calls ``on_lost`` and ``on_connected`` as a stream's loss
+    and reconnection do, so the hello is said and the regions registered again."""
+
+    # It comes back after a loss, hello said again: a request may wait for it.
+    reconnects = True
+
+    def __init__(
+        self,
+        dealer: object,
+        endpoint: str,
+        on_burst: Callable[[list[list]], None],
+        on_connected: Callable[[SchedulerLink], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        import zmq
+
+        from despina.common import transport
+
+        self.endpoint = endpoint
+        self._on_connected = on_connected
+        self._on_lost = on_lost
+        self._down = False
+        self._driver = transport.SocketDriver(dealer, on_burst)  # type: ignore[arg-type]
+        monitor = dealer.get_monitor_socket(  # type: ignore[attr-defined]
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+        self._monitor = transport.SocketDriver(monitor, self._on_events)
+
+    def _on_events(self, burst: list[list]) -> None:
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        for frames in burst:
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_DISCONNECTED and not self._down:
+                self._down = True
+                log.error("lost the scheduler at %s; reconnecting", self.endpoint)
+                self._on_lost()
+            elif event == zmq.EVENT_CONNECTED and self._down:
+                self._down = False
+                log.info("connected to the scheduler at %s again", self.endpoint)
+                self._on_connected(self)
+
+    def send(self, frames: list) -> bool:
+        return self._driver.send(frames)
+
+    def close(self) -> None:
+        import zmq
+
+        try:
+            self._driver.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close()
+        self._driver.close()
 
 
 # The longest wait between two connection attempts to a lost scheduler: a restarted one

@@ -275,15 +275,23 @@ def test_model_unloaded_by_api_stays_unloaded(restarted):
     infer_from_region(client, restarted["kept"])
 
 
-def test_despina_serve_restarts_its_scheduler(tmp_path_factory):
+@pytest.mark.parametrize("transport", ["stream", "zmq"])
+def test_despina_serve_restarts_its_scheduler(tmp_path_factory, transport):
     """``despina serve``: the scheduler child SIGKILLed is restarted by the supervisor;
     the model loaded by the API, the region registered and the logging and trace
-    settings changed are back without the client doing anything."""
+    settings changed are back without the client doing anything, over either link from
+    the frontend to the scheduler (a ZeroMQ one reconnects inside libzmq: its socket
+    monitor tells the frontend, which says hello and registers the region again)."""
     repo = _repository(tmp_path_factory.mktemp("serve_restart_repo"))
     server = DespinaServer(
         repo,
         tmp_path_factory.mktemp("serve_restart") / "serve.log",
-        ["--model-control-mode=explicit", "--load-model=simple", "--allow-client-shm=true"],
+        [
+            "--model-control-mode=explicit",
+            "--load-model=simple",
+            "--allow-client-shm=true",
+            f"--scheduler-transport={transport}",
+        ],
     ).start()
     made: list = []
     client = httpclient.InferenceServerClient(server.url)
