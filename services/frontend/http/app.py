@@ -35,7 +35,7 @@ from aiohttp import web, web_protocol, web_response, web_server
 from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.dataplane import DataPlane, index_ready, repository_parameters
-from despina.services.frontend.http import codec, routes
+from despina.services.frontend.http import codec, generate, routes
 from despina.services.frontend.http.errors import HTTP_STATUS
 from despina.services.frontend.http.limits import HttpLimits, too_large_message
 from despina.services.frontend.inference import InferenceRequest, InferenceResult, forward_headers
@@ -304,6 +304,36 @@ def build_app(
             pending[0] -= reserved
             plane.release_body(block)
 
+    async def generate_one(request: web.Request, model: str, version: str) -> web.Response:
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
+        body = await generate.generate_body(plane, model, version, await request.read())
+        return web.Response(body=body, content_type=JSON)
+
+    async def generate_stream(request: web.Request, model: str, version: str) -> web.StreamResponse:
+        """As lean_ops._generate_stream: an error before the first response is an HTTP
+        error, one after it an event."""
+        refusal = too_large(request)
+        if refusal is not None:
+            return refusal
+        events = generate.responses(plane, model, version, await request.read())
+        try:
+            item = await anext(events, None)
+            if isinstance(item, ServerError):
+                raise item
+            response = web.StreamResponse(headers={"Content-Type": generate.EVENT_STREAM})
+            await response.prepare(request)
+            while item is not None:
+                error = isinstance(item, ServerError)
+                payload = generate.error_event(item) if error else item  # type: ignore[arg-type]
+                await response.write(generate.event(payload))  # type: ignore[arg-type]
+                item = None if error else await anext(events, None)
+            await response.write_eof()
+            return response
+        finally:
+            await events.aclose()
+
     async def shm_status(_: web.Request, cuda: bool, name: str) -> web.Response:
         status = await plane.shm_status(cuda, name)
         return web.Response(body=control.shm_status_any_json(status), content_type=JSON)
@@ -343,6 +373,8 @@ def build_app(
         routes.LOGGING: logging_settings,
         routes.TRACE_SETTING: trace_setting,
         routes.UNSUPPORTED: refuse,
+        routes.GENERATE: generate_one,
+        routes.GENERATE_STREAM: generate_stream,
     }
     guards = {
         group: (header, value, codec.encode_error(http_message(header)))

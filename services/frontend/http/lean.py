@@ -795,6 +795,45 @@ class _Connection(asyncio.Protocol):
             self.linger = False
             transport.close()
 
+    def _begin_chunked(self, req: _Request, content_type: bytes) -> None:
+        """The head of a response whose body follows in pieces (``_write_chunk``, then
+        ``_end_chunked``): chunked for HTTP/1.1, up to the connection's close for 1.0."""
+        transport = self.transport
+        if transport is None:
+            return
+        close = not req.keep_alive or self.server.closing or req.http10
+        transport.write(
+            b"".join(
+                (
+                    _status_line(200),
+                    content_type,
+                    b"" if req.http10 else b"Transfer-Encoding: chunked\r\n",
+                    CLOSE if close else b"",
+                    b"\r\n",
+                )
+            )
+        )
+
+    async def _write_chunk(self, req: _Request, data: bytes) -> None:
+        """One piece of a ``_begin_chunked`` body; returns once the transport takes more
+        (a client that does not read holds the writer back, not our memory)."""
+        transport = self.transport
+        if transport is None or not data:
+            return
+        transport.write(data if req.http10 else b"%x\r\n%s\r\n" % (len(data), data))
+        if self.write_paused and self.transport is not None:
+            self.drained = self.loop.create_future()
+            await self.drained
+
+    def _end_chunked(self, req: _Request) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if not req.http10:
+            transport.write(b"0\r\n\r\n")
+        if not req.keep_alive or self.server.closing or req.http10:
+            self._close_after(transport)
+
     async def _send_parts(
         self, req: _Request, parts: list, size: int, content_type: bytes, headers: bytes
     ) -> None:

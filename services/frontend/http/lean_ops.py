@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from despina.common.errors import invalid_arg
+from despina.common.errors import ServerError, invalid_arg
 from despina.services.frontend import control
 from despina.services.frontend.call import InferCall
 from despina.services.frontend.dataplane import DataPlane, index_ready, repository_parameters
-from despina.services.frontend.http import codec, routes
+from despina.services.frontend.http import codec, generate, routes
 from despina.services.frontend.inference import (
     InferenceRequest,
     InferenceResult,
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 JSON = b"Content-Type: application/json\r\n"
 OCTETS = b"Content-Type: application/octet-stream\r\n"
+EVENT_STREAM = b"Content-Type: %s\r\n" % generate.EVENT_STREAM.encode()
 HEADER_LENGTH = codec.HEADER_LENGTH_HEADER.encode()
 
 
@@ -269,6 +270,30 @@ def _shm_unregister(conn: _Connection, req: _Request, cuda: bool, name: str) -> 
     return _answer_empty(conn, req, conn.plane.shm_unregister(cuda, name))
 
 
+async def _generate(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    body = await generate.generate_body(conn.plane, model, version, req.body)
+    conn._reply(req, 200, body, JSON, b"")
+
+
+async def _generate_stream(conn: _Connection, req: _Request, model: str, version: str) -> None:
+    """The request's responses as Server-Sent Events, each as it comes; a refusal before
+    the first is an HTTP error as for any route (``_run``), an error after it an event."""
+    events = generate.responses(conn.plane, model, version, req.body)
+    try:
+        item = await anext(events, None)
+        if isinstance(item, ServerError):
+            raise item
+        conn._begin_chunked(req, EVENT_STREAM)
+        while item is not None:
+            error = isinstance(item, ServerError)
+            payload = generate.error_event(item) if error else item  # type: ignore[arg-type]
+            await conn._write_chunk(req, generate.event(payload))  # type: ignore[arg-type]
+            item = None if error else await anext(events, None)
+        conn._end_chunked(req)
+    finally:
+        await events.aclose()
+
+
 SYNC = frozenset({_live, _server_metadata, _unsupported, infer})
 # routes.py's operations -> this transport's handlers.
 _HANDLERS: dict[str, Callable] = {
@@ -289,6 +314,8 @@ _HANDLERS: dict[str, Callable] = {
     routes.LOGGING: _logging,
     routes.TRACE_SETTING: _trace_setting,
     routes.UNSUPPORTED: _unsupported,
+    routes.GENERATE: _generate,
+    routes.GENERATE_STREAM: _generate_stream,
 }
 
 

@@ -31,6 +31,8 @@ TRACE_SETTING = "trace_setting"  # (model or "": the global settings); GET reads
 LOGGING = "logging"  # (); GET reads, POST updates
 STATISTICS = "statistics"  # (model or "": every model, version or "")
 UNSUPPORTED = "unsupported"  # (message): an extension not built yet, Triton's 501
+GENERATE = "generate"  # (model, version): the generate extension, one response
+GENERATE_STREAM = "generate_stream"  # (model, version): its responses as Server-Sent Events
 
 NOT_FOUND_BODY = codec.encode_error("Not Found")
 NOT_ALLOWED_BODY = codec.encode_error("Method Not Allowed")
@@ -101,6 +103,10 @@ def match(method: bytes | str, path: bytes | str) -> Match | Miss:
                     found = Match(MODEL_CONFIG, (model, version))
                 case ["infer"]:
                     found, methods = Match(INFER, (model, version)), _POST
+                case ["generate"]:
+                    found, methods = Match(GENERATE, (model, version)), _POST
+                case ["generate_stream"]:
+                    found, methods = Match(GENERATE_STREAM, (model, version)), _POST
                 case ["stats"]:
                     found = Match(STATISTICS, (model, version))
         case ["health", "live"]:
