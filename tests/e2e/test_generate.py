@@ -217,6 +217,7 @@ def test_refusals_are_http_errors_saying_what_to_fix(server, route):
         ("shout", b"[1, 2]", 400, "must be a JSON object"),
         ("shout", b'{"text_input": {"nested": 1}}', 400, "string, number or boolean"),
         ("shout", b'{"text_input": "x", "parameters": [1]}', 400, "'parameters'"),
+        ("shout", b'{"text_input": "x", "parameters": ""}', 400, "'parameters'"),
         ("shout", b'{"text_input": "x", "extra": [1]}', 400, "parameter 'extra'"),
         ("shout", b'{"suffix": "!"}', 400, "text_input"),  # the input is missing
     ]

@@ -56,8 +56,10 @@ def decode_request(body: bytes, config_json: bytes, model: str, version: str) ->
         batching = int(config.get("max_batch_size") or 0) != 0
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         raise internal(f"unreadable configuration of model '{model}'") from None
-    given = fields.pop("parameters", None) or {}
-    if not isinstance(given, dict):
+    given = fields.pop("parameters", None)
+    if given is None:
+        given = {}
+    elif not isinstance(given, dict):
         raise invalid_arg("the generate request's 'parameters' must be a JSON object")
     inputs = []
     parameters: dict[str, object] = {}
