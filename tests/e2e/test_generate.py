@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 
 import orjson
 import pytest
@@ -71,10 +72,45 @@ class TritonPythonModel:
         return None
 """
 
+# Decoupled: a 1 MiB text every 5 ms until cancelled (200 at most), then writes to MARK
+# (next to the repository) whether it was cancelled and how many it sent.
+FLOOD_PY = """\
+import os
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+MARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "flooded")
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            threading.Thread(target=self.send, args=(sender,), daemon=True).start()
+        return None
+
+    def send(self, sender):
+        text = np.array(["x" * (1 << 20)], dtype=np.object_)
+        sent = 0
+        while sent < 200 and not sender.is_cancelled():
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", text)]))
+            sent += 1
+            time.sleep(0.005)
+        with open(MARK + ".tmp", "w") as f:
+            f.write(f"{sender.is_cancelled()} {sent}")
+        os.replace(MARK + ".tmp", MARK)
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+"""
+
+DECOUPLED = "model_transaction_policy { decoupled: true }"
 MODELS = {
     "shout": (SHOUT_PY, 0, ""),
     "shout_batched": (SHOUT_PY, 4, ""),
-    "words": (WORDS_PY, 0, "model_transaction_policy { decoupled: true }"),
+    "words": (WORDS_PY, 0, DECOUPLED),
+    "flood": (FLOOD_PY, 0, DECOUPLED),
 }
 
 
@@ -90,6 +126,7 @@ def server(request, tmp_path_factory):
     srv = DespinaServer(
         repo, root / "server.log", env={"DESPINA_HTTP_TRANSPORT": request.param}
     ).start()
+    srv.repository = repo  # type: ignore[attr-defined]
     yield srv
     srv.stop()
 
@@ -185,6 +222,29 @@ def test_a_stream_keeps_its_connection_for_the_next_request(server):
     head, _, rest = received.partition(b"\r\n\r\n")
     assert head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), head
     assert [e["text_output"] for e in events(rest)] == ["x", "y"]
+
+
+def test_a_client_that_does_not_read_gets_its_request_cancelled(server):
+    """A stream's responses wait for a client that does not read them up to 16 MiB, then
+    the request is cancelled (its model sees it), not held in memory."""
+    mark = server.repository / "flooded"
+    mark.unlink(missing_ok=True)
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        body = b'{"text_input": "go"}'
+        sock.sendall(
+            b"POST /v2/models/flood/generate_stream HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        deadline = time.monotonic() + 20
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # not reading
+        cancelled, sent = mark.read_text().split()
+    assert cancelled == "True" and int(sent) < 100, (cancelled, sent)
+    # The server goes on serving.
+    got, _, _ = post(server, "/v2/models/shout/generate", b'{"text_input": "ok"}')
+    assert got == 200
 
 
 def test_an_error_after_the_first_event_is_an_event(server):

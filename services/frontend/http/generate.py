@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from despina.common import dtypes
-from despina.common.errors import ServerError, internal, invalid_arg
+from despina.common.errors import Code, ServerError, internal, invalid_arg
 from despina.services.frontend.call import StreamCall
 from despina.services.frontend.http import codec
 
@@ -39,6 +39,9 @@ EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 _SCALARS = (str, int, float, bool)
 _END = object()  # the call is over (queued after its responses)
+# The most bytes of a request's responses that wait, encoded, for a client that does not
+# read them: past it the request is cancelled (its model told), not held in memory.
+MAX_UNREAD_BYTES = 16 << 20
 
 
 def decode_request(body: bytes, config_json: bytes, model: str, version: str) -> InferenceRequest:
@@ -135,15 +138,31 @@ async def responses(
     config = await plane.model_config(model, version)
     inference = decode_request(body, config.json, model, version)
     queue: asyncio.Queue = asyncio.Queue()
+    unread = [0]  # bytes queued, not yet taken by the transport
 
     def on_response(call: StreamCall, response: object) -> None:
+        if unread[0] < 0:
+            return  # cancelled for its unread responses: the rest is dropped
         if type(response) is ServerError:
             queue.put_nowait(response)
             return
         try:
-            queue.put_nowait(encode_response(response, inference))  # type: ignore[arg-type]
+            encoded = encode_response(response, inference)  # type: ignore[arg-type]
         except ServerError as exc:
             queue.put_nowait(exc)
+            return
+        unread[0] += len(encoded)
+        queue.put_nowait(encoded)
+        if unread[0] > MAX_UNREAD_BYTES:
+            unread[0] = -1
+            queue.put_nowait(
+                ServerError(
+                    Code.UNAVAILABLE,
+                    f"the request was cancelled: its client left more than "
+                    f"{MAX_UNREAD_BYTES >> 20} MiB of responses unread",
+                )
+            )
+            call.cancel()
 
     call = StreamCall(plane.client, on_response)
     try:
@@ -151,8 +170,15 @@ async def responses(
         call.add_done_callback(lambda _: queue.put_nowait(_END))
         while True:
             item = await queue.get()
+            if type(item) is bytes:
+                if unread[0] > 0:
+                    unread[0] -= len(item)
+                yield item
+                continue
             if item is not _END:
                 yield item
+                if unread[0] < 0:  # the cancellation's error: nothing follows
+                    return
                 continue
             if call.cancelled():
                 return
