@@ -184,12 +184,53 @@ class TritonPythonModel:
         return returned
 """
 
+# A 1 MiB OUT every 5 ms until cancelled (200 at most), then writes to FLOODED whether it
+# was cancelled and how many it sent (its config's OUT is [-1]: FLOOD_CONFIG).
+FLOOD_PY = """\
+import os
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+MARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "flooded")
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            threading.Thread(target=self.send, args=(sender,), daemon=True).start()
+        return None
+
+    def send(self, sender):
+        out = np.zeros(1 << 18, dtype=np.int32)
+        sent = 0
+        while sent < 200 and not sender.is_cancelled():
+            sender.send(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT", out),
+                pb_utils.Tensor("IDX", np.array([sent], dtype=np.int32)),
+            ]))
+            sent += 1
+            time.sleep(0.005)
+        with open(MARK + ".tmp", "w") as f:
+            f.write(f"{sender.is_cancelled()} {sent}")
+        os.replace(MARK + ".tmp", MARK)
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+"""
+FLOOD_CONFIG = CONFIG.replace(
+    'name: "OUT" data_type: TYPE_INT32 dims: [ 1 ]',
+    'name: "OUT" data_type: TYPE_INT32 dims: [ -1 ]',
+)
+
 MODELS = {
     "repeat": REPEAT_PY,
     "counted": REPEAT_PY,
     "repeat_last": REPEAT_LAST_PY,
     "endless": ENDLESS_PY,
     "errors": ERRORS_PY,
+    "flood": FLOOD_PY,
 }
 
 
@@ -202,7 +243,8 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     for name, source in MODELS.items():
         (repo / name / "1").mkdir(parents=True)
         extra = FIRST_RESPONSE_BUCKETS if name == "counted" else ""
-        (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name) + extra)
+        config = FLOOD_CONFIG if name == "flood" else CONFIG
+        (repo / name / "config.pbtxt").write_text(config.format(name=name) + extra)
         (repo / name / "1" / "model.py").write_text(source)
     srv = DespinaServer(
         repo,
@@ -334,6 +376,32 @@ def test_unary_calls_are_refused(server: DespinaServer) -> None:
     assert info.value.message() == (
         "HTTP end point doesn't support models with decoupled transaction policy"
     )
+
+
+def test_a_client_that_does_not_read_gets_its_stream_ended(server: DespinaServer) -> None:
+    """A decoupled model's responses wait for a stream's client that does not read them
+    (a raw HTTP/2 client that never opens its window) up to 16 MiB; past it the stream's
+    requests are cancelled (the model sees it), instead of the frontend holding them."""
+    from test_h2_conformance import DATA, RawH2, frame, grpc_message, request_fields
+
+    mark = server.repository / "flooded"
+    mark.unlink(missing_ok=True)
+    request = grpcclient.service_pb2.ModelInferRequest(model_name="flood", id="flood")
+    tensor = request.inputs.add(name="IN", datatype="INT32")
+    tensor.shape.append(1)
+    request.raw_input_contents.append(np.array([0], dtype=np.int32).tobytes())
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    with RawH2(port) as client:
+        path = "/inference.GRPCInferenceService/ModelStreamInfer"
+        client.send(
+            client.headers(1, request_fields(path)),
+            frame(DATA, 0, 1, grpc_message(request.SerializeToString())),  # stream stays open
+        )
+        deadline = time.monotonic() + 20
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # never a WINDOW_UPDATE: 64 KiB is all the server may send
+        cancelled, sent = mark.read_text().split()
+    assert cancelled == "True" and int(sent) < 100, (cancelled, sent)
 
 
 def test_a_closed_stream_cancels_the_sender(server: DespinaServer) -> None:

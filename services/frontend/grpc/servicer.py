@@ -44,6 +44,9 @@ log = logging.getLogger("despina.frontend")
 # requests, and the transport holds the client back: a client that does not read its
 # responses cannot make the server run and buffer more.
 STREAM_MAX_INFLIGHT = 64
+# The most bytes of a stream's decoupled responses that wait, serialized, for a client
+# that does not read them: past it the stream ends and its requests are cancelled.
+STREAM_MAX_UNREAD_BYTES = 16 << 20
 
 
 async def _fail(context, exc: ServerError) -> NoReturn:
@@ -238,25 +241,42 @@ class InferenceServicer:
             else:
                 out.put_nowait(converters.stream_error(message, request).SerializeToString())
 
+        unread = [0]  # bytes of decoupled responses queued, not yet written; -1: over
+
         def part(request: pb.ModelInferRequest, final_flag: bool, call: StreamCall, response):
             """A decoupled model's response before its last (its request's slot stays
-            held): written, or its error (which ends the stream in triton_grpc_error mode)."""
+            held): written, or its error (which ends the stream in triton_grpc_error mode).
+            Past STREAM_MAX_UNREAD_BYTES of them unwritten (a client that does not read)
+            the stream ends UNAVAILABLE and its requests are cancelled."""
+            if unread[0] < 0:
+                return
             try:
                 if type(response) is ServerError:
                     raise response
-                out.put_nowait(
-                    (
-                        converters.serialize_stream_response(
-                            response, call.request, final_flag, False
-                        ),
-                    )
+                data = converters.serialize_stream_response(
+                    response, call.request, final_flag, False
                 )
+                unread[0] += len(data)
+                out.put_nowait((data,))
+                if unread[0] > STREAM_MAX_UNREAD_BYTES:
+                    unread[0] = -1
+                    out.put_nowait(
+                        ServerError(
+                            Code.UNAVAILABLE,
+                            f"the stream's client left more than "
+                            f"{STREAM_MAX_UNREAD_BYTES >> 20} MiB of responses unread: its "
+                            "requests were cancelled",
+                        )
+                    )
+                    for task in list(inflight):
+                        task.cancel()
             except ServerError as err:
                 if grpc_error:
                     out.put_nowait(err)
                 else:
-                    error = converters.stream_error(err.message, request)
-                    out.put_nowait((error.SerializeToString(),))
+                    error = converters.stream_error(err.message, request).SerializeToString()
+                    unread[0] += len(error)
+                    out.put_nowait((error,))
 
         def finish(request: pb.ModelInferRequest, final_flag: bool, call: InferCall) -> None:
             inflight.discard(call)
@@ -346,7 +366,10 @@ class InferenceServicer:
                         continue
                     # A decoupled model's response before its last, a 1-tuple: the
                     # request's slot stays held until its last.
-                    yield cast(tuple, response)[0]
+                    data = cast(tuple, response)[0]
+                    yield data
+                    if unread[0] > 0:
+                        unread[0] -= len(data)
                     continue
                 yield cast(bytes, response)
                 slots.release()
