@@ -33,7 +33,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from despina.common.errors import Code
+from despina.common.errors import Code, ServerError
 from despina.common.stats import CANCELED, OTHER, SUCCESS_ROWS
 
 if TYPE_CHECKING:
@@ -150,6 +150,21 @@ class InferCall(asyncio.Future):
             stats.request(request.model, request.version, ns, reason)
         elif self.reason:
             stats.request(request.model, request.version, ns, self.reason)
+
+
+# The most bytes of a stream's responses that may wait, encoded, for a client that does
+# not read them (gRPC ModelStreamInfer, HTTP generate_stream): past it the requests are
+# cancelled (their model told), not held in memory.
+MAX_UNREAD_BYTES = 16 << 20
+
+
+def unread_error() -> ServerError:
+    """The error that ends a stream whose client left ``MAX_UNREAD_BYTES`` unread."""
+    return ServerError(
+        Code.UNAVAILABLE,
+        f"the client left more than {MAX_UNREAD_BYTES >> 20} MiB of responses unread: "
+        "its request(s) were cancelled",
+    )
 
 
 class StreamCall(InferCall):

@@ -184,9 +184,7 @@ class TritonPythonModel:
         return returned
 """
 
-# A 1 MiB OUT every 5 ms until cancelled (200 at most), then writes to FLOODED whether it
-# was cancelled and how many it sent (its config's OUT is [-1]: FLOOD_CONFIG).
-FLOOD_PY = """\
+FLOOD_TEMPLATE = """\
 import os
 import threading
 import time
@@ -205,13 +203,10 @@ class TritonPythonModel:
         return None
 
     def send(self, sender):
-        out = np.zeros(1 << 18, dtype=np.int32)
+        tensors = TENSORS
         sent = 0
         while sent < 200 and not sender.is_cancelled():
-            sender.send(pb_utils.InferenceResponse([
-                pb_utils.Tensor("OUT", out),
-                pb_utils.Tensor("IDX", np.array([sent], dtype=np.int32)),
-            ]))
+            sender.send(pb_utils.InferenceResponse(tensors))
             sent += 1
             time.sleep(0.005)
         with open(MARK + ".tmp", "w") as f:
@@ -219,6 +214,21 @@ class TritonPythonModel:
         os.replace(MARK + ".tmp", MARK)
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 """
+
+
+def flood_py(tensors: str) -> str:
+    """A decoupled model that answers each request with responses of ``tensors`` (the
+    Python source of a list of ``pb_utils.Tensor``, about 1 MiB) every 5 ms until it is
+    cancelled (200 at most), then writes to ``flooded`` (next to the repository) whether
+    it was cancelled and how many it sent."""
+    return FLOOD_TEMPLATE.replace("TENSORS", tensors)
+
+
+FLOOD_PY = flood_py(
+    '[pb_utils.Tensor("OUT", np.zeros(1 << 18, dtype=np.int32)), '
+    'pb_utils.Tensor("IDX", np.array([0], dtype=np.int32))]'
+)
+# Its OUT is 1 MiB: [-1] in its config.
 FLOOD_CONFIG = CONFIG.replace(
     'name: "OUT" data_type: TYPE_INT32 dims: [ 1 ]',
     'name: "OUT" data_type: TYPE_INT32 dims: [ -1 ]',

@@ -13,6 +13,7 @@ import time
 
 import orjson
 import pytest
+from test_decoupled import flood_py
 
 from conftest import DespinaServer
 
@@ -72,38 +73,9 @@ class TritonPythonModel:
         return None
 """
 
-# Decoupled: a 1 MiB text every 5 ms until cancelled (200 at most), then writes to MARK
-# (next to the repository) whether it was cancelled and how many it sent.
-FLOOD_PY = """\
-import os
-import threading
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-MARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "flooded")
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            threading.Thread(target=self.send, args=(sender,), daemon=True).start()
-        return None
-
-    def send(self, sender):
-        text = np.array(["x" * (1 << 20)], dtype=np.object_)
-        sent = 0
-        while sent < 200 and not sender.is_cancelled():
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", text)]))
-            sent += 1
-            time.sleep(0.005)
-        with open(MARK + ".tmp", "w") as f:
-            f.write(f"{sender.is_cancelled()} {sent}")
-        os.replace(MARK + ".tmp", MARK)
-        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-"""
+FLOOD_PY = flood_py(
+    '[pb_utils.Tensor("text_output", np.array(["x" * (1 << 20)], dtype=np.object_))]'
+)
 
 DECOUPLED = "model_transaction_policy { decoupled: true }"
 MODELS = {

@@ -30,7 +30,7 @@ from typing import NamedTuple, NoReturn, cast
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend import control
-from despina.services.frontend.call import InferCall, StreamCall
+from despina.services.frontend.call import MAX_UNREAD_BYTES, InferCall, StreamCall, unread_error
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import Status, status_of
@@ -44,9 +44,6 @@ log = logging.getLogger("despina.frontend")
 # requests, and the transport holds the client back: a client that does not read its
 # responses cannot make the server run and buffer more.
 STREAM_MAX_INFLIGHT = 64
-# The most bytes of a stream's decoupled responses that wait, serialized, for a client
-# that does not read them: past it the stream ends and its requests are cancelled.
-STREAM_MAX_UNREAD_BYTES = 16 << 20
 
 
 async def _fail(context, exc: ServerError) -> NoReturn:
@@ -246,7 +243,7 @@ class InferenceServicer:
         def part(request: pb.ModelInferRequest, final_flag: bool, call: StreamCall, response):
             """A decoupled model's response before its last (its request's slot stays
             held): written, or its error (which ends the stream in triton_grpc_error mode).
-            Past STREAM_MAX_UNREAD_BYTES of them unwritten (a client that does not read)
+            Past MAX_UNREAD_BYTES of them unwritten (call.py) (a client that does not read)
             the stream ends UNAVAILABLE and its requests are cancelled."""
             if unread[0] < 0:
                 return
@@ -258,16 +255,9 @@ class InferenceServicer:
                 )
                 unread[0] += len(data)
                 out.put_nowait((data,))
-                if unread[0] > STREAM_MAX_UNREAD_BYTES:
+                if unread[0] > MAX_UNREAD_BYTES:
                     unread[0] = -1
-                    out.put_nowait(
-                        ServerError(
-                            Code.UNAVAILABLE,
-                            f"the stream's client left more than "
-                            f"{STREAM_MAX_UNREAD_BYTES >> 20} MiB of responses unread: its "
-                            "requests were cancelled",
-                        )
-                    )
+                    out.put_nowait(unread_error())
                     for task in list(inflight):
                         task.cancel()
             except ServerError as err:

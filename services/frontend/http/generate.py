@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from despina.common import dtypes
-from despina.common.errors import Code, ServerError, internal, invalid_arg
-from despina.services.frontend.call import StreamCall
+from despina.common.errors import ServerError, internal, invalid_arg
+from despina.services.frontend.call import MAX_UNREAD_BYTES, StreamCall, unread_error
 from despina.services.frontend.http import codec
 
 if TYPE_CHECKING:
@@ -39,9 +39,6 @@ EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 _SCALARS = (str, int, float, bool)
 _END = object()  # the call is over (queued after its responses)
-# The most bytes of a request's responses that wait, encoded, for a client that does not
-# read them: past it the request is cancelled (its model told), not held in memory.
-MAX_UNREAD_BYTES = 16 << 20
 
 
 def decode_request(body: bytes, config_json: bytes, model: str, version: str) -> InferenceRequest:
@@ -155,13 +152,7 @@ async def responses(
         queue.put_nowait(encoded)
         if unread[0] > MAX_UNREAD_BYTES:
             unread[0] = -1
-            queue.put_nowait(
-                ServerError(
-                    Code.UNAVAILABLE,
-                    f"the request was cancelled: its client left more than "
-                    f"{MAX_UNREAD_BYTES >> 20} MiB of responses unread",
-                )
-            )
+            queue.put_nowait(unread_error())
             call.cancel()
 
     call = StreamCall(plane.client, on_response)
