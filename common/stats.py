@@ -195,22 +195,25 @@ def merge(into: ModelStatistics, delta: ModelStatistics) -> None:
             entry[i] += value
     if delta.first_response_ns:
         into.first_response_ns.extend(delta.first_response_ns)
-    first = delta.first_response
-    if first:
-        if into.first_response_le != delta.first_response_le or not into.first_response:
-            into.first_response_le = list(delta.first_response_le)
-            into.first_response = [0] * len(first)
-        for i, value in enumerate(first):
-            into.first_response[i] += value
+    if delta.first_response:
+        buckets = _first_histogram(into, delta.first_response_le)
+        for i, value in enumerate(delta.first_response):
+            buckets[i] += value
+
+
+def _first_histogram(into: ModelStatistics, bounds: list[float]) -> list[int]:
+    """``into``'s first-response histogram on ``bounds`` (ms): its own, or a new empty
+    one when it has none or had other bounds (a model reloaded with other buckets)."""
+    if into.first_response_le != bounds or not into.first_response:
+        into.first_response_le = list(bounds)
+        into.first_response = [0] * (len(bounds) + 2)
+    return into.first_response
 
 
 def bin_first_responses(into: ModelStatistics, bounds: list[float]) -> None:
     """Move ``into``'s ``first_response_ns`` (times as the frontends counted them) into
     its histogram on ``bounds`` (ms; a new histogram when the bounds changed)."""
-    if into.first_response_le != bounds or not into.first_response:
-        into.first_response_le = list(bounds)
-        into.first_response = [0] * (len(bounds) + 2)
-    buckets = into.first_response
+    buckets = _first_histogram(into, bounds)
     bounds_ns = [b * 1e6 for b in bounds]
     for ns in into.first_response_ns:
         buckets[bisect_left(bounds_ns, ns)] += 1
