@@ -158,13 +158,36 @@ class InferCall(asyncio.Future):
 MAX_UNREAD_BYTES = 16 << 20
 
 
-def unread_error() -> ServerError:
-    """The error that ends a stream whose client left ``MAX_UNREAD_BYTES`` unread."""
-    return ServerError(
-        Code.UNAVAILABLE,
-        f"the client left more than {MAX_UNREAD_BYTES >> 20} MiB of responses unread: "
-        "its request(s) were cancelled",
-    )
+class Unread:
+    """The bytes of a stream's responses queued for its client and not yet written (the
+    transport takes each once the client has read enough), held to ``MAX_UNREAD_BYTES``:
+    past it the owner cancels the stream's requests and ends it with ``error()``."""
+
+    __slots__ = ("bytes", "over")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.over = False  # past the bound: what comes after is dropped
+
+    def queued(self, n: int) -> bool:
+        """``n`` more bytes queued; True the one time they pass the bound."""
+        self.bytes += n
+        if self.bytes > MAX_UNREAD_BYTES and not self.over:
+            self.over = True
+            return True
+        return False
+
+    def written(self, n: int) -> None:
+        self.bytes -= n
+
+    @staticmethod
+    def error() -> ServerError:
+        """The error that ends a stream whose client left too much unread."""
+        return ServerError(
+            Code.UNAVAILABLE,
+            f"the client left more than {MAX_UNREAD_BYTES >> 20} MiB of responses unread: "
+            "its request(s) were cancelled",
+        )
 
 
 class StreamCall(InferCall):

@@ -30,7 +30,7 @@ from typing import NamedTuple, NoReturn, cast
 from despina.common.errors import Code, ServerError
 from despina.common.protos import service_pb2 as pb
 from despina.services.frontend import control
-from despina.services.frontend.call import MAX_UNREAD_BYTES, InferCall, StreamCall, unread_error
+from despina.services.frontend.call import InferCall, StreamCall, Unread
 from despina.services.frontend.dataplane import DataPlane
 from despina.services.frontend.grpc import converters
 from despina.services.frontend.grpc.errors import Status, status_of
@@ -238,14 +238,14 @@ class InferenceServicer:
             else:
                 out.put_nowait(converters.stream_error(message, request).SerializeToString())
 
-        unread = [0]  # bytes of decoupled responses queued, not yet written; -1: over
+        unread = Unread()  # decoupled responses queued, not yet written
 
         def part(request: pb.ModelInferRequest, final_flag: bool, call: StreamCall, response):
             """A decoupled model's response before its last (its request's slot stays
             held): written, or its error (which ends the stream in triton_grpc_error mode).
-            Past MAX_UNREAD_BYTES of them unwritten (call.py) (a client that does not read)
-            the stream ends UNAVAILABLE and its requests are cancelled."""
-            if unread[0] < 0:
+            Past call.MAX_UNREAD_BYTES of them unwritten (a client that does not read) the
+            stream ends UNAVAILABLE and its requests are cancelled."""
+            if unread.over:
                 return
             try:
                 if type(response) is ServerError:
@@ -253,20 +253,16 @@ class InferenceServicer:
                 data = converters.serialize_stream_response(
                     response, call.request, final_flag, False
                 )
-                unread[0] += len(data)
-                out.put_nowait((data,))
-                if unread[0] > MAX_UNREAD_BYTES:
-                    unread[0] = -1
-                    out.put_nowait(unread_error())
-                    for task in list(inflight):
-                        task.cancel()
             except ServerError as err:
                 if grpc_error:
                     out.put_nowait(err)
-                else:
-                    error = converters.stream_error(err.message, request).SerializeToString()
-                    unread[0] += len(error)
-                    out.put_nowait((error,))
+                    return
+                data = converters.stream_error(err.message, request).SerializeToString()
+            out.put_nowait((data,))
+            if unread.queued(len(data)):
+                out.put_nowait(unread.error())
+                for task in list(inflight):
+                    task.cancel()
 
         def finish(request: pb.ModelInferRequest, final_flag: bool, call: InferCall) -> None:
             inflight.discard(call)
@@ -358,8 +354,7 @@ class InferenceServicer:
                     # request's slot stays held until its last.
                     data = cast(tuple, response)[0]
                     yield data
-                    if unread[0] > 0:
-                        unread[0] -= len(data)
+                    unread.written(len(data))
                     continue
                 yield cast(bytes, response)
                 slots.release()

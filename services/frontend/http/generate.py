@@ -27,7 +27,7 @@ import orjson
 
 from despina.common import dtypes
 from despina.common.errors import ServerError, internal, invalid_arg
-from despina.services.frontend.call import MAX_UNREAD_BYTES, StreamCall, unread_error
+from despina.services.frontend.call import StreamCall, Unread
 from despina.services.frontend.http import codec
 
 if TYPE_CHECKING:
@@ -135,10 +135,10 @@ async def responses(
     config = await plane.model_config(model, version)
     inference = decode_request(body, config.json, model, version)
     queue: asyncio.Queue = asyncio.Queue()
-    unread = [0]  # bytes queued, not yet taken by the transport
+    unread = Unread()
 
     def on_response(call: StreamCall, response: object) -> None:
-        if unread[0] < 0:
+        if unread.over:
             return  # cancelled for its unread responses: the rest is dropped
         if type(response) is ServerError:
             queue.put_nowait(response)
@@ -148,11 +148,9 @@ async def responses(
         except ServerError as exc:
             queue.put_nowait(exc)
             return
-        unread[0] += len(encoded)
         queue.put_nowait(encoded)
-        if unread[0] > MAX_UNREAD_BYTES:
-            unread[0] = -1
-            queue.put_nowait(unread_error())
+        if unread.queued(len(encoded)):
+            queue.put_nowait(unread.error())
             call.cancel()
 
     call = StreamCall(plane.client, on_response)
@@ -162,13 +160,12 @@ async def responses(
         while True:
             item = await queue.get()
             if type(item) is bytes:
-                if unread[0] > 0:
-                    unread[0] -= len(item)
+                unread.written(len(item))
                 yield item
                 continue
             if item is not _END:
                 yield item
-                if unread[0] < 0:  # the cancellation's error: nothing follows
+                if unread.over:  # the cancellation's error: nothing follows
                     return
                 continue
             if call.cancelled():
